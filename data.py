@@ -1,0 +1,925 @@
+"""
+Data for compodistill: tokenizer, chat rendering with labels, images, dataset, collate, sampler,
+and the synthetic "shapes world" (the default data set).
+
+Rendering follows nanochat: token ids and labels are built together, segment by segment, so the
+supervised positions are known exactly (only assistant turns, -100 elsewhere). The "<image>"
+placeholder is never tokenized: it is expanded to `num_visual_tokens` copies of the image token
+id, so the model finds the image from the ids alone (DESIGN.md "Data flows one way").
+
+The shapes world (the paper's compositional-reasoning benchmarks in miniature)
+-----------------------------------------------------------------------------
+A 64x64 RGB image (white or light-grey background) is a 4x4 grid of 16 px cells. A scene has 2-3
+objects in distinct cells, each drawn entirely inside its cell (one 16 px vision patch = one
+object). An object is a shape (circle, square, triangle, diamond, cross; all shapes in a scene are
+distinct, so "the circle" always names one object), a colour (red, green, blue, yellow, purple,
+orange; may repeat) and a size (small = 7 px, large = 13 px). Relations come from the cells:
+"left of"/"right of" (strictly different columns), "above"/"below" (strictly different rows).
+
+A caption is a conjunction of clauses; a clause is either {"kind": "and", "nps": [np, ...]}
+("a red circle and a small square": every noun phrase matches a distinct object) or
+{"kind": "rel", "a": np, "rel": r, "b": np} ("a red circle is to the left of a blue square").
+A noun phrase np = {"size", "color", "shape"} with size/color optional (None). `caption_is_true`
+is the truth function; every hard negative of the 7 SugarCrepe kinds is verified false and every
+positive true. `parse_caption` inverts `caption_text`.
+
+File layout written by `python data.py synth --out DIR --seed S`:
+    DIR/images/train_XXXXXX.png           training images (pretrain + instruct)
+    DIR/pretrain.json                     LLaVA format, stage 1 ("<image>\\nDescribe the image.")
+    DIR/instruct.json                     LLaVA format, stages 2-3: recognition VQA, compositional
+                                          2-choice questions (SugarCrepe prompt), text-only samples;
+                                          extra keys "task" (and "subset" for compositional ones)
+    DIR/scenes.json                       {relative image path: scene} for every image written
+    DIR/sugarcrepe/{subset}.json          official layout {"0": {filename, caption, negative_caption}}
+    DIR/sugarcrepe/images/XXXXXXXXXXXX.png
+    DIR/vqav2/questions.json              {"questions": [{image_id, question, question_id}]}
+    DIR/vqav2/annotations.json            {"annotations": [{..., "answers": [10 x {...}]}]}
+    DIR/vqav2/images/COCO_val2014_XXXXXXXXXXXX.png   (VQAV2_IMAGE_PATTERN)
+    DIR/val/sugarcrepe/..., DIR/val/vqav2/...         validation split (choose settings here)
+    DIR/tokenizer/                        a small byte-level BPE tokenizer with a ChatML template
+Image paths in the LLaVA JSON are relative to DIR (use image_folder=DIR). Held-out benchmark scenes
+come from their own RNG streams and never coincide with a training scene (checked while writing).
+A tokenizer for other LLaVA JSON: `python data.py tokenizer --json A.json B.json --out TOKDIR`.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm import tqdm
+
+IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100
+SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# prompts shared with evaluate.py (FORMATS.md section 1 and section 5, LLaVA-1.5 protocol)
+SUGARCREPE_PROMPT = ("<image>\nWhich caption best describes the image?\n(A) {a}\n (B) {b}\n"
+                     "Answer with the option's alphabet from the given choices directly.")
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+CAPTION_PROMPT = "<image>\nDescribe the image."
+SUGARCREPE_SUBSETS = ["add_att", "add_obj", "replace_att", "replace_obj", "replace_rel",
+                      "swap_att", "swap_obj"]
+SUGARCREPE_IMAGE_PATTERN = "{image_id:012d}.png"          # under DIR/[val/]sugarcrepe/images/
+VQAV2_IMAGE_PATTERN = "COCO_val2014_{image_id:012d}.png"  # under DIR/[val/]vqav2/images/
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def train_tokenizer(texts, out_dir, vocab_size=1024):
+    """Train a byte-level BPE tokenizer (no unknown tokens possible) on `texts` and save it with
+    save_pretrained, ChatML chat template, eos = <|im_end|>, pad = <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                 additional_special_tokens=["<|im_start|>", IMAGE_TOKEN])
+    hf.chat_template = CHATML_TEMPLATE
+    hf.model_max_length = 1 << 20
+    os.makedirs(out_dir, exist_ok=True)
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def image_token_id(tokenizer):
+    """Id of "<image>"; it must be one token of the vocabulary (it is never tokenized as text)."""
+    tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != IMAGE_TOKEN:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no single '{IMAGE_TOKEN}' "
+                         f"token; add it first: tokenizer.add_special_tokens({{'additional_special_tokens': "
+                         f"['{IMAGE_TOKEN}']}}) and resize the model's embeddings")
+    return tid
+
+# -----------------------------------------------------------------------------
+# Rendering a conversation into (ids, labels) with any chat template
+
+
+def _special_strings(tokenizer):
+    toks = set(tokenizer.all_special_tokens)
+    toks |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    toks.discard(IMAGE_TOKEN)
+    return [t for t in toks if t]
+
+
+def _end_of_turn(tokenizer, answer_text):
+    """Length of the supervised part of a rendered assistant turn: up to and including the last
+    special token the template puts after the content (e.g. <|im_end|>, <|eot_id|>, </s>);
+    whitespace after it (ChatML's "\\n") is not supervised. No special token -> all of it."""
+    end = 0
+    for t in _special_strings(tokenizer):
+        j = answer_text.rfind(t)
+        if j >= 0:
+            end = max(end, j + len(t))
+    return end if end > 0 else len(answer_text)
+
+
+def _chat(tokenizer, messages, add_generation_prompt=False):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _segments(tokenizer, messages, add_generation_prompt, sample_id):
+    """Split the template's rendering into [(text, supervised)]. The assistant text of turn i is
+    chat(messages[:i+1]) minus chat(messages[:i], generation prompt): this needs the prefix
+    property, which is checked."""
+    segs, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ValueError(f"sample {sample_id}: the conversation starts with an assistant turn")
+        prefix = _chat(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _chat(tokenizer, messages[:i + 1])
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise ValueError(f"sample {sample_id}: the chat template is not prefix-stable at turn {i} "
+                             f"(rendering the first {i} turns is not a prefix of rendering {i + 1})")
+        answer = full[len(prefix):]
+        end = _end_of_turn(tokenizer, answer)
+        segs += [(prefix[len(done):], False), (answer[:end], True), (answer[end:], False)]
+        done = full
+    final = _chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    if not final.startswith(done):
+        raise ValueError(f"sample {sample_id}: the chat template is not prefix-stable at the last turn")
+    segs.append((final[len(done):], False))
+    return [(t, s) for t, s in segs if t]
+
+
+def _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id):
+    pieces = []  # (text or None for an image, supervised)
+    for text, supervised in segs:
+        parts = text.split(IMAGE_TOKEN)
+        if supervised and len(parts) > 1:
+            raise ValueError(f"sample {sample_id}: '{IMAGE_TOKEN}' inside an assistant turn")
+        for j, part in enumerate(parts):
+            if j > 0:
+                pieces.append((None, False))
+            if part:
+                pieces.append((part, supervised))
+    texts = [p for p, _ in pieces if p is not None]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    ids, labels = [], []
+    for text, supervised in pieces:
+        if text is None:  # the visual tokens replace the literal "<image>", never supervised
+            ids += [image_token_id] * num_visual_tokens
+            labels += [IGNORE_INDEX] * num_visual_tokens
+        else:
+            p = list(next(encoded))
+            ids += p
+            labels += p if supervised else [IGNORE_INDEX] * len(p)
+    return ids, labels
+
+
+def render_conversation(tokenizer, messages, num_visual_tokens, image_token_id, sample_id=None):
+    """messages [{"role", "content"}] -> (ids, labels): labels = ids on the assistant content and
+    its end-of-turn token, IGNORE_INDEX (-100) elsewhere (the header "<|im_start|>assistant\\n"
+    included); each "<image>" becomes num_visual_tokens copies of image_token_id."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"sample {sample_id}: no assistant turn to supervise")
+    segs = _segments(tokenizer, messages, False, sample_id)
+    return _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id)
+
+
+def render_prompt(tokenizer, messages, num_visual_tokens, image_token_id, sample_id=None):
+    """Prompt ids for generation: messages end with a user turn; chat template + generation
+    prompt. Segmented exactly as render_conversation, so the ids equal the training prefix."""
+    if not messages or messages[-1]["role"] == "assistant":
+        raise ValueError(f"sample {sample_id}: a prompt must end with a user turn")
+    segs = _segments(tokenizer, messages, True, sample_id)
+    return _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id)[0]
+
+# -----------------------------------------------------------------------------
+# LLaVA JSON
+
+
+ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def llava_to_messages(sample):
+    """LLaVA sample {"id", "image"?, "conversations": [{"from", "value"}]} -> messages, with
+    validation. An "image" key requires exactly one "<image>" in a human turn, and vice versa
+    (LLaVA's silent prepending is not applied)."""
+    sid = sample.get("id", "<no id>") if isinstance(sample, dict) else "<not a dict>"
+    convs = sample.get("conversations") if isinstance(sample, dict) else None
+    if not isinstance(convs, list) or not convs:
+        raise ValueError(f"sample {sid}: 'conversations' is missing or empty")
+    messages, n_image = [], 0
+    for k, turn in enumerate(convs):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            role = turn.get("from") if isinstance(turn, dict) else turn
+            raise ValueError(f"sample {sid}: turn {k} has unknown role {role!r} or no string 'value' "
+                             f"(roles: {sorted(ROLES)})")
+        role, value = ROLES[turn["from"]], turn["value"]
+        c = value.count(IMAGE_TOKEN)
+        if c and role == "assistant":
+            raise ValueError(f"sample {sid}: '{IMAGE_TOKEN}' in a gpt turn (turn {k})")
+        n_image += c
+        messages.append({"role": role, "content": value})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"sample {sid}: no gpt (assistant) turn")
+    if n_image > 1:
+        raise ValueError(f"sample {sid}: '{IMAGE_TOKEN}' occurs {n_image} times (at most once)")
+    if n_image == 1 and not sample.get("image"):
+        raise ValueError(f"sample {sid}: '{IMAGE_TOKEN}' in the text but no 'image' key")
+    if n_image == 0 and sample.get("image"):
+        raise ValueError(f"sample {sid}: has an 'image' but no '{IMAGE_TOKEN}' in any human turn "
+                         f"(add it to the first human turn; it is not prepended silently)")
+    return messages
+
+
+def load_llava_json(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of LLaVA samples, got {type(data).__name__}")
+    return data
+
+# -----------------------------------------------------------------------------
+# Images
+
+
+def load_image(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def make_image_processor(vision_config):
+    """SigLIP or CLIP image processor (the PIL versions, no torchvision) at vision_config.image_size."""
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+    get = (lambda k: vision_config.get(k)) if isinstance(vision_config, dict) else (lambda k: getattr(vision_config, k, None))
+    size, kind = get("image_size"), str(get("model_type") or "")
+    if not size:
+        raise ValueError(f"vision config has no image_size: {vision_config}")
+    if "siglip" in kind:
+        return SiglipImageProcessorPil(size={"height": size, "width": size})
+    if "clip" in kind:
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    raise ValueError(f"unsupported vision model_type {kind!r} (expected siglip or clip)")
+
+
+def process_image(processor, pil):
+    return processor(images=pil, return_tensors="pt")["pixel_values"][0].float()
+
+# -----------------------------------------------------------------------------
+# Dataset and collate
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """LLaVA samples -> {"id", "input_ids", "labels", "pixel_values" or None}. Token ids are rendered
+    in __init__ (images are loaded lazily). Truncation never cuts visual tokens: if the visual
+    tokens or the first supervised token do not fit in max_len the sample is an error, or with
+    drop_overlong=True it is left out (ids in self.dropped). Longer samples are cut at max_len."""
+
+    def __init__(self, samples, tokenizer, image_processor, image_folder, num_visual_tokens,
+                 image_token_id, max_len, drop_overlong=False, progress=False):
+        self.image_processor, self.image_folder = image_processor, image_folder
+        self.samples, self.ids, self.labels, self.dropped = [], [], [], []
+        for s in tqdm(samples, desc="render", disable=not progress):
+            sid = s.get("id", "<no id>") if isinstance(s, dict) else "<not a dict>"
+            ids, labels = render_conversation(tokenizer, llava_to_messages(s), num_visual_tokens, image_token_id, sid)
+            ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+            vis = np.flatnonzero(ids == image_token_id)
+            sup = np.flatnonzero(labels != IGNORE_INDEX)
+            if len(sup) == 0:
+                raise ValueError(f"sample {sid}: renders to no supervised token")
+            first = int(sup[0])
+            need = max(first, int(vis[-1]) if len(vis) else -1) + 1
+            if need > max_len:
+                if drop_overlong:
+                    self.dropped.append(sid)
+                    continue
+                raise ValueError(f"sample {sid}: {len(vis)} visual tokens and the first answer token need "
+                                 f"{need} tokens > max_len {max_len} (sample length {len(ids)}); raise max_len "
+                                 f"or pass drop_overlong=True")
+            self.samples.append(s)
+            self.ids.append(ids[:max_len])
+            self.labels.append(labels[:max_len])
+        self.lengths = [len(x) for x in self.ids]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        pixel_values = None
+        if s.get("image"):
+            if self.image_processor is None:
+                raise ValueError(f"sample {s.get('id')}: has an image but the dataset has no image processor")
+            pixel_values = process_image(self.image_processor, load_image(os.path.join(self.image_folder, s["image"])))
+        return {"id": s.get("id"), "input_ids": torch.from_numpy(self.ids[i]),
+                "labels": torch.from_numpy(self.labels[i]), "pixel_values": pixel_values}
+
+
+def collate(batch, pad_token_id):
+    """Right padding; labels padded with -100; pixel_values stacked for the samples that have an
+    image, in batch order (None if none)."""
+    T = max(len(b["input_ids"]) for b in batch)
+    B = len(batch)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        input_ids[i, :n] = b["input_ids"]
+        labels[i, :n] = b["labels"]
+        attention_mask[i, :n] = 1
+    pix = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": torch.stack(pix) if pix else None, "ids": [b.get("id") for b in batch]}
+
+# -----------------------------------------------------------------------------
+# Global-batch sampler (DDP: each rank takes a contiguous share of the same global batch)
+
+
+class GlobalBatchSampler:
+    """Yields this rank's indices for each step. Epoch e uses torch.randperm seeded with seed+e; step
+    s uses perm[s*G:(s+1)*G] (with drop_last=False the last batch is filled from the start of the
+    permutation); rank r gets the r-th contiguous G/world_size slice. The ranks' shares at step s
+    concatenated equal the 1-process batch at step s. state_dict() = position of the NEXT batch.
+    Note: a DataLoader with workers prefetches batches; a trainer should checkpoint
+    state_after(number of batches it consumed) rather than state_dict()."""
+
+    def __init__(self, num_samples, global_batch_size, rank=0, world_size=1, seed=0, drop_last=True, epochs=None):
+        if global_batch_size % world_size:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by world size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if num_samples < (global_batch_size if drop_last else 1):
+            raise ValueError(f"{num_samples} samples cannot fill a global batch of {global_batch_size}")
+        self.N, self.G, self.rank, self.world_size = num_samples, global_batch_size, rank, world_size
+        self.seed, self.drop_last, self.epochs = seed, drop_last, epochs
+        self.local = global_batch_size // world_size
+        self.steps_per_epoch = num_samples // global_batch_size if drop_last else -(-num_samples // global_batch_size)
+        self.epoch, self.step = 0, 0
+
+    def _perm(self, epoch):
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        return torch.randperm(self.N, generator=g).tolist()
+
+    def global_batch(self, perm, step):
+        batch = perm[step * self.G:(step + 1) * self.G]
+        while len(batch) < self.G:  # drop_last=False: wrap around
+            batch += perm[:self.G - len(batch)]
+        return batch
+
+    def __iter__(self):
+        while self.epochs is None or self.epoch < self.epochs:
+            perm = self._perm(self.epoch)
+            while self.step < self.steps_per_epoch:
+                batch = self.global_batch(perm, self.step)
+                self.step += 1
+                yield batch[self.rank * self.local:(self.rank + 1) * self.local]
+            self.epoch, self.step = self.epoch + 1, 0
+
+    def __len__(self):
+        return self.steps_per_epoch * (self.epochs if self.epochs is not None else 1)
+
+    def state_after(self, num_batches):
+        return {"epoch": num_batches // self.steps_per_epoch, "step": num_batches % self.steps_per_epoch}
+
+    def state_dict(self):
+        if self.step >= self.steps_per_epoch:
+            return {"epoch": self.epoch + 1, "step": 0}
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state):
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+# -----------------------------------------------------------------------------
+# The shapes world: scenes, captions, truth function
+
+
+IMAGE_SIZE, GRID, CELL = 64, 4, 16
+SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 70, 230),
+          "yellow": (235, 205, 0), "purple": (145, 40, 185), "orange": (250, 130, 0)}
+SIZES = {"small": 7, "large": 13}
+BACKGROUNDS = [(255, 255, 255), (215, 215, 215)]
+RELATIONS = {"left": "is to the left of", "right": "is to the right of", "above": "is above", "below": "is below"}
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def random_scene(rng):
+    n = rng.choice([2, 3])
+    cells = rng.sample(range(GRID * GRID), n)
+    shapes = rng.sample(SHAPES, n)
+    objects = [{"shape": sh, "color": rng.choice(list(COLORS)), "size": rng.choice(list(SIZES)),
+                "row": c // GRID, "col": c % GRID} for sh, c in zip(shapes, cells)]
+    return {"objects": objects, "bg": rng.randrange(len(BACKGROUNDS)),
+            "jitter": [[rng.random(), rng.random()] for _ in objects]}
+
+
+def scene_key(scene):
+    return tuple(sorted((o["shape"], o["color"], o["size"], o["row"], o["col"]) for o in scene["objects"]))
+
+
+def draw_scene(scene):
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUNDS[scene["bg"]])
+    d = ImageDraw.Draw(img)
+    for o, (jx, jy) in zip(scene["objects"], scene["jitter"]):
+        s = SIZES[o["size"]]
+        slack = CELL - 2 - s  # keep a 1 px margin inside the cell
+        x0 = o["col"] * CELL + 1 + int(jx * (slack + 1))
+        y0 = o["row"] * CELL + 1 + int(jy * (slack + 1))
+        x1, y1, c = x0 + s - 1, y0 + s - 1, COLORS[o["color"]]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        if o["shape"] == "circle":
+            d.ellipse([x0, y0, x1, y1], fill=c)
+        elif o["shape"] == "square":
+            d.rectangle([x0, y0, x1, y1], fill=c)
+        elif o["shape"] == "triangle":
+            d.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=c)
+        elif o["shape"] == "diamond":
+            d.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=c)
+        elif o["shape"] == "cross":
+            t = max(2, s // 3)
+            a = (s - t) // 2
+            d.rectangle([x0, y0 + a, x1, y0 + a + t - 1], fill=c)
+            d.rectangle([x0 + a, y0, x0 + a + t - 1, y1], fill=c)
+    return img
+
+
+def np_matches(np_, o):
+    return all(np_.get(k) is None or np_[k] == o[k] for k in ("size", "color", "shape"))
+
+
+def rel_holds(rel, a, b):
+    return {"left": a["col"] < b["col"], "right": a["col"] > b["col"],
+            "above": a["row"] < b["row"], "below": a["row"] > b["row"]}[rel]
+
+
+def clause_is_true(scene, cl):
+    objs = scene["objects"]
+    if cl["kind"] == "and":  # every noun phrase matches a distinct object
+        return any(all(np_matches(n, o) for n, o in zip(cl["nps"], p))
+                   for p in itertools.permutations(objs, len(cl["nps"])))
+    if cl["kind"] == "rel":
+        return any(np_matches(cl["a"], a) and np_matches(cl["b"], b) and rel_holds(cl["rel"], a, b)
+                   for a, b in itertools.permutations(objs, 2))
+    raise ValueError(f"unknown clause kind {cl['kind']!r}")
+
+
+def caption_is_true(scene, caption):
+    """caption: a clause or a list of clauses (a conjunction)."""
+    clauses = caption if isinstance(caption, list) else [caption]
+    return all(clause_is_true(scene, c) for c in clauses)
+
+
+def np_text(np_):
+    words = [w for w in (np_.get("size"), np_.get("color")) if w] + [np_["shape"]]
+    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+
+
+def clause_text(cl):
+    if cl["kind"] == "rel":
+        return f"{np_text(cl['a'])} {RELATIONS[cl['rel']]} {np_text(cl['b'])}"
+    t = [np_text(n) for n in cl["nps"]]
+    return t[0] if len(t) == 1 else ", ".join(t[:-1]) + " and " + t[-1]
+
+
+def caption_text(caption):
+    clauses = caption if isinstance(caption, list) else [caption]
+    return ". ".join(clause_text(c) for c in clauses)
+
+
+def parse_caption(text):
+    """Inverse of caption_text -> list of clauses (raises ValueError on text outside the grammar)."""
+    def parse_np(s):
+        w = s.split()
+        if len(w) < 2 or w[0] not in ("a", "an") or w[-1] not in SHAPES:
+            raise ValueError(f"not a noun phrase: {s!r}")
+        np_ = {"size": None, "color": None, "shape": w[-1]}
+        for x in w[1:-1]:
+            key = "size" if x in SIZES else "color" if x in COLORS else None
+            if key is None or np_[key] is not None:
+                raise ValueError(f"bad noun phrase: {s!r}")
+            np_[key] = x
+        return np_
+    clauses = []
+    for part in text.split(". "):
+        for rel, phrase in RELATIONS.items():
+            if f" {phrase} " in part:
+                a, b = part.split(f" {phrase} ")
+                clauses.append({"kind": "rel", "a": parse_np(a), "rel": rel, "b": parse_np(b)})
+                break
+        else:
+            head, _, last = part.rpartition(" and ")
+            nps = ([parse_np(x) for x in head.split(", ")] if head else []) + [parse_np(last)]
+            clauses.append({"kind": "and", "nps": nps})
+    return clauses
+
+# -----------------------------------------------------------------------------
+# Positives and the 7 SugarCrepe hard-negative kinds (each negative verified false)
+
+
+def describe(rng, o, p_color=0.85, p_size=0.5):
+    return {"size": o["size"] if rng.random() < p_size else None,
+            "color": o["color"] if rng.random() < p_color else None, "shape": o["shape"]}
+
+
+def full_np(o):
+    return {"size": o["size"], "color": o["color"], "shape": o["shape"]}
+
+
+def _pos_rel(rng, scene, a=None, b=None):
+    if a is None:
+        a, b = rng.sample(scene["objects"], 2)
+    rels = [r for r in RELATIONS if rel_holds(r, a, b)]
+    return {"kind": "rel", "a": describe(rng, a), "rel": rng.choice(rels), "b": describe(rng, b)}, (a, b)
+
+
+def _pos_and(rng, scene, n=2):
+    objs = rng.sample(scene["objects"], n)
+    return {"kind": "and", "nps": [describe(rng, o) for o in objs]}, objs
+
+
+def _nps(cl):
+    return [cl["a"], cl["b"]] if cl["kind"] == "rel" else cl["nps"]
+
+
+def _matches_none(scene, np_):
+    return not any(np_matches(np_, o) for o in scene["objects"])
+
+
+def _copy(cl):
+    return json.loads(json.dumps(cl))
+
+
+def _neg_replace_att(rng, scene):
+    pos, objs = _pos_rel(rng, scene) if rng.random() < 0.5 else _pos_and(rng, scene)
+    k = rng.randrange(2)
+    att = "color" if rng.random() < 0.7 else "size"
+    _nps(pos)[k][att] = objs[k][att]  # the positive names the attribute that is replaced
+    neg = _copy(pos)
+    values = [v for v in (COLORS if att == "color" else SIZES) if v != objs[k][att]]
+    _nps(neg)[k][att] = rng.choice(values)
+    return pos, neg, _matches_none(scene, _nps(neg)[k])
+
+
+def _neg_replace_obj(rng, scene):
+    pos, objs = _pos_rel(rng, scene) if rng.random() < 0.5 else _pos_and(rng, scene)
+    k = rng.randrange(2)
+    neg = _copy(pos)
+    present = {o["shape"] for o in scene["objects"]}
+    _nps(neg)[k]["shape"] = rng.choice([s for s in SHAPES if s not in present])
+    return pos, neg, _matches_none(scene, _nps(neg)[k])
+
+
+def _neg_replace_rel(rng, scene):
+    pos, (a, b) = _pos_rel(rng, scene)
+    false = [r for r in RELATIONS if not rel_holds(r, a, b)]
+    neg = _copy(pos)
+    neg["rel"] = rng.choice(false)
+    return pos, neg, True
+
+
+def _neg_swap_att(rng, scene):
+    pos, objs = _pos_rel(rng, scene) if rng.random() < 0.5 else _pos_and(rng, scene)
+    atts = [a for a in ("color", "size") if objs[0][a] != objs[1][a]]
+    if not atts:
+        return pos, None, False
+    att = "color" if "color" in atts and rng.random() < 0.75 else rng.choice(atts)
+    for k in range(2):
+        _nps(pos)[k][att] = objs[k][att]
+    neg = _copy(pos)
+    _nps(neg)[0][att], _nps(neg)[1][att] = objs[1][att], objs[0][att]
+    return pos, neg, True
+
+
+def _neg_swap_obj(rng, scene):
+    pos, _ = _pos_rel(rng, scene)
+    neg = _copy(pos)
+    neg["a"], neg["b"] = pos["b"], pos["a"]
+    return pos, neg, True
+
+
+def _neg_add_att(rng, scene):
+    pos, objs = _pos_rel(rng, scene) if rng.random() < 0.5 else _pos_and(rng, scene)
+    k = rng.randrange(2)
+    att = "color" if rng.random() < 0.7 else "size"
+    _nps(pos)[k][att] = None  # the positive lacks the attribute, the negative adds a wrong one
+    neg = _copy(pos)
+    _nps(neg)[k][att] = rng.choice([v for v in (COLORS if att == "color" else SIZES) if v != objs[k][att]])
+    return pos, neg, _matches_none(scene, _nps(neg)[k])
+
+
+def _neg_add_obj(rng, scene):
+    pos, _ = _pos_and(rng, scene, n=rng.choice([1, 2]))
+    new = {"size": rng.choice([None, *SIZES]), "color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES)}
+    neg = _copy(pos)
+    neg["nps"].append(new)
+    return pos, neg, _matches_none(scene, new)
+
+
+NEGATIVES = {"add_att": _neg_add_att, "add_obj": _neg_add_obj, "replace_att": _neg_replace_att,
+             "replace_obj": _neg_replace_obj, "replace_rel": _neg_replace_rel,
+             "swap_att": _neg_swap_att, "swap_obj": _neg_swap_obj}
+
+
+def hard_negative(rng, scene, subset, tries=30):
+    """(positive clause, negative clause) for one SugarCrepe kind, positive verified true and
+    negative verified false (and different text); None if the scene does not allow it."""
+    for _ in range(tries):
+        pos, neg, ok = NEGATIVES[subset](rng, scene)
+        if (ok and neg is not None and caption_is_true(scene, pos) and not caption_is_true(scene, neg)
+                and clause_text(pos) != clause_text(neg)):
+            return pos, neg
+    return None
+
+# -----------------------------------------------------------------------------
+# Recognition questions (VQA style, single-word answers) and text-only questions
+
+
+def vqa_question(rng, scene):
+    """-> (question, answer, question_type, answer_type) about one scene."""
+    objs = scene["objects"]
+    kind = rng.choice(["color", "shape", "count", "count_color", "exist", "size", "where"])
+    o = rng.choice(objs)
+    if kind == "color":
+        return f"What color is the {o['shape']}?", o["color"], "what color is the", "other"
+    if kind == "shape":
+        if sum(p["color"] == o["color"] for p in objs) == 1:
+            return f"What shape is the {o['color']} object?", o["shape"], "what", "other"
+        kind = "size"
+    if kind == "size":
+        return f"What size is the {o['shape']}?", o["size"], "what", "other"
+    if kind == "count":
+        return "How many objects are there?", str(len(objs)), "how many", "number"
+    if kind == "count_color":
+        c = rng.choice(list(COLORS))
+        return f"How many {c} objects are there?", str(sum(p["color"] == c for p in objs)), "how many", "number"
+    if kind == "exist":
+        np_ = describe(rng, o, p_color=1.0, p_size=0.3)
+        if rng.random() < 0.5:  # a false one: change colour or shape
+            np_ = dict(np_, color=rng.choice([c for c in COLORS if c != o["color"]]))
+        ans = "yes" if not _matches_none(scene, np_) else "no"
+        return f"Is there {np_text(np_)}?", ans, "is there a", "yes/no"
+    a, b = rng.sample(objs, 2)  # where: a yes/no spatial question with an unambiguous answer
+    rels = [r for r in RELATIONS if rel_holds(r, a, b) or rel_holds(r, b, a)]
+    r = rng.choice(rels)
+    phrase = RELATIONS[r].replace("is ", "", 1)
+    return f"Is the {a['shape']} {phrase} the {b['shape']}?", "yes" if rel_holds(r, a, b) else "no", "is the", "yes/no"
+
+
+SIDES = {"triangle": 3, "square": 4, "diamond": 4, "circle": 0, "cross": 12}
+
+
+def text_question(rng):
+    if rng.random() < 0.5:
+        s = rng.choice(SHAPES)
+        return f"How many corners does a {s} have?", str(SIDES[s])
+    x, y = rng.randrange(6), rng.randrange(5)
+    return f"What is {x} plus {y}?", str(x + y)
+
+
+ANSWER_VARIANTS = {str(i): [w, f"{i}."] for i, w in enumerate(NUMBER_WORDS)}
+ANSWER_VARIANTS.update({"yes": ["Yes", "yes."], "no": ["No", "no."]})
+
+
+def vqa_answers(rng, answer, answer_type):
+    """10 human answers: a majority of the correct one, some variants that normalise to it
+    ("two", "Yes"), and at most two wrong ones."""
+    n_wrong = rng.choice([0, 0, 1, 2])
+    n_var = rng.choice([0, 1, 2])
+    variants = ANSWER_VARIANTS.get(answer, [answer.capitalize(), answer + "."])
+    pool = {"number": [str(i) for i in range(5)], "yes/no": ["yes", "no"]}.get(answer_type, list(COLORS) + SHAPES + list(SIZES))
+    wrong = [a for a in pool if a != answer]
+    out = [answer] * (10 - n_wrong - n_var) + [rng.choice(variants) for _ in range(n_var)] + \
+          [rng.choice(wrong) for _ in range(n_wrong)]
+    rng.shuffle(out)
+    return [{"answer": a, "answer_confidence": rng.choice(["yes"] * 4 + ["maybe"]), "answer_id": j + 1}
+            for j, a in enumerate(out)]
+
+# -----------------------------------------------------------------------------
+# Writing the data set
+
+
+def _dump(obj, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _fresh_scenes(rng, n, taken):
+    """n scenes whose keys are not in `taken` (updated), so splits never share a scene."""
+    out = []
+    while len(out) < n:
+        s = random_scene(rng)
+        if scene_key(s) not in taken:
+            taken.add(scene_key(s))
+            out.append(s)
+    return out
+
+
+def write_benchmarks(out_dir, split, rng, taken, n_sugarcrepe, n_vqa, scenes, id_base):
+    """SugarCrepe (7 subsets, n_sugarcrepe items each, one image per item) and VQAv2 (n_vqa
+    questions, up to 3 per image) in the official layouts under out_dir/split. scenes gets
+    {image path relative to out_dir: scene}."""
+    root, image_id = os.path.join(out_dir, split), id_base
+    for subset in SUGARCREPE_SUBSETS:
+        items = {}
+        while len(items) < n_sugarcrepe:
+            scene = _fresh_scenes(rng, 1, taken)[0]
+            pair = hard_negative(rng, scene, subset)
+            if pair is None:
+                taken.discard(scene_key(scene))
+                continue
+            fn = SUGARCREPE_IMAGE_PATTERN.format(image_id=image_id)
+            image_id += 1
+            scenes[os.path.join(split, "sugarcrepe", "images", fn)] = scene
+            items[str(len(items))] = {"filename": fn, "caption": clause_text(pair[0]),
+                                      "negative_caption": clause_text(pair[1])}
+        _dump(items, os.path.join(root, "sugarcrepe", f"{subset}.json"))
+    questions, annotations = [], []
+    while len(questions) < n_vqa:
+        scene = _fresh_scenes(rng, 1, taken)[0]
+        scenes[os.path.join(split, "vqav2", "images", VQAV2_IMAGE_PATTERN.format(image_id=image_id))] = scene
+        asked = set()
+        for k in range(min(3, n_vqa - len(questions))):
+            q, a, qtype, atype = vqa_question(rng, scene)
+            if q in asked:
+                continue
+            asked.add(q)
+            qid = image_id * 10 + k
+            questions.append({"image_id": image_id, "question": q, "question_id": qid})
+            annotations.append({"question_id": qid, "image_id": image_id, "question_type": qtype,
+                                "answer_type": atype, "multiple_choice_answer": a,
+                                "answers": vqa_answers(rng, a, atype)})
+        image_id += 1
+    _dump({"task_type": "OpenEnded", "data_type": "mscoco", "data_subtype": "val2014", "questions": questions},
+          os.path.join(root, "vqav2", "questions.json"))
+    _dump({"data_type": "mscoco", "data_subtype": "val2014", "annotations": annotations},
+          os.path.join(root, "vqav2", "annotations.json"))
+
+
+def synthesize(out_dir, seed=0, n_pretrain=4000, n_instruct=8000, n_images=None, n_sugarcrepe=100,
+               n_vqa=300, n_val_sugarcrepe=40, n_val_vqa=120, text_frac=0.04, multi_turn_frac=0.3,
+               tokenizer=True, vocab_size=1024, progress=True):
+    """Write the shapes world (see the module docstring) to out_dir; deterministic per seed.
+    The held-out benchmark is drawn first from its own stream, then val, then training, each
+    split rejecting scenes already taken, so the benchmark does not depend on the training sizes."""
+    n_images = n_images or max(n_pretrain, 1)
+    taken, scenes = set(), {}  # scenes: relative image path -> scene (written to scenes.json)
+    # 1) held-out benchmark, then the validation benchmark (own RNG streams, distinct image ids)
+    write_benchmarks(out_dir, "", random.Random(f"{seed}-test"), taken, n_sugarcrepe, n_vqa, scenes, 10 ** 6)
+    write_benchmarks(out_dir, "val", random.Random(f"{seed}-val"), taken, n_val_sugarcrepe, n_val_vqa, scenes, 2 * 10 ** 6)
+    # 2) training scenes and images
+    rng = random.Random(f"{seed}-train")
+    train = _fresh_scenes(rng, n_images, taken)
+    names = [f"images/train_{i:06d}.png" for i in range(n_images)]
+    scenes.update(zip(names, train))
+    # 3) pretrain captions: every object with all attributes, plus one true relation
+    pretrain = []
+    for i in range(n_pretrain):
+        k = i % n_images
+        sc = train[k]
+        objs = rng.sample(sc["objects"], len(sc["objects"]))
+        cap = [{"kind": "and", "nps": [full_np(o) for o in objs]}, _pos_rel(rng, sc)[0]]
+        assert caption_is_true(sc, cap)
+        pretrain.append({"id": f"pretrain_{i:06d}", "image": names[k], "task": "caption",
+                         "conversations": [{"from": "human", "value": CAPTION_PROMPT},
+                                           {"from": "gpt", "value": caption_text(cap)}]})
+    # 4) instruction mix: recognition VQA (some multi-turn), compositional A/B, text-only
+    instruct, order = [], {s: 0 for s in SUGARCREPE_SUBSETS}
+    for i in range(n_instruct):
+        sid, u = f"instruct_{i:06d}", rng.random()
+        if u < text_frac:
+            q, a = text_question(rng)
+            instruct.append({"id": sid, "task": "text", "conversations": [
+                {"from": "human", "value": q + VQA_SUFFIX}, {"from": "gpt", "value": a}]})
+            continue
+        k = rng.randrange(n_images)
+        sc = train[k]
+        if u < text_frac + (1 - text_frac) / 2:
+            conv, asked = [], set()
+            for t in range(rng.choice([2, 3]) if rng.random() < multi_turn_frac else 1):
+                q, a, _, _ = vqa_question(rng, sc)
+                if q in asked:
+                    continue
+                asked.add(q)
+                conv += [{"from": "human", "value": ("<image>\n" if not conv else "") + q + VQA_SUFFIX},
+                         {"from": "gpt", "value": a}]
+            instruct.append({"id": sid, "image": names[k], "task": "recognition", "conversations": conv})
+        else:
+            subset = rng.choice(SUGARCREPE_SUBSETS)
+            pair = None
+            while pair is None:
+                pair = hard_negative(rng, sc, subset)
+                if pair is None:
+                    k = rng.randrange(n_images)
+                    sc = train[k]
+            pos, neg = clause_text(pair[0]), clause_text(pair[1])
+            pos_first = order[subset] % 2 == 0  # both orders balanced within each subset
+            order[subset] += 1
+            a, b = (pos, neg) if pos_first else (neg, pos)
+            instruct.append({"id": sid, "image": names[k], "task": "compositional", "subset": subset,
+                             "conversations": [{"from": "human", "value": SUGARCREPE_PROMPT.format(a=a, b=b)},
+                                               {"from": "gpt", "value": "A" if pos_first else "B"}]})
+    _dump(pretrain, os.path.join(out_dir, "pretrain.json"))
+    _dump(instruct, os.path.join(out_dir, "instruct.json"))
+    _dump(scenes, os.path.join(out_dir, "scenes.json"))
+    # 5) images
+    for path, sc in tqdm(sorted(scenes.items()), desc="images", disable=not progress):
+        full = os.path.join(out_dir, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        draw_scene(sc).save(full, format="PNG")
+    # 6) tokenizer trained on the training text plus the whole world vocabulary
+    if tokenizer:
+        train_tokenizer(tokenizer_corpus(pretrain + instruct), os.path.join(out_dir, "tokenizer"), vocab_size)
+    return out_dir
+
+
+def world_texts():
+    """Every word and fixed prompt the world can produce (so a tokenizer covers them)."""
+    words = SHAPES + list(COLORS) + list(SIZES) + NUMBER_WORDS + [str(i) for i in range(20)] + \
+        ["a", "an", "and", "yes", "no", "A", "B", "Yes", "No"] + [p for p in RELATIONS.values()]
+    return [" ".join(words), SUGARCREPE_PROMPT, VQA_SUFFIX, CAPTION_PROMPT, "system user assistant"]
+
+
+def world_vocabulary_corpus(n_scenes=200, seed=0):
+    """A corpus (list of str) shaped like the world's text, generated in memory without writing files:
+    captions, recognition questions and answers, compositional prompts, text-only questions.
+    train_tokenizer on it gives a tokenizer where every world word is one token."""
+    rng = random.Random(f"{seed}-vocabulary")
+    texts = world_texts()
+    for _ in range(n_scenes):
+        sc = random_scene(rng)
+        texts.append(caption_text([{"kind": "and", "nps": [full_np(o) for o in sc["objects"]]}, _pos_rel(rng, sc)[0]]))
+        q, a, _, _ = vqa_question(rng, sc)
+        texts += ["<image>\n" + q + VQA_SUFFIX, a, " ".join(text_question(rng))]
+        pair = hard_negative(rng, sc, rng.choice(SUGARCREPE_SUBSETS))
+        if pair:
+            texts.append(SUGARCREPE_PROMPT.format(a=clause_text(pair[0]), b=clause_text(pair[1])))
+    return texts
+
+
+def tokenizer_corpus(samples):
+    """world_vocabulary_corpus() plus every turn of the given LLaVA samples."""
+    texts = world_vocabulary_corpus()
+    for s in samples:
+        texts += [t["value"] for t in s["conversations"]]
+    return texts
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="compodistill data: synthesize the shapes world")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("synth", help="write the synthetic shapes world (module docstring)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    for name, default in [("n-pretrain", 4000), ("n-instruct", 8000), ("n-images", None), ("n-sugarcrepe", 100),
+                          ("n-vqa", 300), ("n-val-sugarcrepe", 40), ("n-val-vqa", 120), ("vocab-size", 1024)]:
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--no-tokenizer", action="store_true")
+    t = sub.add_parser("tokenizer", help="train a tokenizer on LLaVA JSON files")
+    t.add_argument("--json", nargs="+", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--vocab-size", type=int, default=1024)
+    args = ap.parse_args(argv)
+    if args.cmd == "synth":
+        synthesize(args.out, args.seed, n_pretrain=args.n_pretrain, n_instruct=args.n_instruct,
+                   n_images=args.n_images, n_sugarcrepe=args.n_sugarcrepe, n_vqa=args.n_vqa,
+                   n_val_sugarcrepe=args.n_val_sugarcrepe, n_val_vqa=args.n_val_vqa,
+                   tokenizer=not args.no_tokenizer, vocab_size=args.vocab_size)
+        print(f"wrote the shapes world (seed {args.seed}) to {args.out}")
+    else:
+        samples = [s for path in args.json for s in load_llava_json(path)]
+        train_tokenizer(tokenizer_corpus(samples), args.out, args.vocab_size)
+        print(f"wrote a tokenizer to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""The multimodal LLM: vision encoder -> adapter -> causal LM (the LLaVA layout, METHOD.md section 1).
+
+Every part is a real Hugging Face module:
+- `vision_tower`: any HF vision encoder (SigLIP, CLIP). Which hidden layer feeds the LLM and whether
+  its first token (CLIP's CLS) is dropped come from the config (`vision_feature_layer`,
+  `vision_feature_select_strategy` as in HF LLaVA), never from a fixed count.
+- `projector`: LLaVA's `mlp2x_gelu` adapter, Linear(d_vision -> d_llm) -> GELU -> Linear(d_llm -> d_llm),
+  or the TAF projector of taf.py (METHOD.md section 2) for a distilled student.
+- `language_model`: any HF causal LM (Qwen2 / Qwen2.5 / Llama families, ...).
+
+Image features replace the embeddings of the `<image>` tokens (the placeholder is expanded to
+`num_visual_tokens` ids by data.py), exactly like HF's `modeling_llava.py`. The forward returns the
+logits and `visual_mask = input_ids == image_token_id`, the one source of truth for where the image is
+(VAT in vat.py reads it; nothing re-derives positions).
+
+Three ways to get a model:
+  (a) `from_parts(vision_path, llm_path, tokenizer_path)`: a vision checkpoint + an LLM checkpoint
+      (the paper's SigLIP + Qwen setting); the adapter starts from scratch.
+  (b) `from_llava(path)`: an HF `LlavaForConditionalGeneration` checkpoint directory.
+  (c) `from_preset(name, tokenizer)`: the tiny `teacher` / `student` presets for tests and the demo.
+A model directory holds `model.safetensors`, `config.json` and the tokenizer files; `load_pretrained`
+reads it back without unpickling anything and never runs remote code.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+FORMAT = "compodistill-mllm-1"
+IMAGE_TOKEN = "<image>"
+
+# -----------------------------------------------------------------------------
+# Tiny presets (c). Teacher and student share ONE vision encoder config (TAF needs the same encoder).
+# The tiny encoder is random and frozen, so the presets read its patch embeddings (hidden layer 0),
+# which keep each 16-px patch's content; real checkpoints use LLaVA's default, the penultimate layer.
+
+TINY_VISION = dict(model_type="siglip_vision_model", image_size=64, patch_size=16, num_channels=3,
+                   hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4)
+PRESETS = {
+    "teacher": dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+                    num_attention_heads=4, num_key_value_heads=2),
+    "student": dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2),
+}
+TINY_FEATURE_LAYER = 0
+
+
+def mlp2x_gelu(d_vision: int, d_llm: int) -> nn.Sequential:
+    """LLaVA-1.5's adapter (METHOD.md section 1): Linear(d_vision -> d_llm), GELU, Linear(d_llm -> d_llm)."""
+    return nn.Sequential(nn.Linear(d_vision, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+
+
+def projector_from_config(cfg: dict, d_vision: int, d_llm: int) -> nn.Module:
+    """Rebuild the projector named in a model config: `mlp2x_gelu`, or `taf` (frozen teacher adapter
+    + trainable linear, taf.py) whose teacher width is stored in the config."""
+    if cfg["projector"] == "mlp2x_gelu":
+        return mlp2x_gelu(d_vision, d_llm)
+    if cfg["projector"] == "taf":
+        from taf import taf_projector  # taf.py is standalone (torch only), no cycle
+        d_teacher = cfg["taf_teacher_hidden"]
+        return taf_projector(mlp2x_gelu(d_vision, d_teacher), d_teacher, d_llm)
+    raise ValueError(f"unknown projector type {cfg['projector']!r} in the model config")
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class MultimodalLM(nn.Module):
+    """vision_tower -> projector -> language_model, with image features scattered at `<image>` tokens."""
+
+    def __init__(self, vision_tower: nn.Module, projector: nn.Module, language_model: nn.Module,
+                 image_token_id: int, vision_feature_layer=-2, vision_feature_select_strategy="full",
+                 extra_config: dict | None = None):
+        super().__init__()
+        if vision_feature_select_strategy not in ("full", "default"):
+            raise ValueError("vision_feature_select_strategy must be 'full' (keep every token) or "
+                             f"'default' (drop the first, CLS, token), got {vision_feature_select_strategy!r}")
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.language_model = language_model
+        self.image_token_id = int(image_token_id)
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.extra_config = dict(extra_config or {})  # e.g. projector type, TAF teacher width
+        emb = vision_tower.embeddings
+        n_positions = getattr(emb, "num_positions", None) or emb.position_embedding.weight.shape[0]
+        self.num_visual_tokens = n_positions - (1 if vision_feature_select_strategy == "default" else 0)
+
+    # --- config ---------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {"format": FORMAT,
+                "vision_config": self.vision_tower.config.to_dict(),
+                "text_config": self.language_model.config.to_dict(),
+                "image_token_id": self.image_token_id,
+                "vision_feature_layer": self.vision_feature_layer,
+                "vision_feature_select_strategy": self.vision_feature_select_strategy,
+                "num_visual_tokens": self.num_visual_tokens,
+                "projector": self.extra_config.get("projector", "mlp2x_gelu"),
+                **{k: v for k, v in self.extra_config.items() if k != "projector"}}
+
+    @property
+    def d_vision(self) -> int:
+        layers = self.vision_feature_layer
+        n = 1 if isinstance(layers, int) else len(layers)
+        return self.vision_tower.config.hidden_size * n
+
+    @property
+    def d_llm(self) -> int:
+        return self.language_model.config.hidden_size
+
+    # --- image features -------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N_img, 3, H, W) -> (N_img, num_visual_tokens, d_llm): the chosen vision hidden layer(s),
+        CLS dropped if the strategy says so, through the projector (LLaVA's get_image_features)."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        layers = self.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        feats = [out.hidden_states[i] for i in layers]
+        if self.vision_feature_select_strategy == "default":
+            feats = [f[:, 1:] for f in feats]
+        feats = torch.cat(feats, dim=-1)
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(feats.to(proj_dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        """Token embeddings with image features scattered where input_ids == image_token_id.
+        Returns (inputs_embeds, visual_mask). Raises if tokens and features disagree."""
+        visual_mask = input_ids == self.image_token_id
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        n_tokens = int(visual_mask.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_tokens != n_images * self.num_visual_tokens:
+            per_sample = visual_mask.sum(1).tolist()
+            raise ValueError(
+                f"image tokens and image features disagree: the batch has {n_tokens} `<image>` token ids "
+                f"(per sample {per_sample}) but {n_images} images x {self.num_visual_tokens} visual tokens = "
+                f"{n_images * self.num_visual_tokens} features. Each image must expand to exactly "
+                f"{self.num_visual_tokens} image-token ids (data.render_conversation does this).")
+        if n_images:
+            feats = self.encode_images(pixel_values).to(embeds.dtype)
+            embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+        elif torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
+            # A text-only batch leaves the trainable projector unused, and DDP then waits forever for
+            # its gradients. A zero-valued use keeps every trainable parameter in the graph.
+            dummy = self.projector(embeds.new_zeros(1, 1, self.d_vision, dtype=next(self.projector.parameters()).dtype))
+            embeds = embeds + 0.0 * dummy.sum().to(embeds.dtype)
+        return embeds, visual_mask
+
+    # --- forward --------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None,
+                return_hidden: bool = False) -> dict:
+        """-> {"logits" (B,T,V) | "hidden" (B,T,D) (final normed hidden states, if return_hidden),
+               "visual_mask" (B,T) bool}. With return_hidden the LM head is not applied, so the caller
+        (the chunked L_KL in train.py) can apply it chunk by chunk."""
+        embeds, visual_mask = self.embed(input_ids, pixel_values)
+        decoder = self.language_model.get_decoder()
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False, return_dict=True).last_hidden_state
+        if return_hidden:
+            return {"hidden": hidden, "visual_mask": visual_mask}
+        logits = self.language_model.get_output_embeddings()(hidden)
+        return {"logits": logits, "visual_mask": visual_mask}
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 16,
+                 eos_token_id=None) -> list[list[int]]:
+        """Greedy decoding with the LM's KV cache. Rows may be left- or right-padded: they are
+        re-packed to the left so every row's next token is at the end. Returns the new token ids of
+        each row, stopping at (and excluding) eos."""
+        B, T = input_ids.shape
+        lengths = attention_mask.sum(1)
+        ids = torch.zeros_like(input_ids)
+        mask = torch.zeros_like(attention_mask)
+        for b in range(B):  # left-pad: keep each row's real tokens, in order, at the right end
+            real = input_ids[b][attention_mask[b].bool()]
+            ids[b, T - len(real):] = real
+            mask[b, T - len(real):] = 1
+        embeds, _ = self.embed(ids, pixel_values)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                  use_cache=True, return_dict=True)
+        new = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        positions = lengths.unsqueeze(1) - 1
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)
+            for b in range(B):
+                if not done[b]:
+                    if int(nxt[b]) in eos:
+                        done[b] = True
+                    else:
+                        new[b].append(int(nxt[b]))
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions + 1
+            out = self.language_model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                                      cache=out.cache, use_cache=True, return_dict=True)
+        return new
+
+    # --- which parameters train ------------------------------------------------
+    def freeze_vision(self):
+        """The vision encoder is frozen in every stage of the paper (METHOD.md sections 1, 5)."""
+        self.vision_tower.requires_grad_(False)
+        self.vision_tower.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision_tower.eval()  # frozen: no dropout, whatever the mode
+        return self
+
+
+# -----------------------------------------------------------------------------
+# Building: (c) presets, (a) parts, (b) an HF LLaVA checkpoint
+
+def _image_token_id(tokenizer) -> int:
+    tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != IMAGE_TOKEN:
+        raise ValueError(f"the tokenizer has no single `{IMAGE_TOKEN}` token; add it first: "
+                         f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{IMAGE_TOKEN}']}}) "
+                         "and resize the LM's embeddings")
+    return tid
+
+
+def from_preset(name: str, tokenizer, seed: int = 0, **text_overrides) -> MultimodalLM:
+    """(c) A tiny random model from a named preset (`teacher`, `student`), vocabulary from the tokenizer.
+    Both presets share the same vision config and, for a given seed, the same vision weights."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    torch.manual_seed(seed)  # the vision tower is built first, so it is the same for every preset
+    vcfg = AutoConfig.for_model(**TINY_VISION)
+    vision = AutoModel.from_config(vcfg)
+    spec = {**PRESETS[name], **text_overrides}
+    tcfg = AutoConfig.for_model(**spec, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                                tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed + 1 + sorted(PRESETS).index(name))
+    lm = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa")
+    proj = mlp2x_gelu(vcfg.hidden_size, tcfg.hidden_size)
+    return MultimodalLM(vision, proj, lm, _image_token_id(tokenizer), TINY_FEATURE_LAYER, "full").freeze_vision()
+
+
+def from_parts(vision_path: str, llm_path: str, tokenizer, vision_feature_layer=-2,
+               vision_feature_select_strategy="full", dtype=None, trust_remote_code=False,
+               attn_implementation="sdpa") -> MultimodalLM:
+    """(a) The paper's setting: a vision checkpoint (e.g. SigLIP) + an LLM checkpoint (e.g. Qwen) + a
+    tokenizer that has `<image>`; a fresh mlp2x_gelu adapter. SigLIP has no CLS token: keep 'full'
+    (the authors drop one token anyway, a quirk, METHOD.md section 1); CLIP: use 'default'."""
+    vcfg = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+    vcfg = getattr(vcfg, "vision_config", vcfg)  # a full SigLIP/CLIP checkpoint: keep its vision half
+    vision = AutoModel.from_pretrained(vision_path, config=vcfg, dtype=dtype, trust_remote_code=trust_remote_code)
+    if hasattr(vision, "vision_model") and not hasattr(vision, "embeddings"):
+        vision = vision.vision_model  # some checkpoints load as a wrapper
+    lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation,
+                                              trust_remote_code=trust_remote_code)
+    image_id = _image_token_id(tokenizer)
+    if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        lm.resize_token_embeddings(len(tokenizer))
+    proj = mlp2x_gelu(vision.config.hidden_size * (1 if isinstance(vision_feature_layer, int) else len(vision_feature_layer)),
+                      lm.config.hidden_size)
+    return MultimodalLM(vision, proj, lm, image_id, vision_feature_layer, vision_feature_select_strategy).freeze_vision()
+
+
+def from_llava(path: str, dtype=None, attn_implementation="sdpa") -> MultimodalLM:
+    """(b) An HF `LlavaForConditionalGeneration` checkpoint directory (any public LLaVA model). The
+    parts are moved over unchanged; HF's projector (linear_1, act, linear_2) becomes mlp2x_gelu."""
+    from transformers import LlavaForConditionalGeneration
+    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    cfg = hf.config
+    if cfg.projector_hidden_act != "gelu":
+        raise ValueError(f"{path}: projector_hidden_act={cfg.projector_hidden_act!r}; mlp2x_gelu needs 'gelu'")
+    lm = AutoModelForCausalLM.from_config(cfg.text_config, attn_implementation=attn_implementation)
+    lm.to(hf.dtype)
+    lm.model.load_state_dict(hf.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(hf.lm_head.state_dict())
+    lm.tie_weights()
+    hp = hf.model.multi_modal_projector
+    proj = mlp2x_gelu(hp.linear_1.in_features, hp.linear_1.out_features).to(hf.dtype)
+    proj[0].load_state_dict(hp.linear_1.state_dict())
+    proj[2].load_state_dict(hp.linear_2.state_dict())
+    layer = cfg.vision_feature_layer
+    layer = layer if isinstance(layer, int) else list(layer)
+    return MultimodalLM(hf.model.vision_tower, proj, lm, cfg.image_token_id, layer,
+                        cfg.vision_feature_select_strategy).freeze_vision()
+
+
+# -----------------------------------------------------------------------------
+# Save / load: safetensors + JSON config + tokenizer files in one directory
+
+def _fsync_replace(tmp: str, final: str):
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def save_pretrained(model: MultimodalLM, path: str, tokenizer=None):
+    """Write model.safetensors + config.json (+ tokenizer files) into `path`, each file atomically
+    (temporary file, fsync, rename). Tied weights are stored once (the LM re-ties them on load)."""
+    os.makedirs(path, exist_ok=True)
+    state = model.state_dict()
+    seen, tensors = {}, {}
+    for k, v in state.items():  # drop aliases of already-stored tensors (tied embeddings)
+        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen[key] = k
+        tensors[k] = v.detach().contiguous().cpu()
+    save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": FORMAT})
+    _fsync_replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json.tmp"), "w") as f:
+        json.dump(model.config_dict(), f, indent=2, default=str)
+    _fsync_replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json (not a compodistill model directory)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: format {cfg.get('format')!r}, expected {FORMAT!r}. For an HF LLaVA "
+                         "checkpoint use model.from_llava(path).")
+    return cfg
+
+
+def model_from_config(cfg: dict, attn_implementation: str = "sdpa") -> MultimodalLM:
+    """An uninitialised-weights model with the architecture a config describes."""
+    vcfg = AutoConfig.for_model(**cfg["vision_config"])
+    tcfg = AutoConfig.for_model(**cfg["text_config"])
+    vision = AutoModel.from_config(vcfg)
+    lm = AutoModelForCausalLM.from_config(tcfg, attn_implementation=attn_implementation)
+    layer = cfg["vision_feature_layer"]
+    n = 1 if isinstance(layer, int) else len(layer)
+    proj = projector_from_config(cfg, vcfg.hidden_size * n, tcfg.hidden_size)
+    extra = {k: v for k, v in cfg.items() if k not in ("format", "vision_config", "text_config", "image_token_id",
+                                                       "vision_feature_layer", "vision_feature_select_strategy",
+                                                       "num_visual_tokens")}
+    return MultimodalLM(vision, proj, lm, cfg["image_token_id"], layer,
+                        cfg["vision_feature_select_strategy"], extra).freeze_vision()
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str):
+    """load_state_dict that names every missing / unexpected / mis-shaped key in one clear error.
+    Keys of tied weights that were stored once are allowed to be missing."""
+    own = model.state_dict()
+    tied = {k for k in own if k not in state and any(own[k].data_ptr() == own[j].data_ptr() for j in state if j in own)}
+    missing = sorted(set(own) - set(state) - tied)
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not match this model:\n"
+                         f"  missing keys ({len(missing)}): {missing[:8]}\n"
+                         f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}\n"
+                         f"  shape mismatches ({len(shapes)}): {shapes[:8]}")
+    model.load_state_dict(state, strict=False)
+
+
+def load_pretrained(path: str, device="cpu", dtype=None, attn_implementation: str = "sdpa",
+                    trust_remote_code: bool = False):
+    """Read a model directory -> (model, tokenizer, image_processor). Weights come from safetensors
+    only (no pickle); remote code never runs unless the caller passes trust_remote_code=True."""
+    cfg = read_config(path)
+    model = model_from_config(cfg, attn_implementation)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    load_state_strict(model, state, os.path.join(path, "model.safetensors"))
+    model.language_model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    model.to(device)
+    if model.num_visual_tokens != cfg["num_visual_tokens"]:
+        raise ValueError(f"{path}: config says {cfg['num_visual_tokens']} visual tokens, the rebuilt encoder "
+                         f"gives {model.num_visual_tokens}")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer, make_image_processor(model.vision_tower.config)
+
+
+def make_image_processor(vision_config):
+    """The vision encoder's HF image processor, the PIL variant (needs no torchvision), sized from config."""
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+    size = vision_config.image_size
+    if vision_config.model_type.startswith("clip"):
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return SiglipImageProcessorPil(size={"height": size, "width": size})
+
+
+def clone_frozen(model: MultimodalLM) -> MultimodalLM:
+    """A frozen, eval-mode copy (used for references in tests and analysis)."""
+    m = copy.deepcopy(model).eval()
+    m.requires_grad_(False)
+    return m

@@ -1,0 +1,496 @@
+"""Tests for data.py: rendering/labels with two chat templates, LLaVA validation, truncation,
+collate, the global-batch sampler, and the synthetic shapes world (determinism, official
+benchmark layouts, truth of positives/negatives, held-out images)."""
+
+import glob
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+SIZES = dict(n_pretrain=150, n_instruct=400, n_sugarcrepe=12, n_vqa=30, n_val_sugarcrepe=6, n_val_vqa=12)
+NV = 16  # visual tokens per image in the tiny setup (64 px / patch 16)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("world"))
+    data.synthesize(out, seed=3, progress=False, **SIZES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return data.load_tokenizer(os.path.join(world, "tokenizer"))
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def runs(labels):
+    """Contiguous runs of supervised positions -> list of index lists."""
+    out, cur = [], []
+    for i, l in enumerate(labels):
+        if l != -100:
+            cur.append(i)
+        elif cur:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def collapse_image(ids, img_id):
+    """Replace each run of image ids with one image id (to compare with the template text)."""
+    out = []
+    for i in ids:
+        if i == img_id and out and out[-1] == img_id:
+            continue
+        out.append(i)
+    return out
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def test_tokenizer_covers_world(world, tok):
+    assert tok.unk_token_id is None or tok.unk_token_id not in tok.encode("a b", add_special_tokens=False)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<pad>"
+    for t in ["<pad>", "<|im_start|>", "<|im_end|>", "<image>"]:
+        assert len(tok.encode(t, add_special_tokens=False)) == 1
+    # every word of the world (with and without a leading space) is a single known token
+    for w in data.world_texts()[0].split() + ["A", "B"] + [str(i) for i in range(10)]:
+        for s in (w, " " + w):
+            ids = tok.encode(s, add_special_tokens=False)
+            assert tok.decode(ids) == s
+        assert len(tok.encode(" " + w, add_special_tokens=False)) == 1, w
+    texts = [t["value"] for f in ("pretrain.json", "instruct.json") for s in read(os.path.join(world, f))
+             for t in s["conversations"]]
+    for f in glob.glob(os.path.join(world, "**", "sugarcrepe", "*.json"), recursive=True):
+        texts += [v[k] for v in read(f).values() for k in ("caption", "negative_caption")]
+    for t in texts[:3000]:
+        assert tok.decode(tok.encode(t, add_special_tokens=False)) == t
+    assert data.image_token_id(tok) == tok.convert_tokens_to_ids("<image>")
+
+
+def test_image_token_missing_is_clear_error():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    t = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")),
+                                unk_token="[UNK]")
+    with pytest.raises(ValueError, match="add"):
+        data.image_token_id(t)
+
+# -----------------------------------------------------------------------------
+# rendering
+
+
+CONV = [{"role": "system", "content": "you are a shapes expert."},
+        {"role": "user", "content": "<image>\nWhat color is the circle?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "How many objects are there?"},
+        {"role": "assistant", "content": "3"}]
+
+
+def test_render_chatml_labels_exact(tok):
+    img = data.image_token_id(tok)
+    ids, labels = data.render_conversation(tok, CONV, NV, img, "s0")
+    assert len(ids) == len(labels)
+    # exactly NV image tokens, contiguous, where "<image>" was, never supervised
+    pos = [i for i, t in enumerate(ids) if t == img]
+    assert len(pos) == NV and pos == list(range(pos[0], pos[0] + NV))
+    assert all(labels[i] == -100 for i in pos)
+    # the ids spell out exactly the template's text
+    text = tok.apply_chat_template(CONV, tokenize=False)
+    assert tok.decode(collapse_image(ids, img)) == text
+    # supervised: exactly each answer + <|im_end|>, not the header, not the trailing newline
+    r = runs(labels)
+    assert [tok.decode([ids[i] for i in run]) for run in r] == ["red<|im_end|>", "3<|im_end|>"]
+    assert all(labels[i] == ids[i] for run in r for i in run)
+    # hand-built reference, segment by segment
+    e = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    ref_ids = (e("<|im_start|>system\nyou are a shapes expert.<|im_end|>\n<|im_start|>user\n") + [img] * NV +
+               e("\nWhat color is the circle?<|im_end|>\n<|im_start|>assistant\n"))
+    ref_lab = [-100] * len(ref_ids)
+    a1 = e("red<|im_end|>")
+    mid = e("\n<|im_start|>user\nHow many objects are there?<|im_end|>\n<|im_start|>assistant\n")
+    a2 = e("3<|im_end|>")
+    ref_ids += a1 + mid + a2 + e("\n")
+    ref_lab += a1 + [-100] * len(mid) + a2 + [-100]
+    assert ids == ref_ids and labels == ref_lab
+
+
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+          " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_render_llama3_template(world):
+    t = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    t.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    t.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
+    t.chat_template = LLAMA3
+    img = data.image_token_id(t)
+    conv = [dict(m) for m in CONV]
+    conv[2]["content"] = "  red "  # trimmed by the template
+    ids, labels = data.render_conversation(t, conv, NV, img, "s1")
+    assert ids.count(img) == NV
+    assert t.decode(collapse_image(ids, img)) == t.apply_chat_template(conv, tokenize=False)
+    r = runs(labels)
+    assert [t.decode([ids[i] for i in run]) for run in r] == ["red<|eot_id|>", "3<|eot_id|>"]
+    assert ids[0] == t.bos_token_id and labels[0] == -100
+    # render_prompt gives exactly the training prefix before each answer
+    for k, run in zip([2, 4], r):
+        prompt = data.render_prompt(t, conv[:k], NV, img)
+        assert prompt == ids[:run[0]]
+
+
+def test_render_prompt_matches_training_prefix(tok):
+    img = data.image_token_id(tok)
+    ids, labels = data.render_conversation(tok, CONV, NV, img)
+    for k, run in zip([2, 4], runs(labels)):
+        assert data.render_prompt(tok, CONV[:k], NV, img) == ids[:run[0]]
+    with pytest.raises(ValueError, match="user turn"):
+        data.render_prompt(tok, CONV[:3], NV, img)
+
+
+def test_text_only_sample(tok):
+    img = data.image_token_id(tok)
+    msgs = data.llava_to_messages({"id": "t", "conversations": [{"from": "human", "value": "What is 2 plus 2?"},
+                                                                {"from": "gpt", "value": "4"}]})
+    ids, labels = data.render_conversation(tok, msgs, NV, img, "t")
+    assert img not in ids
+    assert [tok.decode([ids[i] for i in run]) for run in runs(labels)] == ["4<|im_end|>"]
+
+# -----------------------------------------------------------------------------
+# LLaVA validation and loaders
+
+
+def conv(*turns):
+    return [{"from": f, "value": v} for f, v in turns]
+
+
+@pytest.mark.parametrize("sample,msg", [
+    ({"id": "x1", "conversations": []}, "empty"),
+    ({"id": "x2", "conversations": conv(("human", "hi"))}, "no gpt"),
+    ({"id": "x3", "conversations": conv(("human", "hi"), ("robot", "yo"))}, "unknown role"),
+    ({"id": "x4", "image": "a.png", "conversations": conv(("human", "<image> <image>"), ("gpt", "a"))}, "2 times"),
+    ({"id": "x5", "conversations": conv(("human", "<image>\nhi"), ("gpt", "a"))}, "no 'image' key"),
+    ({"id": "x6", "image": "a.png", "conversations": conv(("human", "hi"), ("gpt", "a"))}, "not prepended"),
+    ({"id": "x7", "image": "a.png", "conversations": conv(("human", "hi"), ("gpt", "<image>"))}, "gpt turn"),
+])
+def test_malformed_samples(sample, msg):
+    with pytest.raises(ValueError, match=msg) as e:
+        data.llava_to_messages(sample)
+    assert sample["id"] in str(e.value)
+
+
+def test_llava_roles_and_system():
+    m = data.llava_to_messages({"id": "ok", "image": "a.png", "conversations": conv(
+        ("system", "be brief"), ("human", "<image>\nq"), ("gpt", "a"))})
+    assert [x["role"] for x in m] == ["system", "user", "assistant"]
+
+
+def test_loaders_errors(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        data.load_llava_json(str(p))
+    p.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="list"):
+        data.load_llava_json(str(p))
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        data.load_image(str(tmp_path / "nope.png"))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        data.load_image(str(tmp_path / "broken.png"))
+    Image.new("L", (5, 5)).save(tmp_path / "g.png")
+    assert data.load_image(str(tmp_path / "g.png")).mode == "RGB"
+
+# -----------------------------------------------------------------------------
+# dataset, truncation, collate
+
+
+def sample(sid, question="What color is the circle?", answer="red", image=True):
+    s = {"id": sid, "conversations": conv(("human", ("<image>\n" if image else "") + question), ("gpt", answer))}
+    if image:
+        s["image"] = "images/train_000000.png"
+    return s
+
+
+def test_dataset_truncation_and_drop(world, tok):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+    img = data.image_token_id(tok)
+    proc = data.make_image_processor(SiglipVisionConfig(image_size=64, patch_size=16))
+    long_answer = " ".join(["red"] * 50)
+    s_ok, s_long = sample("ok"), sample("long", answer=long_answer)
+    full = len(data.render_conversation(tok, data.llava_to_messages(s_long), NV, img)[0])
+    prompt_len = len(data.render_prompt(tok, data.llava_to_messages(s_long)[:1], NV, img))
+    # first answer token fits -> cut at max_len, supervised tokens remain, visual tokens intact
+    ds = data.SupervisedDataset([s_ok, s_long], tok, proc, world, NV, img, max_len=prompt_len + 3)
+    x = ds[1]
+    assert len(x["input_ids"]) == prompt_len + 3 < full
+    assert int((x["labels"] != -100).sum()) == 3 and int((x["input_ids"] == img).sum()) == NV
+    assert x["pixel_values"].shape == (3, 64, 64) and x["pixel_values"].dtype == torch.float32
+    # the first answer token does not fit -> error naming the sample, or dropped
+    with pytest.raises(ValueError, match="long"):
+        data.SupervisedDataset([s_long], tok, proc, world, NV, img, max_len=prompt_len)
+    with pytest.raises(ValueError, match="ok"):
+        data.SupervisedDataset([s_ok], tok, proc, world, NV, img, max_len=NV)
+    s_text = sample("t", image=False)
+    t_len = len(data.render_conversation(tok, data.llava_to_messages(s_text), NV, img)[0])
+    ds = data.SupervisedDataset([s_ok, s_text], tok, proc, world, NV, img, max_len=t_len, drop_overlong=True)
+    assert ds.dropped == ["ok"] and len(ds) == 1 and ds[0]["pixel_values"] is None
+    clip = data.make_image_processor(CLIPVisionConfig(image_size=64, patch_size=16))
+    assert data.process_image(clip, data.load_image(os.path.join(world, s_ok["image"]))).shape == (3, 64, 64)
+
+
+def test_collate():
+    b = [{"id": "a", "input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
+          "pixel_values": torch.ones(3, 4, 4)},
+         {"id": "b", "input_ids": torch.tensor([8]), "labels": torch.tensor([8]), "pixel_values": None},
+         {"id": "c", "input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]),
+          "pixel_values": torch.zeros(3, 4, 4)}]
+    out = data.collate(b, pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0], [1, 2, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100], [-100, 2, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert out["attention_mask"].dtype == torch.long
+    assert out["pixel_values"].shape == (2, 3, 4, 4) and out["pixel_values"][0].sum() == 48  # batch order
+    assert out["ids"] == ["a", "b", "c"]
+    assert data.collate(b[1:2], 0)["pixel_values"] is None
+
+# -----------------------------------------------------------------------------
+# sampler
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_sampler_rank_split_equals_single_process(drop_last):
+    N, G, W = 37, 8, 4
+    single = take(iter(data.GlobalBatchSampler(N, G, seed=5, drop_last=drop_last)), 12)  # crosses epochs
+    ranks = [take(iter(data.GlobalBatchSampler(N, G, r, W, seed=5, drop_last=drop_last)), 12) for r in range(W)]
+    for s in range(12):
+        assert sum((ranks[r][s] for r in range(W)), []) == single[s]
+        assert len(single[s]) == G
+    spe = 4 if drop_last else 5
+    # each epoch is a permutation (drop_last: distinct indices within the epoch)
+    ep0 = sum(single[:spe], [])
+    assert len(set(ep0)) == (32 if drop_last else 37)
+    # the epoch permutation comes from torch.Generator seeded with seed+epoch
+    g = torch.Generator()
+    g.manual_seed(5 + 1)
+    assert single[spe] == torch.randperm(N, generator=g).tolist()[:G]
+    with pytest.raises(ValueError, match="divisible"):
+        data.GlobalBatchSampler(N, 6, 0, 4)
+
+
+def test_sampler_resume():
+    ref = take(iter(data.GlobalBatchSampler(50, 6, 1, 2, seed=1)), 20)
+    s = data.GlobalBatchSampler(50, 6, 1, 2, seed=1)
+    it = iter(s)
+    first = take(it, 9)  # 8 steps per epoch: crosses into epoch 1
+    state = s.state_dict()
+    assert state == {"epoch": 1, "step": 1} == s.state_after(9)
+    s2 = data.GlobalBatchSampler(50, 6, 1, 2, seed=1)
+    s2.load_state_dict(state)
+    assert first + take(iter(s2), 11) == ref
+    # a finite sampler ends after `epochs`
+    assert len(list(data.GlobalBatchSampler(50, 6, seed=1, epochs=2))) == 16
+
+# -----------------------------------------------------------------------------
+# synthetic world
+
+
+def all_files(root):
+    return sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                  if os.path.isfile(p))
+
+
+def test_synth_deterministic(tmp_path, world):
+    small = dict(n_pretrain=40, n_instruct=60, n_sugarcrepe=3, n_vqa=6, n_val_sugarcrepe=2, n_val_vqa=4)
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    data.synthesize(a, seed=11, progress=False, **small)
+    data.main(["synth", "--out", b, "--seed", "11", "--n-pretrain", "40", "--n-instruct", "60", "--n-sugarcrepe",
+               "3", "--n-vqa", "6", "--n-val-sugarcrepe", "2", "--n-val-vqa", "4"])
+    data.synthesize(c, seed=12, progress=False, **small)
+    fa = all_files(a)
+    assert fa == all_files(b) and any(f.endswith(".png") for f in fa) and "tokenizer/tokenizer.json" in fa
+    for f in fa:
+        with open(os.path.join(a, f), "rb") as x, open(os.path.join(b, f), "rb") as y:
+            assert x.read() == y.read(), f
+    with open(os.path.join(a, "instruct.json"), "rb") as x, open(os.path.join(c, "instruct.json"), "rb") as y:
+        assert x.read() != y.read()
+    with open(os.path.join(a, "sugarcrepe", "swap_obj.json"), "rb") as x, \
+            open(os.path.join(c, "sugarcrepe", "swap_obj.json"), "rb") as y:
+        assert x.read() != y.read()
+
+
+def test_benchmark_layouts(world):
+    for split, n_sc, n_vqa in [("", SIZES["n_sugarcrepe"], SIZES["n_vqa"]),
+                               ("val", SIZES["n_val_sugarcrepe"], SIZES["n_val_vqa"])]:
+        root = os.path.join(world, split)
+        for sub in data.SUGARCREPE_SUBSETS:
+            d = read(os.path.join(root, "sugarcrepe", f"{sub}.json"))
+            assert isinstance(d, dict) and list(d) == [str(i) for i in range(n_sc)]
+            for v in d.values():
+                assert set(v) == {"filename", "caption", "negative_caption"}
+                assert v["caption"] != v["negative_caption"]
+                assert os.path.isfile(os.path.join(root, "sugarcrepe", "images", v["filename"]))
+        q = read(os.path.join(root, "vqav2", "questions.json"))["questions"]
+        a = read(os.path.join(root, "vqav2", "annotations.json"))["annotations"]
+        assert len(q) == len(a) == n_vqa
+        assert len({x["question_id"] for x in q}) == n_vqa
+        for qq, aa in zip(q, a):
+            assert set(qq) == {"image_id", "question", "question_id"}
+            assert set(aa) == {"question_id", "image_id", "question_type", "answer_type",
+                               "multiple_choice_answer", "answers"}
+            assert aa["question_id"] == qq["question_id"] and aa["image_id"] == qq["image_id"]
+            assert aa["answer_type"] in ("yes/no", "number", "other")
+            assert len(aa["answers"]) == 10 and [x["answer_id"] for x in aa["answers"]] == list(range(1, 11))
+            assert all(set(x) == {"answer", "answer_confidence", "answer_id"} for x in aa["answers"])
+            raw = [x["answer"] for x in aa["answers"]]
+            assert max(set(raw), key=raw.count) == aa["multiple_choice_answer"]  # majority is the answer
+            img = data.VQAV2_IMAGE_PATTERN.format(image_id=qq["image_id"])
+            assert os.path.isfile(os.path.join(root, "vqav2", "images", img))
+
+
+def test_positives_true_negatives_false(world):
+    scenes = read(os.path.join(world, "scenes.json"))
+    # benchmark files: parse the text back and check against the scene of the image
+    for split in ("", "val"):
+        for sub in data.SUGARCREPE_SUBSETS:
+            for v in read(os.path.join(world, split, "sugarcrepe", f"{sub}.json")).values():
+                sc = scenes[os.path.join(split, "sugarcrepe", "images", v["filename"])]
+                assert data.caption_is_true(sc, data.parse_caption(v["caption"]))
+                assert not data.caption_is_true(sc, data.parse_caption(v["negative_caption"]))
+    # instruction data: the answered option is true, the other false; captions true; balanced orders
+    letters = {s: [] for s in data.SUGARCREPE_SUBSETS}
+    for s in read(os.path.join(world, "instruct.json")):
+        if s["task"] != "compositional":
+            continue
+        q, a = s["conversations"][0]["value"], s["conversations"][1]["value"]
+        opt_a = q.split("(A) ")[1].split("\n")[0]
+        opt_b = q.split("(B) ")[1].split("\n")[0]
+        assert q == data.SUGARCREPE_PROMPT.format(a=opt_a, b=opt_b)
+        sc = scenes[s["image"]]
+        good, bad = (opt_a, opt_b) if a == "A" else (opt_b, opt_a)
+        assert data.caption_is_true(sc, data.parse_caption(good))
+        assert not data.caption_is_true(sc, data.parse_caption(bad))
+        letters[s["subset"]].append(a)
+    for sub, ls in letters.items():
+        assert abs(ls.count("A") - ls.count("B")) <= 1, sub
+    for s in read(os.path.join(world, "pretrain.json")):
+        assert data.caption_is_true(scenes[s["image"]], data.parse_caption(s["conversations"][1]["value"]))
+    # many fresh scenes, every kind
+    rng = random.Random(0)
+    for _ in range(300):
+        sc = data.random_scene(rng)
+        for sub in data.SUGARCREPE_SUBSETS:
+            pair = data.hard_negative(rng, sc, sub)
+            if pair is None:
+                continue
+            pos, neg = pair
+            assert data.caption_is_true(sc, pos) and not data.caption_is_true(sc, neg)
+            assert data.parse_caption(data.clause_text(neg)) == [neg]
+
+
+def test_truth_function_hand_worked():
+    sc = {"objects": [{"shape": "circle", "color": "red", "size": "large", "row": 0, "col": 0},
+                      {"shape": "square", "color": "blue", "size": "small", "row": 1, "col": 2}]}
+    T = lambda t: data.caption_is_true(sc, data.parse_caption(t))  # noqa: E731
+    assert T("a large red circle is to the left of a small blue square")
+    assert T("a circle is above a square") and T("a blue square is below a red circle")
+    assert not T("a square is to the left of a circle")  # swap_obj
+    assert not T("a blue circle is to the left of a red square")  # swap_att
+    assert not T("a red circle is below a blue square")  # replace_rel
+    assert not T("a green circle and a blue square")  # replace_att
+    assert not T("a red circle and a blue square and a triangle".replace(" and a blue", ", a blue"))  # add_obj
+    assert T("a red circle and a blue square") and not T("a red circle and a red circle")
+
+
+def test_objects_inside_their_cells(world):
+    scenes = read(os.path.join(world, "scenes.json"))
+    for path, sc in list(scenes.items())[:200]:
+        im = np.asarray(Image.open(os.path.join(world, path)).convert("RGB")).astype(int)
+        assert im.shape == (data.IMAGE_SIZE, data.IMAGE_SIZE, 3)
+        fg = (im != np.array(data.BACKGROUNDS[sc["bg"]])).any(-1)
+        cells = {(o["row"], o["col"]) for o in sc["objects"]}
+        for r in range(data.GRID):
+            for c in range(data.GRID):
+                block = fg[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16]
+                assert block.any() == ((r, c) in cells), (path, r, c)
+                if block.any():  # the object does not touch the cell border
+                    assert not (block[0].any() or block[-1].any() or block[:, 0].any() or block[:, -1].any())
+
+
+def test_heldout_disjoint_from_training(world):
+    scenes = read(os.path.join(world, "scenes.json"))
+    train_paths = {s["image"] for f in ("pretrain.json", "instruct.json")
+                   for s in read(os.path.join(world, f)) if "image" in s}
+    assert train_paths and all(p.startswith("images/") for p in train_paths)
+    bench = [p for p in scenes if "sugarcrepe" in p or "vqav2" in p]
+    assert len(bench) > 0 and not (set(bench) & train_paths)
+    keys_train = {data.scene_key(scenes[p]) for p in train_paths}
+    keys_test = {data.scene_key(scenes[p]) for p in bench if not p.startswith("val")}
+    keys_val = {data.scene_key(scenes[p]) for p in bench if p.startswith("val")}
+    assert not (keys_train & keys_test) and not (keys_train & keys_val) and not (keys_val & keys_test)
+    # every image file written is accounted for in scenes.json
+    pngs = {p for p in all_files(world) if p.endswith(".png")}
+    assert pngs == set(scenes)
+    # text-only samples exist in the instruction mix
+    tasks = {s["task"] for s in read(os.path.join(world, "instruct.json"))}
+    assert tasks == {"recognition", "compositional", "text"}
+
+
+def test_vqa_answers_match_scenes(world):
+    """Re-derive the benchmark answers from the scene graph (independently of vqa_question)."""
+    scenes = read(os.path.join(world, "scenes.json"))
+    checked = 0
+    for split in ("", "val"):
+        qs = read(os.path.join(world, split, "vqav2", "questions.json"))["questions"]
+        ans = {a["question_id"]: a["multiple_choice_answer"]
+               for a in read(os.path.join(world, split, "vqav2", "annotations.json"))["annotations"]}
+        for q in qs:
+            sc = scenes[os.path.join(split, "vqav2", "images", data.VQAV2_IMAGE_PATTERN.format(image_id=q["image_id"]))]
+            objs, text, a = sc["objects"], q["question"], ans[q["question_id"]]
+            by_shape = {o["shape"]: o for o in objs}
+            if text == "How many objects are there?":
+                assert a == str(len(objs))
+            elif text.startswith("What color is the "):
+                assert a == by_shape[text[len("What color is the "):-1]]["color"]
+            elif text.startswith("What size is the "):
+                assert a == by_shape[text[len("What size is the "):-1]]["size"]
+            elif text.startswith("Is there "):
+                truth = data.caption_is_true(sc, data.parse_caption(text[len("Is there "):-1]))
+                assert a == ("yes" if truth else "no")
+            elif text.startswith("How many "):
+                color = text.split()[2]
+                assert a == str(sum(o["color"] == color for o in objs))
+            else:
+                continue
+            checked += 1
+    assert checked > 10
+
+
+def test_world_vocabulary_corpus_tokenizer(tmp_path):
+    tok = data.train_tokenizer(data.world_vocabulary_corpus(), str(tmp_path / "tok"))
+    tok = data.load_tokenizer(str(tmp_path / "tok"))
+    for w in data.world_texts()[0].split() + "color is the many objects are there".split():
+        assert len(tok.encode(" " + w, add_special_tokens=False)) == 1, w
+    for w in ["What", "How", "Is", "A", "B", "red", "yes", "3"]:  # answers / question starts follow "\n"
+        assert len(tok.encode(w, add_special_tokens=False)) == 1, w
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

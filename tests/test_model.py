@@ -1,0 +1,142 @@
+"""model.py: shapes, the visual mask, the HF LLaVA peer check, save/load, generation."""
+import os
+
+import pytest
+import torch
+
+import model as M
+
+
+def _batch(tok, m, prompts_before, n_images_per_row, pad_to=None):
+    """Rows of [prefix tokens][image tokens][suffix], right-padded; n_images_per_row in {0, 1}."""
+    img = m.image_token_id
+    rows = []
+    for pre, has in zip(prompts_before, n_images_per_row):
+        row = [5 + (i % 7) for i in range(pre)] + ([img] * m.num_visual_tokens if has else []) + [9, 10, 11]
+        rows.append(row)
+    T = pad_to or max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = 1
+    n_img = sum(n_images_per_row)
+    pv = torch.randn(n_img, 3, 64, 64) if n_img else None
+    return ids, mask, pv, rows
+
+
+def test_visual_mask_any_layout_padding_and_text_only(tokenizer):
+    m = M.from_preset("student", tokenizer)
+    ids, mask, pv, rows = _batch(tokenizer, m, [1, 7, 3], [1, 0, 1], pad_to=40)
+    out = m(ids, mask, pv)
+    assert out["logits"].shape == (3, 40, len(tokenizer))
+    vm = out["visual_mask"]
+    # hand-built expectation: exactly the positions where the image block was placed
+    expect = torch.zeros_like(vm)
+    expect[0, 1:1 + m.num_visual_tokens] = True
+    expect[2, 3:3 + m.num_visual_tokens] = True
+    assert torch.equal(vm, expect)
+    assert not vm[1].any()  # text-only row: all False
+    assert not (vm & (mask == 0)).any()  # never on padding
+
+
+def test_image_features_land_on_image_tokens(tokenizer):
+    """The embeddings at image positions are the projected features of THAT row's image, in order."""
+    m = M.from_preset("student", tokenizer).eval()
+    ids, mask, pv, _ = _batch(tokenizer, m, [2, 5], [1, 1])
+    embeds, vm = m.embed(ids, pv)
+    feats = m.encode_images(pv)
+    assert torch.allclose(embeds[0][vm[0]], feats[0])
+    assert torch.allclose(embeds[1][vm[1]], feats[1])
+    text = m.language_model.get_input_embeddings()(ids)
+    assert torch.equal(embeds[~vm], text[~vm])
+
+
+def test_token_feature_count_mismatch_is_a_clear_error(tokenizer):
+    m = M.from_preset("student", tokenizer)
+    ids, mask, pv, _ = _batch(tokenizer, m, [2, 5], [1, 1])
+    with pytest.raises(ValueError, match="image tokens and image features disagree"):
+        m(ids, mask, pv[:1])
+    ids[0, 3] = 9  # one image token lost
+    with pytest.raises(ValueError, match=r"per sample \[15, 16\]"):
+        m(ids, mask, pv)
+
+
+def test_num_visual_tokens_from_config_clip_drops_cls(tokenizer):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    vcfg = AutoConfig.for_model("clip_vision_model", image_size=32, patch_size=8, hidden_size=32,
+                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    vision = AutoModel.from_config(vcfg)
+    tcfg = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    lm = AutoModelForCausalLM.from_config(tcfg)
+    img = tokenizer.convert_tokens_to_ids("<image>")
+    keep = M.MultimodalLM(vision, M.mlp2x_gelu(32, 32), lm, img, -2, "full")
+    drop = M.MultimodalLM(vision, M.mlp2x_gelu(32, 32), lm, img, -2, "default")
+    assert keep.num_visual_tokens == 17 and drop.num_visual_tokens == 16  # 4x4 patches (+ CLS)
+    assert drop.encode_images(torch.randn(2, 3, 32, 32)).shape == (2, 16, 32)
+
+
+def test_hf_llava_peer_check(tmp_path):
+    """A tiny random HF LlavaForConditionalGeneration saved to disk, loaded through from_llava, gives HF's
+    own logits (fp32, max abs diff <= 1e-5)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    torch.manual_seed(0)
+    vcfg = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=3, num_attention_heads=2)
+    tcfg = Qwen2Config(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=100, vision_feature_layer=-2,
+                      vision_feature_select_strategy="full", projector_hidden_act="gelu")
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(tmp_path / "llava")
+    ours = M.from_llava(str(tmp_path / "llava")).eval()
+    assert ours.num_visual_tokens == 16
+    ids = torch.tensor([[1, 2] + [100] * 16 + [3, 4, 5], [7] + [100] * 16 + [8, 9, 10, 11]])
+    mask = torch.ones_like(ids)
+    pv = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+        got = ours(ids, mask, pv)["logits"]
+    assert (ref - got).abs().max().item() <= 1e-5
+    assert ref.abs().max() > 0.01  # not a trivial comparison
+
+
+def test_save_load_round_trip_and_strict_errors(tokenizer, tmp_path):
+    m = M.from_preset("teacher", tokenizer).eval()
+    M.save_pretrained(m, str(tmp_path / "t"), tokenizer)
+    assert sorted(os.listdir(tmp_path / "t"))[:2] == ["chat_template.jinja", "config.json"] or \
+        os.path.exists(tmp_path / "t" / "tokenizer_config.json")
+    m2, tok2, proc = M.load_pretrained(str(tmp_path / "t"))
+    ids, mask, pv, _ = _batch(tokenizer, m, [2, 4], [1, 0])
+    with torch.no_grad():
+        assert torch.equal(m(ids, mask, pv)["logits"], m2.eval()(ids, mask, pv)["logits"])
+    assert tok2.get_vocab() == tokenizer.get_vocab()
+    # a student checkpoint's weights do not fit a teacher config: the error names keys and shapes
+    s = M.from_preset("student", tokenizer)
+    M.save_pretrained(s, str(tmp_path / "s"), tokenizer)
+    os.replace(tmp_path / "s" / "model.safetensors", tmp_path / "t" / "model.safetensors")
+    with pytest.raises(ValueError, match="shape mismatches"):
+        M.load_pretrained(str(tmp_path / "t"))
+
+
+def test_generate_matches_uncached_greedy_with_left_and_right_padding(tokenizer):
+    m = M.from_preset("student", tokenizer, seed=3).eval()
+    ids, mask, pv, rows = _batch(tokenizer, m, [1, 6], [1, 1])
+    got_right = m.generate(ids, mask, pv, max_new_tokens=6)
+    # left-padded version of the same rows
+    T = ids.shape[1]
+    left = torch.full_like(ids, tokenizer.pad_token_id)
+    lmask = torch.zeros_like(mask)
+    for b, r in enumerate(rows):
+        left[b, T - len(r):] = torch.tensor(r)
+        lmask[b, T - len(r):] = 1
+    assert m.generate(left, lmask, pv, max_new_tokens=6) == got_right
+    for b, r in enumerate(rows):  # reference: no cache, no padding, one row at a time
+        x, seq = torch.tensor([r]), []
+        for _ in range(6):
+            with torch.no_grad():
+                n = m(x, torch.ones_like(x), pv[b:b + 1])["logits"][0, -1].argmax().item()
+            seq.append(n)
+            x = torch.cat([x, torch.tensor([[n]])], 1)
+        assert got_right[b] == seq
