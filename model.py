@@ -43,10 +43,10 @@ IMAGE_TOKEN = "<image>"
 TINY_VISION = dict(model_type="siglip_vision_model", image_size=64, patch_size=16, num_channels=3,
                    hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4)
 PRESETS = {
-    "teacher": dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+    "teacher": dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=6,
                     num_attention_heads=4, num_key_value_heads=2),
-    "student": dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2),
+    "student": dict(model_type="qwen2", hidden_size=32, intermediate_size=96, num_hidden_layers=4,
+                    num_attention_heads=2, num_key_value_heads=1),
 }
 TINY_FEATURE_LAYER = 0
 

@@ -1,0 +1,619 @@
+"""Training: the standard LLaVA recipe and CompoDistill's three stages in ONE visible loop.
+
+Stages (METHOD.md section 5; `--stage`):
+  llava  the standard recipe without a teacher: adapter pre-training (`--trainable adapter`), then
+         fine-tuning (`--trainable adapter+lora` or `adapter+llm`). On the teacher preset it trains the
+         teacher; on the student preset it is the paper's SFT baseline.
+  1      DPT, distilled pre-training: L_LM + L_KL; trains the TAF linear only (taf.py).
+  2      DFT, distilled fine-tuning: L_LM + L_KL + L_ADL (vat.py); trains the TAF linear + LoRA (or the LLM).
+  3      SFT: L_LM only; stage 2's LoRA is merged, a fresh LoRA + the TAF linear train; no teacher.
+  all    1 -> 2 -> 3, each reading the previous stage's output directory.
+
+Losses (weights `--w-lm --w-kl --w-vat`, default 1 each):
+  L_LM  next-token cross-entropy on assistant tokens (`logits[:, :-1]` vs `labels[:, 1:]`).
+  L_KL  forward KL(p_teacher || p_student) on the same shifted positions, fp32, temperature T
+        (METHOD.md section 4), computed chunk by chunk from the final hidden states so that neither
+        model's full (B, T, V) logits ever exist (`kd_loss`).
+  L_ADL visual attention alignment, Eq. 3 (vat.py).
+Both token losses are normalised by the supervised-token count of the whole GLOBAL batch (all ranks,
+all micro-batches), so 1 process and N processes with the same global batch take the same step.
+
+Run directory `--out` (one per stage): model.safetensors + config.json + tokenizer (the stage's output,
+LoRA merged), `checkpoint/` (trainable weights, optimizer, scheduler, step, data position, RNG; written
+atomically), `log.jsonl` (one JSON line per logged step, each loss separately), `args.json`.
+
+  python train.py --stage llava --init preset:teacher --data D/instruct.json --image-folder D/images --out runs/t
+  torchrun --nproc_per_node=8 train.py --stage 2 --init runs/x/stage1 --teacher runs/t ...
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import model as M
+
+
+# -----------------------------------------------------------------------------
+# Losses: L_LM and the chunked L_KL (METHOD.md section 4)
+
+def _shifted(hidden: torch.Tensor, labels: torch.Tensor):
+    """Positions t whose next token t+1 is supervised: hidden[:, :-1] predicts labels[:, 1:].
+    Returns (rows (N, D), targets (N,), row index tuple)."""
+    target = labels[:, 1:]
+    keep = target != -100
+    return hidden[:, :-1][keep], target[keep], keep
+
+
+def _chunk_losses(h_s, w_s, targets, h_t, w_t, temperature: float):
+    """Sum over the rows of one chunk: (cross-entropy, KL). fp32 throughout."""
+    logits_s = (h_s.float() @ w_s.float().t())
+    ce = F.cross_entropy(logits_s, targets, reduction="sum")
+    if h_t is None:
+        return ce, ce.new_zeros(())
+    V = logits_s.shape[-1]
+    logits_t = (h_t.float() @ w_t.float().t())[:, :V]  # tokenizers checked equal: cut padded vocab rows
+    logp_s = F.log_softmax(logits_s / temperature, dim=-1)
+    logp_t = F.log_softmax(logits_t / temperature, dim=-1)
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum() * temperature ** 2
+    return ce, kl
+
+
+def lm_and_kd_loss(student_hidden, student_head_weight, labels, num_tokens, teacher_hidden=None,
+                   teacher_head_weight=None, temperature: float = 1.0, chunk_size: int = 512):
+    """L_LM and L_KL (METHOD.md section 4) from the final hidden states, chunk by chunk.
+
+    L_LM = -(1/N) sum_t log p_s(y_{t+1} | y_<=t)
+    L_KL = (T^2/N) sum_t sum_v p_t(v) (log p_t(v) - log p_s(v)),  p = softmax(logits / T)
+    over the supervised shifted positions t (labels[:, 1:] != -100), N = `num_tokens`, the count over
+    the whole global batch. Each chunk's logits are rebuilt from the hidden states inside a
+    checkpoint, so only (chunk, V) logits exist at a time, forward or backward.
+    Returns (lm_loss, kd_loss) as 0-dim tensors (kd is 0 without a teacher)."""
+    h_s, targets, keep = _shifted(student_hidden, labels)
+    h_t = None if teacher_hidden is None else teacher_hidden[:, :-1][keep]
+    lm = student_hidden.new_zeros((), dtype=torch.float32)
+    kd = student_hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h_s.shape[0], chunk_size):
+        hs = h_s[i:i + chunk_size]
+        ht = None if h_t is None else h_t[i:i + chunk_size]
+        if torch.is_grad_enabled() and hs.requires_grad:
+            ce, kl = torch.utils.checkpoint.checkpoint(_chunk_losses, hs, student_head_weight, targets[i:i + chunk_size],
+                                                       ht, teacher_head_weight, temperature, use_reentrant=False)
+        else:
+            ce, kl = _chunk_losses(hs, student_head_weight, targets[i:i + chunk_size], ht, teacher_head_weight, temperature)
+        lm = lm + ce
+        kd = kd + kl
+    return lm / num_tokens, kd / num_tokens
+
+
+def kd_loss(student_hidden, teacher_hidden, student_head_weight, teacher_head_weight, labels, num_tokens,
+            temperature: float = 1.0, chunk_size: int = 512):
+    """L_KL alone (METHOD.md section 4), chunked; see lm_and_kd_loss."""
+    return lm_and_kd_loss(student_hidden, student_head_weight, labels, num_tokens, teacher_hidden,
+                          teacher_head_weight, temperature, chunk_size)[1]
+
+
+def kd_loss_reference(student_logits, teacher_logits, labels, num_tokens, temperature: float = 1.0):
+    """Unchunked L_KL from full logits (the straightforward way; for tests and the benchmark)."""
+    keep = labels[:, 1:] != -100
+    V = student_logits.shape[-1]
+    s = student_logits[:, :-1][keep].float() / temperature
+    t = teacher_logits[:, :-1][keep][:, :V].float() / temperature
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") \
+        * temperature ** 2 / num_tokens
+
+
+# -----------------------------------------------------------------------------
+# Checks before training
+
+def check_tokenizers_agree(student_tok, teacher_tok):
+    """Logit KD compares distributions token by token: the two vocabularies must be the same map.
+    Raises with what differs (vocab entries, special tokens, chat template)."""
+    problems = []
+    vs, vt = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if vs != vt:
+        only_s = sorted(set(vs) - set(vt))[:5]
+        only_t = sorted(set(vt) - set(vs))[:5]
+        moved = sorted(k for k in set(vs) & set(vt) if vs[k] != vt[k])[:5]
+        problems.append(f"vocabularies differ (sizes {len(vs)} vs {len(vt)}; only in student {only_s}, only in "
+                        f"teacher {only_t}, different ids {moved})")
+    for name in ("eos_token", "pad_token", "bos_token", "unk_token"):
+        if getattr(student_tok, name) != getattr(teacher_tok, name):
+            problems.append(f"{name}: student {getattr(student_tok, name)!r} vs teacher {getattr(teacher_tok, name)!r}")
+    if set(student_tok.all_special_tokens) != set(teacher_tok.all_special_tokens):
+        problems.append(f"special tokens differ: {sorted(set(student_tok.all_special_tokens) ^ set(teacher_tok.all_special_tokens))}")
+    if student_tok.chat_template != teacher_tok.chat_template:
+        problems.append("chat templates differ")
+    if problems:
+        raise ValueError("teacher and student tokenizers disagree, so logit KD (L_KL) would compare different "
+                         "tokens:\n  - " + "\n  - ".join(problems))
+
+
+def trainable_state(model: torch.nn.Module) -> dict:
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic directory swap, exact resume
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out_dir: str, model, optimizer, scheduler, step: int, sampler_state: dict, meta: dict):
+    """checkpoint/ = trainable weights (safetensors) + trainer_state.pt (optimizer, scheduler, step, data
+    position, RNG). Written to checkpoint.tmp/, fsynced, then swapped in by renames, so a crash at any
+    moment leaves either the old or the new checkpoint loadable (load_checkpoint falls back to .old)."""
+    from safetensors.torch import save_file
+    final, tmp, old = (os.path.join(out_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "sampler": sampler_state, "meta": meta,
+             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                     "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out_dir: str) -> str | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old exists only if a crash hit the swap
+        p = os.path.join(out_dir, name)
+        if os.path.exists(os.path.join(p, "trainer_state.pt")):
+            return p
+    return None
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict) -> dict:
+    """Restore trainable weights, optimizer, scheduler and RNG; returns the trainer state. Refuses a
+    checkpoint written for another model/stage (names the mismatching fields or keys)."""
+    from safetensors.torch import load_file
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")
+    diff = {k: (state["meta"].get(k), v) for k, v in meta.items() if state["meta"].get(k) != v}
+    if diff:
+        raise ValueError(f"{path} was written by another run: " +
+                         ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    own = dict(model.named_parameters())
+    expected = {k for k, p in own.items() if p.requires_grad}
+    if set(weights) != expected:
+        raise ValueError(f"{path}: trainable keys differ from this model's: missing "
+                         f"{sorted(expected - set(weights))[:6]}, unexpected {sorted(set(weights) - expected)[:6]}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
+            own[k].copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Building the stage's models
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_student(args, tokenizer_path_hint=None):
+    """The model this stage trains, from `--init`: `preset:NAME`, a compodistill model dir, `llava:DIR`
+    (HF LLaVA checkpoint) or `parts:VISION,LLM,TOKENIZER`."""
+    init = args.init
+    if init.startswith("preset:"):
+        import data
+        tok = data.load_tokenizer(args.tokenizer)
+        return M.from_preset(init.split(":", 1)[1], tok, seed=args.model_seed), tok
+    if init.startswith("llava:"):
+        from transformers import AutoTokenizer
+        path = init.split(":", 1)[1]
+        return M.from_llava(path), AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    if init.startswith("parts:"):
+        from transformers import AutoTokenizer
+        vision, llm, tokp = init.split(":", 1)[1].split(",")
+        tok = AutoTokenizer.from_pretrained(tokp, trust_remote_code=args.trust_remote_code)
+        return M.from_parts(vision, llm, tok, trust_remote_code=args.trust_remote_code), tok
+    model, tok, _ = M.load_pretrained(init, trust_remote_code=args.trust_remote_code)
+    return model, tok
+
+
+def add_lora(model: M.MultimodalLM, r: int, alpha: int, dropout: float):
+    """Wrap the LLM with fresh LoRA adapters (peft) on every attention and MLP projection."""
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
+    model.language_model = get_peft_model(model.language_model, cfg)
+    return model
+
+
+def merge_lora(model: M.MultimodalLM):
+    """Fold LoRA into the base weights (stage 2 -> 3, and every stage's saved output)."""
+    if hasattr(model.language_model, "merge_and_unload"):
+        model.language_model = model.language_model.merge_and_unload()
+    return model
+
+
+def set_trainable(model: M.MultimodalLM, args):
+    """Which parameters train. Stage defaults follow METHOD.md section 5; `--trainable` overrides:
+    adapter | adapter+lora | adapter+llm. The vision encoder is always frozen (as in the paper)."""
+    model.requires_grad_(False)
+    what = args.trainable
+    if what is None:
+        what = {"llava": "adapter+lora", "1": "adapter", "2": "adapter+lora", "3": "adapter+lora"}[args.stage]
+        if args.stage == "2" and args.full_llm:
+            what = "adapter+llm"
+    if what not in ("adapter", "adapter+lora", "adapter+llm"):
+        raise ValueError(f"--trainable must be adapter, adapter+lora or adapter+llm, got {what!r}")
+    if what == "adapter+lora":
+        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # peft marks only LoRA weights trainable
+    model.projector.requires_grad_(True)
+    if hasattr(model.projector, "teacher_adapter"):  # TAF: the fetched teacher adapter stays frozen
+        model.projector.teacher_adapter.requires_grad_(False)
+    if what == "adapter+llm":
+        model.language_model.requires_grad_(True)
+    return what
+
+
+def load_teacher(args, device, student_tok, student: M.MultimodalLM):
+    """The teacher: frozen, eval mode, bf16 on CUDA, never wrapped in DDP."""
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    teacher, teacher_tok, _ = M.load_pretrained(args.teacher, device=device, dtype=dtype,
+                                                trust_remote_code=args.trust_remote_code)
+    teacher.eval().requires_grad_(False)
+    check_tokenizers_agree(student_tok, teacher_tok)
+    V = student.language_model.get_output_embeddings().weight.shape[0]
+    Vt = teacher.language_model.get_output_embeddings().weight.shape[0]
+    if Vt < V:
+        raise ValueError(f"the teacher's LM head has {Vt} rows, fewer than the student's {V}")
+    return teacher
+
+
+def apply_taf(student: M.MultimodalLM, teacher: M.MultimodalLM):
+    """TAF (METHOD.md section 2): the student's projector becomes the teacher's frozen adapter + a trainable
+    Linear(d_teacher -> d_student); the student's vision encoder must be the teacher's."""
+    from taf import check_shared_vision_encoder, taf_projector
+    check_shared_vision_encoder(teacher.vision_tower, student.vision_tower)
+    teacher_adapter = teacher.projector
+    if hasattr(teacher_adapter, "teacher_adapter"):
+        raise ValueError("the teacher itself has a TAF projector; use a teacher trained with its own adapter")
+    student.projector = taf_projector(teacher_adapter.float(), teacher.d_llm, student.d_llm)
+    student.extra_config.update(projector="taf", taf_teacher_hidden=teacher.d_llm)
+    return student
+
+
+# -----------------------------------------------------------------------------
+# One stage
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warmup then cosine decay to min_lr (METHOD.md section 5: cosine, warmup 3%)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_stage(args) -> str:
+    import data
+    # --- distributed setup (torchrun sets RANK/WORLD_SIZE; plain python is one process) ---------------
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    master = rank == 0
+    if args.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device if args.device != "cuda" else f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    # --- models ---------------------------------------------------------------------------------------
+    student, tokenizer = build_student(args)
+    teacher = None
+    distill = args.stage in ("1", "2")
+    if distill:
+        if not args.teacher:
+            raise ValueError(f"--stage {args.stage} needs --teacher DIR")
+        teacher = load_teacher(args, device, tokenizer, student)
+        if args.taf and student.extra_config.get("projector") != "taf":
+            apply_taf(student, teacher)
+    trainable_kind = set_trainable(student, args)
+    student.to(device)
+    if args.grad_checkpointing:
+        student.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    w_vat = args.w_vat if args.stage == "2" else 0.0
+    vat_cfg = None
+    if w_vat > 0:
+        import vat
+        n_s = student.language_model.config.num_hidden_layers
+        n_t = teacher.language_model.config.num_hidden_layers
+        s_layers = vat.select_layers(n_s, args.vat_layers)
+        t_layers = vat.select_layers(n_t, args.vat_teacher_layers or args.vat_layers)
+        matching = vat.group_layer_matching(s_layers, t_layers, args.vat_matching)
+        vat_cfg = dict(s_layers=s_layers, t_layers=sorted({t for g in matching for t in g}), matching=matching)
+        if master:
+            print(f"VAT: student layers {s_layers} <- teacher windows {matching}")
+
+    # --- data -----------------------------------------------------------------------------------------
+    samples = data.load_llava_json(args.data)
+    image_processor = M.make_image_processor(student.vision_tower.config)
+    dataset = data.SupervisedDataset(samples, tokenizer, image_processor, args.image_folder,
+                                     student.num_visual_tokens, student.image_token_id, args.max_len,
+                                     drop_overlong=args.drop_overlong)
+    if len(dataset) < args.global_batch:
+        raise ValueError(f"{args.data}: {len(dataset)} usable samples, fewer than --global-batch {args.global_batch}")
+    steps_per_epoch = len(dataset) // args.global_batch
+    total_steps = args.max_steps or int(args.epochs * steps_per_epoch)
+    sampler = data.GlobalBatchSampler(len(dataset), args.global_batch, rank, world, seed=args.seed)
+    per_rank = args.global_batch // world
+    micro = min(args.micro_batch, per_rank)
+    if per_rank % micro:
+        raise ValueError(f"per-rank batch {per_rank} (= --global-batch / world size) is not a multiple of "
+                         f"--micro-batch {micro}")
+
+    # --- optimizer, schedule, resume ------------------------------------------------------------------
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    warmup = max(1, int(args.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, total_steps, warmup, args.lr, args.min_lr) / args.lr)
+    meta = {"stage": args.stage, "init": args.init, "trainable": trainable_kind, "taf": bool(args.taf and distill),
+            "global_batch": args.global_batch, "data": os.path.abspath(args.data), "seed": args.seed,
+            "n_trainable": sum(p.numel() for p in params)}
+    os.makedirs(args.out, exist_ok=True)
+    step = 0
+    if args.resume and find_checkpoint(args.out):
+        state = load_checkpoint(find_checkpoint(args.out), student, optimizer, scheduler, meta)
+        step = state["step"]
+        if master:
+            print(f"resumed from {args.out} at step {step}")
+    elif master:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        open(os.path.join(args.out, "log.jsonl"), "w").close()
+    sampler.load_state_dict({"epoch": step // steps_per_epoch, "step": step % steps_per_epoch})
+    batches = iter(sampler)
+
+    model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp else student
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    s_head = student.language_model.get_output_embeddings()
+    t_head = teacher.language_model.get_output_embeddings() if teacher is not None else None
+    for head in (s_head, t_head):
+        if head is not None and getattr(head, "bias", None) is not None:
+            raise ValueError("LM heads with a bias are not supported by the chunked loss")
+
+    # --- the loop -------------------------------------------------------------------------------------
+    student.train()
+    bad_in_a_row, skipped = 0, 0
+    pbar = tqdm(total=total_steps, initial=step, desc=f"stage {args.stage}", disable=not master or args.quiet,
+                dynamic_ncols=True)
+    log_path = os.path.join(args.out, "log.jsonl")
+    t_last = time.time()
+    tokens_since = 0
+    while step < total_steps:
+        share = next(batches)
+        micro_batches = [data.collate([dataset[i] for i in share[j:j + micro]], tokenizer.pad_token_id)
+                         for j in range(0, len(share), micro)]
+        # global normalisers: supervised tokens and samples with visual tokens, over all ranks
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches),
+                               sum(int((b["input_ids"] == student.image_token_id).any(1).sum()) for b in micro_batches)],
+                              dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(counts)
+        n_tok, n_vis = max(1.0, counts[0].item()), counts[1].item()
+        lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
+        sums = {"lm": 0.0, "kd": 0.0, "vat": 0.0}
+        for k, b in enumerate(micro_batches):
+            b = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in b.items()}
+            sync = contextlib.nullcontext() if (not ddp or k == len(micro_batches) - 1) else model.no_sync()
+            with sync, autocast:
+                t_maps, s_maps = {}, {}
+                if teacher is not None:
+                    with torch.no_grad():
+                        cap = (vat.capture_visual_attention(teacher.language_model, vat_cfg["t_layers"],
+                                                            b["input_ids"] == teacher.image_token_id,
+                                                            b["attention_mask"], rows=vat_rows(args),
+                                                            headwise=args.vat_headwise)
+                               if vat_cfg else contextlib.nullcontext({}))
+                        with cap as t_maps:
+                            t_out = teacher(b["input_ids"], b["attention_mask"], b["pixel_values"], return_hidden=True)
+                cap = (vat.capture_visual_attention(student.language_model, vat_cfg["s_layers"],
+                                                    b["input_ids"] == student.image_token_id, b["attention_mask"],
+                                                    rows=vat_rows(args), headwise=args.vat_headwise)
+                       if vat_cfg else contextlib.nullcontext({}))
+                with cap as s_maps:
+                    out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], return_hidden=True)
+                lm, kd = lm_and_kd_loss(out["hidden"], s_head.weight, b["labels"], n_tok,
+                                        t_out["hidden"] if teacher is not None else None,
+                                        t_head.weight if teacher is not None else None,
+                                        args.kd_temperature, args.kd_chunk)
+                loss = args.w_lm * lm + (args.w_kl * kd if teacher is not None else 0.0)
+                vat_l = torch.zeros((), device=device)
+                if vat_cfg:
+                    local_vis = int(out["visual_mask"].any(1).sum())
+                    if local_vis:
+                        mean_l = vat.vat_loss(s_maps, t_maps, vat_cfg["matching"], vat_cfg["s_layers"],
+                                              out["visual_mask"], b["attention_mask"], variant=args.vat_variant,
+                                              distance=args.vat_distance, headwise=args.vat_headwise)
+                        vat_l = mean_l * local_vis / max(1.0, n_vis)  # a global per-sample mean
+                    loss = loss + w_vat * vat_l
+            (loss * world).backward()  # DDP averages over ranks; the losses are already global sums / N
+            sums["lm"] += lm.item()
+            sums["kd"] += kd.item()
+            sums["vat"] += vat_l.item()
+            tokens_since += int(b["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        stats = torch.tensor([sums["lm"], sums["kd"], sums["vat"], float(grad_norm)], device=device, dtype=torch.float64)
+        if ddp:  # losses: partial sums of global means -> add; grad norm: identical on every rank
+            dist.all_reduce(stats)
+            stats[3] /= world
+        finite = bool(torch.isfinite(stats).all())
+        if finite:
+            optimizer.step()
+            bad_in_a_row = 0
+        else:
+            skipped += 1
+            bad_in_a_row += 1
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        pbar.update(1)
+        if not finite and bad_in_a_row >= args.max_nonfinite:
+            pbar.close()
+            raise FloatingPointError(
+                f"{bad_in_a_row} consecutive non-finite losses/gradients at step {step}; stopping. The last good "
+                f"checkpoint in {args.out}/checkpoint is intact. Try a lower --lr, --grad-clip, or fp32.")
+        if master and (step % args.log_every == 0 or step == total_steps):
+            dt = time.time() - t_last
+            rec = {"step": step, "loss": round(args.w_lm * stats[0].item() + args.w_kl * stats[1].item()
+                                                + w_vat * stats[2].item(), 6),
+                   "lm": stats[0].item(), "kd": stats[1].item(), "vat": stats[2].item(),
+                   "lr": lr, "grad_norm": stats[3].item(), "tokens_per_s": tokens_since * world / max(dt, 1e-9),
+                   "skipped": skipped}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            pbar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.4f}")
+            t_last, tokens_since = time.time(), 0
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            if master:
+                save_checkpoint(args.out, student, optimizer, scheduler, step,
+                                {"epoch": step // steps_per_epoch, "step": step % steps_per_epoch}, meta)
+            if ddp:
+                dist.barrier()
+        if args.stop_after and step >= args.stop_after:  # for tests: simulate a kill after this step
+            pbar.close()
+            return args.out
+    pbar.close()
+
+    # --- the stage's output: the full model, LoRA merged ----------------------------------------------
+    if master:
+        merge_lora(student)
+        student.language_model.config.use_cache = True
+        M.save_pretrained(student, args.out, tokenizer)
+        with open(os.path.join(args.out, "trainer_summary.json"), "w") as f:
+            json.dump({"steps": step, "skipped_nonfinite": skipped, "dropped_overlong": len(getattr(dataset, "dropped", [])),
+                       **meta}, f, indent=2)
+    if ddp:
+        dist.barrier()
+    return args.out
+
+
+def vat_rows(args) -> str:
+    """Query rows the VAT variant needs: all rows (paper) or the visual rows (the authors' code)."""
+    return "all" if args.vat_variant == "paper" else "visual"
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["llava", "1", "2", "3", "all"], default="llava")
+    p.add_argument("--init", help="preset:NAME | model dir (previous stage) | llava:DIR | parts:VISION,LLM,TOKENIZER")
+    p.add_argument("--tokenizer", help="tokenizer dir (for preset:NAME)")
+    p.add_argument("--teacher", help="teacher model dir (stages 1, 2)")
+    p.add_argument("--data", help="LLaVA-format JSON (stage all: --data-pretrain / --data-instruct)")
+    p.add_argument("--data-pretrain", help="stage all: stage-1 data")
+    p.add_argument("--data-instruct", help="stage all: stage-2/3 data")
+    p.add_argument("--image-folder", default=".")
+    p.add_argument("--out", required=False)
+    p.add_argument("--trainable", default=None, help="adapter | adapter+lora | adapter+llm")
+    p.add_argument("--full-llm", action="store_true", help="stage 2: train the whole LLM instead of LoRA")
+    p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument("--lora-alpha", type=int, default=256)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--taf", action=argparse.BooleanOptionalAction, default=True, help="TAF projector (stage 1)")
+    p.add_argument("--w-lm", type=float, default=1.0)
+    p.add_argument("--w-kl", type=float, default=1.0)
+    p.add_argument("--w-vat", type=float, default=1.0, help="L_ADL weight in stage 2 (0 = the KD-only baseline)")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--kd-chunk", type=int, default=512, help="rows of logits materialised at a time in L_LM/L_KL")
+    p.add_argument("--vat-layers", default="middle", help="student layers: middle|early|late|all|authors|0.3-0.7|8,9,10")
+    p.add_argument("--vat-teacher-layers", default=None, help="teacher layers (default: same rule as the student)")
+    p.add_argument("--vat-matching", default="group", choices=["group", "uniform", "one_to_one"])
+    p.add_argument("--vat-distance", default="cosine", choices=["cosine", "mse", "kl"])
+    p.add_argument("--vat-variant", default="paper", choices=["paper", "official"])
+    p.add_argument("--vat-headwise", action="store_true")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--global-batch", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--drop-overlong", action="store_true", help="drop (and count) samples whose image + first "
+                   "answer token do not fit --max-len, instead of stopping with an error")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-seed", type=int, default=0, help="init seed of preset models")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.stage == "all":
+        base = args.out
+        for stage, data_path in (("1", args.data_pretrain or args.data), ("2", args.data_instruct or args.data),
+                                 ("3", args.data_instruct or args.data)):
+            sub = argparse.Namespace(**vars(args))
+            sub.stage, sub.data, sub.out = stage, data_path, os.path.join(base, f"stage{stage}")
+            if stage != "1":
+                sub.init = os.path.join(base, f"stage{int(stage) - 1}")
+            run_stage(sub)
+        return base
+    if not (args.init and args.data and args.out):
+        get_parser().error("--init, --data and --out are required")
+    return run_stage(args)
+
+
+if __name__ == "__main__":
+    main()
