@@ -271,18 +271,60 @@ def load_image(path):
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-def make_image_processor(vision_config):
-    """SigLIP or CLIP image processor (the PIL versions, no torchvision) at vision_config.image_size."""
-    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
-    get = (lambda k: vision_config.get(k)) if isinstance(vision_config, dict) else (lambda k: getattr(vision_config, k, None))
-    size, kind = get("image_size"), str(get("model_type") or "")
-    if not size:
-        raise ValueError(f"vision config has no image_size: {vision_config}")
-    if "siglip" in kind:
-        return SiglipImageProcessorPil(size={"height": size, "width": size})
-    if "clip" in kind:
-        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    raise ValueError(f"unsupported vision model_type {kind!r} (expected siglip or clip)")
+def _check_image(path):
+    """None if `path` is a readable, uncorrupted RGB image, else the reason it is not."""
+    if not os.path.isfile(path):
+        return "file not found"
+    try:
+        with Image.open(path) as im:
+            im.verify()  # structure / checksums
+        with Image.open(path) as im:
+            im.load()  # the pixels decode (catches truncated files)
+            if im.mode != "RGB":
+                return f"mode {im.mode}, not RGB"
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"unreadable: {type(e).__name__}: {e}"
+    return None
+
+
+def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=False, cache_dir=None, progress=True):
+    """Check every sample's image BEFORE training (missing, unreadable, corrupt, not RGB), with a
+    progress bar. The verdict is cached (keyed by each file's path, size and mtime), so a second run
+    over the same files does not decode them again. Returns (kept samples, bad list of
+    (sample id, file, reason)). Bad images are an error naming the sample and file, unless skip_bad.
+    allow_non_rgb accepts other colour modes (they are converted to RGB when loaded)."""
+    import hashlib
+    files = sorted({os.path.join(image_folder, s["image"]) for s in samples if isinstance(s, dict) and s.get("image")})
+    key = hashlib.sha256()
+    for f in files:
+        st = os.stat(f) if os.path.exists(f) else None
+        key.update(f"{os.path.abspath(f)}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+    cache_dir = cache_dir or os.environ.get("COMPODISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "compodistill"))
+    cache = os.path.join(cache_dir, f"images-{key.hexdigest()[:24]}.json")
+    if os.path.exists(cache):
+        with open(cache) as fh:
+            verdict = json.load(fh)
+    else:
+        verdict = {f: _check_image(f) for f in tqdm(files, desc="validating images", disable=not progress)}
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(cache + ".tmp", "w") as fh:
+            json.dump(verdict, fh)
+        os.replace(cache + ".tmp", cache)
+    kept, bad = [], []
+    for s in samples:
+        f = os.path.join(image_folder, s["image"]) if isinstance(s, dict) and s.get("image") else None
+        reason = verdict.get(f) if f else None
+        if reason and allow_non_rgb and reason.startswith("mode "):
+            reason = None
+        if reason:
+            bad.append((s.get("id"), f, reason))
+        else:
+            kept.append(s)
+    if bad and not skip_bad:
+        head = "\n".join(f"  sample {sid}: {f}: {why}" for sid, f, why in bad[:10])
+        raise ValueError(f"{len(bad)} sample(s) have a bad image (pass --skip-bad-images to skip and count them"
+                         f"{'' if allow_non_rgb else ', --allow-non-rgb to convert other colour modes'}):\n{head}")
+    return kept, bad
 
 
 def process_image(processor, pil):

@@ -23,7 +23,6 @@ reads it back without unpickling anything and never runs remote code.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -388,16 +387,15 @@ def load_pretrained(path: str, device="cpu", dtype=None, attn_implementation: st
 
 
 def make_image_processor(vision_config):
-    """The vision encoder's HF image processor, the PIL variant (needs no torchvision), sized from config."""
+    """The vision encoder's HF image processor: SigLIP or CLIP, the PIL variants (they need no torchvision),
+    sized from vision_config.image_size (a config object or its dict)."""
     from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
-    size = vision_config.image_size
-    if vision_config.model_type.startswith("clip"):
+    get = (lambda k: vision_config.get(k)) if isinstance(vision_config, dict) else (lambda k: getattr(vision_config, k, None))
+    size, kind = get("image_size"), str(get("model_type") or "")
+    if not size:
+        raise ValueError(f"vision config has no image_size: {vision_config}")
+    if "siglip" in kind:
+        return SiglipImageProcessorPil(size={"height": size, "width": size})
+    if "clip" in kind:
         return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return SiglipImageProcessorPil(size={"height": size, "width": size})
-
-
-def clone_frozen(model: MultimodalLM) -> MultimodalLM:
-    """A frozen, eval-mode copy (used for references in tests and analysis)."""
-    m = copy.deepcopy(model).eval()
-    m.requires_grad_(False)
-    return m
+    raise ValueError(f"unsupported vision model_type {kind!r} (expected siglip or clip)")

@@ -372,6 +372,12 @@ def run_stage(args) -> str:
 
     # --- data -----------------------------------------------------------------------------------------
     samples = data.load_llava_json(args.data)
+    if ddp and not master:
+        dist.barrier()  # rank 0 validates first and caches the verdict; the others then read the cache
+    samples, bad_images = data.validate_images(samples, args.image_folder, skip_bad=args.skip_bad_images,
+                                               allow_non_rgb=args.allow_non_rgb, progress=master and not args.quiet)
+    if ddp and master:
+        dist.barrier()
     image_processor = M.make_image_processor(student.vision_tower.config)
     dataset = data.SupervisedDataset(samples, tokenizer, image_processor, args.image_folder,
                                      student.num_visual_tokens, student.image_token_id, args.max_len,
@@ -421,11 +427,15 @@ def run_stage(args) -> str:
             raise ValueError("LM heads with a bias are not supported by the chunked loss")
 
     # --- the loop -------------------------------------------------------------------------------------
+    log_path = os.path.join(args.out, "log.jsonl")
+    if master:  # one line per (re)start: what the data checks dropped, where the run starts
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"event": "start", "from_step": step, "samples": len(dataset),
+                                "skipped_bad_images": len(bad_images), "dropped_overlong": len(dataset.dropped)}) + "\n")
     student.train()
     bad_in_a_row, skipped = 0, 0
     pbar = tqdm(total=total_steps, initial=step, desc=f"stage {args.stage}", disable=not master or args.quiet,
                 dynamic_ncols=True)
-    log_path = os.path.join(args.out, "log.jsonl")
     t_last = time.time()
     tokens_since = 0
     while step < total_steps:
@@ -441,45 +451,55 @@ def run_stage(args) -> str:
         n_tok, n_vis = max(1.0, counts[0].item()), counts[1].item()
         lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
         sums = {"lm": 0.0, "kd": 0.0, "vat": 0.0}
-        for k, b in enumerate(micro_batches):
-            b = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in b.items()}
-            sync = contextlib.nullcontext() if (not ddp or k == len(micro_batches) - 1) else model.no_sync()
-            with sync, autocast:
-                t_maps, s_maps = {}, {}
-                if teacher is not None:
-                    with torch.no_grad():
-                        cap = (vat.capture_visual_attention(teacher.language_model, vat_cfg["t_layers"],
-                                                            b["input_ids"] == teacher.image_token_id,
-                                                            b["attention_mask"], rows=vat_rows(args),
-                                                            headwise=args.vat_headwise)
-                               if vat_cfg else contextlib.nullcontext({}))
-                        with cap as t_maps:
-                            t_out = teacher(b["input_ids"], b["attention_mask"], b["pixel_values"], return_hidden=True)
-                cap = (vat.capture_visual_attention(student.language_model, vat_cfg["s_layers"],
-                                                    b["input_ids"] == student.image_token_id, b["attention_mask"],
-                                                    rows=vat_rows(args), headwise=args.vat_headwise)
-                       if vat_cfg else contextlib.nullcontext({}))
-                with cap as s_maps:
-                    out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], return_hidden=True)
-                lm, kd = lm_and_kd_loss(out["hidden"], s_head.weight, b["labels"], n_tok,
-                                        t_out["hidden"] if teacher is not None else None,
-                                        t_head.weight if teacher is not None else None,
-                                        args.kd_temperature, args.kd_chunk)
-                loss = args.w_lm * lm + (args.w_kl * kd if teacher is not None else 0.0)
-                vat_l = torch.zeros((), device=device)
-                if vat_cfg:
-                    local_vis = int(out["visual_mask"].any(1).sum())
-                    if local_vis:
-                        mean_l = vat.vat_loss(s_maps, t_maps, vat_cfg["matching"], vat_cfg["s_layers"],
-                                              out["visual_mask"], b["attention_mask"], variant=args.vat_variant,
-                                              distance=args.vat_distance, headwise=args.vat_headwise)
-                        vat_l = mean_l * local_vis / max(1.0, n_vis)  # a global per-sample mean
-                    loss = loss + w_vat * vat_l
-            (loss * world).backward()  # DDP averages over ranks; the losses are already global sums / N
-            sums["lm"] += lm.item()
-            sums["kd"] += kd.item()
-            sums["vat"] += vat_l.item()
-            tokens_since += int(b["attention_mask"].sum())
+        if step == args.fail_at_step and rank == args.fail_rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os._exit(17)  # test hook: this rank dies (first attempt only) so that torchrun restarts the job
+        try:
+            for k, b in enumerate(micro_batches):
+                b = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in b.items()}
+                sync = contextlib.nullcontext() if (not ddp or k == len(micro_batches) - 1) else model.no_sync()
+                with sync, autocast:
+                    t_maps, s_maps = {}, {}
+                    if teacher is not None:
+                        with torch.no_grad():
+                            cap = (vat.capture_visual_attention(teacher.language_model, vat_cfg["t_layers"],
+                                                                b["input_ids"] == teacher.image_token_id,
+                                                                b["attention_mask"], rows=vat_rows(args),
+                                                                headwise=args.vat_headwise)
+                                   if vat_cfg else contextlib.nullcontext({}))
+                            with cap as t_maps:
+                                t_out = teacher(b["input_ids"], b["attention_mask"], b["pixel_values"], return_hidden=True)
+                    cap = (vat.capture_visual_attention(student.language_model, vat_cfg["s_layers"],
+                                                        b["input_ids"] == student.image_token_id, b["attention_mask"],
+                                                        rows=vat_rows(args), headwise=args.vat_headwise)
+                           if vat_cfg else contextlib.nullcontext({}))
+                    with cap as s_maps:
+                        out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], return_hidden=True)
+                    lm, kd = lm_and_kd_loss(out["hidden"], s_head.weight, b["labels"], n_tok,
+                                            t_out["hidden"] if teacher is not None else None,
+                                            t_head.weight if teacher is not None else None,
+                                            args.kd_temperature, args.kd_chunk)
+                    loss = args.w_lm * lm + (args.w_kl * kd if teacher is not None else 0.0)
+                    vat_l = torch.zeros((), device=device)
+                    if vat_cfg:
+                        local_vis = int(out["visual_mask"].any(1).sum())
+                        if local_vis:
+                            mean_l = vat.vat_loss(s_maps, t_maps, vat_cfg["matching"], vat_cfg["s_layers"],
+                                                  out["visual_mask"], b["attention_mask"], variant=args.vat_variant,
+                                                  distance=args.vat_distance, headwise=args.vat_headwise,
+                                                  rows=vat_rows(args))
+                            vat_l = mean_l * local_vis / max(1.0, n_vis)  # a global per-sample mean
+                        loss = loss + w_vat * vat_l
+                (loss * world).backward()  # DDP averages over ranks; the losses are already global sums / N
+                sums["lm"] += lm.item()
+                sums["kd"] += kd.item()
+                sums["vat"] += vat_l.item()
+                tokens_since += int(b["attention_mask"].sum())
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(out_of_memory_message(args, device)) from e
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+                raise
+            raise RuntimeError(out_of_memory_message(args, device)) from e
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         stats = torch.tensor([sums["lm"], sums["kd"], sums["vat"], float(grad_norm)], device=device, dtype=torch.float64)
         if ddp:  # losses: partial sums of global means -> add; grad norm: identical on every rank
@@ -529,16 +549,252 @@ def run_stage(args) -> str:
         student.language_model.config.use_cache = True
         M.save_pretrained(student, args.out, tokenizer)
         with open(os.path.join(args.out, "trainer_summary.json"), "w") as f:
-            json.dump({"steps": step, "skipped_nonfinite": skipped, "dropped_overlong": len(getattr(dataset, "dropped", [])),
+            json.dump({"steps": step, "skipped_nonfinite": skipped, "dropped_overlong": len(dataset.dropped),
+                       "skipped_bad_images": len(bad_images),
                        **meta}, f, indent=2)
     if ddp:
         dist.barrier()
     return args.out
 
 
+def out_of_memory_message(args, device) -> str:
+    return (f"out of memory on {device} at micro-batch {args.micro_batch} x max_len {args.max_len}. Turn, in this "
+            f"order: --micro-batch (smaller; --global-batch stays, gradient accumulation makes up the rest), "
+            f"--grad-checkpointing (on: {args.grad_checkpointing}), --kd-chunk (smaller: {args.kd_chunk}), "
+            f"--max-len (shorter: {args.max_len}; with --drop-overlong for the few long samples).")
+
+
 def vat_rows(args) -> str:
     """Query rows the VAT variant needs: all rows (paper) or the visual rows (the authors' code)."""
     return "all" if args.vat_variant == "paper" else "visual"
+
+
+# -----------------------------------------------------------------------------
+# The demo: the paper's table in miniature, from nothing, on a CPU (`python train.py --demo`)
+
+DEMO_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_teacher")
+# One budget for every student (same data, steps, seed). Micro-batch = global batch on one CPU.
+DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_steps=300,
+            teacher_recog_steps=800, teacher_mix_steps=2000, max_len=256)
+
+
+def _demo_json(samples, path):
+    with open(path, "w") as f:
+        json.dump(samples, f)
+    return path
+
+
+def demo_data(root: str, seed: int = 0) -> dict:
+    """Synthesise the shapes world once and derive the demo's data files from it:
+    recognition-only (the teacher's curriculum, phase 1) and text-only (the student LM's pre-training:
+    captions and questions without images, so the student starts as a *language* model like the paper's)."""
+    import data
+    d = os.path.join(root, "data")
+    if not os.path.exists(os.path.join(d, "instruct.json")):
+        data.synthesize(d, seed=seed)
+    instruct = data.load_llava_json(os.path.join(d, "instruct.json"))
+    pretrain = data.load_llava_json(os.path.join(d, "pretrain.json"))
+    recog = [x for x in instruct if x["task"] in ("recognition", "text")]
+    text = []
+    for x in pretrain + instruct:
+        conv = [dict(c, value=c["value"].replace("<image>\n", "").replace("<image>", "")) for c in x["conversations"]]
+        text.append({"id": "text_" + x["id"], "task": "text", "conversations": conv})
+    return {"dir": d, "images": d, "tokenizer": os.path.join(d, "tokenizer"),
+            "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
+            "recognition": _demo_json(recog, os.path.join(d, "recognition.json")),
+            "text": _demo_json(text, os.path.join(d, "text_only.json"))}
+
+
+def _common(paths, out, steps, seed, *extra):
+    return ["--data-pretrain", paths["pretrain"], "--data-instruct", paths["instruct"],
+            "--image-folder", paths["images"], "--out", out, "--global-batch", str(DEMO["batch"]),
+            "--micro-batch", str(DEMO["batch"]), "--max-steps", str(steps), "--lr", str(DEMO["lr"]),
+            "--warmup-ratio", "0.05", "--max-len", str(DEMO["max_len"]), "--seed", str(seed), "--log-every", "25",
+            "--quiet", *extra]
+
+
+def demo_teacher(paths, out: str) -> str:
+    """The tiny teacher, by the standard LLaVA recipe with a recognition-first curriculum:
+    recognition questions first, then the full instruction mix (compositional questions included)."""
+    a = os.path.join(out, "recognition")
+    main(["--stage", "llava", "--init", "preset:teacher", "--tokenizer", paths["tokenizer"], "--data",
+          paths["recognition"], "--trainable", "adapter+llm", *_common(paths, a, DEMO["teacher_recog_steps"], 0)])
+    main(["--stage", "llava", "--init", a, "--data", paths["instruct"], "--trainable", "adapter+llm",
+          *_common(paths, out, DEMO["teacher_mix_steps"], 0)])
+    return out
+
+
+def demo_student(kind: str, paths, teacher: str, lm_init: str, out: str, seed: int, extra=()) -> str:
+    """One student. `sft`: the LLaVA recipe without a teacher (adapter pre-training on captions, then
+    fine-tuning); `kd` / `compodistill`: stages 1 -> 2 -> 3, L_ADL weight 0 for kd. Same data, steps, seed."""
+    if kind == "sft":
+        a = os.path.join(out, "adapter")
+        main(["--stage", "llava", "--init", lm_init, "--data", paths["pretrain"], "--trainable", "adapter",
+              *_common(paths, a, DEMO["s1_steps"], seed)])
+        main(["--stage", "llava", "--init", a, "--data", paths["instruct"], "--trainable", "adapter+llm",
+              *_common(paths, out, DEMO["s2_steps"] + DEMO["s3_steps"], seed)])
+        return out
+    w_vat = ["--w-vat", "0"] if kind == "kd" else []
+    s1, s2, s3 = (os.path.join(out, f"stage{k}") for k in (1, 2, 3))
+    main(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", paths["pretrain"],
+          *_common(paths, s1, DEMO["s1_steps"], seed), *extra])
+    main(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", paths["instruct"], "--full-llm",
+          *w_vat, *_common(paths, s2, DEMO["s2_steps"], seed), *extra])
+    main(["--stage", "3", "--init", s2, "--data", paths["instruct"], "--trainable", "adapter+llm",
+          *_common(paths, s3, DEMO["s3_steps"], seed), *extra])
+    return s3
+
+
+def demo_student_lm(paths, teacher: str, out: str) -> str:
+    """The student's "pretrained LLM": the student preset trained on text only (no image), sharing the
+    teacher's vision encoder (TAF needs the same one). Shared by every student."""
+    import data
+    tok = data.load_tokenizer(os.path.join(teacher))
+    student = M.from_preset("student", tok)
+    te, _, _ = M.load_pretrained(teacher)
+    student.vision_tower.load_state_dict(te.vision_tower.state_dict())
+    init = os.path.join(out, "init")
+    M.save_pretrained(student, init, tok)
+    main(["--stage", "llava", "--init", init, "--data", paths["text"], "--trainable", "adapter+llm",
+          *_common(paths, out, DEMO["text_steps"], 0)])
+    return out
+
+
+def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
+    """CR (SugarCrepe layout, 7 subsets, both orders) and VQA accuracy (VQAv2 layout) of one model."""
+    import data
+    import evaluate as E
+    gen, _ = E.make_model_fns(model_dir, batch_size=64, max_new_tokens=8)
+    cr, _ = E.eval_sugarcrepe(gen, E.read_sugarcrepe(os.path.join(bench_dir, "sugarcrepe")))
+    vqa, _ = E.eval_vqav2(gen, E.read_vqav2(os.path.join(bench_dir, "vqav2"), data.VQAV2_IMAGE_PATTERN.replace(
+        "{image_id:012d}", "%012d")))
+    return {"cr": cr["average"], "cr_subsets": {k: v["average"] for k, v in cr["subsets"].items()},
+            "vqa": vqa["accuracy"]}
+
+
+def bar_chart(rows: list[tuple[str, float, float]], path: str, title: str):
+    """A grouped bar chart (CR and VQA accuracy per model) with Pillow only."""
+    from PIL import Image, ImageDraw
+    W, H, left, bottom, top = 760, 420, 60, 60, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 10), title, fill="black")
+    plot_h = H - top - bottom
+    for v in range(0, 101, 20):  # y axis in percent
+        y = H - bottom - plot_h * v / 100
+        d.line([(left, y), (W - 20, y)], fill=(225, 225, 225))
+        d.text((10, y - 6), f"{v}%", fill="black")
+    slot = (W - left - 20) / max(1, len(rows))
+    colours = {"CR": (70, 110, 200), "VQA": (230, 140, 50)}
+    for i, (name, cr, vqa) in enumerate(rows):
+        x0 = left + i * slot + slot * 0.15
+        for j, (metric, v) in enumerate((("CR", cr), ("VQA", vqa))):
+            bx = x0 + j * slot * 0.35
+            d.rectangle([bx, H - bottom - plot_h * v / 100, bx + slot * 0.3, H - bottom], fill=colours[metric])
+            d.text((bx, H - bottom - plot_h * v / 100 - 14), f"{v:.1f}", fill="black")
+        d.text((x0, H - bottom + 8), name, fill="black")
+    for j, (metric, c) in enumerate(colours.items()):
+        d.rectangle([W - 160 + j * 70, 12, W - 150 + j * 70, 22], fill=c)
+        d.text((W - 146 + j * 70, 10), metric, fill="black")
+    img.save(path)
+
+
+def demo(args):
+    """`python train.py --demo [--full]`: the whole pipeline on the synthetic shapes world, then the table.
+    Prints a markdown table, writes results.json, a bar chart and attention heat maps under --out
+    (default runs/demo); the last line is the RESULT line."""
+    import data
+    import evaluate as E
+    root = args.out or os.path.join("runs", "demo")
+    os.makedirs(root, exist_ok=True)
+    timings = {}
+    t0 = time.time()
+    phases = tqdm(total=3, desc="demo: data, teacher, student LM", dynamic_ncols=True)
+    paths = demo_data(root, seed=0)
+    phases.update(1)
+    teacher = args.teacher or (DEMO_TEACHER if os.path.exists(os.path.join(DEMO_TEACHER, "config.json"))
+                               and not args.demo_train_teacher else None)
+    if teacher is None:
+        t = time.time()
+        teacher = demo_teacher(paths, os.path.join(root, "teacher"))
+        timings["teacher"] = time.time() - t
+    check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(teacher))
+    phases.update(1)
+    lm_init = demo_student_lm(paths, teacher, os.path.join(root, "student_lm"))
+    phases.update(1)
+    phases.close()
+
+    seeds = [0, 1, 2] if args.full else [args.seed]
+    # kd = LLaVA-KD-style logit distillation (no VAT, no TAF); compodistill = VAT + TAF
+    variants = [("sft", "sft", ()), ("kd", "kd", ("--no-taf",)), ("compodistill", "compodistill", ())]
+    if args.full:  # the paper's ablations (METHOD.md section 7)
+        variants += [("vat_no_taf", "compodistill", ("--no-taf",)), ("taf_no_vat", "kd", ()),
+                     ("layers_early", "compodistill", ("--vat-layers", "early")),
+                     ("layers_late", "compodistill", ("--vat-layers", "late")),
+                     ("layers_all", "compodistill", ("--vat-layers", "all")),
+                     ("loss_mse", "compodistill", ("--vat-distance", "mse")),
+                     ("loss_kl", "compodistill", ("--vat-distance", "kl")),
+                     ("matching_uniform", "compodistill", ("--vat-matching", "uniform")),
+                     ("variant_official", "compodistill", ("--vat-variant", "official")),
+                     ("headwise", "compodistill", ("--vat-headwise",))]
+    bench = paths["dir"]
+    results = {"teacher": {**demo_evaluate(teacher, bench), "seconds": timings.get("teacher", 0.0)}}
+    runs = tqdm([(name, kind, extra, seed) for seed in seeds for name, kind, extra in variants],
+                desc="demo: students", dynamic_ncols=True)
+    for name, kind, extra, seed in runs:
+        runs.set_postfix(run=f"{name}/seed{seed}")
+        t = time.time()
+        out = demo_student(kind, paths, teacher, lm_init, os.path.join(root, f"{name}_seed{seed}"), seed, extra)
+        seconds = time.time() - t
+        r = demo_evaluate(out, bench)
+        tok = data.load_tokenizer(out)
+        reqs = [E.choice_request(it["image"], it["pos"], it["neg"]) for items in
+                E.read_sugarcrepe(os.path.join(bench, "sugarcrepe"), limit=20).values() for it in items]
+        att = E.attention_distance(teacher, out, reqs) if kind != "sft" else {"mean_distance": float("nan")}
+        results.setdefault(name, []).append({**r, "attn_dist": att["mean_distance"], "seconds": seconds,
+                                             "seed": seed, "dir": out})
+    total = time.time() - t0
+
+    # --- the table ---------------------------------------------------------------------------------
+    def agg(name, key):
+        vals = [r[key] for r in results[name]] if isinstance(results[name], list) else [results[name][key]]
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        return mean, std
+
+    subsets = list(results["teacher"]["cr_subsets"])
+    fmt = (lambda m, s: f"{m:.1f} ± {s:.1f}") if args.full else (lambda m, s: f"{m:.1f}")
+    lines = ["| model | " + " | ".join(subsets) + " | CR avg | VQA | attn dist (1-cos) | time (s) |",
+             "|---" * (len(subsets) + 5) + "|"]
+    summary = {}
+    for name in [n for n, _, _ in variants] + ["teacher"]:
+        rs = results[name] if isinstance(results[name], list) else [results[name]]
+        sub = [sum(r["cr_subsets"][k] for r in rs) / len(rs) for k in subsets]
+        cr, vqa = agg(name, "cr"), agg(name, "vqa")
+        dist = agg(name, "attn_dist") if name != "teacher" else (float("nan"), 0.0)
+        secs = sum(r["seconds"] for r in rs) / len(rs)
+        summary[name] = {"cr": cr, "vqa": vqa, "attn_dist": dist}
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in sub) +
+                     f" | {fmt(*cr)} | {fmt(*vqa)} | {dist[0]:.4f} | {secs:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump({"results": results, "summary": summary, "seeds": seeds, "budget": DEMO,
+                   "total_seconds": total}, f, indent=2)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write(table + "\n")
+    bar_chart([(n, summary[n]["cr"][0], summary[n]["vqa"][0]) for n in ("sft", "kd", "compodistill", "teacher")],
+              os.path.join(root, "results.png"), "shapes world: CR (SugarCrepe layout) and VQA accuracy")
+    E.demo_heatmaps(teacher, {"kd": results["kd"][0]["dir"], "compodistill": results["compodistill"][0]["dir"]},
+                    os.path.join(bench, "sugarcrepe"), os.path.join(root, "heatmaps"), n=4)
+    print(f"total time {total / 60:.1f} min; results in {root}")
+    v = {n: summary[n] for n in summary}
+    print(f"RESULT sft_cr={v['sft']['cr'][0]:.1f} kd_cr={v['kd']['cr'][0]:.1f} "
+          f"compodistill_cr={v['compodistill']['cr'][0]:.1f} teacher_cr={v['teacher']['cr'][0]:.1f} "
+          f"sft_vqa={v['sft']['vqa'][0]:.1f} kd_vqa={v['kd']['vqa'][0]:.1f} "
+          f"compodistill_vqa={v['compodistill']['vqa'][0]:.1f} kd_attn_dist={v['kd']['attn_dist'][0]:.4f} "
+          f"compodistill_attn_dist={v['compodistill']['attn_dist'][0]:.4f}")
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -584,6 +840,9 @@ def get_parser():
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--drop-overlong", action="store_true", help="drop (and count) samples whose image + first "
                    "answer token do not fit --max-len, instead of stopping with an error")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) samples whose image is "
+                   "missing, corrupt or not RGB, instead of stopping before training")
+    p.add_argument("--allow-non-rgb", action="store_true", help="accept non-RGB images (converted to RGB)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-seed", type=int, default=0, help="init seed of preset models")
@@ -593,13 +852,21 @@ def get_parser():
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # test hook (rank death)
+    p.add_argument("--fail-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--demo", action="store_true", help="the main job: the paper's table in miniature (see README)")
+    p.add_argument("--full", action="store_true", help="with --demo: 3 seeds and the paper's ablations")
+    p.add_argument("--demo-train-teacher", action="store_true", help="with --demo: train the teacher instead of "
+                   "loading the shipped assets/demo_teacher")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    if args.demo:
+        return demo(args)
     if args.stage == "all":
         base = args.out
         for stage, data_path in (("1", args.data_pretrain or args.data), ("2", args.data_instruct or args.data),

@@ -15,6 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import model as M  # noqa: E402
 
 SIZES = dict(n_pretrain=150, n_instruct=400, n_sugarcrepe=12, n_vqa=30, n_val_sugarcrepe=6, n_val_vqa=12)
 NV = 16  # visual tokens per image in the tiny setup (64 px / patch 16)
@@ -230,7 +231,7 @@ def sample(sid, question="What color is the circle?", answer="red", image=True):
 def test_dataset_truncation_and_drop(world, tok):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
     img = data.image_token_id(tok)
-    proc = data.make_image_processor(SiglipVisionConfig(image_size=64, patch_size=16))
+    proc = M.make_image_processor(SiglipVisionConfig(image_size=64, patch_size=16))
     long_answer = " ".join(["red"] * 50)
     s_ok, s_long = sample("ok"), sample("long", answer=long_answer)
     full = len(data.render_conversation(tok, data.llava_to_messages(s_long), NV, img)[0])
@@ -250,7 +251,7 @@ def test_dataset_truncation_and_drop(world, tok):
     t_len = len(data.render_conversation(tok, data.llava_to_messages(s_text), NV, img)[0])
     ds = data.SupervisedDataset([s_ok, s_text], tok, proc, world, NV, img, max_len=t_len, drop_overlong=True)
     assert ds.dropped == ["ok"] and len(ds) == 1 and ds[0]["pixel_values"] is None
-    clip = data.make_image_processor(CLIPVisionConfig(image_size=64, patch_size=16))
+    clip = M.make_image_processor(CLIPVisionConfig(image_size=64, patch_size=16))
     assert data.process_image(clip, data.load_image(os.path.join(world, s_ok["image"]))).shape == (3, 64, 64)
 
 

@@ -1,0 +1,111 @@
+"""
+TAF: Teacher Adapter Fetch (CompoDistill, arXiv 2510.12184, METHOD.md section 2).
+
+    x_v = P_s( P_t( z ) )
+
+z   = features of the (frozen) vision encoder, which teacher and student SHARE,
+P_t = the teacher's trained adapter (Linear, GELU, Linear), copied and FROZEN,
+P_s = a trainable nn.Linear(d_teacher -> d_student) with PyTorch's default init
+      (this is what the authors use).
+
+Why: the student's visual tokens then live in the teacher's feature space (up to one
+linear map), which is what makes aligning the two models' attention maps (VAT, vat.py)
+a solvable problem.
+
+This file is self-contained (torch only) so it can be copied into another code base.
+
+    projector = taf_projector(teacher.projector, d_teacher=2560, d_student=2048)
+    check_shared_vision_encoder(teacher.vision_tower, student.vision_tower)
+"""
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+class TAFProjector(nn.Sequential):
+    """P_s(P_t(z)) as an nn.Sequential with two named parts:
+
+        .teacher_adapter   frozen deepcopy of the teacher's adapter (always in eval mode)
+        .linear            trainable nn.Linear(d_teacher, d_student)
+
+    so that state dict keys read "teacher_adapter.0.weight", "linear.weight", ...
+    """
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher_adapter.eval()  # frozen part: dropout etc. stay off, even during training
+        return self
+
+
+def taf_projector(teacher_adapter: nn.Module, d_teacher: int, d_student: int) -> TAFProjector:
+    """Build the student's projector for TAF, x_v = P_s(P_t(z)) (METHOD.md section 2).
+
+    teacher_adapter: the teacher's trained adapter, mapping vision features (.., d_vision)
+        to the teacher's hidden size (.., d_teacher). It is deep-copied (the teacher is not
+        touched), frozen (requires_grad=False) and kept in eval mode.
+    Returns a module mapping (.., d_vision) -> (.., d_student); only `.linear` is trainable.
+    """
+    adapter = copy.deepcopy(teacher_adapter)
+    adapter.requires_grad_(False)
+    adapter.eval()
+    # Check the stated width against the adapter's real output width when we can see it.
+    last_linear = [m for m in adapter.modules() if isinstance(m, nn.Linear)]
+    if last_linear and last_linear[-1].out_features != d_teacher:
+        raise ValueError(
+            f"taf_projector: the teacher adapter's last Linear outputs {last_linear[-1].out_features} "
+            f"features but d_teacher={d_teacher} was given"
+        )
+    return TAFProjector(OrderedDict(teacher_adapter=adapter, linear=nn.Linear(d_teacher, d_student)))
+
+
+def _flat_config(module: nn.Module) -> dict | None:
+    """The module's HF config as a flat dict (None when the module has no config)."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    # Bookkeeping fields that say nothing about the network itself.
+    for key in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
+                "_attn_implementation_autoset", "_commit_hash", "_attn_implementation",
+                "_experts_implementation"):
+        d.pop(key, None)
+    return d
+
+
+@torch.no_grad()
+def check_shared_vision_encoder(teacher_vision: nn.Module, student_vision: nn.Module) -> None:
+    """TAF requires teacher and student to use the SAME vision encoder (METHOD.md sections 1-2):
+    P_t was trained on that encoder's features. Raises ValueError naming what differs:
+    the config fields, the parameter/buffer names, or the first parameter whose values differ.
+    Values are compared exactly (after casting both to float32, so a bf16 copy of the same
+    fp32 weights counts as different, but the same weights stored as fp32 vs fp32 do not).
+    """
+    cfg_t, cfg_s = _flat_config(teacher_vision), _flat_config(student_vision)
+    if (cfg_t is None) != (cfg_s is None):
+        raise ValueError("check_shared_vision_encoder: only one of the two vision encoders has a config")
+    if cfg_t is not None:
+        differing = sorted(k for k in cfg_t.keys() | cfg_s.keys() if cfg_t.get(k, "<missing>") != cfg_s.get(k, "<missing>"))
+        if differing:
+            details = ", ".join(f"{k}: teacher={cfg_t.get(k, '<missing>')!r} student={cfg_s.get(k, '<missing>')!r}"
+                                for k in differing)
+            raise ValueError(f"check_shared_vision_encoder: vision encoder configs differ in {differing} ({details}); "
+                             "TAF needs the teacher's vision encoder for the student")
+
+    sd_t, sd_s = teacher_vision.state_dict(), student_vision.state_dict()
+    if sd_t.keys() != sd_s.keys():
+        only_t, only_s = sorted(sd_t.keys() - sd_s.keys()), sorted(sd_s.keys() - sd_t.keys())
+        raise ValueError(f"check_shared_vision_encoder: parameter names differ; only in teacher: {only_t[:5]}"
+                         f"{' ...' if len(only_t) > 5 else ''}, only in student: {only_s[:5]}"
+                         f"{' ...' if len(only_s) > 5 else ''}")
+    for name in sd_t:
+        a, b = sd_t[name], sd_s[name]
+        if a.shape != b.shape:
+            raise ValueError(f"check_shared_vision_encoder: parameter {name!r} has shape {tuple(a.shape)} in the "
+                             f"teacher and {tuple(b.shape)} in the student")
+        if not torch.equal(a.detach().float().cpu(), b.detach().float().cpu()):
+            diff = (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
+            raise ValueError(f"check_shared_vision_encoder: parameter {name!r} differs between teacher and "
+                             f"student (max abs difference {diff:.3g}); TAF needs the same vision encoder weights")

@@ -1,0 +1,201 @@
+"""evaluate.py section 7 (attention analysis): the per-layer cosine against an independent recomputation from
+HF eager attention (output_attentions=True), the self-comparison identity, the right / wrong split on
+hand-worked numbers, the CLI's files, and the heat-map grid. Tiny real models, a tiny synthetic benchmark."""
+import copy
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import evaluate as ev  # noqa: E402
+import model as M  # noqa: E402
+
+PATTERN = data.VQAV2_IMAGE_PATTERN.replace("{image_id:012d}", "%012d")  # evaluate.py's %-style pattern
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    data.synthesize(str(root), seed=0, n_pretrain=32, n_instruct=32, n_images=32, n_sugarcrepe=3, n_vqa=4,
+                    n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
+    return str(root)
+
+
+def sharpen(mllm, factor=8.0):
+    """Scale the random q/k projections: at the default init (std 0.02) every attention row is close to
+    uniform and any two maps have cosine ~1, so a comparison would prove little."""
+    with torch.no_grad():
+        for layer in mllm.language_model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
+    return mllm.eval()
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    teacher = sharpen(M.from_preset("teacher", tokenizer, seed=0))
+    student = sharpen(M.from_preset("student", tokenizer, seed=0))
+    return teacher, student, M.make_image_processor(student.vision_tower.config)
+
+
+@pytest.fixture(scope="module")
+def requests_(world):
+    """3 SugarCrepe items (true caption as (A)) and 2 VQAv2 questions: several prompt lengths, so a batch of
+    2 has padded rows and the last batch is short."""
+    sc = ev.read_sugarcrepe(os.path.join(world, "sugarcrepe"), limit=1)
+    vqa = ev.read_vqav2(os.path.join(world, "vqav2"), PATTERN, limit=2)
+    items = ev.attention_items({"sugarcrepe": {k: sc[k] for k in list(sc)[:3]}, "vqav2": vqa})
+    return [it["request"] for it in items]
+
+
+EAGER = {}  # id(model) -> an eager copy of its LM
+
+
+def eager_maps(mllm, tok, proc, request):
+    """The reference A~_l of every layer for ONE request, unpadded: an eager copy of the LM with
+    output_attentions=True; head mean, every query row, visual key columns, float64. -> (list of (T, N), T)."""
+    ids = data.render_prompt(tok, [{"role": "user", "content": request["prompt"]}], mllm.num_visual_tokens,
+                             mllm.image_token_id)
+    ids = torch.tensor([ids])
+    pixels = proc(images=[ev.open_image(request["image"])], return_tensors="pt")["pixel_values"]
+    if id(mllm) not in EAGER:
+        EAGER[id(mllm)] = copy.deepcopy(mllm.language_model)
+        EAGER[id(mllm)].set_attn_implementation("eager")
+    lm = EAGER[id(mllm)]
+    with torch.no_grad():
+        embeds, vmask = mllm.embed(ids, pixels)
+        out = lm(inputs_embeds=embeds, output_attentions=True, return_dict=True)
+    vis = vmask[0].nonzero()[:, 0]
+    return [a[0].double().mean(0)[:, vis] for a in out.attentions], ids.shape[1]
+
+
+def cosine(a, b):
+    a, b = a.flatten(), b.flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_cosine_matches_eager_reference(models, tokenizer, requests_):
+    teacher, student, proc = models
+    # "all" layers: student 0..3 vs teacher 0..5, so every group window holds n = 6 - 4 + 1 = 3 teacher layers
+    res = ev.attention_distance(teacher, student, tokenizer, proc, requests_, layers_spec="all", batch_size=2,
+                                answer_rows=len(requests_))
+    assert res["student_layers"] == [0, 1, 2, 3]
+    assert res["windows"] == [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5]]
+    ref = np.zeros((len(requests_), 4))
+    for i, r in enumerate(requests_):
+        t_maps, T = eager_maps(teacher, tokenizer, proc, r)
+        s_maps, T_s = eager_maps(student, tokenizer, proc, r)
+        assert T == T_s
+        for j, window in enumerate(res["windows"]):
+            target = torch.stack([t_maps[t] for t in window]).mean(0)
+            ref[i, j] = cosine(s_maps[j], target)
+        # heat-map row: the last prompt token's attention, mean over the student layers / teacher window layers
+        np.testing.assert_allclose(res["answer_rows"]["student"][i],
+                                   torch.stack([m[-1] for m in s_maps]).mean(0).numpy(), atol=1e-6)
+        np.testing.assert_allclose(res["answer_rows"]["teacher"][i],
+                                   torch.stack([m[-1] for m in t_maps]).mean(0).numpy(), atol=1e-6)
+        assert res["answer_rows"]["student"][i].shape == (student.num_visual_tokens,)
+    np.testing.assert_allclose(np.array(res["per_item"]), ref, atol=1e-5)
+    assert ref.min() < 0.9 and ref.std() > 1e-2  # the random pair is not trivially aligned: the comparison means something
+    means = ref.mean(0)
+    assert [p["cosine"] for p in res["per_layer"]] == pytest.approx(means.tolist(), abs=1e-5)
+    assert res["attn_dist"] == pytest.approx(1 - means.mean(), abs=1e-5)
+
+
+def test_default_middle_layers(models, tokenizer, requests_):
+    teacher, student, proc = models
+    res = ev.attention_distance(teacher, student, tokenizer, proc, requests_[:2], batch_size=2)
+    # 30%-70% of depth: student 4 layers -> 1, 2; teacher 6 layers -> 2, 3; window n = 1
+    assert res["student_layers"] == [1, 2] and res["teacher_layers"] == [2, 3]
+    assert res["windows"] == [[2], [3]]
+    assert 0.0 < res["attn_dist"] < 1.0
+
+
+def test_student_against_itself_is_aligned(models, tokenizer, requests_):
+    _, student, proc = models
+    res = ev.attention_distance(student, student, tokenizer, proc, requests_, layers_spec="all", batch_size=3)
+    np.testing.assert_allclose(np.array(res["per_item"]), 1.0, atol=1e-6)
+    assert res["attn_dist"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_split_by_correctness_hand_numbers():
+    per_item = [[1.0, 0.5], [0.5, 0.0], [0.8, 0.2]]
+    s = ev.split_by_correctness(per_item, [True, False, True], [7, 8], [[10, 11], [11, 12]])
+    rows = s["per_layer"]
+    assert rows[0]["cos_all"] == pytest.approx(2.3 / 3) and rows[1]["cos_all"] == pytest.approx(0.7 / 3)
+    assert rows[0]["cos_right"] == pytest.approx(0.9) and rows[1]["cos_right"] == pytest.approx(0.35)
+    assert rows[0]["cos_wrong"] == pytest.approx(0.5) and rows[1]["cos_wrong"] == pytest.approx(0.0)
+    assert s["attn_dist"] == pytest.approx(0.5)              # 1 - mean(2.3/3, 0.7/3)
+    assert s["attn_dist_right"] == pytest.approx(1 - 0.625)
+    assert s["attn_dist_wrong"] == pytest.approx(0.75)
+    assert (s["n_right"], s["n_wrong"], s["accuracy"]) == (2, 1, pytest.approx(200 / 3))
+    empty = ev.split_by_correctness(per_item, [True] * 3, [7, 8], [[10, 11], [11, 12]])
+    assert empty["per_layer"][0]["cos_wrong"] != empty["per_layer"][0]["cos_wrong"]  # NaN: no wrong item
+
+
+def test_patch_grid_and_heatmap():
+    grid = ev.patch_grid(np.arange(16.0))
+    assert grid.shape == (4, 4) and grid[1, 0] == 4.0      # row-major patch order
+    with pytest.raises(ValueError, match="square"):
+        ev.patch_grid(np.arange(15.0))
+    img = ev.attention_heatmap(Image.new("RGB", (50, 30), "red"), [("teacher", grid), ("student: s", grid.T)],
+                               "a red circle is to the left of a blue square")
+    P, pad = ev.HEATMAP_PANEL, ev.HEATMAP_PAD
+    assert img.size[0] == 3 * P + 4 * pad and img.size[1] > P + ev.HEATMAP_TITLE_H
+    # the brightest patch of the teacher's map (bottom right) is drawn brightest, the darkest darkest
+    x0, y0 = pad + (P + pad), pad + ev.HEATMAP_TITLE_H
+    lum = np.asarray(img.convert("L"), dtype=float)
+    assert lum[y0 + P - 5, x0 + P - 5] > lum[y0 + 5, x0 + 5]
+
+
+def test_cli_writes_json_plot_and_heatmaps(world, models, tokenizer, tokenizer_dir, tmp_path, monkeypatch):
+    teacher, student, _ = models
+    real, budgets = ev.make_model_fns, []
+
+    def short_generation(model_dir, device, batch_size, max_new_tokens, dtype):  # the real glue, 2 new tokens
+        budgets.append(max_new_tokens)
+        return real(model_dir, device, batch_size, 2, dtype)
+    monkeypatch.setattr(ev, "make_model_fns", short_generation)
+    tok = data.load_tokenizer(tokenizer_dir)
+    M.save_pretrained(teacher, str(tmp_path / "teacher"), tok)
+    M.save_pretrained(student, str(tmp_path / "student"), tok)
+    out = tmp_path / "out"
+    report = ev.main(["attention", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+                      "--student", str(tmp_path / "teacher"), "--teacher-layers", "all",
+                      "--sugarcrepe", os.path.join(world, "sugarcrepe"), "--vqav2", os.path.join(world, "vqav2"),
+                      "--vqav2-image-pattern", PATTERN, "--limit", "1", "--out", str(out), "--heatmaps", "2",
+                      "--batch-size", "4"])
+    with open(out / "attention.json") as f:
+        saved = json.load(f)
+    assert list(saved["students"]) == ["student", "teacher"]
+    for name, n_layers in (("student", 2), ("teacher", 2)):
+        s = saved["students"][name]
+        assert s["n_items"] == 7 + 1 and s["n_right"] + s["n_wrong"] == 8   # 7 subsets x 1 + 1 VQA question
+        assert len(s["per_layer"]) == n_layers and len(s["items"]) == 8
+        cos = np.array([it["cos"] for it in s["items"]])
+        assert [r["cos_all"] for r in s["per_layer"]] == pytest.approx(cos.mean(0).tolist())
+        right = np.array([it["right"] for it in s["items"]])
+        for r, col in zip(s["per_layer"], cos.T):
+            assert (r["cos_right"] is None) == (not right.any())
+            if right.any():
+                assert r["cos_right"] == pytest.approx(col[right].mean())
+        assert s["attn_dist"] == pytest.approx(1 - cos.mean())
+    # student layers 1, 2 (middle of 4) vs all 6 teacher layers: windows of n = 5
+    assert saved["students"]["student"]["per_layer"][0]["teacher_layers"] == [0, 1, 2, 3, 4]
+    assert report["students"]["student"]["attn_dist"] == pytest.approx(saved["students"]["student"]["attn_dist"])
+    with Image.open(out / "attention_similarity.png") as im:
+        assert im.size == (2 * ev.PLOT_W, ev.PLOT_H)
+    for i in range(2):
+        with Image.open(out / f"heatmap_{i}.png") as im:
+            assert im.size[0] == 4 * ev.HEATMAP_PANEL + 5 * ev.HEATMAP_PAD   # image, teacher, two students
+    assert not (out / "heatmap_2.png").exists()
+    assert budgets == [32, 16, 32, 16]   # per student: the cr and vqa protocols' max_new_tokens
+    for it in saved["students"]["student"]["items"]:  # right = the protocol's judgement of the answer
+        if it["benchmark"] == "sugarcrepe":
+            assert it["right"] == (ev.parse_choice(it["answer"]) == "A")

@@ -1,0 +1,143 @@
+"""The distillation stages: L_KL against F.kl_div, chunked == unchunked, stages 1 -> 2 -> 3, DDP stage 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kd_loss_equals_f_kl_div_hand_built():
+    """Two supervised positions, vocabulary 3, identity heads so hidden states are the logits."""
+    s_logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, -1.0], [0.5, 0.5, 0.5]]])
+    t_logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[-100, 2, 0]])  # positions 0 and 1 predict labels 1 and 2
+    eye = torch.eye(3)
+    got = train.kd_loss(s_logits, t_logits, eye, eye, labels, num_tokens=2)
+    # independent reference: F.kl_div(input=log q, target=p) = sum p (log p - log q), batchmean over 2 rows
+    ref = F.kl_div(F.log_softmax(s_logits[0, :2], -1), F.softmax(t_logits[0, :2], -1), reduction="batchmean")
+    assert torch.allclose(got, ref, atol=1e-7)
+    # temperature 2: softmax(z/2), times 2^2
+    got2 = train.kd_loss(s_logits, t_logits, eye, eye, labels, num_tokens=2, temperature=2.0)
+    ref2 = 4 * F.kl_div(F.log_softmax(s_logits[0, :2] / 2, -1), F.softmax(t_logits[0, :2] / 2, -1),
+                        reduction="batchmean")
+    assert torch.allclose(got2, ref2, atol=1e-7)
+
+
+def test_lm_loss_is_shifted_cross_entropy():
+    h = torch.randn(2, 5, 4)
+    w = torch.randn(7, 4)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 5]])
+    lm, kd = train.lm_and_kd_loss(h, w, labels, num_tokens=6)
+    logits = (h @ w.t()).double()
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100,
+                          reduction="sum") / 6
+    assert abs(lm.item() - ref.item()) < 1e-5 and kd.item() == 0.0
+
+
+def test_chunked_equals_unchunked_values_and_grads():
+    torch.manual_seed(0)
+    B, T, D, Dt, V, Vt = 2, 37, 16, 24, 101, 110  # the teacher head has padded rows beyond V
+    hs = torch.randn(B, T, D, requires_grad=True)
+    ht = torch.randn(B, T, Dt)
+    ws = torch.randn(V, D, requires_grad=True)
+    wt = torch.randn(Vt, Dt)
+    labels = torch.randint(0, V, (B, T))
+    labels[:, :5] = -100
+    labels[1, 20:] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    chunked = train.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.5, chunk_size=7)
+    g_chunk = torch.autograd.grad(chunked, (hs, ws))
+    ref = train.kd_loss_reference(hs @ ws.t(), ht @ wt.t(), labels, n, temperature=1.5)
+    g_ref = torch.autograd.grad(ref, (hs, ws))
+    ref64 = train.kd_loss_reference((hs @ ws.t()).double(), (ht @ wt.t()).double(), labels, n, temperature=1.5)
+    assert abs(chunked.item() - ref64.item()) <= 1e-6 * abs(ref64.item())  # fp32 rounding only
+    assert abs(chunked.item() - ref.item()) <= 1e-6 * abs(ref64.item())
+    for a, b in zip(g_chunk, g_ref):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_tokenizer_mismatch_is_a_clear_error(tokenizer, tmp_path):
+    other = data.train_tokenizer(["completely different words here"] * 20, str(tmp_path / "other"), vocab_size=300)
+    with pytest.raises(ValueError, match="(?s)tokenizers disagree.*vocabularies differ"):
+        train.check_tokenizers_agree(tokenizer, other)
+    train.check_tokenizers_agree(tokenizer, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    world = str(root / "world")
+    data.synthesize(world, seed=1, n_pretrain=64, n_instruct=128, n_images=64, n_sugarcrepe=4, n_vqa=8,
+                    n_val_sugarcrepe=2, n_val_vqa=4, progress=False)
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    teacher = M.from_preset("teacher", tok)
+    M.save_pretrained(teacher, str(root / "teacher"), tok)
+    return world, str(root / "teacher"), root
+
+
+def _stage_args(world, teacher, out, *extra):
+    return ["--init", "preset:student", "--tokenizer", os.path.join(world, "tokenizer"), "--teacher", teacher,
+            "--data-pretrain", os.path.join(world, "pretrain.json"), "--data-instruct", os.path.join(world, "instruct.json"),
+            "--data", os.path.join(world, "instruct.json"), "--image-folder", world, "--out", out,
+            "--global-batch", "8", "--micro-batch", "4", "--max-len", "256", "--lora-r", "4", "--lora-alpha", "8",
+            "--lr", "1e-3", "--quiet", *extra]
+
+
+def _log(path):
+    with open(os.path.join(path, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "step" in r]
+
+
+def test_stage_all_runs_1_2_3_with_the_right_losses_and_parameters(setup):
+    world, teacher, root = setup
+    out = str(root / "cd")
+    train.main(["--stage", "all", "--max-steps", "3", *_stage_args(world, teacher, out)])
+    s1, s2, s3 = (_log(os.path.join(out, f"stage{k}")) for k in (1, 2, 3))
+    assert all(r["kd"] > 0 and r["vat"] == 0 for r in s1)
+    assert all(r["kd"] > 0 and r["vat"] > 0 for r in s2)
+    assert all(r["kd"] == 0 and r["vat"] == 0 for r in s3)
+    summ = [json.load(open(os.path.join(out, f"stage{k}", "trainer_summary.json"))) for k in (1, 2, 3)]
+    d_t, d_s = M.PRESETS["teacher"]["hidden_size"], M.PRESETS["student"]["hidden_size"]
+    assert summ[0]["n_trainable"] == d_t * d_s + d_s  # stage 1: the TAF linear only
+    assert summ[1]["n_trainable"] > summ[0]["n_trainable"]  # + LoRA
+    # the saved student reads images through the teacher's adapter, unchanged by training
+    st, _, _ = M.load_pretrained(os.path.join(out, "stage3"))
+    te, _, _ = M.load_pretrained(teacher)
+    assert st.extra_config["projector"] == "taf"
+    for a, b in zip(st.projector.teacher_adapter.parameters(), te.projector.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_kd_only_and_no_taf_baselines(setup):
+    world, teacher, root = setup
+    kd = str(root / "kd")
+    train.main(["--stage", "2", "--max-steps", "2", "--w-vat", "0", "--no-taf", *_stage_args(world, teacher, kd)])
+    assert all(r["vat"] == 0 and r["kd"] > 0 for r in _log(kd))
+    st, _, _ = M.load_pretrained(kd)
+    assert st.extra_config.get("projector", "mlp2x_gelu") == "mlp2x_gelu"
+
+
+@pytest.mark.slow
+def test_stage2_two_gloo_processes_match_one(setup):
+    world, teacher, root = setup
+    one, two = str(root / "s2one"), str(root / "s2two")
+    # LoRA dropout off: each rank draws its own dropout masks, which legitimately differ from 1 process
+    train.main(["--stage", "2", "--max-steps", "3", "--lora-dropout", "0", *_stage_args(world, teacher, one)])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+           os.path.join(ROOT, "train.py"), "--stage", "2", "--max-steps", "3", "--device", "cpu", "--lora-dropout", "0",
+           *_stage_args(world, teacher, two)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for a, b in zip(_log(one), _log(two)):
+        for k in ("lm", "kd", "vat"):
+            assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)

@@ -1,0 +1,415 @@
+"""Tests for vat.py (METHOD.md section 3: the visual attention maps and L_ADL, Eq. 3).
+
+References are independent of the implementation: HF eager attention with output_attentions=True
+for the capture, float64 loops for the losses, a hand-worked example for the official sink filter,
+F.kl_div for the KL distance."""
+import copy
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import vat  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# tiny models and a ragged batch
+
+
+def tiny_lm(family="qwen2", layers=3, heads=4, kv_heads=2, seed=0, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    Config, Model = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    cfg = Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                 attn_implementation="sdpa", **extra)
+    torch.manual_seed(seed)
+    return Model(cfg).float().eval()
+
+
+def eager_copy(model):
+    e = copy.deepcopy(model)
+    e.set_attn_implementation("eager")
+    return e
+
+
+T = 48
+
+
+def ragged_batch():
+    """4 samples, T=48: different visual offsets and counts, right padding, one text-only sample."""
+    vm = torch.zeros(4, T, dtype=torch.bool)
+    am = torch.ones(4, T, dtype=torch.long)
+    vm[0, 3:19] = True            # 16 visual tokens at 3, no padding
+    vm[1, 10:26] = True           # 16 visual tokens at 10, right-padded from 40
+    am[1, 40:] = 0
+    am[2, 30:] = 0                # text-only, right-padded
+    vm[3, 20:32] = True           # 12 visual tokens at 20, right-padded from 43
+    am[3, 43:] = 0
+    return vm, am
+
+
+def reference_maps(eager_model, inputs, vm, am, layers, rows="all", headwise=False):
+    """A~_l from HF eager attention: head mean (or heads), visual key columns, chosen rows; built with
+    plain per-sample boolean indexing, zero-padded to the layout of the module docstring."""
+    out = eager_model(**inputs, attention_mask=am, output_attentions=True)
+    n = int(vm.sum(1).max())
+    maps = {}
+    for l in layers:
+        att = out.attentions[l].float()  # (B, H, T, T)
+        if not headwise:
+            att = att.mean(1, keepdim=True)
+        B, H = att.shape[:2]
+        R = T if rows == "all" else n
+        ref = torch.zeros(B, H, R, n)
+        for b in range(B):
+            keys = vm[b].nonzero()[:, 0]
+            qrows = torch.arange(T) if rows == "all" else keys
+            block = att[b][:, qrows][:, :, keys]
+            block = block * am[b].bool()[qrows][None, :, None]
+            ref[b, :, :len(qrows), :len(keys)] = block
+        maps[l] = ref if headwise else ref[:, 0]
+    return maps, out.logits
+
+
+def model_inputs(model, family):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (4, T))
+    if family == "llama":  # feed embeddings, as the multimodal model does
+        return {"inputs_embeds": model.get_input_embeddings()(ids).detach()}
+    return {"input_ids": ids}
+
+
+# -----------------------------------------------------------------------------
+# capture == HF eager attention
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("rows,headwise", [("all", False), ("visual", False), ("all", True)])
+def test_capture_matches_eager(family, rows, headwise):
+    model = tiny_lm(family)
+    eager = eager_copy(model)
+    vm, am = ragged_batch()
+    inputs = model_inputs(model, family)
+    layers = [0, 2]
+    with torch.no_grad():
+        ref, _ = reference_maps(eager, inputs, vm, am, layers, rows, headwise)
+        with vat.capture_visual_attention(model, layers, vm, am, rows=rows, headwise=headwise, query_chunk=20) as maps:
+            model(**inputs, attention_mask=am)
+    assert sorted(maps) == layers
+    for l in layers:
+        assert maps[l].shape == ref[l].shape and maps[l].dtype == torch.float32
+        torch.testing.assert_close(maps[l], ref[l], atol=1e-5, rtol=0)
+    assert maps[0][2].abs().sum() == 0  # text-only sample: nothing
+
+
+def test_capture_without_attention_mask_uses_sdpa_causal_path():
+    model, vm = tiny_lm("qwen2"), torch.zeros(2, T, dtype=torch.bool)
+    vm[0, 5:21] = True
+    vm[1, 0:16] = True
+    ids = torch.randint(0, 97, (2, T))
+    ref = eager_copy(model)(input_ids=ids, output_attentions=True).attentions[1].mean(1)
+    with torch.no_grad(), vat.capture_visual_attention(model, [1], vm) as maps:
+        model(input_ids=ids)  # sdpa gets mask=None (is_causal fast path): the capture builds the causal mask
+    for b in range(2):
+        torch.testing.assert_close(maps[1][b], ref[b][:, vm[b]], atol=1e-5, rtol=0)
+
+
+def test_logits_unchanged_and_config_restored():
+    model = tiny_lm("qwen2")
+    vm, am = ragged_batch()
+    ids = torch.randint(0, 97, (4, T))
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=am).logits
+        with vat.capture_visual_attention(model, [0, 1, 2], vm, am) as maps:
+            assert model.config._attn_implementation.startswith("vat")
+            captured = model(input_ids=ids, attention_mask=am).logits
+    assert torch.equal(plain, captured)
+    assert model.config._attn_implementation == "sdpa"
+    assert all(m.config._attn_implementation == "sdpa" for m in model.modules() if hasattr(m, "config"))
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    assert not [k for k in AttentionInterface._global_mapping if k.startswith("vat")]
+    assert not [k for k in AttentionMaskInterface._global_mapping if k.startswith("vat")]
+    # restored on exceptions too
+    with pytest.raises(KeyError):
+        with vat.capture_visual_attention(model, [1], vm, am):
+            raise KeyError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def _student_teacher_loss(student, teacher, vm, am, ids, s_layers, t_layers, use_capture):
+    matching = vat.group_layer_matching(s_layers, t_layers)
+    if use_capture:
+        with torch.no_grad(), vat.capture_visual_attention(teacher, t_layers, vm, am) as t_maps:
+            teacher(input_ids=ids, attention_mask=am)
+        with vat.capture_visual_attention(student, s_layers, vm, am, query_chunk=16) as s_maps:
+            student(input_ids=ids, attention_mask=am)
+    else:  # the authors' way: eager attention everywhere + output_attentions
+        with torch.no_grad():
+            t_maps, _ = reference_maps(teacher, {"input_ids": ids}, vm, am, t_layers)
+        s_maps, _ = reference_maps(student, {"input_ids": ids}, vm, am, s_layers)
+    return vat_loss_all(s_maps, t_maps, matching, s_layers, vm, am)
+
+
+def vat_loss_all(*args):
+    return vat.vat_loss(*args)
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_gradients_reach_q_k_and_match_eager(grad_ckpt):
+    teacher = tiny_lm("qwen2", layers=4, heads=4, kv_heads=4, seed=1)
+    student = tiny_lm("qwen2", layers=3, heads=4, kv_heads=2, seed=2).train()
+    vm, am = ragged_batch()
+    ids = torch.randint(0, 97, (4, T))
+    if grad_ckpt:
+        student.activation_checkpointing_enable()
+        student.config.use_cache = False
+    loss = _student_teacher_loss(student, teacher, vm, am, ids, [1, 2], [1, 2, 3], use_capture=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    for l in (1, 2):
+        for proj in ("q_proj", "k_proj"):
+            g = grads[f"model.layers.{l}.self_attn.{proj}.weight"]
+            assert g.abs().sum() > 0
+    # the same loss through eager output_attentions gives the same gradients
+    ref_student = eager_copy(student)
+    ref_student.zero_grad()
+    ref = _student_teacher_loss(ref_student, eager_copy(teacher), vm, am, ids, [1, 2], [1, 2, 3], use_capture=False)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=0)
+    for n, p in ref_student.named_parameters():
+        if "self_attn" in n and p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_capture_errors():
+    vm, am = ragged_batch()
+    model = tiny_lm("qwen2")
+    with pytest.raises(ValueError, match="out of range"):
+        with vat.capture_visual_attention(model, [3], vm, am):
+            pass
+    with pytest.raises(ValueError, match="eager"):
+        with vat.capture_visual_attention(eager_copy(model), [1], vm, am):
+            pass
+    with pytest.raises(RuntimeError, match=r"\[1\].*Qwen2ForCausalLM"):
+        with vat.capture_visual_attention(model, [1], vm, am):
+            pass  # no forward
+    # an attention module that does not identify itself is never captured -> loud error
+    del model.model.layers[2].self_attn.layer_idx
+    with pytest.raises(RuntimeError, match=r"\[2\]"):
+        with torch.no_grad(), vat.capture_visual_attention(model, [1, 2], vm, am):
+            model(input_ids=torch.randint(0, 97, (4, T)), attention_mask=am, use_cache=False)
+    sliding = tiny_lm("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with pytest.raises(NotImplementedError, match="sliding"):
+        with vat.capture_visual_attention(sliding, [2], vm, am):
+            pass
+
+
+def test_no_visual_tokens_at_all():
+    model = tiny_lm("qwen2").train()
+    vm = torch.zeros(2, T, dtype=torch.bool)
+    ids = torch.randint(0, 97, (2, T))
+    with torch.no_grad(), vat.capture_visual_attention(model, [1], vm) as t_maps:
+        model(input_ids=ids)
+    with vat.capture_visual_attention(model, [1], vm) as s_maps:
+        model(input_ids=ids)
+    assert s_maps[1].shape == (2, T, 0)
+    loss = vat.vat_loss(s_maps, t_maps, [[1]], [1], vm)
+    assert loss.item() == 0 and loss.requires_grad
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# -----------------------------------------------------------------------------
+# layers and matching
+
+
+def test_layer_selection():
+    assert vat.visual_understanding_layers(24) == list(range(7, 17))
+    assert vat.select_layers(8, "middle") == [2, 3, 4, 5]
+    assert vat.select_layers(10, "early") == [0, 1, 2]
+    assert vat.select_layers(10, "late") == [7, 8, 9]
+    assert vat.select_layers(4, "all") == [0, 1, 2, 3]
+    assert vat.select_layers(10, "0.1-0.4") == [1, 2, 3]
+    assert vat.select_layers(24, "8,9,10") == [8, 9, 10]
+    assert vat.select_layers(24, [10, 8]) == [8, 10]
+    assert vat.select_layers(24, "authors") == list(range(8, 15))
+    assert vat.select_layers(40, "authors") == list(range(13, 24))
+    assert vat.select_layers(28, "authors") == list(range(9, 18))
+    assert vat.select_layers(32, "authors") == list(range(11, 20))
+    with pytest.raises(ValueError, match="30 layers"):
+        vat.select_layers(30, "authors")
+    with pytest.raises(ValueError):
+        vat.select_layers(8, "8,9")
+    with pytest.raises(ValueError):
+        vat.select_layers(8, "middle-ish")
+
+
+def test_group_matching():
+    m = vat.group_layer_matching(list(range(8, 15)), list(range(13, 24)))
+    assert m == [list(range(13 + j, 18 + j)) for j in range(7)]  # 13-17, 14-18, ..., 19-23
+    assert vat.group_layer_matching([0, 1, 2], list(range(9)), "uniform") == [[0], [4], [8]]
+    assert vat.group_layer_matching([5, 6], [7, 9], "one_to_one") == [[7], [9]]
+    with pytest.raises(ValueError):
+        vat.group_layer_matching([5, 6], [7, 8, 9], "one_to_one")
+    with pytest.raises(ValueError):
+        vat.group_layer_matching([1, 2, 3], [4, 5], "group")
+
+
+# -----------------------------------------------------------------------------
+# L_ADL against independent recomputations
+
+
+def random_maps(layers, vm, am, heads=None, seed=0):
+    """Random non-negative maps in the capture layout (zeros at padding slots and padded rows)."""
+    g = torch.Generator().manual_seed(seed)
+    B, n = vm.shape[0], int(vm.sum(1).max())
+    valid = am.bool()[:, :, None] & (torch.arange(n)[None, None, :] < vm.sum(1)[:, None, None])
+    maps = {}
+    for l in layers:
+        shape = (B, T, n) if heads is None else (B, heads, T, n)
+        x = torch.rand(shape, generator=g)
+        maps[l] = x * (valid if heads is None else valid[:, None])
+    return maps
+
+
+def test_paper_cosine_vs_float64_loop():
+    vm, am = ragged_batch()
+    s_layers, t_layers = [4, 5], [6, 7, 8]
+    matching = vat.group_layer_matching(s_layers, t_layers)  # [[6, 7], [7, 8]]
+    s_maps = {l: m.requires_grad_() for l, m in random_maps(s_layers, vm, am, seed=1).items()}
+    t_maps = random_maps(t_layers, vm, am, seed=2)
+    loss = vat.vat_loss(s_maps, t_maps, matching, s_layers, vm, am)
+    cos_all = []
+    for j, s_l in enumerate(s_layers):
+        cos_b = []
+        for b in range(4):
+            nv, nr = int(vm[b].sum()), int(am[b].sum())
+            if nv == 0:
+                continue
+            s = s_maps[s_l][b, :nr, :nv].double().flatten()
+            t = sum(t_maps[t][b, :nr, :nv].double() for t in matching[j]).flatten() / len(matching[j])
+            cos_b.append((s @ t) / (s.norm() * t.norm()))
+        cos_all.append(sum(cos_b) / len(cos_b))
+    expected = 1 - sum(cos_all) / len(cos_all)
+    assert abs(loss.item() - expected.item()) < 1e-6
+    loss.backward()
+    assert s_maps[4].grad is not None and torch.isfinite(s_maps[4].grad).all()
+    assert s_maps[4].grad[2].abs().sum() == 0  # text-only sample: no gradient
+    cos = vat.map_cosine(s_maps, t_maps, matching, s_layers, vm, am)
+    assert cos.shape == (2, 4) and torch.isnan(cos[:, 2]).all()
+    assert abs((1 - cos[:, [0, 1, 3]].mean(1).mean()).item() - expected.item()) < 1e-6
+
+
+def test_text_only_sample_contributes_nothing():
+    vm, am = ragged_batch()
+    s_maps, t_maps = random_maps([0], vm, am, seed=3), random_maps([0], vm, am, seed=4)
+    s_maps[0][2] = torch.rand(T, s_maps[0].shape[-1])  # garbage in the text-only sample must be ignored
+    full = vat.vat_loss(s_maps, t_maps, [[0]], [0], vm, am)
+    keep = [0, 1, 3]
+    sub = vat.vat_loss({0: s_maps[0][keep]}, {0: t_maps[0][keep]}, [[0]], [0], vm[keep], am[keep])
+    assert torch.isfinite(full) and abs(full.item() - sub.item()) < 1e-7
+
+
+def test_official_sink_filter_hand_worked():
+    # one sample, T=5, visual tokens at positions 1..3; the 3x3 visual->visual blocks:
+    S = torch.tensor([[0.9, 0.0, 0.0], [0.3, 0.6, 0.0], [0.2, 0.2, 0.4]])
+    Tt = torch.tensor([[0.8, 0.0, 0.0], [0.5, 0.4, 0.0], [0.1, 0.1, 0.7]])
+    # S: mean 2.6/9 = 0.2889, unbiased std 0.3060 -> keep <= 0.5949: drops 0.9 and 0.6
+    # T: mean 0.2889, unbiased std 0.3180 -> keep <= 0.6069: drops 0.8 and 0.7
+    # both kept = [[F,T,T],[T,F,T],[T,T,F]]; masked mean over the query axis (per key column):
+    vs = [(0.3 + 0.2) / 2, (0.0 + 0.2) / 2, 0.0]   # [0.25, 0.1, 0]
+    vt = [(0.5 + 0.1) / 2, (0.0 + 0.1) / 2, 0.0]   # [0.3, 0.05, 0]
+    cos = sum(a * b for a, b in zip(vs, vt)) / math.sqrt(sum(a * a for a in vs) * sum(b * b for b in vt))
+    expected_one_layer = 1 - cos  # 0.02310
+    vm = torch.tensor([[False, True, True, True, False]])
+    am = torch.ones(1, 5, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+
+    def full_rows(block):  # rows="all" layout (1, 5, 3): other rows hold noise the official variant ignores
+        m = torch.rand(1, 5, 3, generator=g)
+        m[0, 1:4] = block
+        return m
+
+    s0, t0 = full_rows(S), full_rows(Tt)
+    s_maps, t_maps = {0: s0, 1: s0.clone()}, {0: t0, 1: t0.clone()}
+    one = vat.vat_loss({0: s_maps[0]}, {0: t_maps[0]}, [[0]], [0], vm, am, variant="official")
+    assert abs(one.item() - expected_one_layer) < 1e-6 and abs(expected_one_layer - 0.02310) < 1e-4
+    two = vat.vat_loss(s_maps, t_maps, [[0], [1]], [0, 1], vm, am, variant="official")
+    assert abs(two.item() - 2 * expected_one_layer) < 1e-6  # a SUM over layers
+    # the same blocks captured with rows="visual"
+    vis = vat.vat_loss({0: S[None]}, {0: Tt[None]}, [[0]], [0], vm, am, variant="official", rows="visual")
+    assert abs(vis.item() - expected_one_layer) < 1e-6
+    # paper variant averages over layers instead
+    p1 = vat.vat_loss({0: s_maps[0]}, {0: t_maps[0]}, [[0]], [0], vm, am)
+    p2 = vat.vat_loss(s_maps, t_maps, [[0], [1]], [0, 1], vm, am)
+    assert abs(p1.item() - p2.item()) < 1e-7
+
+
+def test_headwise_grouping():
+    vm, am = ragged_batch()
+    s_maps = random_maps([0], vm, am, heads=2, seed=5)
+    t_maps = random_maps([0], vm, am, heads=4, seed=6)
+    loss = vat.vat_loss(s_maps, t_maps, [[0]], [0], vm, am, headwise=True)
+    per_sample = []
+    for b in (0, 1, 3):
+        nv, nr = int(vm[b].sum()), int(am[b].sum())
+        heads = []
+        for h in range(2):  # student head h <-> mean of teacher heads 2h, 2h+1
+            s = s_maps[0][b, h, :nr, :nv].double().flatten()
+            t = t_maps[0][b, 2 * h:2 * h + 2, :nr, :nv].double().mean(0).flatten()
+            heads.append(1 - (s @ t) / (s.norm() * t.norm()))
+        per_sample.append(sum(heads) / 2)
+    assert abs(loss.item() - (sum(per_sample) / 3).item()) < 1e-6
+    with pytest.raises(ValueError, match="multiple"):
+        vat.vat_loss(random_maps([0], vm, am, heads=3), t_maps, [[0]], [0], vm, am, headwise=True)
+    with pytest.raises(ValueError, match="headwise"):
+        vat.vat_loss(s_maps, t_maps, [[0]], [0], vm, am)  # 4D maps without headwise=True
+
+
+def test_mse_and_kl_vs_manual():
+    vm, am = ragged_batch()
+    s_maps, t_maps = random_maps([0, 1], vm, am, seed=7), random_maps([2], vm, am, seed=8)
+    matching = [[2], [2]]
+    mse = vat.vat_loss(s_maps, t_maps, matching, [0, 1], vm, am, distance="mse")
+    kl = vat.vat_loss(s_maps, t_maps, matching, [0, 1], vm, am, distance="kl")
+    exp_mse, exp_kl = [], []
+    for l in (0, 1):
+        m_b, k_b = [], []
+        for b in (0, 1, 3):
+            nv, nr = int(vm[b].sum()), int(am[b].sum())
+            s, t = s_maps[l][b, :nr, :nv].double(), t_maps[2][b, :nr, :nv].double()
+            m_b.append(((s - t) ** 2).mean())
+            ps, pt = s / s.sum(-1, keepdim=True), t / t.sum(-1, keepdim=True)
+            k_b.append(F.kl_div(ps.log(), pt, reduction="sum") / nr)  # KL(teacher || student), mean over rows
+        exp_mse.append(sum(m_b) / 3)
+        exp_kl.append(sum(k_b) / 3)
+    assert abs(mse.item() - (sum(exp_mse) / 2).item()) < 1e-6
+    assert abs(kl.item() - (sum(exp_kl) / 2).item()) < 1e-5
+
+
+def test_teacher_maps_get_no_gradient():
+    vm, am = ragged_batch()
+    s_maps = {l: m.requires_grad_() for l, m in random_maps([0], vm, am, seed=9).items()}
+    t_maps = {l: m.requires_grad_() for l, m in random_maps([0], vm, am, seed=10).items()}
+    vat.vat_loss(s_maps, t_maps, [[0]], [0], vm, am).backward()
+    assert t_maps[0].grad is None and s_maps[0].grad is not None
+
+
+def test_capture_with_custom_4d_float_mask_non_causal():
+    """A 4D additive mask passed by the caller (here: visual tokens see each other both ways) is used as is."""
+    model = tiny_lm("qwen2")
+    vm, _ = ragged_batch()
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None] | (vm[:, :, None] & vm[:, None, :])
+    mask4d = torch.zeros(4, 1, T, T).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    ids = torch.randint(0, 97, (4, T))
+    with torch.no_grad():
+        ref = eager_copy(model)(input_ids=ids, attention_mask=mask4d, output_attentions=True).attentions[1].mean(1)
+        with vat.capture_visual_attention(model, [1], vm, query_chunk=16) as maps:
+            model(input_ids=ids, attention_mask=mask4d)
+    for b in range(4):
+        torch.testing.assert_close(maps[1][b, :, :int(vm[b].sum())], ref[b][:, vm[b]], atol=1e-5, rtol=0)

@@ -1,0 +1,841 @@
+"""
+VAT: Visual Attention Alignment, the loss L_ADL (CompoDistill, arXiv 2510.12184, METHOD.md section 3).
+
+The student is trained so that, in its "visual understanding" layers, the attention its tokens pay
+to the VISUAL tokens looks like the teacher's. This file has two halves and depends only on torch
+and transformers (copy it into your fork as is):
+
+1. Capture (`capture_visual_attention`): the attention maps A~_l of chosen layers, recorded during
+   an ordinary forward of a HF causal LM that keeps running SDPA (or flash attention):
+
+       A_l  = mean_heads softmax(Q K^T * scaling + mask)       over ALL keys (causal, padding)
+       A~_l = A_l[rows, visual keys]                            (no renormalisation over visual keys)
+
+   The maps are computed a chunk of query rows at a time in fp32; with grad enabled each chunk sits
+   in torch.utils.checkpoint, so backward keeps only the (B, chunk, N_vis) result, never the
+   (B, H, T, T) probabilities that `output_attentions=True` (eager attention on every layer, the
+   authors' way) materialises. See `python vat.py --bench`.
+
+2. Loss (`vat_loss`), with the layer choice (`select_layers`) and the group layer matching
+   (`group_layer_matching`). The paper and the authors' code differ; both are here:
+
+   variant="paper" (Eq. 3)                        | variant="official" (authors' code)
+   -----------------------------------------------+------------------------------------------------
+   rows: every valid query row                    | rows: visual query rows only (visual->visual block)
+   keys: visual key columns                       | keys: visual key columns
+   teacher target: mean of the window's maps      | same
+   no filter                                      | "sink filter" per (layer, sample): keep entries
+                                                  |  <= mean + std of the block (unbiased std, over the
+                                                  |  valid N_b x N_b block incl. its causal zeros) in
+                                                  |  BOTH maps; the intersection mask is applied to both
+   compare the flattened (rows x keys) maps       | masked mean over the query axis -> one vector per
+                                                  |  map (attention each visual key receives); compare
+   L = 1 - (1/k) sum_j mean_b cos(Abar_t^j, A~_s) | L = sum_j mean_b (1 - cos)   (k times larger scale)
+   = MEAN over layers of mean_b (1 - cos)         | = SUM over layers
+
+   In both, "mean_b" is over the samples that HAVE visual tokens; text-only samples add nothing
+   (the authors' fixed slice silently covered text there). distance="mse" / "kl" replace 1 - cos for
+   the ablation (METHOD.md section 7), see `_per_sample_distance`.
+
+Map layout (what the capture yields and the loss reads), B = batch, T = sequence length:
+    visual_mask (B, T) bool, True at visual tokens; N = max number of visual tokens in the batch.
+    Sample b's visual positions, in order, are gathered into slots 0..N_b-1; slots >= N_b are padding.
+    rows="all":    map (B, T, N)  [or (B, H, T, N) headwise]: row i = query position i
+    rows="visual": map (B, N, N)  [or (B, H, N, N)]:          row r = the r-th visual position
+    Padding slots, padded query rows (attention_mask == 0) and text-only samples hold zeros.
+
+Typical DFT step (METHOD.md section 5, stage 2):
+
+    s_layers = select_layers(24, "middle"); t_layers = select_layers(40, "middle")
+    matching = group_layer_matching(s_layers, t_layers)
+    with torch.no_grad(), capture_visual_attention(teacher_lm, t_layers, vmask, amask) as t_maps:
+        teacher_lm(inputs_embeds=t_embeds, attention_mask=amask)
+    with capture_visual_attention(student_lm, s_layers, vmask, amask) as s_maps:
+        out = student_lm(inputs_embeds=s_embeds, attention_mask=amask)
+    loss = lm_loss + kd_loss + vat_loss(s_maps, t_maps, matching, s_layers, vmask, amask)
+"""
+
+import contextlib
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+# -----------------------------------------------------------------------------
+# Which layers: the "visual understanding layers" and the group layer matching (METHOD.md section 3)
+
+
+def _fraction_layers(num_layers: int, start: float, end: float) -> list[int]:
+    """Layers l with round(start * L) <= l < round(end * L), rounding half up (not Python's
+    banker's rounding). Examples: L=24 -> 7..16, L=28 -> 8..19, L=40 -> 12..27, L=8 -> 2..5."""
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"layer fraction range must satisfy 0 <= start < end <= 1, got {start}-{end}")
+    lo, hi = math.floor(start * num_layers + 0.5), math.floor(end * num_layers + 0.5)
+    if hi <= lo:
+        raise ValueError(f"the fraction range {start}-{end} of a {num_layers}-layer model holds no layer")
+    return list(range(lo, hi))
+
+
+def visual_understanding_layers(num_layers: int, start: float = 0.3, end: float = 0.7) -> list[int]:
+    """The paper's "visual understanding layers": 30%-70% of depth (METHOD.md section 3), 0-indexed.
+    Rounding: layers l with floor(start*L + 0.5) <= l < floor(end*L + 0.5), e.g. 24 layers -> 7..16."""
+    return _fraction_layers(num_layers, start, end)
+
+
+# The authors' hand-made table (METHOD.md section 3): depth -> (first, last, window), 0-indexed and
+# inclusive. A teacher uses layers first .. last + window - 1, so that the group matching below gives
+# every student layer a window of `window` teacher layers (24-layer student 8..14 <-> 40-layer
+# teacher 13..23: n = 11 - 7 + 1 = 5).
+AUTHORS_LAYERS = {24: (8, 14, 1), 28: (9, 15, 3), 32: (11, 17, 3), 40: (13, 19, 5)}
+
+
+def select_layers(num_layers: int, spec) -> list[int]:
+    """Layer choice for VAT (METHOD.md section 3 and the layer ablation of section 7).
+
+    spec:  "middle" (= 30%-70%, `visual_understanding_layers`), "early" (0%-30%), "late" (70%-100%),
+           "all", a fraction range "0.1-0.4", an explicit list "8,9,10" or an inclusive index range
+           "8-14", a list of ints, or "authors" (the authors' table `AUTHORS_LAYERS`, depths 24, 28, 32, 40).
+    Returns sorted, distinct, 0-indexed layers."""
+    if isinstance(spec, (list, tuple)):
+        layers = [int(x) for x in spec]
+    elif not isinstance(spec, str):
+        raise TypeError(f"layer spec must be a string or a list of ints, got {type(spec).__name__}")
+    elif spec == "middle":
+        layers = _fraction_layers(num_layers, 0.3, 0.7)
+    elif spec == "early":
+        layers = _fraction_layers(num_layers, 0.0, 0.3)
+    elif spec == "late":
+        layers = _fraction_layers(num_layers, 0.7, 1.0)
+    elif spec == "all":
+        layers = list(range(num_layers))
+    elif spec == "authors":
+        if num_layers not in AUTHORS_LAYERS:
+            raise ValueError(f"the authors' layer table has no entry for {num_layers} layers "
+                             f"(it knows {sorted(AUTHORS_LAYERS)}); use 'middle' or an explicit list")
+        first, last, window = AUTHORS_LAYERS[num_layers]
+        layers = list(range(first, last + window))
+    elif "-" in spec and "." in spec:
+        start, end = (float(x) for x in spec.split("-"))
+        layers = _fraction_layers(num_layers, start, end)
+    elif "-" in spec:
+        a, b = (int(x) for x in spec.split("-"))
+        layers = list(range(a, b + 1))
+    else:
+        try:
+            layers = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"unknown layer spec {spec!r}: use middle, early, late, all, authors, "
+                             "a fraction range like 0.3-0.7, or a list like 8,9,10") from None
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad or not layers:
+        raise ValueError(f"layer spec {spec!r} gives layers {bad or layers} outside 0..{num_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layer spec {spec!r} repeats layers: {layers}")
+    return sorted(layers)
+
+
+def group_layer_matching(student_layers, teacher_layers, mode: str = "group") -> list[list[int]]:
+    """Teacher layers matched to each student layer (METHOD.md section 3, and the matching ablation).
+
+    group (the paper's Eq.): k student layers s_1..s_k, m >= k teacher layers t_1..t_m, window
+        n = m - k + 1; student s_j <-> G_j = {t_j, ..., t_{j+n-1}} (sliding window, stride 1), and the
+        target is the mean of the window's maps, Abar_t^j = (1/n) sum_{l in G_j} A~_t^l.
+    uniform: one teacher layer per student layer, spread evenly over the teacher's list:
+        t index = floor(j * (m - 1) / (k - 1) + 0.5) for j = 0..k-1 (first to last; k = 1 -> middle).
+    one_to_one: s_j <-> t_j, requires k == m.
+    Returns a list of k lists of teacher layer indices."""
+    s, t = list(student_layers), list(teacher_layers)
+    k, m = len(s), len(t)
+    if k == 0 or m == 0:
+        raise ValueError("group_layer_matching: empty layer list")
+    if mode == "group":
+        if m < k:
+            raise ValueError(f"group matching needs at least as many teacher layers as student layers (k={k}, m={m})")
+        n = m - k + 1
+        return [t[j:j + n] for j in range(k)]
+    if mode == "uniform":
+        if k == 1:
+            return [[t[(m - 1) // 2]]]
+        return [[t[math.floor(j * (m - 1) / (k - 1) + 0.5)]] for j in range(k)]
+    if mode == "one_to_one":
+        if k != m:
+            raise ValueError(f"one_to_one matching needs as many teacher as student layers (k={k}, m={m})")
+        return [[x] for x in t]
+    raise ValueError(f"unknown matching mode {mode!r}: use group, uniform or one_to_one")
+
+
+# -----------------------------------------------------------------------------
+# Capture: the visual part of the attention maps during an ordinary (SDPA / flash) forward
+
+
+def visual_positions(visual_mask: torch.Tensor):
+    """(B, T) bool visual mask -> (index (B, N) long, valid (B, N) bool), N = max visual count.
+    index[b, :N_b] are sample b's visual positions in order; padding slots hold 0 and valid=False."""
+    if visual_mask.dim() != 2:
+        raise ValueError(f"visual_mask must be (B, T), got shape {tuple(visual_mask.shape)}")
+    vm = visual_mask.bool()
+    counts = vm.sum(1)
+    n = int(counts.max()) if vm.numel() else 0
+    index = torch.sort((~vm).int(), dim=1, stable=True).indices[:, :n]  # True positions first, in order
+    valid = torch.arange(n, device=vm.device)[None, :] < counts[:, None]
+    return index.masked_fill(~valid, 0), valid
+
+
+def _row_plan(visual_mask, attention_mask, rows: str):
+    """Which query rows a map keeps and which are valid: (row_index (B, R), row_valid (B, R))."""
+    B, T = visual_mask.shape
+    key_index, key_valid = visual_positions(visual_mask)
+    not_pad = torch.ones(B, T, dtype=torch.bool, device=visual_mask.device) if attention_mask is None \
+        else attention_mask.to(visual_mask.device).bool()
+    if rows == "all":
+        return torch.arange(T, device=visual_mask.device).expand(B, T), not_pad
+    if rows == "visual":
+        return key_index, key_valid & not_pad.gather(1, key_index)
+    raise ValueError(f"rows must be 'all' or 'visual', got {rows!r}")
+
+
+def _visual_attention_chunk(query, key, mask, key_padding, rows, key_index, scaling: float, headwise: bool,
+                            n_keys: int):
+    """A~ for a chunk of query rows (METHOD.md section 3): softmax(q k^T * scaling + mask) over ALL
+    keys, in fp32, then the visual key columns and the mean over heads (unless headwise).
+
+    query (B, H, T, D), key (B, H_kv, T, D) (GQA: query head h uses key head h // (H / H_kv), as
+    transformers' repeat_kv), rows (B, c) query positions, key_index (B, N) visual key positions.
+    mask: the model's 4D mask (B|1, 1|H, T, T), bool (True = attend) or float (additive); or None:
+    causal, plus key_padding (B, T) bool (True = real token) when given.
+    n_keys: keys >= n_keys are masked for every row of the chunk (causality), so they are skipped:
+    their probability is exactly 0 and they add nothing to the softmax's normaliser.
+    Returns (B, c, N) or, headwise, (B, H, c, N) fp32."""
+    B, H, T, D = query.shape
+    H_kv, c, N = key.shape[1], rows.shape[1], key_index.shape[1]
+    q = query.gather(2, rows[:, None, :, None].expand(B, H, c, D)).float() * scaling  # small: scale q, not scores
+    k = key[:, :, :n_keys].float()
+    # (B, H_kv, g, c, D) @ (B, H_kv, 1, D, n): the key heads are broadcast over their query group, never copied
+    scores = torch.matmul(q.view(B, H_kv, H // H_kv, c, D), k[:, :, None].transpose(-1, -2)).view(B, H, c, n_keys)
+    lowest = torch.finfo(torch.float32).min
+    if mask is None:
+        keep = torch.arange(n_keys, device=rows.device)[None, None, :] <= rows[:, :, None]  # causal
+        if key_padding is not None:
+            keep = keep & key_padding[:, None, :n_keys]
+        bias = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, lowest)[:, None]  # (B, 1, c, n)
+    else:
+        m = mask[..., :n_keys].expand(B, -1, -1, -1)
+        m = m.gather(2, rows[:, None, :, None].expand(B, m.shape[1], c, n_keys))
+        bias = torch.zeros(m.shape, device=m.device).masked_fill_(~m, lowest) if m.dtype == torch.bool \
+            else m.float().clamp_min(lowest)  # no -inf: a fully masked row stays finite (uniform, like eager), not NaN
+    # one in-place pass over the big (B, H, c, n) scores (matmul does not need its output for backward)
+    scores = scores.add_(bias)
+    probs = scores.softmax(dim=-1)
+    inside = key_index < n_keys  # visual keys beyond n_keys: probability 0
+    probs = probs.gather(3, key_index.clamp_max(n_keys - 1)[:, None, None, :].expand(B, H, c, N))
+    probs = torch.where(inside[:, None, None, :], probs, 0.0)
+    return probs if headwise else probs.mean(dim=1)
+
+
+def _allows_future_keys(mask) -> bool:
+    """Whether a 4D model mask lets some query see a later key (not a plain causal decoder mask)."""
+    T_q, T_k = mask.shape[-2:]
+    future = torch.ones(T_q, T_k, dtype=torch.bool, device=mask.device).triu(1)
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return bool((allowed & future).any())
+
+
+def _visual_attention_map(query, key, mask, key_padding, plan, scaling: float, headwise: bool, query_chunk: int):
+    """A~_l for one layer (METHOD.md section 3), chunk by chunk over the query rows.
+    With grad enabled each chunk is checkpointed: backward keeps q and k (which the attention itself
+    saves anyway) and recomputes the chunk's probabilities, instead of storing (B, H, chunk, T).
+    Under a causal mask a chunk only looks at the keys up to its last row."""
+    row_index, row_valid, key_index, key_valid, chunk_ends = plan
+    B, H, R, N = query.shape[0], query.shape[1], row_index.shape[1], key_index.shape[1]
+    T = key.shape[2]
+    shape = (B, H, R, N) if headwise else (B, R, N)
+    if N == 0:  # no visual token in the batch: an empty map, still connected to q and k (DDP-friendly)
+        return query.new_zeros(shape, dtype=torch.float32) + 0.0 * (query.float().sum() + key.float().sum())
+    causal = mask is None or not _allows_future_keys(mask)
+    use_ckpt = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    chunks = []
+    for j, i in enumerate(range(0, R, query_chunk)):
+        n_keys = chunk_ends[j] if causal else T
+        args = (query, key, mask, key_padding, row_index[:, i:i + query_chunk], key_index, scaling, headwise, n_keys)
+        if use_ckpt:
+            chunks.append(torch.utils.checkpoint.checkpoint(_visual_attention_chunk, *args, use_reentrant=False))
+        else:
+            chunks.append(_visual_attention_chunk(*args))
+    a = torch.cat(chunks, dim=-2) if chunks else query.new_zeros(shape, dtype=torch.float32)
+    valid = row_valid[:, :, None] & key_valid[:, None, :]
+    return torch.where(valid[:, None] if headwise else valid, a, 0.0)
+
+
+def _identity(x):
+    return x
+
+
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+_capture_ids = itertools.count()
+
+
+def _decoder_config(language_model):
+    config = language_model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _configs(language_model) -> list:
+    """Every distinct config object the model's modules read `_attn_implementation` from."""
+    from transformers import PretrainedConfig
+
+    found = {id(language_model.config): language_model.config}
+    for module in language_model.modules():
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            found.setdefault(id(cfg), cfg)
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def capture_visual_attention(language_model, layers, visual_mask, attention_mask=None, rows: str = "all",
+                             headwise: bool = False, query_chunk: int = 256):
+    """Record A~_l (METHOD.md section 3) of `layers` during ONE forward of `language_model`.
+
+        with capture_visual_attention(lm, [8, 9, 10], vmask, amask) as maps:
+            lm(inputs_embeds=x, attention_mask=amask)
+        maps[9]  # (B, T, N) fp32 (see the module docstring for the layout)
+
+    language_model: a HF decoder (Qwen2, Llama, ...) loaded with attn_implementation "sdpa" or
+        "flash_attention_*", whose attention modules call
+        ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...) and carry `layer_idx`.
+    visual_mask (B, T) bool; attention_mask (B, T) 0/1 or None (no padding); rows "all" | "visual";
+    headwise keeps the heads: (B, H, R, N); query_chunk: query rows per chunk.
+
+    How: for the duration, every config of the model points `_attn_implementation` at a freshly
+    registered attention function (and the matching mask function, so masks are still built the
+    original way). For the chosen layers it computes the map and then, like every other layer, hands
+    the attention itself to the original implementation: the model's output is unchanged, and
+    `output_attentions` stays off. The original value is restored on exit, also on exceptions.
+    Only the first call of each layer is recorded, so gradient-checkpointing recomputation (which
+    re-runs the layer during backward) neither overwrites nor duplicates the maps.
+    Raises on exit if a chosen layer was never seen (its attention bypasses the interface)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = _decoder_config(language_model)
+    model_name = type(language_model).__name__
+    num_layers = config.num_hidden_layers
+    layers = sorted(set(int(l) for l in layers))
+    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"capture_visual_attention: layers {layers} out of range for {model_name} with {num_layers} layers")
+    layer_types = getattr(config, "layer_types", None)
+    sliding = [l for l in layers if layer_types is not None and layer_types[l] == "sliding_attention"]
+    if sliding or (layer_types is None and getattr(config, "use_sliding_window", False)
+                   and getattr(config, "sliding_window", None)):
+        raise NotImplementedError(f"capture_visual_attention: sliding-window attention on layers {sliding or layers} "
+                                  f"of {model_name} is not supported")
+    original = config._attn_implementation
+    if original not in SUPPORTED_IMPLEMENTATIONS:
+        raise ValueError(f"capture_visual_attention: {model_name} uses attn_implementation={original!r}; load it with "
+                         f"one of {SUPPORTED_IMPLEMENTATIONS} (eager is what this capture replaces)")
+    if attention_mask is not None and attention_mask.shape != visual_mask.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} and visual_mask {tuple(visual_mask.shape)} differ in shape")
+
+    row_index, row_valid = _row_plan(visual_mask, attention_mask, rows)
+    key_index, key_valid = visual_positions(visual_mask)
+    rows_host = row_index.cpu()  # last query position of each chunk (+1), known once, on the host
+    chunk_ends = [int(rows_host[:, i:i + query_chunk].max()) + 1 for i in range(0, rows_host.shape[1], query_chunk)]
+    plan = (row_index, row_valid, key_index, key_valid)
+    key_padding = None if attention_mask is None else attention_mask.bool()
+    original_fn = ALL_ATTENTION_FUNCTIONS[original]
+    wanted, maps = set(layers), {}
+
+    def attention_with_capture(module, query, key, value, attention_mask, **kwargs):
+        layer = getattr(module, "layer_idx", None)
+        if layer in wanted:
+            if kwargs.get("sliding_window") is not None:
+                raise NotImplementedError(f"capture_visual_attention: layer {layer} of {model_name} uses a sliding window")
+            B, T = visual_mask.shape
+            if query.shape[0] != B or query.shape[2] != T or key.shape[2] != T:
+                raise ValueError(f"capture_visual_attention: visual_mask is (B={B}, T={T}) but layer {layer} sees "
+                                 f"query {tuple(query.shape)} and key {tuple(key.shape)} (a cache is not supported)")
+            dev = query.device
+            mask = attention_mask  # the mask the model built for this layer
+            if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                use_mask, padding = mask, None  # bool (True = attend) or float additive
+            elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                use_mask, padding = None, mask.to(dev).bool()  # flash: the 2D padding mask
+            else:
+                use_mask, padding = None, None if key_padding is None else key_padding.to(dev)  # sdpa is_causal path
+            # Own (identity) saved-tensor hooks: if the layer runs under gradient checkpointing, what the map
+            # saves for backward is kept here instead of being left to the layer's recomputation, which
+            # happens after this context has exited (plain attention, no capture) and must see the same ops.
+            with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+                a = _visual_attention_map(query, key, use_mask, padding, tuple(x.to(dev) for x in plan) + (chunk_ends,),
+                                          kwargs.get("scaling") or query.shape[-1] ** -0.5, headwise, query_chunk)
+            if layer not in maps:
+                maps[layer] = a
+        if original.startswith("flash"):  # flash_attention_forward picks its kernel from the config's name
+            with _attn_implementation(module.config, original):
+                return original_fn(module, query, key, value, attention_mask, **kwargs)
+        return original_fn(module, query, key, value, attention_mask, **kwargs)
+
+    # a fresh name per context (contexts may nest: teacher and student); it keeps "flash..." in it so
+    # transformers' is_flash_attention_requested() still sees flash models as flash
+    name = f"vat{next(_capture_ids)}_capture_{original}"
+    AttentionInterface.register(name, attention_with_capture)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    configs = _configs(language_model)
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = name  # the property setter (configuration_utils), recursing into sub-configs
+        yield maps
+    finally:
+        for c, value in zip(reversed(configs), reversed(saved)):
+            c._attn_implementation = value
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+    missing = [l for l in layers if l not in maps]
+    if missing:
+        raise RuntimeError(f"capture_visual_attention: layers {missing} of {model_name} were never captured: its "
+                           "attention does not dispatch through transformers' AttentionInterface "
+                           "(config._attn_implementation), or no forward ran inside the context")
+
+
+@contextlib.contextmanager
+def _attn_implementation(config, value):
+    saved = config._attn_implementation
+    config._attn_implementation = value
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
+# -----------------------------------------------------------------------------
+# The loss L_ADL (METHOD.md section 3, Eq. 3) and its variants
+
+
+def _per_sample_distance(s, t, valid, distance: str):
+    """Distance between student maps s and teacher targets t, (S, R, N) each, over the entries where
+    valid (S, R, N) is True; returns (S,).
+      cosine: 1 - cos(s, t) of the flattened valid entries (Eq. 3; norms clamped at 1e-8).
+      mse:    mean over valid entries of (s - t)^2.
+      kl:     each row renormalised over its valid visual keys to a distribution,
+              KL(p_t || p_s) = sum_k p_t log(p_t / p_s), averaged over the rows whose teacher and student
+              rows both have mass (p_s clamped at 1e-12 inside the log; 0 log 0 = 0)."""
+    s = torch.where(valid, s, 0.0)
+    t = torch.where(valid, t, 0.0)
+    if distance == "cosine":
+        dot = (s * t).sum((1, 2))
+        ns = s.pow(2).sum((1, 2)).clamp_min(1e-16).sqrt()
+        nt = t.pow(2).sum((1, 2)).clamp_min(1e-16).sqrt()
+        return 1.0 - dot / (ns * nt)
+    if distance == "mse":
+        return (s - t).pow(2).sum((1, 2)) / valid.sum((1, 2)).clamp_min(1)
+    if distance == "kl":
+        ms, mt = s.sum(-1, keepdim=True), t.sum(-1, keepdim=True)
+        rows_ok = (ms[..., 0] > 0) & (mt[..., 0] > 0) & valid.any(-1)
+        ps, pt = s / ms.clamp_min(1e-30), t / mt.clamp_min(1e-30)
+        kl_rows = (torch.xlogy(pt, pt) - pt * ps.clamp_min(1e-12).log()).sum(-1)
+        return torch.where(rows_ok, kl_rows, 0.0).sum(-1) / rows_ok.sum(-1).clamp_min(1)
+    raise ValueError(f"unknown distance {distance!r}: use cosine, mse or kl")
+
+
+def _sink_filtered_vectors(s, t, valid):
+    """The authors' sink filter (official variant, METHOD.md section 3) on visual->visual blocks
+    s, t (S, N, N) with valid (S, N, N): per block, keep entries <= mean + std (mean and unbiased std
+    over the valid entries) in BOTH maps, then the masked mean over the query axis.
+    Returns the per-key vectors (S, 1, N) for student and teacher, and their validity (S, 1, N)."""
+    def threshold(x):
+        n = valid.sum((1, 2)).clamp_min(1)
+        mean = torch.where(valid, x, 0.0).sum((1, 2)) / n
+        var = torch.where(valid, (x - mean[:, None, None]) ** 2, 0.0).sum((1, 2)) / (n - 1).clamp_min(1)
+        return (mean + var.sqrt())[:, None, None]
+
+    with torch.no_grad():
+        keep = valid & (s <= threshold(s)) & (t <= threshold(t))
+    count = keep.sum(1).clamp_min(1)  # (S, N) kept entries per key column
+    vs = torch.where(keep, s, 0.0).sum(1) / count
+    vt = torch.where(keep, t, 0.0).sum(1) / count
+    return vs[:, None], vt[:, None], valid.any(1)[:, None]
+
+
+def _matched_pairs(student_maps, teacher_maps, matching, student_layers, headwise: bool):
+    """Yield (student map, teacher target) per student layer j: the target is the mean of the maps of
+    its teacher window, Abar_t^j = (1/n) sum_{l in G_j} A~_t^l (METHOD.md section 3), detached.
+    Headwise: teacher heads are averaged in contiguous groups down to the student's head count."""
+    if len(matching) != len(student_layers):
+        raise ValueError(f"matching has {len(matching)} entries for {len(student_layers)} student layers")
+    for s_layer, window in zip(student_layers, matching):
+        if s_layer not in student_maps:
+            raise KeyError(f"no captured student map for layer {s_layer} (have {sorted(student_maps)})")
+        absent = [t for t in window if t not in teacher_maps]
+        if absent:
+            raise KeyError(f"no captured teacher map for layers {absent} (have {sorted(teacher_maps)})")
+        s = student_maps[s_layer]
+        t = torch.stack([teacher_maps[l].detach() for l in window]).float().mean(0)
+        if s.dim() != (4 if headwise else 3) or t.dim() != s.dim():
+            raise ValueError(f"maps have {s.dim()} (student) and {t.dim()} (teacher) dims; expected "
+                             f"{4 if headwise else 3} with headwise={headwise} (capture with the same headwise)")
+        if headwise and t.shape[1] != s.shape[1]:
+            hs, ht = s.shape[1], t.shape[1]
+            if ht % hs:
+                raise ValueError(f"headwise VAT: teacher has {ht} heads, student {hs}; the teacher's heads are "
+                                 f"averaged in contiguous groups, so {ht} must be a multiple of {hs}")
+            t = t.view(t.shape[0], hs, ht // hs, *t.shape[2:]).mean(2)
+        if s.shape != t.shape:
+            raise ValueError(f"student layer {s_layer} map {tuple(s.shape)} vs teacher target {tuple(t.shape)}")
+        yield s, t
+
+
+def _layer_distances(student_maps, teacher_maps, matching, student_layers, visual_mask, attention_mask,
+                     variant: str, distance: str, headwise: bool, rows: str):
+    """(k, B_v) per-layer, per-sample distances over the B_v samples that have visual tokens, and
+    the index of those samples."""
+    if variant not in ("paper", "official"):
+        raise ValueError(f"unknown VAT variant {variant!r}: use paper or official")
+    device = student_maps[student_layers[0]].device if student_layers and student_layers[0] in student_maps else visual_mask.device
+    visual_mask = visual_mask.to(device).bool()
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    B, T = visual_mask.shape
+    key_index, key_valid = visual_positions(visual_mask)
+    row_index, row_valid = _row_plan(visual_mask, attention_mask, rows)
+    has_visual = key_valid.any(1)
+    samples = has_visual.nonzero()[:, 0]
+    out = []
+    for s, t in _matched_pairs(student_maps, teacher_maps, matching, student_layers, headwise):
+        expected = (B, row_index.shape[1], key_index.shape[1])
+        got = (s.shape[0], s.shape[-2], s.shape[-1])
+        if got != expected:
+            raise ValueError(f"map shape {tuple(s.shape)} does not fit visual_mask {tuple(visual_mask.shape)} with "
+                             f"rows={rows!r} (expected (B, R, N) = {expected})")
+        s, t = s[samples], t[samples].to(s.device)
+        rv, kv, ki = row_valid[samples], key_valid[samples], key_index[samples]
+        H = s.shape[1] if headwise else 1
+        if headwise:  # fold heads into the sample axis; the distance is averaged over heads below
+            s, t = s.flatten(0, 1), t.flatten(0, 1)
+            rv, kv, ki = (x.repeat_interleave(H, 0) for x in (rv, kv, ki))
+        if variant == "official":
+            if rows == "all":  # visual query rows only: the visual->visual block
+                idx = ki[:, :, None].expand(-1, -1, s.shape[-1])
+                s, t, rv = s.gather(1, idx), t.gather(1, idx), kv & rv.gather(1, ki)
+            s, t, valid = _sink_filtered_vectors(s, t, rv[:, :, None] & kv[:, None, :])
+        else:
+            valid = rv[:, :, None] & kv[:, None, :]
+        d = _per_sample_distance(s.float(), t.float(), valid, distance)
+        out.append(d.view(-1, H).mean(1))
+    return torch.stack(out), samples
+
+
+def vat_loss(student_maps: dict, teacher_maps: dict, matching, student_layers, visual_mask, attention_mask=None,
+             variant: str = "paper", distance: str = "cosine", headwise: bool = False, rows: str = "all"):
+    """L_ADL, Eq. 3 (METHOD.md section 3):
+
+        paper:    L = 1 - (1/k) sum_j cos(Abar_t^j, A~_s^{s_j}), per sample, averaged over samples
+        official: L = sum_j mean_b (1 - cos(v_t^j, v_s^{s_j})), v = sink-filtered per-key vectors
+
+    student_maps / teacher_maps: {layer: map} from `capture_visual_attention` (same rows, same
+        headwise), maps (B, R, N) or headwise (B, H, R, N); teacher maps are detached here.
+    matching: `group_layer_matching(student_layers, teacher_layers, mode)`, one teacher window per
+        entry of student_layers. visual_mask (B, T) bool, attention_mask (B, T) or None.
+    distance: "cosine" (1 - cos, the paper), "mse" or "kl" (the ablation; see `_per_sample_distance`).
+    headwise (open question 1): per-head maps, the teacher's heads averaged in contiguous groups down
+        to the student's head count; the distance is averaged over heads.
+    Samples without visual tokens contribute nothing; with none in the batch the result is a 0 that
+    is still connected to the student's maps (so backward() works everywhere)."""
+    dist, samples = _layer_distances(student_maps, teacher_maps, matching, student_layers, visual_mask,
+                                     attention_mask, variant, distance, headwise, rows)
+    if samples.numel() == 0:
+        return sum(student_maps[l].sum() for l in student_layers) * 0.0
+    per_layer = dist.mean(1)  # mean over the samples that have visual tokens
+    return per_layer.mean() if variant == "paper" else per_layer.sum()
+
+
+@torch.no_grad()
+def map_cosine(student_maps: dict, teacher_maps: dict, matching, student_layers, visual_mask, attention_mask=None,
+               headwise: bool = False, rows: str = "all") -> torch.Tensor:
+    """cos(Abar_t^j, A~_s^{s_j}) of Eq. 3 per layer and sample, (k, B) float, for the attention analysis
+    and the logs ("attention distance" = 1 - cos). Samples without visual tokens are NaN."""
+    dist, samples = _layer_distances(student_maps, teacher_maps, matching, student_layers, visual_mask,
+                                     attention_mask, "paper", "cosine", headwise, rows)
+    out = torch.full((len(student_layers), visual_mask.shape[0]), float("nan"), device=samples.device)
+    out[:, samples] = 1.0 - dist.to(out.device)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: python vat.py --bench [--device cuda] [--preset gpu]
+#
+# One DFT-like step on the same inputs, three ways:
+#   plain    teacher forward (no grad) + student forward/backward of the LM loss, SDPA, no VAT
+#   ours     plain + capture_visual_attention on the chosen layers of both models + L_ADL
+#   authors  eager attention with output_attentions=True on EVERY layer of both models, the maps
+#            sliced from the returned attentions, + the same L_ADL
+# Extra peak memory of a path = its peak - plain's peak. CPU: each path runs in a fresh
+# subprocess and reports its peak RSS (resource.getrusage ru_maxrss), with glibc told to mmap every
+# allocation >= 64 KiB (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS at once and
+# the RSS peak tracks the peak of live memory. CUDA: torch.cuda.max_memory_allocated in-process.
+
+
+def _bench_config(hidden, layers, heads, kv_heads, intermediate, vocab, attn):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
+                       tie_word_embeddings=False, use_cache=False, attn_implementation=attn)
+
+
+def _bench_setup(a, path):
+    from transformers import Qwen2ForCausalLM
+
+    device = torch.device(a["device"])
+    dtype = torch.bfloat16 if a["device"] == "cuda" else torch.float32
+    attn = "eager" if path == "authors" else "sdpa"
+    torch.manual_seed(0)
+    student = Qwen2ForCausalLM(_bench_config(a["student_hidden"], a["student_layers"], a["student_heads"],
+                                             a["student_kv_heads"], a["student_intermediate"], a["vocab"], attn))
+    teacher = Qwen2ForCausalLM(_bench_config(a["teacher_hidden"], a["teacher_layers"], a["teacher_heads"],
+                                             a["teacher_kv_heads"], a["teacher_intermediate"], a["vocab"], attn))
+    student = student.to(device, dtype).train()
+    teacher = teacher.to(device, dtype).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    T, n = a["seq"], a["visual"]
+    ids = torch.randint(0, a["vocab"], (1, T), generator=g).to(device)
+    vm = torch.zeros(1, T, dtype=torch.bool, device=device)
+    vm[0, 16:16 + n] = True  # a block of fake visual tokens after a short system prompt
+    am = torch.ones(1, T, dtype=torch.long, device=device)
+    s_layers = select_layers(a["student_layers"], a["layers"])
+    t_layers = select_layers(a["teacher_layers"], a["layers"])
+    return student, teacher, ids, vm, am, s_layers, t_layers
+
+
+def _maps_from_attentions(attentions, layers, vm):
+    """The authors' way: A~_l sliced from output_attentions (B, H, T, T): head mean, visual key columns."""
+    index, valid = visual_positions(vm)
+    out = {}
+    for l in layers:
+        a = attentions[l].float().mean(1)
+        out[l] = torch.where(valid[:, None, :], a.gather(2, index[:, None, :].expand(-1, a.shape[1], -1)), 0.0)
+    return out
+
+
+def _bench_step(path, student, teacher, ids, vm, am, s_layers, t_layers, query_chunk=256):
+    """One step; returns the VAT loss value (0 for plain)."""
+    student.zero_grad(set_to_none=True)
+    matching = group_layer_matching(s_layers, t_layers)
+    nullcap = contextlib.nullcontext({})
+    with torch.no_grad():
+        if path == "authors":
+            t_out = teacher(input_ids=ids, attention_mask=am, output_attentions=True)
+            t_maps = _maps_from_attentions(t_out.attentions, t_layers, vm)
+        else:
+            with (capture_visual_attention(teacher, t_layers, vm, am, query_chunk=query_chunk) if path == "ours" else nullcap) as t_maps:
+                teacher(input_ids=ids, attention_mask=am)
+    if path == "authors":
+        out = student(input_ids=ids, attention_mask=am, output_attentions=True)
+        s_maps = _maps_from_attentions(out.attentions, s_layers, vm)
+    else:
+        with (capture_visual_attention(student, s_layers, vm, am, query_chunk=query_chunk) if path == "ours" else nullcap) as s_maps:
+            out = student(input_ids=ids, attention_mask=am)
+    logits = out.logits
+    loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+    vat = torch.zeros(()) if path == "plain" else vat_loss(s_maps, t_maps, matching, s_layers, vm, am)
+    (loss + vat.to(loss.device)).backward()
+    return float(vat.detach())
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bench_worker(a):
+    """Runs in a fresh process (CPU memory): one step of a["path"], prints the peak RSS in bytes."""
+    import resource
+
+    if a["path"].startswith("kl_"):
+        _kl_worker(a)
+    else:
+        student, teacher, ids, vm, am, s_layers, t_layers = _bench_setup(a, a["path"])
+        _bench_step(a["path"], student, teacher, ids, vm, am, s_layers, t_layers, a["query_chunk"])
+    print(f"PEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")  # ru_maxrss is in KiB on Linux
+
+
+def _kl_inputs(a):
+    g = torch.Generator().manual_seed(0)
+    T, V = a["kl_seq"], a["kl_vocab"]
+    hs = torch.randn(1, T, a["kl_student_hidden"], generator=g).requires_grad_()
+    ht = torch.randn(1, T, a["kl_teacher_hidden"], generator=g)
+    ws = torch.randn(V, a["kl_student_hidden"], generator=g).mul_(0.02)  # in place: no transient copy
+    wt = torch.randn(V, a["kl_teacher_hidden"], generator=g).mul_(0.02)
+    labels = torch.randint(0, V, (1, T), generator=g)
+    labels[:, : T // 2] = -100  # the prompt half is not supervised, the answer half is
+    return hs, ht, ws, wt, labels
+
+
+def _kl_worker(a):
+    """L_KL fwd+bwd (student hidden states get the gradient; the heads are frozen, as under LoRA), chunked
+    (train.kd_loss) or unchunked (train.kd_loss_reference on full logits); saves loss and grad."""
+    sys_path_root = __import__("os").path.dirname(__import__("os").path.abspath(__file__))
+    __import__("sys").path.insert(0, sys_path_root)
+    from train import kd_loss, kd_loss_reference  # the project's train.py (lead); lazy, bench only
+
+    import resource
+
+    hs, ht, ws, wt, labels = _kl_inputs(a)
+    print(f"BASE {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")  # peak RSS with the inputs alone
+    n = int((labels[:, 1:] != -100).sum())
+    if a["path"] == "kl_chunked":
+        loss = kd_loss(hs, ht, ws, wt, labels, n, temperature=1.0, chunk_size=a["kl_chunk"])
+    else:
+        loss = kd_loss_reference(hs @ ws.t(), ht @ wt.t(), labels, n, temperature=1.0)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": hs.grad}, a["out"])
+
+
+def _run_worker(a, path, **extra):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    args = json.dumps(dict(a, path=path, **extra))
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--bench-worker", args], env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench worker {path} failed:\n{r.stderr[-3000:]}")
+    found = dict(l.split() for l in r.stdout.splitlines() if l.startswith(("PEAK ", "BASE ")))
+    return int(found["PEAK"]) - int(found.get("BASE", 0))
+
+
+def _bench_vat(a):
+    import statistics
+    import time
+
+    device = a["device"]
+    mib = 2 ** 20
+    peaks, times, losses = {}, {}, {}
+    for path in ("plain", "ours", "authors"):
+        models = _bench_setup(a, path)
+        if device == "cuda":
+            _bench_step(path, *models, a["query_chunk"])  # warm-up, then the measured peak
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            losses[path] = _bench_step(path, *models, a["query_chunk"])
+            peaks[path] = torch.cuda.max_memory_allocated()
+        else:
+            peaks[path] = _run_worker(a, path)
+            losses[path] = _bench_step(path, *models, a["query_chunk"])  # warm-up
+        ts = []
+        for _ in range(a["repeats"]):
+            _sync(device)
+            t0 = time.perf_counter()
+            _bench_step(path, *models, a["query_chunk"])
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+        times[path] = statistics.median(ts)
+        del models
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    tokens = a["seq"]
+    extra = {p: peaks[p] - peaks["plain"] for p in ("ours", "authors")}
+    how = "cuda max_memory_allocated" if device == "cuda" else "peak RSS of a fresh process each"
+    print(f"\nVAT step: student {a['student_layers']}L/{a['student_hidden']}, teacher {a['teacher_layers']}L/"
+          f"{a['teacher_hidden']}, T={a['seq']}, {a['visual']} visual tokens, layers {a['layers']!r}, query chunk {a['query_chunk']}, {device} ({how})")
+    print(f"{'path':<9}{'peak MiB':>10}{'extra MiB':>11}{'step s':>9}{'tokens/s':>10}{'L_ADL':>10}")
+    for p in ("plain", "ours", "authors"):
+        e = f"{extra[p] / mib:11.1f}" if p in extra else f"{'-':>11}"
+        print(f"{p:<9}{peaks[p] / mib:10.1f}{e}{times[p]:9.3f}{tokens / times[p]:10.0f}{losses[p]:10.5f}")
+    mem_ratio = extra["authors"] / max(extra["ours"], 1)
+    speedup = times["authors"] / times["ours"]
+    print(f"extra-memory ratio authors/ours = {mem_ratio:.1f}x, step speed-up ours vs authors = {speedup:.2f}x, "
+          f"VAT overhead of ours over plain = {times['ours'] / times['plain']:.2f}x time")
+    return mem_ratio, speedup
+
+
+def _bench_kl(a):
+    import os
+    import tempfile
+
+    mib = 2 ** 20
+    with tempfile.TemporaryDirectory() as tmp:
+        peaks, results = {}, {}
+        for path in ("kl_chunked", "kl_reference"):
+            out = os.path.join(tmp, path + ".pt")
+            peaks[path] = _run_worker(a, path, out=out)  # peak RSS minus the peak right after making the inputs
+            results[path] = torch.load(out, weights_only=True)
+    c, r = results["kl_chunked"], results["kl_reference"]
+    max_diff = max((c["loss"] - r["loss"]).abs().item(), (c["grad"] - r["grad"]).abs().max().item())
+    print(f"\nL_KL fwd+bwd: V={a['kl_vocab']}, T={a['kl_seq']} ({a['kl_seq'] // 2} supervised), hidden "
+          f"{a['kl_student_hidden']}/{a['kl_teacher_hidden']}, chunk {a['kl_chunk']}; extra peak RSS over the inputs")
+    print(f"chunked {peaks['kl_chunked'] / mib:.0f} MiB, unchunked {peaks['kl_reference'] / mib:.0f} MiB, "
+          f"loss {c['loss'].item():.6f} vs {r['loss'].item():.6f}, max |diff| (loss, d/dhidden) {max_diff:.2e}")
+    return peaks["kl_reference"] / max(peaks["kl_chunked"], 1), max_diff
+
+
+def _bench_args(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="VAT capture vs output_attentions, and chunked vs unchunked L_KL")
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--bench-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", default=None, choices=["gpu"], help="gpu: 0.5B-class student, 1.5B-class teacher, T=2048")
+    p.add_argument("--student-layers", type=int, default=8)
+    p.add_argument("--student-hidden", type=int, default=512)
+    p.add_argument("--student-heads", type=int, default=8)
+    p.add_argument("--student-kv-heads", type=int, default=2)
+    p.add_argument("--student-intermediate", type=int, default=1024)
+    p.add_argument("--teacher-layers", type=int, default=12)
+    p.add_argument("--teacher-hidden", type=int, default=512)
+    p.add_argument("--teacher-heads", type=int, default=8)
+    p.add_argument("--teacher-kv-heads", type=int, default=8)
+    p.add_argument("--teacher-intermediate", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--visual", type=int, default=256)
+    p.add_argument("--layers", default="middle", help="select_layers spec for both models")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--query-chunk", type=int, default=256, help="query rows per capture chunk")
+    p.add_argument("--kl-vocab", type=int, default=151646)
+    p.add_argument("--kl-seq", type=int, default=2048)
+    p.add_argument("--kl-student-hidden", type=int, default=896)
+    p.add_argument("--kl-teacher-hidden", type=int, default=1536)
+    p.add_argument("--kl-chunk", type=int, default=256)
+    p.add_argument("--skip-kl", action="store_true")
+    a = p.parse_args(argv)
+    if a.preset == "gpu":
+        a.device = "cuda"
+        a.student_layers, a.student_hidden, a.student_heads, a.student_kv_heads, a.student_intermediate = 24, 896, 14, 2, 4864
+        a.teacher_layers, a.teacher_hidden, a.teacher_heads, a.teacher_kv_heads, a.teacher_intermediate = 28, 1536, 12, 2, 8960
+        a.seq, a.visual, a.query_chunk = 2048, 729, 1024
+    return a
+
+
+def bench(argv=None):
+    """`python vat.py --bench`: prints the tables and, last, the RESULT line."""
+    a = vars(_bench_args(argv))
+    torch.manual_seed(0)
+    mem_ratio, speedup = _bench_vat(a)
+    kl_ratio, kl_diff = (float("nan"), float("nan")) if a["skip_kl"] else _bench_kl(a)
+    print(f"RESULT vat_mem_ratio={mem_ratio:.2f} vat_step_speedup={speedup:.2f} kl_mem_ratio={kl_ratio:.2f} "
+          f"kl_max_diff={kl_diff:.3g}")
+
+
+if __name__ == "__main__":
+    import json
+    import os
+    import sys
+
+    if "--bench" in sys.argv and "OMP_WAIT_POLICY" not in os.environ:
+        # OpenMP's default spin-then-sleep hand-off costs milliseconds per parallel op on some shared /
+        # sandboxed CPUs (measured ~8 ms for a 1 MB elementwise op on 2 cores here), which would time the
+        # number of ops rather than the work; PASSIVE removes that. Set OMP_WAIT_POLICY yourself to override.
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    if "--bench-worker" in sys.argv:
+        _bench_worker(json.loads(sys.argv[sys.argv.index("--bench-worker") + 1]))
+    elif "--bench" in sys.argv:
+        bench(sys.argv[1:])
+    else:
+        print("usage: python vat.py --bench [--device cuda] [--preset gpu] [--skip-kl] ... (see --bench --help)")
