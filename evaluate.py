@@ -1092,7 +1092,8 @@ def attention_items(benchmarks):
     for it in benchmarks.get("vqav2", []):
         out.append({"benchmark": "vqav2", "id": it["id"], "text": f"Q: {it['question']}  (GT: {it['answers'][0]})",
                     "request": vqa_request(it["image"], it["question"]),
-                    "judge": lambda ans, gts=it["answers"]: vqa_accuracy(evalai_answer_processor(ans), gts) >= VQA_RIGHT})
+                    "judge": lambda ans, gts=it["answers"]: (vqa_accuracy(evalai_answer_processor(ans), gts)
+                                                             >= VQA_RIGHT)})
     return out
 
 
@@ -1155,11 +1156,24 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
          "mean_cosine": mean over layers and items, "attn_dist": 1 - mean_cosine}
     With answer_rows = n > 0 it also returns "answer_rows": {"teacher": [...], "student": [...]}, for the first
     n items, the (N_visual,) numpy attention of the answer position (the last prompt token's row) over the
-    visual tokens, averaged over the student's selected layers / the teacher layers of the windows."""
+    visual tokens, averaged over the student's selected layers / the teacher layers of the windows.
+    teacher / student may also be saved model directories (model.load_pretrained on the CPU); tok and
+    processor may then be None (taken from the teacher's directory)."""
     import numpy as np
     import torch
 
+    import model as modeling
     import vat
+    if isinstance(teacher, str):
+        teacher, t_tok, t_proc = modeling.load_pretrained(teacher)
+        tok, processor = tok or t_tok, processor or t_proc
+    if isinstance(student, str):
+        student = modeling.load_pretrained(student)[0]
+    if tok is None or processor is None:
+        raise ValueError("attention_distance: pass the tokenizer and image processor (or the teacher as a directory)")
+    modes = (teacher.training, student.training)
+    teacher.eval()  # no dropout in the analysis; the callers' modes are restored at the end
+    student.eval()
     t_depth = teacher.language_model.config.get_text_config().num_hidden_layers
     s_depth = student.language_model.config.get_text_config().num_hidden_layers
     s_layers = vat.select_layers(s_depth, layers_spec)
@@ -1188,6 +1202,8 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
     out["attn_dist"] = 1.0 - out["mean_cosine"]
     if answer_rows:
         out["answer_rows"] = {"teacher": rows_t, "student": rows_s}
+    teacher.train(modes[0])
+    student.train(modes[1])
     return out
 
 

@@ -46,12 +46,13 @@ def models(tokenizer):
 
 @pytest.fixture(scope="module")
 def requests_(world):
-    """3 SugarCrepe items (true caption as (A)) and 2 VQAv2 questions: several prompt lengths, so a batch of
-    2 has padded rows and the last batch is short."""
+    """2 SugarCrepe items (true caption as (A)) and 1 VQAv2 question: three prompt lengths, so a batch of 2
+    has a padded row and the last batch is short."""
     sc = ev.read_sugarcrepe(os.path.join(world, "sugarcrepe"), limit=1)
-    vqa = ev.read_vqav2(os.path.join(world, "vqav2"), PATTERN, limit=2)
-    items = ev.attention_items({"sugarcrepe": {k: sc[k] for k in list(sc)[:3]}, "vqav2": vqa})
-    return [it["request"] for it in items]
+    vqa = ev.read_vqav2(os.path.join(world, "vqav2"), PATTERN, limit=1)
+    items = ev.attention_items({"sugarcrepe": {k: sc[k] for k in list(sc)[:2]}, "vqav2": vqa})
+    reqs = [it["request"] for it in items]
+    return reqs
 
 
 EAGER = {}  # id(model) -> an eager copy of its LM
@@ -87,11 +88,12 @@ def test_cosine_matches_eager_reference(models, tokenizer, requests_):
                                 answer_rows=len(requests_))
     assert res["student_layers"] == [0, 1, 2, 3]
     assert res["windows"] == [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5]]
-    ref = np.zeros((len(requests_), 4))
+    ref, lengths = np.zeros((len(requests_), 4)), []
     for i, r in enumerate(requests_):
         t_maps, T = eager_maps(teacher, tokenizer, proc, r)
         s_maps, T_s = eager_maps(student, tokenizer, proc, r)
         assert T == T_s
+        lengths.append(T)
         for j, window in enumerate(res["windows"]):
             target = torch.stack([t_maps[t] for t in window]).mean(0)
             ref[i, j] = cosine(s_maps[j], target)
@@ -101,8 +103,9 @@ def test_cosine_matches_eager_reference(models, tokenizer, requests_):
         np.testing.assert_allclose(res["answer_rows"]["teacher"][i],
                                    torch.stack([m[-1] for m in t_maps]).mean(0).numpy(), atol=1e-6)
         assert res["answer_rows"]["student"][i].shape == (student.num_visual_tokens,)
+    assert lengths[0] != lengths[1]  # the first batch of 2 holds a padded row
     np.testing.assert_allclose(np.array(res["per_item"]), ref, atol=1e-5)
-    assert ref.min() < 0.9 and ref.std() > 1e-2  # the random pair is not trivially aligned: the comparison means something
+    assert ref.min() < 0.9 and ref.std() > 1e-2  # the pair is not trivially aligned: the comparison means something
     means = ref.mean(0)
     assert [p["cosine"] for p in res["per_layer"]] == pytest.approx(means.tolist(), abs=1e-5)
     assert res["attn_dist"] == pytest.approx(1 - means.mean(), abs=1e-5)
@@ -158,9 +161,9 @@ def test_cli_writes_json_plot_and_heatmaps(world, models, tokenizer, tokenizer_d
     teacher, student, _ = models
     real, budgets = ev.make_model_fns, []
 
-    def short_generation(model_dir, device, batch_size, max_new_tokens, dtype):  # the real glue, 2 new tokens
+    def short_generation(model_dir, device, batch_size, max_new_tokens, dtype):  # the real glue, 1 new token
         budgets.append(max_new_tokens)
-        return real(model_dir, device, batch_size, 2, dtype)
+        return real(model_dir, device, batch_size, 1, dtype)
     monkeypatch.setattr(ev, "make_model_fns", short_generation)
     tok = data.load_tokenizer(tokenizer_dir)
     M.save_pretrained(teacher, str(tmp_path / "teacher"), tok)
@@ -170,7 +173,7 @@ def test_cli_writes_json_plot_and_heatmaps(world, models, tokenizer, tokenizer_d
                       "--student", str(tmp_path / "teacher"), "--teacher-layers", "all",
                       "--sugarcrepe", os.path.join(world, "sugarcrepe"), "--vqav2", os.path.join(world, "vqav2"),
                       "--vqav2-image-pattern", PATTERN, "--limit", "1", "--out", str(out), "--heatmaps", "2",
-                      "--batch-size", "4"])
+                      "--batch-size", "8"])
     with open(out / "attention.json") as f:
         saved = json.load(f)
     assert list(saved["students"]) == ["student", "teacher"]
