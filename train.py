@@ -575,7 +575,7 @@ def vat_rows(args) -> str:
 DEMO_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_teacher")
 # One budget for every student (same data, steps, seed). Micro-batch = global batch on one CPU.
 DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_steps=300,
-            teacher_recog_steps=800, teacher_mix_steps=2000, max_len=256)
+            teacher_lr=1e-3, teacher_recog_steps=1200, teacher_mix_steps=2400, max_len=256)
 
 
 def _demo_json(samples, path):
@@ -584,79 +584,104 @@ def _demo_json(samples, path):
     return path
 
 
-def demo_data(root: str, seed: int = 0) -> dict:
+def caption_verification(instruct: list) -> list:
+    """A stepping stone for tiny models: each 2-choice compositional sample becomes two yes/no questions
+    about ONE caption ("Does this image show '...'?" -> yes for the true caption, no for the hard
+    negative), so binding can be learnt before comparing two captions."""
+    out = []
+    for x in instruct:
+        if x["task"] != "compositional":
+            continue
+        q, a = x["conversations"][0]["value"], x["conversations"][1]["value"]
+        cap_a = q.split("\n(A) ", 1)[1].split("\n (B) ", 1)[0]
+        cap_b = q.split("\n (B) ", 1)[1].split("\nAnswer", 1)[0]
+        true, false = (cap_a, cap_b) if a == "A" else (cap_b, cap_a)
+        for cap, ans in ((true, "yes"), (false, "no")):
+            out.append({"id": f"{x['id']}_verify_{ans}", "image": x["image"], "task": "verification",
+                        "conversations": [{"from": "human", "value": f"<image>\nDoes this image show '{cap}'? "
+                                           "Answer yes or no."}, {"from": "gpt", "value": ans}]})
+    return out
+
+
+def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
     """Synthesise the shapes world once and derive the demo's data files from it:
     recognition-only (the teacher's curriculum, phase 1) and text-only (the student LM's pre-training:
     captions and questions without images, so the student starts as a *language* model like the paper's)."""
     import data
     d = os.path.join(root, "data")
     if not os.path.exists(os.path.join(d, "instruct.json")):
-        data.synthesize(d, seed=seed)
+        data.synthesize(d, seed=seed, **(sizes or {}))
     instruct = data.load_llava_json(os.path.join(d, "instruct.json"))
     pretrain = data.load_llava_json(os.path.join(d, "pretrain.json"))
     recog = [x for x in instruct if x["task"] in ("recognition", "text")]
+    verify = caption_verification(instruct)
+    recog = recog + verify
     text = []
     for x in pretrain + instruct:
         conv = [dict(c, value=c["value"].replace("<image>\n", "").replace("<image>", "")) for c in x["conversations"]]
         text.append({"id": "text_" + x["id"], "task": "text", "conversations": conv})
     return {"dir": d, "images": d, "tokenizer": os.path.join(d, "tokenizer"),
+            "instruct_verify": _demo_json(instruct + verify, os.path.join(d, "instruct_verify.json")),
             "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
             "recognition": _demo_json(recog, os.path.join(d, "recognition.json")),
             "text": _demo_json(text, os.path.join(d, "text_only.json"))}
 
 
-def _common(paths, out, steps, seed, *extra):
+def _common(b, paths, out, steps, seed, *extra, lr=None):
     return ["--data-pretrain", paths["pretrain"], "--data-instruct", paths["instruct"],
-            "--image-folder", paths["images"], "--out", out, "--global-batch", str(DEMO["batch"]),
-            "--micro-batch", str(DEMO["batch"]), "--max-steps", str(steps), "--lr", str(DEMO["lr"]),
-            "--warmup-ratio", "0.05", "--max-len", str(DEMO["max_len"]), "--seed", str(seed), "--log-every", "25",
+            "--image-folder", paths["images"], "--out", out, "--global-batch", str(b["batch"]),
+            "--micro-batch", str(b["batch"]), "--max-steps", str(steps), "--lr", str(lr or b["lr"]),
+            "--warmup-ratio", "0.05", "--max-len", str(b["max_len"]), "--seed", str(seed), "--log-every", "25",
             "--quiet", *extra]
 
 
-def demo_teacher(paths, out: str) -> str:
-    """The tiny teacher, by the standard LLaVA recipe with a recognition-first curriculum:
-    recognition questions first, then the full instruction mix (compositional questions included)."""
+def demo_teacher(b: dict, paths, out: str) -> str:
+    """The tiny teacher, by the standard LLaVA recipe with a recognition-first curriculum: recognition
+    and yes/no caption-verification questions first, then the full instruction mix (2-choice
+    compositional questions included) plus the verification questions. This is how the shipped
+    assets/demo_teacher was made (`python train.py --demo --demo-train-teacher`)."""
     a = os.path.join(out, "recognition")
     main(["--stage", "llava", "--init", "preset:teacher", "--tokenizer", paths["tokenizer"], "--data",
-          paths["recognition"], "--trainable", "adapter+llm", *_common(paths, a, DEMO["teacher_recog_steps"], 0)])
-    main(["--stage", "llava", "--init", a, "--data", paths["instruct"], "--trainable", "adapter+llm",
-          *_common(paths, out, DEMO["teacher_mix_steps"], 0)])
+          paths["recognition"], "--trainable", "adapter+llm",
+          *_common(b, paths, a, b["teacher_recog_steps"], 0, lr=b["teacher_lr"])])
+    main(["--stage", "llava", "--init", a, "--data", paths["instruct_verify"], "--trainable", "adapter+llm",
+          *_common(b, paths, out, b["teacher_mix_steps"], 0, lr=b["teacher_lr"])])
     return out
 
 
-def demo_student(kind: str, paths, teacher: str, lm_init: str, out: str, seed: int, extra=()) -> str:
+def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str, seed: int, extra=()) -> str:
     """One student. `sft`: the LLaVA recipe without a teacher (adapter pre-training on captions, then
     fine-tuning); `kd` / `compodistill`: stages 1 -> 2 -> 3, L_ADL weight 0 for kd. Same data, steps, seed."""
     if kind == "sft":
         a = os.path.join(out, "adapter")
         main(["--stage", "llava", "--init", lm_init, "--data", paths["pretrain"], "--trainable", "adapter",
-              *_common(paths, a, DEMO["s1_steps"], seed)])
+              *_common(b, paths, a, b["s1_steps"], seed)])
         main(["--stage", "llava", "--init", a, "--data", paths["instruct"], "--trainable", "adapter+llm",
-              *_common(paths, out, DEMO["s2_steps"] + DEMO["s3_steps"], seed)])
+              *_common(b, paths, out, b["s2_steps"] + b["s3_steps"], seed)])
         return out
     w_vat = ["--w-vat", "0"] if kind == "kd" else []
     s1, s2, s3 = (os.path.join(out, f"stage{k}") for k in (1, 2, 3))
     main(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", paths["pretrain"],
-          *_common(paths, s1, DEMO["s1_steps"], seed), *extra])
+          *_common(b, paths, s1, b["s1_steps"], seed), *extra])
     main(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", paths["instruct"], "--full-llm",
-          *w_vat, *_common(paths, s2, DEMO["s2_steps"], seed), *extra])
+          *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *extra])
     main(["--stage", "3", "--init", s2, "--data", paths["instruct"], "--trainable", "adapter+llm",
-          *_common(paths, s3, DEMO["s3_steps"], seed), *extra])
+          *_common(b, paths, s3, b["s3_steps"], seed), *extra])
     return s3
 
 
-def demo_student_lm(paths, teacher: str, out: str) -> str:
+def demo_student_lm(b: dict, paths, teacher: str, out: str) -> str:
     """The student's "pretrained LLM": the student preset trained on text only (no image), sharing the
     teacher's vision encoder (TAF needs the same one). Shared by every student."""
     import data
-    tok = data.load_tokenizer(os.path.join(teacher))
+    tok = data.load_tokenizer(teacher)
     student = M.from_preset("student", tok)
     te, _, _ = M.load_pretrained(teacher)
     student.vision_tower.load_state_dict(te.vision_tower.state_dict())
     init = os.path.join(out, "init")
     M.save_pretrained(student, init, tok)
     main(["--stage", "llava", "--init", init, "--data", paths["text"], "--trainable", "adapter+llm",
-          *_common(paths, out, DEMO["text_steps"], 0)])
+          *_common(b, paths, out, b["text_steps"], 0)])
     return out
 
 
@@ -723,20 +748,26 @@ def demo(args):
     import evaluate as E
     root = args.out or os.path.join("runs", "demo")
     os.makedirs(root, exist_ok=True)
+    b = dict(DEMO)
+    sizes = None
+    if args.demo_quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
+        b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_recog_steps=2, teacher_mix_steps=2)
+        sizes = dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
+                     n_val_vqa=2, progress=False)
     timings = {}
     t0 = time.time()
     phases = tqdm(total=3, desc="demo: data, teacher, student LM", dynamic_ncols=True)
-    paths = demo_data(root, seed=0)
+    paths = demo_data(root, seed=0, sizes=sizes)
     phases.update(1)
     teacher = args.teacher or (DEMO_TEACHER if os.path.exists(os.path.join(DEMO_TEACHER, "config.json"))
                                and not args.demo_train_teacher else None)
     if teacher is None:
         t = time.time()
-        teacher = demo_teacher(paths, os.path.join(root, "teacher"))
+        teacher = demo_teacher(b, paths, os.path.join(root, "teacher"))
         timings["teacher"] = time.time() - t
     check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(teacher))
     phases.update(1)
-    lm_init = demo_student_lm(paths, teacher, os.path.join(root, "student_lm"))
+    lm_init = demo_student_lm(b, paths, teacher, os.path.join(root, "student_lm"))
     phases.update(1)
     phases.close()
 
@@ -763,7 +794,7 @@ def demo(args):
     for name, kind, extra, seed in runs:
         runs.set_postfix(run=f"{name}/seed{seed}")
         t = time.time()
-        out = demo_student(kind, paths, teacher, lm_init, os.path.join(root, f"{name}_seed{seed}"), seed, extra)
+        out = demo_student(b, kind, paths, teacher, lm_init, os.path.join(root, f"{name}_seed{seed}"), seed, extra)
         seconds = time.time() - t
         r = demo_evaluate(out, bench)
         att = E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32)
@@ -795,7 +826,7 @@ def demo(args):
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump({"results": results, "summary": summary, "seeds": seeds, "budget": DEMO,
+        json.dump({"results": results, "summary": summary, "seeds": seeds, "budget": b,
                    "total_seconds": total}, f, indent=2)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(table + "\n")
@@ -874,6 +905,7 @@ def get_parser():
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--demo", action="store_true", help="the main job: the paper's table in miniature (see README)")
     p.add_argument("--full", action="store_true", help="with --demo: 3 seeds and the paper's ablations")
+    p.add_argument("--demo-quick", action="store_true", help=argparse.SUPPRESS)  # CI's end-to-end run
     p.add_argument("--demo-train-teacher", action="store_true", help="with --demo: train the teacher instead of "
                    "loading the shipped assets/demo_teacher")
     return p
