@@ -11,10 +11,11 @@ and transformers (copy it into your fork as is):
        A_l  = mean_heads softmax(Q K^T * scaling + mask)       over ALL keys (causal, padding)
        A~_l = A_l[rows, visual keys]                            (no renormalisation over visual keys)
 
-   The maps are computed a chunk of query rows at a time in fp32; with grad enabled each chunk sits
-   in torch.utils.checkpoint, so backward keeps only the (B, chunk, N_vis) result, never the
-   (B, H, T, T) probabilities that `output_attentions=True` (eager attention on every layer, the
-   authors' way) materialises. See `python vat.py --bench`.
+   The maps are computed a chunk of query rows at a time in fp32 with a hand-written backward
+   (`_VisualKeyProbs`) that recomputes the chunk's probabilities from q and k, so backward keeps only
+   q, k and the (B, chunk, N_vis) result, never the (B, H, T, T) probabilities that
+   `output_attentions=True` (eager attention on every layer, the authors' way) materialises.
+   See `python vat.py --bench`.
 
 2. Loss (`vat_loss`), with the layer choice (`select_layers`) and the group layer matching
    (`group_layer_matching`). The paper and the authors' code differ; both are here:
@@ -61,7 +62,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # Which layers: the "visual understanding layers" and the group layer matching (METHOD.md section 3)
@@ -196,6 +196,44 @@ def _row_plan(visual_mask, attention_mask, rows: str):
     raise ValueError(f"rows must be 'all' or 'visual', got {rows!r}")
 
 
+def _scores(q, k, bias):
+    """q (B, H, c, D) already scaled, k (B, H_kv, n, D), bias (B, 1|H, c, n) -> (B, H, c, n) fp32 scores.
+    The key heads are broadcast over their query group (GQA), never copied."""
+    B, H, c, D = q.shape
+    H_kv, n = k.shape[1], k.shape[2]
+    s = torch.matmul(q.view(B, H_kv, H // H_kv, c, D), k[:, :, None].transpose(-1, -2)).view(B, H, c, n)
+    return s.add_(bias)
+
+
+class _VisualKeyProbs(torch.autograd.Function):
+    """P[..., visual keys] with P = softmax(q k^T + bias) over ALL n keys, and a hand-written backward
+    that recomputes P from q and k, so nothing of size (B, H, c, n) is kept between forward and backward.
+
+    For a = P_{t,v} (v a visual key) and s the scores: da/ds_j = a (1[j = v] - P_j), hence
+        ds = scatter_v(g * a) - P * sum_v(g * a)          (g = dL/da, one (B, H, c, n) buffer)
+        dq = ds k,   dk = ds^T q   (summed over each key head's query group)."""
+
+    @staticmethod
+    def forward(ctx, q, k, bias, index, inside):
+        probs = _scores(q, k, bias).softmax(dim=-1)
+        out = torch.where(inside, probs.gather(3, index), 0.0)
+        ctx.save_for_backward(q, k, bias, index, inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, bias, index, inside = ctx.saved_tensors
+        B, H, c, D = q.shape
+        H_kv, n = k.shape[1], k.shape[2]
+        probs = _scores(q, k, bias).softmax(dim=-1)
+        ga = torch.where(inside, grad * probs.gather(3, index), 0.0)  # g * a, (B, H, c, N)
+        ds = probs.mul_(-ga.sum(-1, keepdim=True)).scatter_add_(3, index, ga)  # in place: P is not needed again
+        ds = ds.view(B, H_kv, H // H_kv, c, n)
+        dq = torch.matmul(ds, k[:, :, None]).view(B, H, c, D)
+        dk = torch.matmul(ds.transpose(-1, -2), q.view(B, H_kv, H // H_kv, c, D)).sum(2)
+        return dq, dk, None, None, None
+
+
 def _visual_attention_chunk(query, key, mask, key_padding, rows, key_index, scaling: float, headwise: bool,
                             n_keys: int):
     """A~ for a chunk of query rows (METHOD.md section 3): softmax(q k^T * scaling + mask) over ALL
@@ -207,30 +245,27 @@ def _visual_attention_chunk(query, key, mask, key_padding, rows, key_index, scal
     causal, plus key_padding (B, T) bool (True = real token) when given.
     n_keys: keys >= n_keys are masked for every row of the chunk (causality), so they are skipped:
     their probability is exactly 0 and they add nothing to the softmax's normaliser.
-    Returns (B, c, N) or, headwise, (B, H, c, N) fp32."""
+    Returns (B, c, N) or, headwise, (B, H, c, N) fp32. Backward (`_VisualKeyProbs`) recomputes the
+    probabilities instead of storing them."""
     B, H, T, D = query.shape
-    H_kv, c, N = key.shape[1], rows.shape[1], key_index.shape[1]
+    c, N = rows.shape[1], key_index.shape[1]
     q = query.gather(2, rows[:, None, :, None].expand(B, H, c, D)).float() * scaling  # small: scale q, not scores
     k = key[:, :, :n_keys].float()
-    # (B, H_kv, g, c, D) @ (B, H_kv, 1, D, n): the key heads are broadcast over their query group, never copied
-    scores = torch.matmul(q.view(B, H_kv, H // H_kv, c, D), k[:, :, None].transpose(-1, -2)).view(B, H, c, n_keys)
     lowest = torch.finfo(torch.float32).min
-    if mask is None:
-        keep = torch.arange(n_keys, device=rows.device)[None, None, :] <= rows[:, :, None]  # causal
-        if key_padding is not None:
-            keep = keep & key_padding[:, None, :n_keys]
-        bias = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, lowest)[:, None]  # (B, 1, c, n)
-    else:
-        m = mask[..., :n_keys].expand(B, -1, -1, -1)
-        m = m.gather(2, rows[:, None, :, None].expand(B, m.shape[1], c, n_keys))
-        bias = torch.zeros(m.shape, device=m.device).masked_fill_(~m, lowest) if m.dtype == torch.bool \
-            else m.float().clamp_min(lowest)  # no -inf: a fully masked row stays finite (uniform, like eager), not NaN
-    # one in-place pass over the big (B, H, c, n) scores (matmul does not need its output for backward)
-    scores = scores.add_(bias)
-    probs = scores.softmax(dim=-1)
-    inside = key_index < n_keys  # visual keys beyond n_keys: probability 0
-    probs = probs.gather(3, key_index.clamp_max(n_keys - 1)[:, None, None, :].expand(B, H, c, N))
-    probs = torch.where(inside[:, None, None, :], probs, 0.0)
+    with torch.no_grad():
+        if mask is None:
+            keep = torch.arange(n_keys, device=rows.device)[None, None, :] <= rows[:, :, None]  # causal
+            if key_padding is not None:
+                keep = keep & key_padding[:, None, :n_keys]
+            bias = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, lowest)[:, None]  # (B, 1, c, n)
+        else:
+            m = mask[..., :n_keys].expand(B, -1, -1, -1)
+            m = m.gather(2, rows[:, None, :, None].expand(B, m.shape[1], c, n_keys))
+            bias = torch.zeros(m.shape, device=m.device).masked_fill_(~m, lowest) if m.dtype == torch.bool \
+                else m.float().clamp_min(lowest)  # no -inf: a fully masked row stays finite (uniform, like eager), not NaN
+    inside = (key_index < n_keys)[:, None, None, :]  # visual keys beyond n_keys: probability 0
+    index = key_index.clamp_max(n_keys - 1)[:, None, None, :].expand(B, H, c, N)
+    probs = _VisualKeyProbs.apply(q, k, bias, index, inside)
     return probs if headwise else probs.mean(dim=1)
 
 
@@ -244,8 +279,8 @@ def _allows_future_keys(mask) -> bool:
 
 def _visual_attention_map(query, key, mask, key_padding, plan, scaling: float, headwise: bool, query_chunk: int):
     """A~_l for one layer (METHOD.md section 3), chunk by chunk over the query rows.
-    With grad enabled each chunk is checkpointed: backward keeps q and k (which the attention itself
-    saves anyway) and recomputes the chunk's probabilities, instead of storing (B, H, chunk, T).
+    Backward keeps q and k (which the attention itself saves anyway) and recomputes each chunk's
+    probabilities (`_VisualKeyProbs`), instead of storing (B, H, chunk, T).
     Under a causal mask a chunk only looks at the keys up to its last row."""
     row_index, row_valid, key_index, key_valid, chunk_ends = plan
     B, H, R, N = query.shape[0], query.shape[1], row_index.shape[1], key_index.shape[1]
@@ -254,15 +289,11 @@ def _visual_attention_map(query, key, mask, key_padding, plan, scaling: float, h
     if N == 0:  # no visual token in the batch: an empty map, still connected to q and k (DDP-friendly)
         return query.new_zeros(shape, dtype=torch.float32) + 0.0 * (query.float().sum() + key.float().sum())
     causal = mask is None or not _allows_future_keys(mask)
-    use_ckpt = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     chunks = []
     for j, i in enumerate(range(0, R, query_chunk)):
         n_keys = chunk_ends[j] if causal else T
         args = (query, key, mask, key_padding, row_index[:, i:i + query_chunk], key_index, scaling, headwise, n_keys)
-        if use_ckpt:
-            chunks.append(torch.utils.checkpoint.checkpoint(_visual_attention_chunk, *args, use_reentrant=False))
-        else:
-            chunks.append(_visual_attention_chunk(*args))
+        chunks.append(_visual_attention_chunk(*args))
     a = torch.cat(chunks, dim=-2) if chunks else query.new_zeros(shape, dtype=torch.float32)
     valid = row_valid[:, :, None] & key_valid[:, None, :]
     return torch.where(valid[:, None] if headwise else valid, a, 0.0)

@@ -413,3 +413,26 @@ def test_capture_with_custom_4d_float_mask_non_causal():
             model(input_ids=ids, attention_mask=mask4d)
     for b in range(4):
         torch.testing.assert_close(maps[1][b, :, :int(vm[b].sum())], ref[b][:, vm[b]], atol=1e-5, rtol=0)
+
+
+def test_visual_key_probs_backward_matches_autograd_float64():
+    """The hand-written backward of the chunked map equals autograd through softmax + gather (float64,
+    GQA, a padded-out visual slot and a masked key)."""
+    torch.manual_seed(0)
+    B, H, H_kv, c, n, D, N = 2, 4, 2, 5, 9, 3, 4
+    q = torch.randn(B, H, c, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, H_kv, n, D, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(B, 1, c, n, dtype=torch.float64)
+    bias[:, :, :, -2] = torch.finfo(torch.float64).min  # one key masked for every row
+    key_index = torch.tensor([[1, 3, 4, 8], [0, 2, 8, 8]])
+    inside = torch.tensor([[True, True, True, True], [True, True, True, False]])[:, None, None, :]
+    index = key_index[:, None, None, :].expand(B, H, c, N)
+    assert torch.autograd.gradcheck(lambda a, b: vat._VisualKeyProbs.apply(a, b, bias, index, inside), (q, k))
+    # and against plain autograd through the straightforward formula
+    g = torch.randn(B, H, c, N, dtype=torch.float64)
+    got = torch.autograd.grad((vat._VisualKeyProbs.apply(q, k, bias, index, inside) * g).sum(), (q, k))
+    scores = q @ k.repeat_interleave(H // H_kv, dim=1).transpose(-1, -2) + bias
+    ref_out = torch.where(inside, scores.softmax(-1).gather(3, index), 0.0)
+    ref = torch.autograd.grad((ref_out * g).sum(), (q, k))
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-10)
