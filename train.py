@@ -34,7 +34,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 
 import torch
@@ -306,7 +305,8 @@ def apply_taf(student: M.MultimodalLM, teacher: M.MultimodalLM):
     teacher_adapter = teacher.projector
     if hasattr(teacher_adapter, "teacher_adapter"):
         raise ValueError("the teacher itself has a TAF projector; use a teacher trained with its own adapter")
-    student.projector = taf_projector(teacher_adapter.float(), teacher.d_llm, student.d_llm)
+    # taf_projector deep-copies the adapter, so the teacher (bf16 on CUDA) is left untouched
+    student.projector = taf_projector(teacher_adapter, teacher.d_llm, student.d_llm).float()
     student.extra_config.update(projector="taf", taf_teacher_hidden=teacher.d_llm)
     return student
 
