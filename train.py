@@ -322,13 +322,27 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def init_distributed(backend: str):
+    """Join the torchrun job. torchrun --max-restarts brings every worker back up after one dies, and
+    the new workers meet in the SAME store as the dead ones: a survivor could read a dead worker's
+    stale address (gloo: "connectFullMesh ... Connection refused"; NCCL: an old unique id, a hang).
+    So each attempt's keys live under their own prefix (TORCHELASTIC_RESTART_COUNT)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, multi_tenant=True)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"compodistill/attempt_{attempt}", store),
+                            rank=rank, world_size=world)
+
+
 def run_stage(args) -> str:
     import data
     # --- distributed setup (torchrun sets RANK/WORLD_SIZE; plain python is one process) ---------------
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+            init_distributed("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     else:

@@ -204,3 +204,31 @@ def test_loading_never_unpickles_or_runs_remote_code():
     import inspect
     for fn in (M.load_pretrained, M.from_parts):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False
+
+
+@pytest.mark.slow
+def test_a_dead_rank_is_restarted_by_torchrun_and_resumes(world, tmp_path):
+    """Rank 1 dies at step 3 (os._exit, first attempt only); torchrun --max-restarts=1 restarts both
+    workers, which resume from the step-2 checkpoint: steps 3..6 equal an uninterrupted 1-process run."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train.main(_args(world, one, "--max-steps", "6"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+           f"--master_port={_free_port()}", os.path.join(ROOT, "train.py"),
+           *_args(world, two, "--max-steps", "6", "--device", "cpu", "--save-every", "2", "--resume",
+                  "--fail-at-step", "3", "--fail-rank", "1")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "exitcode: 17" in res.stderr, "rank 1 did not die at step 3 (the os._exit(17) hook)"
+    log = _log(two)
+    assert [r["step"] for r in log][-4:] == [3, 4, 5, 6]  # resumed from the step-2 checkpoint
+    ref = {r["step"]: r for r in _log(one)}
+    for r in log[-4:]:
+        assert abs(r["lm"] - ref[r["step"]]["lm"]) <= 1e-5
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
