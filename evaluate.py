@@ -822,9 +822,18 @@ def write_report(results, records, out_dir, kind, title):
 # 5. Glue: a saved model -> (generate_fn, score_fn). The only code here that imports torch/model/data.
 
 def make_model_fns(model_dir, device="cpu", batch_size=8, max_new_tokens=32, dtype=None):
-    """Load `model_dir` (model.load_pretrained) and return (generate_fn, score_fn), both batched with a
-    tqdm bar. Each request's prompt is one user turn rendered by data.render_prompt (chat template +
-    generation prompt, "<image>" expanded to the visual tokens).
+    """Load `model_dir` (model.load_pretrained) and return model_fns(...) for it."""
+    import model as modeling
+
+    mllm, tokenizer, image_processor = modeling.load_pretrained(model_dir, device=device, dtype=dtype)
+    return model_fns(mllm, tokenizer, image_processor, device, batch_size, max_new_tokens, name=model_dir)
+
+
+def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_new_tokens=32, name="model",
+              progress=True):
+    """(generate_fn, score_fn) for a model in memory, both batched with a tqdm bar (train.py uses this
+    for its in-loop validation). Each request's prompt is one user turn rendered by data.render_prompt
+    (chat template + generation prompt, "<image>" expanded to the visual tokens).
     generate_fn: left-padded batch, model.generate (greedy, KV cache), stops at eos / "<|im_end|>",
         decoded without special tokens and stripped.
     score_fn: one forward pass on a right-padded batch; at each row's last real position, the
@@ -833,14 +842,12 @@ def make_model_fns(model_dir, device="cpu", batch_size=8, max_new_tokens=32, dty
     from tqdm import tqdm
 
     import data
-    import model as modeling
 
-    mllm, tokenizer, image_processor = modeling.load_pretrained(model_dir, device=device, dtype=dtype)
     mllm.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     yes_ids = tokenizer.encode("Yes", add_special_tokens=False)
     if len(yes_ids) != 1:
-        raise ValueError(f"{model_dir}: the tokenizer splits 'Yes' into {len(yes_ids)} tokens {yes_ids}; the "
+        raise ValueError(f"{name}: the tokenizer splits 'Yes' into {len(yes_ids)} tokens {yes_ids}; the "
                          "match score needs 'Yes' to be exactly one token")
     vocab = tokenizer.get_vocab()
     stop = sorted({t for t in (tokenizer.eos_token_id, vocab.get("<|im_end|>")) if t is not None})
@@ -868,7 +875,7 @@ def make_model_fns(model_dir, device="cpu", batch_size=8, max_new_tokens=32, dty
     def batched(fn, desc):
         def run(requests):
             out = []
-            for i in tqdm(range(0, len(requests), batch_size), desc=desc, unit="batch"):
+            for i in tqdm(range(0, len(requests), batch_size), desc=desc, unit="batch", disable=not progress):
                 out += fn(requests[i:i + batch_size])
             return out
         return run

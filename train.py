@@ -336,6 +336,17 @@ def init_distributed(backend: str):
                             rank=rank, world_size=world)
 
 
+def validate_cr(student, tokenizer, image_processor, items: dict, device) -> dict:
+    """In-loop validation: CR accuracy of the model being trained on a SugarCrepe-layout set, by the
+    paper's protocol (evaluate.eval_sugarcrepe: 2-choice, both orders, greedy). The learning curve."""
+    import evaluate as E
+    generate, _ = E.model_fns(student, tokenizer, image_processor, device, batch_size=64, max_new_tokens=4,
+                              progress=False)
+    metrics, _ = E.eval_sugarcrepe(generate, items)
+    student.train()
+    return {"val_cr": metrics["average"], "val_cr_subsets": {k: v["average"] for k, v in metrics["subsets"].items()}}
+
+
 def run_stage(args) -> str:
     import data
     # --- distributed setup (torchrun sets RANK/WORLD_SIZE; plain python is one process) ---------------
@@ -439,6 +450,11 @@ def run_stage(args) -> str:
     for head in (s_head, t_head):
         if head is not None and getattr(head, "bias", None) is not None:
             raise ValueError("LM heads with a bias are not supported by the chunked loss")
+
+    val_items = None
+    if args.eval_sugarcrepe and args.eval_every and master:
+        import evaluate as E
+        val_items = E.read_sugarcrepe(args.eval_sugarcrepe, limit=args.eval_limit)
 
     # --- the loop -------------------------------------------------------------------------------------
     log_path = os.path.join(args.out, "log.jsonl")
@@ -546,6 +562,11 @@ def run_stage(args) -> str:
                 f.write(json.dumps(rec) + "\n")
             pbar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.4f}")
             t_last, tokens_since = time.time(), 0
+        if val_items is not None and (step % args.eval_every == 0 or step == total_steps):
+            rec = {"step": step, **validate_cr(student, tokenizer, image_processor, val_items, device)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            pbar.set_postfix(val_cr=f"{rec['val_cr']:.1f}")
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             if master:
                 save_checkpoint(args.out, student, optimizer, scheduler, step,
@@ -589,7 +610,8 @@ def vat_rows(args) -> str:
 DEMO_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_teacher")
 # One budget for every student (same data, steps, seed). Micro-batch = global batch on one CPU.
 DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_steps=300,
-            teacher_lr=1e-3, teacher_recog_steps=1200, teacher_mix_steps=2400, max_len=256)
+            teacher_lr=1e-3, teacher_recog_steps=1200, teacher_mix_steps=2400, max_len=256,
+            eval_every=150, eval_limit=20)
 
 
 def _demo_json(samples, path):
@@ -665,22 +687,25 @@ def demo_teacher(b: dict, paths, out: str) -> str:
 
 def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str, seed: int, extra=()) -> str:
     """One student. `sft`: the LLaVA recipe without a teacher (adapter pre-training on captions, then
-    fine-tuning); `kd` / `compodistill`: stages 1 -> 2 -> 3, L_ADL weight 0 for kd. Same data, steps, seed."""
+    fine-tuning); `kd` / `compodistill`: stages 1 -> 2 -> 3, L_ADL weight 0 for kd. Same data, steps, seed.
+    After stage 1 every student logs its validation CR every b["eval_every"] steps (the learning curve)."""
+    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every",
+           str(b["eval_every"]), "--eval-limit", str(b["eval_limit"])] if b["eval_every"] else []
     if kind == "sft":
         a = os.path.join(out, "adapter")
         main(["--stage", "llava", "--init", lm_init, "--data", paths["pretrain"], "--trainable", "adapter",
               *_common(b, paths, a, b["s1_steps"], seed)])
         main(["--stage", "llava", "--init", a, "--data", paths["instruct"], "--trainable", "adapter+llm",
-              *_common(b, paths, out, b["s2_steps"] + b["s3_steps"], seed)])
+              *_common(b, paths, out, b["s2_steps"] + b["s3_steps"], seed), *val])
         return out
     w_vat = ["--w-vat", "0"] if kind == "kd" else []
     s1, s2, s3 = (os.path.join(out, f"stage{k}") for k in (1, 2, 3))
     main(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", paths["pretrain"],
           *_common(b, paths, s1, b["s1_steps"], seed), *extra])
     main(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", paths["instruct"], "--full-llm",
-          *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *extra])
+          *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *val, *extra])
     main(["--stage", "3", "--init", s2, "--data", paths["instruct"], "--trainable", "adapter+llm",
-          *_common(b, paths, s3, b["s3_steps"], seed), *extra])
+          *_common(b, paths, s3, b["s3_steps"], seed), *val, *extra])
     return s3
 
 
@@ -709,6 +734,44 @@ def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
         "{image_id:012d}", "%012d")))
     return {"cr": cr["average"], "cr_subsets": {k: v["average"] for k, v in cr["subsets"].items()},
             "vqa": vqa["accuracy"]}
+
+
+def learning_curve(out: str) -> list[tuple[int, float]]:
+    """(step after stage 1, validation CR) pairs of one demo student, read from its log.jsonl files."""
+    curve, offset = [], 0
+    for d in ([os.path.join(out, "..", "stage2"), out] if os.path.basename(out) == "stage3" else [out]):
+        with open(os.path.join(d, "log.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        curve += [(offset + r["step"], r["val_cr"]) for r in rows if "val_cr" in r]
+        offset += max([r["step"] for r in rows if "step" in r], default=0)
+    return curve
+
+
+def line_chart(curves: dict, path: str, title: str):
+    """Validation CR against training steps, one line per model (Pillow only)."""
+    from PIL import Image, ImageDraw
+    W, H, left, bottom, top = 760, 420, 60, 50, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 10), title, fill="black")
+    xmax = max([x for c in curves.values() for x, _ in c], default=1)
+    lo = min([40.0] + [y for c in curves.values() for _, y in c])
+    X = lambda x: left + (W - left - 150) * x / xmax
+    Y = lambda y: H - bottom - (H - top - bottom) * (y - lo) / (100 - lo)
+    for v in range(int(lo) // 10 * 10, 101, 10):
+        if v >= lo:
+            d.line([(left, Y(v)), (W - 150, Y(v))], fill=(225, 225, 225))
+            d.text((10, Y(v) - 6), f"{v}%", fill="black")
+    d.text((W // 2 - 60, H - 20), "training steps after stage 1", fill="black")
+    palette = [(120, 120, 120), (230, 140, 50), (70, 110, 200), (40, 160, 80), (200, 60, 60), (140, 60, 180)]
+    for i, (name, c) in enumerate(curves.items()):
+        colour = palette[i % len(palette)]
+        if len(c) > 1:
+            d.line([(X(x), Y(y)) for x, y in c], fill=colour, width=2)
+        for x, y in c:
+            d.ellipse([X(x) - 2, Y(y) - 2, X(x) + 2, Y(y) + 2], fill=colour)
+        d.text((W - 140, top + 16 * i), name, fill=colour)
+    img.save(path)
 
 
 def bar_chart(rows: list[tuple[str, float, float]], path: str, title: str):
@@ -765,7 +828,8 @@ def demo(args):
     b = dict(DEMO)
     sizes = None
     if args.demo_quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
-        b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_recog_steps=2, teacher_mix_steps=2)
+        b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_recog_steps=2, teacher_mix_steps=2,
+                 eval_every=1, eval_limit=1)
         sizes = dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
                      n_val_vqa=2, progress=False)
     timings = {}
@@ -846,6 +910,16 @@ def demo(args):
         f.write(table + "\n")
     bar_chart([(n, summary[n]["cr"][0], summary[n]["vqa"][0]) for n in ("sft", "kd", "compodistill", "teacher")],
               os.path.join(root, "results.png"), "shapes world: CR (SugarCrepe layout) and VQA accuracy")
+    curves = {}  # validation CR during training, the mean over seeds at each logged step
+    for name in [n for n, _, _ in variants]:
+        per_seed = [dict(learning_curve(r["dir"])) for r in results[name]]
+        steps = sorted(set.intersection(*[set(c) for c in per_seed])) if per_seed else []
+        curves[name] = [(x, sum(c[x] for c in per_seed) / len(per_seed)) for x in steps]
+    if any(curves.values()):
+        line_chart(curves, os.path.join(root, "learning_curve.png"),
+                   "validation CR (SugarCrepe layout, paper protocol) during training")
+    with open(os.path.join(root, "learning_curves.json"), "w") as f:
+        json.dump(curves, f)
     demo_heatmaps(teacher, {"KD": results["kd"][0]["dir"], "CompoDistill": results["compodistill"][0]["dir"]},
                   attention_requests[::20][:6], os.path.join(root, "heatmaps"))
     print(f"total time {total / 60:.1f} min; results in {root}")
@@ -910,6 +984,10 @@ def get_parser():
     p.add_argument("--device", default="auto")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--eval-sugarcrepe", help="validation set in the SugarCrepe layout: its CR accuracy (the paper's "
+                   "2-choice protocol, greedy) is logged every --eval-every steps as {'step', 'val_cr'} lines")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--eval-limit", type=int, default=None, help="items per subset in the in-loop validation")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)

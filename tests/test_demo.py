@@ -34,3 +34,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # the three students saw the same data and steps
     for stage in ("stage1", "stage2", "stage3"):
         assert os.path.exists(os.path.join(out, "compodistill_seed0", stage, "model.safetensors"))
+    # the learning curve: validation CR logged during stages 2 and 3 (2 + 2 steps, eval every step)
+    curves = json.load(open(os.path.join(out, "learning_curves.json")))
+    assert [x for x, _ in curves["compodistill"]] == [1, 2, 3, 4]
+    assert [x for x, _ in curves["sft"]] == [1, 2, 3, 4]
+    assert all(0 <= y <= 100 for c in curves.values() for _, y in c)
+    assert Image.open(os.path.join(out, "learning_curve.png")).size[0] > 100

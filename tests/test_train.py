@@ -74,3 +74,21 @@ def test_two_gloo_processes_match_one(world, tmp_path):
     w1 = load_file(os.path.join(one, "model.safetensors"))
     w2 = load_file(os.path.join(two, "model.safetensors"))
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
+
+
+def test_in_loop_validation_matches_evaluate_and_leaves_training_alone(world, tmp_path):
+    import evaluate as E
+    plain, val = str(tmp_path / "plain"), str(tmp_path / "val")
+    bench = os.path.join(world, "sugarcrepe")
+    train.main(_args(world, plain, "--max-steps", "6", "--lora-dropout", "0.1"))
+    train.main(_args(world, val, "--max-steps", "6", "--lora-dropout", "0.1", "--eval-sugarcrepe", bench,
+                     "--eval-every", "3"))
+    rows = [json.loads(line) for line in open(os.path.join(val, "log.jsonl"))]
+    curve = [r for r in rows if "val_cr" in r]
+    assert [r["step"] for r in curve] == [3, 6]
+    # evaluating inside the loop changes nothing about training (RNG, train/eval mode)
+    assert [r["lm"] for r in _log(plain) if "lm" in r] == [r["lm"] for r in rows if "lm" in r]
+    # the last in-loop value is what evaluate.py measures on the saved model
+    generate, _ = E.make_model_fns(val, batch_size=5, max_new_tokens=4)
+    metrics, _ = E.eval_sugarcrepe(generate, E.read_sugarcrepe(bench))
+    assert curve[-1]["val_cr"] == metrics["average"]
