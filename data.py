@@ -665,21 +665,37 @@ def _neg_swap_obj(rng, scene):
 
 
 def _neg_add_att(rng, scene):
+    """Both captions add ONE attribute to the same base caption: the positive's is true, the negative's
+    (SugarCrepe's "added attribute") is false. Length-matched, with the two added slots drawn from the
+    same distribution, so a model that never looks at the image is at chance (SugarCrepe removes such
+    text-only cues by adversarial refinement; an unmatched negative is simply the longer caption)."""
     pos, objs = _pos_rel(rng, scene) if rng.random() < 0.5 else _pos_and(rng, scene)
-    k = rng.randrange(2)
-    att = "color" if rng.random() < 0.7 else "size"
-    _nps(pos)[k][att] = None  # the positive lacks the attribute, the negative adds a wrong one
+
+    def slot():
+        return rng.randrange(2), "color" if rng.random() < 0.7 else "size"
+    (k, att), (j, att_p) = slot(), slot()
+    while (j, att_p) == (k, att):
+        j, att_p = slot()
+    for i, a in ((k, att), (j, att_p)):
+        _nps(pos)[i][a] = None  # the base caption lacks both
     neg = _copy(pos)
+    _nps(pos)[j][att_p] = objs[j][att_p]
     _nps(neg)[k][att] = rng.choice([v for v in (COLORS if att == "color" else SIZES) if v != objs[k][att]])
     return pos, neg, _matches_none(scene, _nps(neg)[k])
 
 
 def _neg_add_obj(rng, scene):
-    pos, _ = _pos_and(rng, scene, n=rng.choice([1, 2]))
-    new = {"size": rng.choice([None, *SIZES]), "color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES)}
-    neg = _copy(pos)
-    neg["nps"].append(new)
-    return pos, neg, _matches_none(scene, new)
+    """Both captions add one object to the same base caption: the positive's is in the image, the
+    negative's (an absent shape; SugarCrepe's "added object") is not. Length-matched like add_att."""
+    n = rng.choice([1, 2]) if len(scene["objects"]) > 2 else 1
+    objs = rng.sample(scene["objects"], n + 1)
+    base = [describe(rng, o) for o in objs[:n]]
+    present = {o["shape"] for o in scene["objects"]}
+    fake = {"shape": rng.choice([sh for sh in SHAPES if sh not in present]), "color": rng.choice(list(COLORS)),
+            "size": rng.choice(list(SIZES))}
+    pos = {"kind": "and", "nps": base + [describe(rng, objs[n])]}
+    neg = {"kind": "and", "nps": _copy(base) + [describe(rng, fake)]}
+    return pos, neg, _matches_none(scene, neg["nps"][-1])
 
 
 NEGATIVES = {"add_att": _neg_add_att, "add_obj": _neg_add_obj, "replace_att": _neg_replace_att,

@@ -495,3 +495,27 @@ def test_world_vocabulary_corpus_tokenizer(tmp_path):
         assert len(tok.encode(w, add_special_tokens=False)) == 1, w
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_hard_negatives_give_a_blind_model_nothing():
+    """A model that never looks at the image must be at chance on every subset: the true and the false
+    caption have the same length distribution and the same word frequencies (an add_* negative that is
+    simply the longer caption was solvable from the text alone)."""
+    import collections
+    import random
+    rng = random.Random(5)
+    n = 2000
+    for subset in data.SUGARCREPE_SUBSETS:
+        shorter_true, pos_words, neg_words, k = 0.0, collections.Counter(), collections.Counter(), 0
+        while k < n:
+            pair = data.hard_negative(rng, data.random_scene(rng), subset)
+            if pair is None:
+                continue
+            a, b = data.clause_text(pair[0]).split(), data.clause_text(pair[1]).split()
+            shorter_true += 1.0 if len(a) < len(b) else 0.5 if len(a) == len(b) else 0.0
+            pos_words.update(set(a))
+            neg_words.update(set(b))
+            k += 1
+        assert 0.45 <= shorter_true / n <= 0.55, (subset, shorter_true / n)
+        gap, word = max((abs(pos_words[w] - neg_words[w]) / n, w) for w in set(pos_words) | set(neg_words))
+        assert gap < 0.06, (subset, word, gap)  # ~4.5 standard errors at n = 2000
