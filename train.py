@@ -763,6 +763,9 @@ def line_chart(curves: dict, path: str, title: str):
             d.line([(left, Y(v)), (W - 150, Y(v))], fill=(225, 225, 225))
             d.text((10, Y(v) - 6), f"{v}%", fill="black")
     d.text((W // 2 - 60, H - 20), "training steps after stage 1", fill="black")
+    xs = sorted({x for c in curves.values() for x, _ in c})
+    for x in xs[::max(1, len(xs) // 10)]:
+        d.text((X(x) - 10, H - bottom + 6), str(x), fill="black")
     palette = [(120, 120, 120), (230, 140, 50), (70, 110, 200), (40, 160, 80), (200, 60, 60), (140, 60, 180)]
     for i, (name, c) in enumerate(curves.items()):
         colour = palette[i % len(palette)]

@@ -105,7 +105,8 @@ def test_cosine_matches_eager_reference(models, tokenizer, requests_):
         assert res["answer_rows"]["student"][i].shape == (student.num_visual_tokens,)
     assert lengths[0] != lengths[1]  # the first batch of 2 holds a padded row
     np.testing.assert_allclose(np.array(res["per_item"]), ref, atol=1e-5)
-    assert ref.min() < 0.9 and ref.std() > 1e-2  # the pair is not trivially aligned: the comparison means something
+    # the pair is not trivially aligned (cosines well below 1 and varying), so the comparison means something
+    assert ref.max() < 0.98 and ref.std() > 5e-3
     means = ref.mean(0)
     assert [p["cosine"] for p in res["per_layer"]] == pytest.approx(means.tolist(), abs=1e-5)
     assert res["attn_dist"] == pytest.approx(1 - means.mean(), abs=1e-5)
