@@ -40,3 +40,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert [x for x, _ in curves["sft"]] == [1, 2, 3, 4]
     assert all(0 <= y <= 100 for c in curves.values() for _, y in c)
     assert Image.open(os.path.join(out, "learning_curve.png")).size[0] > 100
+
+
+def test_shipped_teacher_matches_a_freshly_synthesised_world(tmp_path):
+    """`python train.py --demo` synthesises the default world and then loads assets/demo_teacher: a change
+    to the generator that changes the tokenizer (BPE merges follow the samples) must retrain the teacher."""
+    import data
+    paths = train.demo_data(str(tmp_path))
+    train.check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(train.DEMO_TEACHER))
