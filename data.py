@@ -900,6 +900,7 @@ def synthesize(out_dir, seed=0, n_pretrain=4000, n_instruct=8000, n_images=None,
             order[subset] += 1
             a, b = (pos, neg) if pos_first else (neg, pos)
             instruct.append({"id": sid, "image": names[k], "task": "compositional", "subset": subset,
+                             "caption": pos, "negative_caption": neg,  # SugarCrepe's field names
                              "conversations": [{"from": "human", "value": SUGARCREPE_PROMPT.format(a=a, b=b)},
                                                {"from": "gpt", "value": "A" if pos_first else "B"}]})
     _dump(pretrain, os.path.join(out_dir, "pretrain.json"))

@@ -624,21 +624,14 @@ def _demo_json(samples, path):
 
 def caption_verification(instruct: list) -> list:
     """A stepping stone for tiny models: each 2-choice compositional sample becomes two yes/no questions
-    about ONE caption ("Does this image show '...'?" -> yes for the true caption, no for the hard
-    negative), so binding can be learnt before comparing two captions."""
-    out = []
-    for x in instruct:
-        if x["task"] != "compositional":
-            continue
-        q, a = x["conversations"][0]["value"], x["conversations"][1]["value"]
-        cap_a = q.split("\n(A) ", 1)[1].split("\n (B) ", 1)[0]
-        cap_b = q.split("\n (B) ", 1)[1].split("\nAnswer", 1)[0]
-        true, false = (cap_a, cap_b) if a == "A" else (cap_b, cap_a)
-        for cap, ans in ((true, "yes"), (false, "no")):
-            out.append({"id": f"{x['id']}_verify_{ans}", "image": x["image"], "task": "verification",
-                        "conversations": [{"from": "human", "value": f"<image>\nDoes this image show '{cap}'? "
-                                           "Answer yes or no."}, {"from": "gpt", "value": ans}]})
-    return out
+    about ONE caption (evaluate.MATCH_PROMPT -> yes for the true caption, no for the hard negative),
+    so binding can be learnt before comparing two captions."""
+    import evaluate as E
+    return [{"id": f"{x['id']}_verify_{ans}", "image": x["image"], "task": "verification",
+             "conversations": [{"from": "human", "value": E.MATCH_PROMPT.format(caption=x[key])},
+                               {"from": "gpt", "value": ans}]}
+            for x in instruct if x["task"] == "compositional"
+            for key, ans in (("caption", "yes"), ("negative_caption", "no"))]
 
 
 def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
@@ -749,25 +742,33 @@ def learning_curve(out: str) -> list[tuple[int, float]]:
     return curve
 
 
-def line_chart(curves: dict, path: str, title: str):
-    """Validation CR against training steps, one line per model (Pillow only)."""
+CHART_W, CHART_H, CHART_LEFT, CHART_TOP, CHART_BOTTOM = 760, 420, 60, 40, 60
+
+
+def percent_canvas(title: str, lo: float, right: int, step: int):
+    """A white Pillow canvas with a title and a percent y axis from `lo` to 100 (grid line every `step`);
+    returns (image, draw, Y) with Y mapping a percentage to a pixel row. Shared by the demo's charts."""
     from PIL import Image, ImageDraw
-    W, H, left, bottom, top = 760, 420, 60, 50, 40
-    img = Image.new("RGB", (W, H), "white")
+    img = Image.new("RGB", (CHART_W, CHART_H), "white")
     d = ImageDraw.Draw(img)
-    d.text((left, 10), title, fill="black")
-    xmax = max([x for c in curves.values() for x, _ in c], default=1)
-    lo = min([40.0] + [y for c in curves.values() for _, y in c])
-    X = lambda x: left + (W - left - 150) * x / xmax
-    Y = lambda y: H - bottom - (H - top - bottom) * (y - lo) / (100 - lo)
-    for v in range(int(lo) // 10 * 10, 101, 10):
+    d.text((CHART_LEFT, 10), title, fill="black")
+    Y = lambda y: CHART_H - CHART_BOTTOM - (CHART_H - CHART_TOP - CHART_BOTTOM) * (y - lo) / (100 - lo)
+    for v in range(int(lo) // step * step, 101, step):
         if v >= lo:
-            d.line([(left, Y(v)), (W - 150, Y(v))], fill=(225, 225, 225))
+            d.line([(CHART_LEFT, Y(v)), (CHART_W - right, Y(v))], fill=(225, 225, 225))
             d.text((10, Y(v) - 6), f"{v}%", fill="black")
-    d.text((W // 2 - 60, H - 20), "training steps after stage 1", fill="black")
-    xs = sorted({x for c in curves.values() for x, _ in c})
+    return img, d, Y
+
+
+def line_chart(curves: dict, path: str, title: str):
+    """Validation CR against training steps, one line per model."""
+    lo = min([40.0] + [y for c in curves.values() for _, y in c])
+    img, d, Y = percent_canvas(title, lo, right=150, step=10)
+    xs = sorted({x for c in curves.values() for x, _ in c}) or [1]
+    X = lambda x: CHART_LEFT + (CHART_W - CHART_LEFT - 150) * x / xs[-1]
+    d.text((CHART_W // 2 - 60, CHART_H - 20), "training steps after stage 1", fill="black")
     for x in xs[::max(1, len(xs) // 10)]:
-        d.text((X(x) - 10, H - bottom + 6), str(x), fill="black")
+        d.text((X(x) - 10, CHART_H - CHART_BOTTOM + 6), str(x), fill="black")
     palette = [(120, 120, 120), (230, 140, 50), (70, 110, 200), (40, 160, 80), (200, 60, 60), (140, 60, 180)]
     for i, (name, c) in enumerate(curves.items()):
         colour = palette[i % len(palette)]
@@ -775,34 +776,25 @@ def line_chart(curves: dict, path: str, title: str):
             d.line([(X(x), Y(y)) for x, y in c], fill=colour, width=2)
         for x, y in c:
             d.ellipse([X(x) - 2, Y(y) - 2, X(x) + 2, Y(y) + 2], fill=colour)
-        d.text((W - 140, top + 16 * i), name, fill=colour)
+        d.text((CHART_W - 140, CHART_TOP + 16 * i), name, fill=colour)
     img.save(path)
 
 
 def bar_chart(rows: list[tuple[str, float, float]], path: str, title: str):
-    """A grouped bar chart (CR and VQA accuracy per model) with Pillow only."""
-    from PIL import Image, ImageDraw
-    W, H, left, bottom, top = 760, 420, 60, 60, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    d.text((left, 10), title, fill="black")
-    plot_h = H - top - bottom
-    for v in range(0, 101, 20):  # y axis in percent
-        y = H - bottom - plot_h * v / 100
-        d.line([(left, y), (W - 20, y)], fill=(225, 225, 225))
-        d.text((10, y - 6), f"{v}%", fill="black")
-    slot = (W - left - 20) / max(1, len(rows))
+    """A grouped bar chart (CR and VQA accuracy per model)."""
+    img, d, Y = percent_canvas(title, 0.0, right=20, step=20)
+    slot = (CHART_W - CHART_LEFT - 20) / max(1, len(rows))
     colours = {"CR": (70, 110, 200), "VQA": (230, 140, 50)}
     for i, (name, cr, vqa) in enumerate(rows):
-        x0 = left + i * slot + slot * 0.15
+        x0 = CHART_LEFT + i * slot + slot * 0.15
         for j, (metric, v) in enumerate((("CR", cr), ("VQA", vqa))):
             bx = x0 + j * slot * 0.35
-            d.rectangle([bx, H - bottom - plot_h * v / 100, bx + slot * 0.3, H - bottom], fill=colours[metric])
-            d.text((bx, H - bottom - plot_h * v / 100 - 14), f"{v:.1f}", fill="black")
-        d.text((x0, H - bottom + 8), name, fill="black")
+            d.rectangle([bx, Y(v), bx + slot * 0.3, Y(0)], fill=colours[metric])
+            d.text((bx, Y(v) - 14), f"{v:.1f}", fill="black")
+        d.text((x0, Y(0) + 8), name, fill="black")
     for j, (metric, c) in enumerate(colours.items()):
-        d.rectangle([W - 160 + j * 70, 12, W - 150 + j * 70, 22], fill=c)
-        d.text((W - 146 + j * 70, 10), metric, fill="black")
+        d.rectangle([CHART_W - 160 + j * 70, 12, CHART_W - 150 + j * 70, 22], fill=c)
+        d.text((CHART_W - 146 + j * 70, 10), metric, fill="black")
     img.save(path)
 
 
@@ -854,7 +846,11 @@ def demo(args):
     phases.update(1)
     phases.close()
 
-    seeds = [0, 1, 2] if args.full else [int(x) for x in args.demo_seeds.split(",")] if args.demo_seeds else [args.seed]
+    seeds = [args.seed]
+    if args.full:
+        seeds = [0, 1, 2]
+    elif args.demo_seeds:
+        seeds = [int(x) for x in args.demo_seeds.split(",")]
     # kd = LLaVA-KD-style logit distillation (no VAT, no TAF); compodistill = VAT + TAF
     variants = [("sft", "sft", ()), ("kd", "kd", ("--no-taf",)), ("compodistill", "compodistill", ())]
     if args.full:  # the paper's ablations (METHOD.md section 7)
