@@ -340,7 +340,8 @@ def init_distributed(backend: str):
 
 def validate_cr(student, tokenizer, image_processor, items: dict, device) -> dict:
     """In-loop validation: CR accuracy of the model being trained on a SugarCrepe-layout set, by the
-    paper's protocol (evaluate.eval_sugarcrepe: 2-choice, both orders, greedy). The learning curve."""
+    paper's protocol (METHOD.md section 6; evaluate.eval_sugarcrepe: 2-choice, both orders, greedy). The
+    learning curve."""
     import evaluate as E
     generate, _ = E.model_fns(student, tokenizer, image_processor, device, batch_size=64, max_new_tokens=4,
                               progress=False)
