@@ -206,8 +206,9 @@ def _scores(q, k, bias):
 
 
 class _VisualKeyProbs(torch.autograd.Function):
-    """A~ of METHOD.md section 3 for one chunk: P[..., visual keys] with P = softmax(q k^T + bias) over ALL n keys, and a hand-written backward
-    that recomputes P from q and k, so nothing of size (B, H, c, n) is kept between forward and backward.
+    """A~ of METHOD.md section 3 for one chunk: P[..., visual keys] with P = softmax(q k^T + bias) over
+    ALL n keys, and a hand-written backward that recomputes P from q and k, so nothing of size
+    (B, H, c, n) is kept between forward and backward.
 
     For a = P_{t,v} (v a visual key) and s the scores: da/ds_j = a (1[j = v] - P_j), hence
         ds = scatter_v(g * a) - P * sum_v(g * a)          (g = dL/da, one (B, H, c, n) buffer)
