@@ -27,9 +27,11 @@ def world(tmp_path_factory):
     return str(root)
 
 
-def sharpen(mllm, factor=8.0):
-    """Scale the random q/k projections: at the default init (std 0.02) every attention row is close to
-    uniform and any two maps have cosine ~1, so a comparison would prove little."""
+def sharpen(mllm, std=0.16):
+    """Scale the random q/k projections to weight std `std`: at Qwen2's default init (0.02) every attention
+    row is close to uniform and any two maps have cosine ~1, so a comparison would prove little; much
+    larger (the teacher preset's own 0.125 x 8) and the rows are one-hot and badly conditioned."""
+    factor = std / mllm.language_model.config.initializer_range
     with torch.no_grad():
         for layer in mllm.language_model.model.layers:
             layer.self_attn.q_proj.weight.mul_(factor)
