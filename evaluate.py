@@ -548,11 +548,14 @@ def read_vqav2(root, image_pattern="COCO_val2014_%012d.jpg", limit=None):
 
 def eval_vqav2(generate_fn, items):
     """LLaVA-1.5 prompt; each prediction goes through EvalAIAnswerProcessor (LLaVA's submission step),
-    then the official accuracy. `accuracy` = round(100 * mean, 2), also per answer type."""
+    then the official accuracy. `accuracy` = round(100 * mean, 2), also per answer type and per question
+    type (the official evaluation's perAnswerType / perQuestionType)."""
     preds = ask(generate_fn, [vqa_request(it["image"], it["question"]) for it in items])
     accs = [vqa_accuracy(evalai_answer_processor(p), it["answers"]) for p, it in zip(preds, items)]
     metrics = {"n": len(items), "accuracy": round(pct(accs), 2),
-               "by_answer_type": {k: round(v, 2) for k, v in grouped(accs, [it["answer_type"] for it in items]).items()}}
+               "by_answer_type": {k: round(v, 2) for k, v in grouped(accs, [it["answer_type"] for it in items]).items()},
+               "by_question_type": {k: round(v, 2) for k, v in
+                                    grouped(accs, [it["question_type"] for it in items]).items()}}
     records = [{"benchmark": "vqav2", "question_id": it["id"], "answer": p, "accuracy": a}
                for it, p, a in zip(items, preds, accs)]
     return metrics, records

@@ -729,7 +729,7 @@ def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
     vqa, _ = E.eval_vqav2(gen, E.read_vqav2(os.path.join(bench_dir, "vqav2"), data.VQAV2_IMAGE_PATTERN.replace(
         "{image_id:012d}", "%012d")))
     return {"cr": cr["average"], "cr_subsets": {k: v["average"] for k, v in cr["subsets"].items()},
-            "vqa": vqa["accuracy"]}
+            "vqa": vqa["accuracy"], "vqa_by_question_type": vqa["by_question_type"]}
 
 
 def learning_curve(out: str) -> list[tuple[int, float]]:
@@ -903,6 +903,14 @@ def demo(args):
         summary[name] = {"cr": cr, "vqa": vqa, "attn_dist": dist}
         lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in sub) +
                      f" | {fmt(*cr)} | {fmt(*vqa)} | {dist[0]:.4f} | {secs:.0f} |")
+    # VQA per question type: which recognition skills each model has (a "What color is the X?" answered
+    # by one fixed colour shows up here, not in the average)
+    qtypes = list(results["teacher"]["vqa_by_question_type"])
+    lines += ["", "| model (VQA by question type) | " + " | ".join(qtypes) + " |", "|---" * (len(qtypes) + 1) + "|"]
+    for name in [n for n, _, _ in variants] + ["teacher"]:
+        rs = results[name] if isinstance(results[name], list) else [results[name]]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{sum(r['vqa_by_question_type'][q] for r in rs) / len(rs):.1f}" for q in qtypes) + " |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(root, "results.json"), "w") as f:

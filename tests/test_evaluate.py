@@ -136,6 +136,7 @@ def test_vqav2_reader_and_protocol(tmp_path):
     # "Yes" -> "yes" before the official metric: 1.0; "Two" -> "2", m = 2: 0.6 -> mean 80.0
     assert metrics["accuracy"] == 80.0
     assert metrics["by_answer_type"] == {"yes/no": 100.0, "number": 60.0}
+    assert metrics["by_question_type"] == {"is it": 100.0, "how many": 60.0}
 
 
 def test_vqav2_image_pattern(tmp_path):
