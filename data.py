@@ -480,6 +480,17 @@ def random_scene(rng):
             "jitter": [[rng.random(), rng.random()] for _ in objects]}
 
 
+def patch_labels(scene):
+    """Per vision patch (row-major over the GRID x GRID cells, one object per cell at most): (shape, colour,
+    size) as 1-based indices into SHAPES / COLORS / SIZES, 0 for an empty cell. The targets of the tiny
+    vision encoder's pre-training (train.pretrain_vision_encoder)."""
+    labels = [[0, 0, 0] for _ in range(GRID * GRID)]
+    for o in scene["objects"]:
+        labels[o["row"] * GRID + o["col"]] = [1 + SHAPES.index(o["shape"]), 1 + list(COLORS).index(o["color"]),
+                                              1 + list(SIZES).index(o["size"])]
+    return labels
+
+
 def scene_key(scene):
     return tuple(sorted((o["shape"], o["color"], o["size"], o["row"], o["col"]) for o in scene["objects"]))
 

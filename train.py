@@ -39,6 +39,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -613,7 +614,8 @@ def vat_rows(args) -> str:
 DEMO_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_teacher")
 # One budget for every student (same data, steps, seed). Micro-batch = global batch on one CPU.
 DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_steps=300,
-            teacher_lr=1e-3, teacher_recog_steps=1200, teacher_mix_steps=2400, max_len=256,
+            teacher_lr=2e-3, vision_steps=1500, vision_scenes=8000, teacher_lookup_steps=1000,
+            teacher_mix_steps=3000, max_len=256,
             eval_every=150, eval_limit=20)
 
 
@@ -635,27 +637,52 @@ def caption_verification(instruct: list) -> list:
             for key, ans in (("caption", "yes"), ("negative_caption", "no"))]
 
 
+def lookup_questions(scenes_json: str, images: set, seed: int = 0) -> list:
+    """The teacher's first curriculum step: for every training image, one conversation that asks the colour
+    and the size of each object by its shape, and the shape of each object whose colour is unique (the
+    VQA questions of data.vqa_question, all of them, shuffled). Every answer needs the one-hop grounding
+    (find the cell the question names, read it out) that the compositional questions build on."""
+    import random
+    import data
+    with open(scenes_json) as f:
+        scenes = json.load(f)
+    rng, out = random.Random(seed), []
+    for k in sorted(images):
+        objs = scenes[k]["objects"]
+        qa = [(f"What color is the {o['shape']}?", o["color"]) for o in objs]
+        qa += [(f"What size is the {o['shape']}?", o["size"]) for o in objs]
+        qa += [(f"What shape is the {o['color']} object?", o["shape"]) for o in objs
+               if sum(p["color"] == o["color"] for p in objs) == 1]
+        rng.shuffle(qa)
+        conv = []
+        for i, (q, a) in enumerate(qa):
+            conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q + data.VQA_SUFFIX},
+                     {"from": "gpt", "value": a}]
+        out.append({"id": f"lookup_{len(out):06d}", "image": k, "task": "recognition", "conversations": conv})
+    return out
+
+
 def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
-    """Synthesise the shapes world once and derive the demo's data files from it:
-    recognition-only (the teacher's curriculum, phase 1) and text-only (the student LM's pre-training:
-    captions and questions without images, so the student starts as a *language* model like the paper's)."""
+    """Synthesise the shapes world once and derive the demo's data files from it: the teacher's curriculum
+    (one-hop lookup questions, then the instruction mix + caption verification + the lookup questions) and
+    text-only data (the student LM's pre-training: captions and questions without images, so the student
+    starts as a *language* model like the paper's)."""
     import data
     d = os.path.join(root, "data")
     if not os.path.exists(os.path.join(d, "instruct.json")):
         data.synthesize(d, seed=seed, **(sizes or {}))
     instruct = data.load_llava_json(os.path.join(d, "instruct.json"))
     pretrain = data.load_llava_json(os.path.join(d, "pretrain.json"))
-    recog = [x for x in instruct if x["task"] in ("recognition", "text")]
     verify = caption_verification(instruct)
-    recog = recog + verify
     text = []
     for x in pretrain + instruct:
         conv = [dict(c, value=c["value"].replace("<image>\n", "").replace("<image>", "")) for c in x["conversations"]]
         text.append({"id": "text_" + x["id"], "task": "text", "conversations": conv})
+    lookup = lookup_questions(os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}, seed)
     return {"dir": d, "images": d, "tokenizer": os.path.join(d, "tokenizer"),
-            "instruct_verify": _demo_json(instruct + verify, os.path.join(d, "instruct_verify.json")),
+            "lookup": _demo_json(lookup, os.path.join(d, "lookup.json")),
+            "teacher_mix": _demo_json(instruct + verify + lookup, os.path.join(d, "teacher_mix.json")),
             "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
-            "recognition": _demo_json(recog, os.path.join(d, "recognition.json")),
             "text": _demo_json(text, os.path.join(d, "text_only.json"))}
 
 
@@ -667,17 +694,71 @@ def _common(b, paths, out, steps, seed, *extra, lr=None):
             "--quiet", *extra]
 
 
+def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, steps: int = 1500, batch: int = 64,
+                            n_scenes: int = 8000, lr: float = 2e-3, seed: int = 0) -> dict:
+    """The tiny encoder's stand-in for SigLIP's pre-training: a linear read-out of every patch's last hidden
+    state is trained to name that cell's shape (or "empty"), colour and size (data.patch_labels), on freshly
+    drawn scenes that exclude every benchmark scene in `scenes_json`. Updates `vision` in place and leaves it
+    frozen; returns the held-out per-object accuracies. (The paper's students and teacher share a pretrained
+    encoder; a random one hands the LLM raw pixels and makes grounding far slower to learn.)"""
+    import data
+    with open(scenes_json) as f:
+        benchmark = {data.scene_key(s) for k, s in json.load(f).items() if "sugarcrepe" in k or "vqav2" in k}
+    rng, scenes = random.Random(seed), []
+    while len(scenes) < n_scenes:
+        s = data.random_scene(rng)
+        if data.scene_key(s) not in benchmark:
+            scenes.append(s)
+    pixels = torch.stack([data.process_image(processor, data.draw_scene(s)) for s in scenes])
+    labels = torch.tensor([data.patch_labels(s) for s in scenes])  # (N, patches, 3)
+    sizes = (len(data.SHAPES) + 1, len(data.COLORS) + 1, len(data.SIZES) + 1)
+    torch.manual_seed(seed)
+    head = nn.Linear(vision.config.hidden_size, sum(sizes))
+    vision.requires_grad_(True).train()
+    opt = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
+    n_train = n_scenes - 500
+
+    def losses_and_logits(idx):
+        logits = head(vision(pixels[idx], output_hidden_states=True).hidden_states[-1]).split(sizes, dim=-1)
+        return sum(F.cross_entropy(lg.flatten(0, 1), labels[idx][..., k].flatten()) for k, lg in enumerate(logits)), logits
+    for _ in tqdm(range(steps), desc="vision encoder pre-training", dynamic_ncols=True, leave=False):
+        loss, _ = losses_and_logits(torch.randint(0, n_train, (batch,)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vision.requires_grad_(False).eval()
+    with torch.no_grad():
+        _, logits = losses_and_logits(torch.arange(n_train, n_scenes))
+    y = labels[n_train:]
+    obj = y[..., 0] > 0
+    return {k: round(100 * float((lg.argmax(-1)[obj] == y[..., i][obj]).float().mean()), 1)
+            for i, (k, lg) in enumerate(zip(("shape", "colour", "size"), logits))}
+
+
 def demo_teacher(b: dict, paths, out: str) -> str:
-    """The tiny teacher, by the standard LLaVA recipe with a recognition-first curriculum: recognition
-    and yes/no caption-verification questions first, then the full instruction mix (2-choice
-    compositional questions included) plus the verification questions. This is how the shipped
-    assets/demo_teacher was made (`python train.py --demo --demo-train-teacher`)."""
-    a = os.path.join(out, "recognition")
-    main(["--stage", "llava", "--init", "preset:teacher", "--tokenizer", paths["tokenizer"], "--data",
-          paths["recognition"], "--trainable", "adapter+llm",
-          *_common(b, paths, a, b["teacher_recog_steps"], 0, lr=b["teacher_lr"])])
-    main(["--stage", "llava", "--init", a, "--data", paths["instruct_verify"], "--trainable", "adapter+llm",
-          *_common(b, paths, out, b["teacher_mix_steps"], 0, lr=b["teacher_lr"])])
+    """The tiny teacher. Its vision encoder is first pre-trained (pretrain_vision_encoder) and read at its
+    last layer; then the standard LLaVA recipe with a grounding-first curriculum: the one-hop lookup
+    questions alone (lookup_questions), then the full instruction mix (2-choice compositional questions
+    included) plus yes/no caption-verification questions (caption_verification) and the lookup questions.
+    This is how the shipped assets/demo_teacher was made (`python train.py --demo --demo-train-teacher`)."""
+    import data
+    tok = data.load_tokenizer(paths["tokenizer"])
+    init = os.path.join(out, "init")
+    teacher = M.from_preset("teacher", tok)
+    acc = pretrain_vision_encoder(teacher.vision_tower, M.make_image_processor(teacher.vision_tower.config),
+                                  os.path.join(paths["dir"], "scenes.json"), steps=b["vision_steps"],
+                                  n_scenes=b["vision_scenes"])
+    teacher.vision_feature_layer = -1  # the pre-trained encoder's output (the preset reads layer 0)
+    M.save_pretrained(teacher, init, tok)
+    with open(os.path.join(init, "vision_pretraining.json"), "w") as f:
+        json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
+    prev = init
+    for name, data_key, steps in (("lookup", "lookup", b["teacher_lookup_steps"]),
+                                  (None, "teacher_mix", b["teacher_mix_steps"])):
+        phase_out = os.path.join(out, name) if name else out
+        main(["--stage", "llava", "--init", prev, "--data", paths[data_key], "--trainable", "adapter+llm",
+              *_common(b, paths, phase_out, steps, 0, lr=b["teacher_lr"])])
+        prev = phase_out
     return out
 
 
@@ -713,6 +794,7 @@ def demo_student_lm(b: dict, paths, teacher: str, out: str) -> str:
     student = M.from_preset("student", tok)
     te, _, _ = M.load_pretrained(teacher)
     student.vision_tower.load_state_dict(te.vision_tower.state_dict())
+    student.vision_feature_layer = te.vision_feature_layer
     init = os.path.join(out, "init")
     M.save_pretrained(student, init, tok)
     main(["--stage", "llava", "--init", init, "--data", paths["text"], "--trainable", "adapter+llm",
@@ -826,7 +908,8 @@ def demo(args):
     b = dict(DEMO)
     sizes = None
     if args.demo_quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
-        b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_recog_steps=2, teacher_mix_steps=2,
+        b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_mix_steps=2,
+                 vision_steps=2, vision_scenes=600, teacher_lookup_steps=2,
                  eval_every=1, eval_limit=1)
         sizes = dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
                      n_val_vqa=2, progress=False)
@@ -902,7 +985,7 @@ def demo(args):
         secs = sum(r["seconds"] for r in rs) / len(rs)
         summary[name] = {"cr": cr, "vqa": vqa, "attn_dist": dist}
         lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in sub) +
-                     f" | {fmt(*cr)} | {fmt(*vqa)} | {dist[0]:.4f} | {secs:.0f} |")
+                     f" | {fmt(*cr)} | {fmt(*vqa)} | {'-' if name == 'teacher' else f'{dist[0]:.4f}'} | {secs:.0f} |")
     # VQA per question type: which recognition skills each model has (a "What color is the X?" answered
     # by one fixed colour shows up here, not in the average)
     qtypes = list(results["teacher"]["vqa_by_question_type"])

@@ -48,3 +48,62 @@ def test_shipped_teacher_matches_a_freshly_synthesised_world(tmp_path):
     import data
     paths = train.demo_data(str(tmp_path))
     train.check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(train.DEMO_TEACHER))
+
+
+def test_vision_encoder_pretraining_reads_each_patch_and_never_sees_a_benchmark_scene(tmp_path):
+    """The read-out is trained per patch against data.patch_labels: if patches and labels were misaligned
+    (another raster order, a CLS offset) colour and size could not beat chance (1/6, 1/2)."""
+    import torch
+    import data
+    import model as M
+    torch.manual_seed(0)
+    world = tmp_path / "w"
+    data.synthesize(str(world), seed=0, n_pretrain=8, n_instruct=8, n_images=8, n_sugarcrepe=3, n_vqa=3,
+                    n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
+    tok = data.load_tokenizer(train.DEMO_TEACHER)
+    m = M.from_preset("teacher", tok)
+    before = {k: v.clone() for k, v in m.vision_tower.state_dict().items()}
+    with open(world / "scenes.json") as f:
+        bench = [s for k, s in json.load(f).items() if "sugarcrepe" in k or "vqav2" in k]
+    drawn = []
+    real_random_scene = data.random_scene
+
+    def benchmark_scenes_first(rng):  # offer every benchmark scene first: each must be refused
+        s = bench[len(drawn)] if len(drawn) < len(bench) else real_random_scene(rng)
+        drawn.append(s)
+        return s
+    data.random_scene = benchmark_scenes_first
+    try:
+        acc = train.pretrain_vision_encoder(m.vision_tower, M.make_image_processor(m.vision_tower.config),
+                                            str(world / "scenes.json"), steps=200, n_scenes=2500)
+    finally:
+        data.random_scene = real_random_scene
+    assert len(bench) >= 10 and len(drawn) == len(bench) + 2500
+    assert acc["colour"] > 90 and acc["size"] > 90, acc
+    assert any(not torch.equal(before[k], v) for k, v in m.vision_tower.state_dict().items())
+    assert not any(p.requires_grad for p in m.vision_tower.parameters())
+
+
+def test_lookup_questions_are_true_of_their_image(tmp_path):
+    import data
+    world = tmp_path / "w"
+    data.synthesize(str(world), seed=1, n_pretrain=30, n_instruct=8, n_images=30, n_sugarcrepe=2, n_vqa=2,
+                    n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
+    scenes = json.load(open(world / "scenes.json"))
+    images = {x["image"] for x in data.load_llava_json(str(world / "pretrain.json"))}
+    samples = train.lookup_questions(str(world / "scenes.json"), images)
+    assert {x["image"] for x in samples} == images
+    n = 0
+    for x in samples:
+        objs = scenes[x["image"]]["objects"]
+        conv = x["conversations"]
+        assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in c["value"] for c in conv) == 1
+        for q, a in zip(conv[::2], conv[1::2]):
+            words = q["value"].split("\n")[-2].rstrip("?").split()  # "What color is the circle"
+            if words[1] == "shape":  # "What shape is the red object": exactly one red object, and it is a
+                assert [o["shape"] for o in objs if o["color"] == words[4]] == [a["value"]]
+            else:
+                key = {"color": "color", "size": "size"}[words[1]]
+                assert [o[key] for o in objs if o["shape"] == words[4]] == [a["value"]]
+            n += 1
+    assert n >= 30 * 4  # at least colour + size of two objects per image
