@@ -640,9 +640,9 @@ def caption_verification(instruct: list) -> list:
 def lookup_questions(scenes_json: str, images: set, seed: int = 0) -> list:
     """The teacher's first curriculum step: for every training image, one conversation that asks the colour
     and the size of each object by its shape, and the shape of each object whose colour is unique (the
-    VQA questions of data.vqa_question, all of them, shuffled). Every answer needs the one-hop grounding
-    (find the cell the question names, read it out) that the compositional questions build on."""
-    import random
+    colour / size / shape questions of data.vqa_question, in the same wording; all of them, shuffled).
+    Every answer needs the one-hop grounding (find the cell the question names, read it out) that the
+    compositional questions build on."""
     import data
     with open(scenes_json) as f:
         scenes = json.load(f)
@@ -702,6 +702,10 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
     frozen; returns the held-out per-object accuracies. (The paper's students and teacher share a pretrained
     encoder; a random one hands the LLM raw pixels and makes grounding far slower to learn.)"""
     import data
+    n_held_out = 500
+    if n_scenes <= n_held_out:
+        raise ValueError(f"pretrain_vision_encoder: n_scenes={n_scenes} leaves no training scenes after the "
+                         f"{n_held_out} held out for the accuracy check")
     with open(scenes_json) as f:
         benchmark = {data.scene_key(s) for k, s in json.load(f).items() if "sugarcrepe" in k or "vqav2" in k}
     rng, scenes = random.Random(seed), []
@@ -716,7 +720,7 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
     head = nn.Linear(vision.config.hidden_size, sum(sizes))
     vision.requires_grad_(True).train()
     opt = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
-    n_train = n_scenes - 500
+    n_train = n_scenes - n_held_out
 
     def losses_and_logits(idx):
         logits = head(vision(pixels[idx], output_hidden_states=True).hidden_states[-1]).split(sizes, dim=-1)
