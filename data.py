@@ -728,19 +728,33 @@ def hard_negative(rng, scene, subset, tries=30):
 # Recognition questions (VQA style, single-word answers) and text-only questions
 
 
+def lookup_question(kind, o, objs):
+    """The one-hop questions (name an object by one attribute, ask for another): "color" / "size" of the
+    object with o's shape, or "shape" of the object with o's colour. -> (question, answer), or None for
+    "shape" when o's colour is not unique in `objs` (the question would be ambiguous)."""
+    if kind == "color":
+        return f"What color is the {o['shape']}?", o["color"]
+    if kind == "size":
+        return f"What size is the {o['shape']}?", o["size"]
+    if sum(p["color"] == o["color"] for p in objs) == 1:
+        return f"What shape is the {o['color']} object?", o["shape"]
+    return None
+
+
 def vqa_question(rng, scene):
     """-> (question, answer, question_type, answer_type) about one scene."""
     objs = scene["objects"]
     kind = rng.choice(["color", "shape", "count", "count_color", "exist", "size", "where"])
     o = rng.choice(objs)
     if kind == "color":
-        return f"What color is the {o['shape']}?", o["color"], "what color is the", "other"
+        return *lookup_question("color", o, objs), "what color is the", "other"
     if kind == "shape":
-        if sum(p["color"] == o["color"] for p in objs) == 1:
-            return f"What shape is the {o['color']} object?", o["shape"], "what", "other"
+        qa = lookup_question("shape", o, objs)
+        if qa is not None:
+            return *qa, "what", "other"
         kind = "size"
     if kind == "size":
-        return f"What size is the {o['shape']}?", o["size"], "what", "other"
+        return *lookup_question("size", o, objs), "what", "other"
     if kind == "count":
         return "How many objects are there?", str(len(objs)), "how many", "number"
     if kind == "count_color":

@@ -639,8 +639,8 @@ def caption_verification(instruct: list) -> list:
 
 def lookup_questions(scenes_json: str, images: set, seed: int = 0) -> list:
     """The teacher's first curriculum step: for every training image, one conversation that asks the colour
-    and the size of each object by its shape, and the shape of each object whose colour is unique (the
-    colour / size / shape questions of data.vqa_question, in the same wording; all of them, shuffled).
+    and the size of each object by its shape, and the shape of each object whose colour is unique
+    (data.lookup_question, the wording of the VQA questions; all of them, shuffled).
     Every answer needs the one-hop grounding (find the cell the question names, read it out) that the
     compositional questions build on."""
     import data
@@ -649,10 +649,8 @@ def lookup_questions(scenes_json: str, images: set, seed: int = 0) -> list:
     rng, out = random.Random(seed), []
     for k in sorted(images):
         objs = scenes[k]["objects"]
-        qa = [(f"What color is the {o['shape']}?", o["color"]) for o in objs]
-        qa += [(f"What size is the {o['shape']}?", o["size"]) for o in objs]
-        qa += [(f"What shape is the {o['color']} object?", o["shape"]) for o in objs
-               if sum(p["color"] == o["color"] for p in objs) == 1]
+        qa = [q for kind in ("color", "size", "shape") for o in objs
+              if (q := data.lookup_question(kind, o, objs)) is not None]
         rng.shuffle(qa)
         conv = []
         for i, (q, a) in enumerate(qa):
