@@ -968,32 +968,36 @@ def demo(args):
     total = time.time() - t0
 
     # --- the table ---------------------------------------------------------------------------------
+    def runs_of(name):  # the teacher is one run, each student one run per seed
+        return results[name] if isinstance(results[name], list) else [results[name]]
+
     def agg(name, key):
-        vals = [r[key] for r in results[name]] if isinstance(results[name], list) else [results[name][key]]
+        vals = [r[key] for r in runs_of(name)]
         mean = sum(vals) / len(vals)
         std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
         return mean, std
 
+    names = [n for n, _, _ in variants] + ["teacher"]
     subsets = list(results["teacher"]["cr_subsets"])
     fmt = (lambda m, s: f"{m:.1f} ± {s:.1f}") if len(seeds) > 1 else (lambda m, s: f"{m:.1f}")
     lines = ["| model | " + " | ".join(subsets) + " | CR avg | VQA | attn dist (1-cos) | time (s) |",
              "|---" * (len(subsets) + 5) + "|"]
     summary = {}
-    for name in [n for n, _, _ in variants] + ["teacher"]:
-        rs = results[name] if isinstance(results[name], list) else [results[name]]
+    for name in names:
+        rs = runs_of(name)
         sub = [sum(r["cr_subsets"][k] for r in rs) / len(rs) for k in subsets]
         cr, vqa = agg(name, "cr"), agg(name, "vqa")
-        dist = agg(name, "attn_dist") if name != "teacher" else (float("nan"), 0.0)
+        dist = agg(name, "attn_dist") if name != "teacher" else None  # to itself: not measured
         secs = sum(r["seconds"] for r in rs) / len(rs)
         summary[name] = {"cr": cr, "vqa": vqa, "attn_dist": dist}
         lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in sub) +
-                     f" | {fmt(*cr)} | {fmt(*vqa)} | {'-' if name == 'teacher' else f'{dist[0]:.4f}'} | {secs:.0f} |")
+                     f" | {fmt(*cr)} | {fmt(*vqa)} | {'-' if dist is None else f'{dist[0]:.4f}'} | {secs:.0f} |")
     # VQA per question type: which recognition skills each model has (a "What color is the X?" answered
     # by one fixed colour shows up here, not in the average)
     qtypes = list(results["teacher"]["vqa_by_question_type"])
     lines += ["", "| model (VQA by question type) | " + " | ".join(qtypes) + " |", "|---" * (len(qtypes) + 1) + "|"]
-    for name in [n for n, _, _ in variants] + ["teacher"]:
-        rs = results[name] if isinstance(results[name], list) else [results[name]]
+    for name in names:
+        rs = runs_of(name)
         lines.append(f"| {name} | " + " | ".join(
             f"{sum(r['vqa_by_question_type'][q] for r in rs) / len(rs):.1f}" for q in qtypes) + " |")
     table = "\n".join(lines)
@@ -1018,7 +1022,7 @@ def demo(args):
     demo_heatmaps(teacher, {"KD": results["kd"][0]["dir"], "CompoDistill": results["compodistill"][0]["dir"]},
                   attention_requests[::20][:6], os.path.join(root, "heatmaps"))
     print(f"total time {total / 60:.1f} min; results in {root}")
-    v = {n: summary[n] for n in summary}
+    v = summary
     print(f"RESULT sft_cr={v['sft']['cr'][0]:.1f} kd_cr={v['kd']['cr'][0]:.1f} "
           f"compodistill_cr={v['compodistill']['cr'][0]:.1f} teacher_cr={v['teacher']['cr'][0]:.1f} "
           f"sft_vqa={v['sft']['vqa'][0]:.1f} kd_vqa={v['kd']['vqa'][0]:.1f} "

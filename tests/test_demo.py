@@ -100,10 +100,10 @@ def test_lookup_questions_are_true_of_their_image(tmp_path):
         assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in c["value"] for c in conv) == 1
         for q, a in zip(conv[::2], conv[1::2]):
             words = q["value"].split("\n")[-2].rstrip("?").split()  # "What color is the circle"
-            if words[1] == "shape":  # "What shape is the red object": exactly one red object, and it is a
+            if words[1] == "shape":  # "What shape is the red object": exactly one red object, of that shape
                 assert [o["shape"] for o in objs if o["color"] == words[4]] == [a["value"]]
-            else:
-                key = {"color": "color", "size": "size"}[words[1]]
-                assert [o[key] for o in objs if o["shape"] == words[4]] == [a["value"]]
+            else:  # "What color/size is the circle": the one circle's colour/size
+                assert words[1] in ("color", "size"), q["value"]
+                assert [o[words[1]] for o in objs if o["shape"] == words[4]] == [a["value"]]
             n += 1
     assert n >= 30 * 4  # at least colour + size of two objects per image
