@@ -615,7 +615,7 @@ DEMO_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets"
 # One budget for every student (same data, steps, seed). Micro-batch = global batch on one CPU.
 DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_steps=300,
             teacher_lr=2e-3, vision_steps=1500, vision_scenes=8000, teacher_lookup_steps=1000,
-            teacher_mix_steps=3000, max_len=256,
+            teacher_mix_steps=3000, teacher_cr_steps=3000, teacher_cr_batch=32, max_len=256,
             eval_every=150, eval_limit=20)
 
 
@@ -660,6 +660,34 @@ def lookup_questions(scenes_json: str, images: set, seed: int = 0) -> list:
     return out
 
 
+TEACHER_CR_SUBSETS = ("replace_att", "swap_att", "replace_obj", "swap_obj", "replace_rel", "add_att", "add_obj")
+
+
+def compositional_questions(scenes_json: str, images: set, seed: int = 0,
+                            subsets=TEACHER_CR_SUBSETS) -> list:
+    """The teacher's last curriculum step: for every training image, one 2-choice question per SugarCrepe
+    subset (the official prompt, data.SUGARCREPE_PROMPT) with a fresh hard negative of that subset's kind
+    (data.hard_negative), the true caption first or second at random. 4,000 images x 7 subsets is ~3.5x the
+    compositional questions of the instruction mix: a tiny teacher leaves chance on CR only after
+    thousands of such steps (README, "What is known about the miniature's teacher")."""
+    import data
+    with open(scenes_json) as f:
+        scenes = json.load(f)
+    rng, out = random.Random(seed), []
+    for k in sorted(images):
+        for subset in subsets:
+            pair = data.hard_negative(rng, scenes[k], subset)
+            if pair is None:  # this scene has no negative of that kind (e.g. no attribute to swap)
+                continue
+            pos, neg = data.clause_text(pair[0]), data.clause_text(pair[1])
+            pos_first = rng.random() < 0.5
+            a, b = (pos, neg) if pos_first else (neg, pos)
+            out.append({"id": f"cr_{len(out):06d}", "image": k, "task": "compositional", "subset": subset,
+                        "conversations": [{"from": "human", "value": data.SUGARCREPE_PROMPT.format(a=a, b=b)},
+                                          {"from": "gpt", "value": "A" if pos_first else "B"}]})
+    return out
+
+
 def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
     """Synthesise the shapes world once and derive the demo's data files from it: the teacher's curriculum
     (one-hop lookup questions, then the instruction mix + caption verification + the lookup questions) and
@@ -677,9 +705,11 @@ def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
         conv = [dict(c, value=c["value"].replace("<image>\n", "").replace("<image>", "")) for c in x["conversations"]]
         text.append({"id": "text_" + x["id"], "task": "text", "conversations": conv})
     lookup = lookup_questions(os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}, seed)
+    cr = compositional_questions(os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}, seed)
     return {"dir": d, "images": d, "tokenizer": os.path.join(d, "tokenizer"),
             "lookup": _demo_json(lookup, os.path.join(d, "lookup.json")),
             "teacher_mix": _demo_json(instruct + verify + lookup, os.path.join(d, "teacher_mix.json")),
+            "teacher_cr": _demo_json(cr + lookup + instruct, os.path.join(d, "teacher_cr.json")),
             "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
             "text": _demo_json(text, os.path.join(d, "text_only.json"))}
 
@@ -741,8 +771,11 @@ def demo_teacher(b: dict, paths, out: str) -> str:
     """The tiny teacher. Its vision encoder is first pre-trained (pretrain_vision_encoder) and read at its
     last layer; then the standard LLaVA recipe with a grounding-first curriculum: the one-hop lookup
     questions alone (lookup_questions), then the full instruction mix (2-choice compositional questions
-    included) plus yes/no caption-verification questions (caption_verification) and the lookup questions.
-    This is how the shipped assets/demo_teacher was made (`python train.py --demo --demo-train-teacher`)."""
+    included) plus yes/no caption-verification questions (caption_verification) and the lookup questions,
+    then a long compositional phase: fresh 2-choice questions of every subset for every training image
+    (compositional_questions) + the lookups + the instruction mix, at batch 32, its validation CR logged
+    every 250 steps. This is how the shipped assets/demo_teacher was made
+    (`python train.py --demo --demo-train-teacher`)."""
     import data
     tok = data.load_tokenizer(paths["tokenizer"])
     init = os.path.join(out, "init")
@@ -755,11 +788,14 @@ def demo_teacher(b: dict, paths, out: str) -> str:
     with open(os.path.join(init, "vision_pretraining.json"), "w") as f:
         json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
     prev = init
-    for name, data_key, steps in (("lookup", "lookup", b["teacher_lookup_steps"]),
-                                  (None, "teacher_mix", b["teacher_mix_steps"])):
+    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every", "250"]
+    for name, data_key, steps, batch, extra in (
+            ("lookup", "lookup", b["teacher_lookup_steps"], b["batch"], ()),
+            ("mix", "teacher_mix", b["teacher_mix_steps"], b["batch"], ()),
+            (None, "teacher_cr", b["teacher_cr_steps"], b["teacher_cr_batch"], (*val, "--save-every", "500"))):
         phase_out = os.path.join(out, name) if name else out
         main(["--stage", "llava", "--init", prev, "--data", paths[data_key], "--trainable", "adapter+llm",
-              *_common(b, paths, phase_out, steps, 0, lr=b["teacher_lr"])])
+              *_common(dict(b, batch=batch), paths, phase_out, steps, 0, lr=b["teacher_lr"]), *extra])
         prev = phase_out
     return out
 
@@ -911,7 +947,7 @@ def demo(args):
     sizes = None
     if args.demo_quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
         b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_mix_steps=2,
-                 vision_steps=2, vision_scenes=600, teacher_lookup_steps=2,
+                 teacher_cr_steps=2, teacher_cr_batch=4, vision_steps=2, vision_scenes=600, teacher_lookup_steps=2,
                  eval_every=1, eval_limit=1)
         sizes = dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
                      n_val_vqa=2, progress=False)

@@ -107,3 +107,28 @@ def test_lookup_questions_are_true_of_their_image(tmp_path):
                 assert [o[words[1]] for o in objs if o["shape"] == words[4]] == [a["value"]]
             n += 1
     assert n >= 30 * 4  # at least colour + size of two objects per image
+
+
+def test_compositional_questions_point_to_the_true_caption(tmp_path):
+    """Parse each 2-choice prompt back into its two captions: the letter answered must name the caption that
+    is true of the image, the other must be false (a hard negative), and both orders must occur."""
+    import data
+    world = tmp_path / "w"
+    data.synthesize(str(world), seed=2, n_pretrain=40, n_instruct=8, n_images=40, n_sugarcrepe=2, n_vqa=2,
+                    n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
+    scenes = json.load(open(world / "scenes.json"))
+    images = {x["image"] for x in data.load_llava_json(str(world / "pretrain.json"))}
+    samples = train.compositional_questions(str(world / "scenes.json"), images)
+    assert {x["image"] for x in samples} == images
+    assert {x["subset"] for x in samples} == set(data.SUGARCREPE_SUBSETS)
+    letters = []
+    for x in samples:
+        q, a = x["conversations"][0]["value"], x["conversations"][1]["value"]
+        assert q.startswith("<image>\n")
+        a_text = q.split("(A) ")[1].split("\n")[0]
+        b_text = q.split("(B) ")[1].split("\n")[0]
+        true_of = {t: data.caption_is_true(scenes[x["image"]], data.parse_caption(t)) for t in (a_text, b_text)}
+        assert a_text != b_text
+        assert true_of == {a_text: a == "A", b_text: a == "B"}, (x["subset"], q, a)
+        letters.append(a)
+    assert 0.3 < letters.count("A") / len(letters) < 0.7
