@@ -945,6 +945,8 @@ def demo(args):
     os.makedirs(root, exist_ok=True)
     b = dict(DEMO)
     sizes = None
+    if args.demo_steps_x != 1:  # a longer (or shorter) student budget: stages 2-3 and the validation interval
+        b.update({k: max(1, round(b[k] * args.demo_steps_x)) for k in ("s2_steps", "s3_steps", "eval_every")})
     if args.demo_quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
         b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_mix_steps=2,
                  teacher_cr_steps=2, teacher_cr_batch=4, vision_steps=2, vision_scenes=600, teacher_lookup_steps=2,
@@ -1134,6 +1136,8 @@ def get_parser():
     p.add_argument("--full", action="store_true", help="with --demo: 3 seeds and the paper's ablations")
     p.add_argument("--demo-seeds", help="with --demo: comma-separated seeds for SFT/KD/CompoDistill (mean ± std), "
                    "without the ablations")
+    p.add_argument("--demo-steps-x", type=float, default=1.0, help="with --demo: multiply the students' stage-2 "
+                   "and stage-3 steps (and the validation interval) by this factor; same for every student")
     p.add_argument("--demo-quick", action="store_true", help=argparse.SUPPRESS)  # CI's end-to-end run
     p.add_argument("--demo-train-teacher", action="store_true", help="with --demo: train the teacher instead of "
                    "loading the shipped assets/demo_teacher")
