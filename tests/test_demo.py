@@ -9,6 +9,16 @@ from PIL import Image
 import train
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _width(path):
+    with Image.open(path) as im:
+        return im.size[0]
+
+
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "demo")
@@ -19,7 +29,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
                         r"sft_vqa=[\d.]+ kd_vqa=[\d.]+ compodistill_vqa=[\d.]+ kd_attn_dist=[\d.]+ "
                         r"compodistill_attn_dist=[\d.]+", last), last
     assert any(line.startswith("| model | ") for line in printed)
-    res = json.load(open(os.path.join(out, "results.json")))
+    res = _json(os.path.join(out, "results.json"))
     assert set(res["summary"]) == {"sft", "kd", "compodistill", "teacher"}
     for name in ("sft", "kd", "compodistill"):
         r = res["results"][name][0]
@@ -28,18 +38,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # the RESULT line reports the same numbers as results.json
     vals = dict(kv.split("=") for kv in last.split()[1:])
     assert abs(float(vals["kd_cr"]) - res["summary"]["kd"]["cr"][0]) < 0.06
-    assert Image.open(os.path.join(out, "results.png")).size[0] > 100
+    assert _width(os.path.join(out, "results.png")) > 100
     maps = os.listdir(os.path.join(out, "heatmaps"))
-    assert maps and all(Image.open(os.path.join(out, "heatmaps", m)).size[0] > 100 for m in maps)
+    assert maps and all(_width(os.path.join(out, "heatmaps", m)) > 100 for m in maps)
     # the three students saw the same data and steps
     for stage in ("stage1", "stage2", "stage3"):
         assert os.path.exists(os.path.join(out, "compodistill_seed0", stage, "model.safetensors"))
     # the learning curve: validation CR logged during stages 2 and 3 (2 + 2 steps, eval every step)
-    curves = json.load(open(os.path.join(out, "learning_curves.json")))
+    curves = _json(os.path.join(out, "learning_curves.json"))
     assert [x for x, _ in curves["compodistill"]] == [1, 2, 3, 4]
     assert [x for x, _ in curves["sft"]] == [1, 2, 3, 4]
     assert all(0 <= y <= 100 for c in curves.values() for _, y in c)
-    assert Image.open(os.path.join(out, "learning_curve.png")).size[0] > 100
+    assert _width(os.path.join(out, "learning_curve.png")) > 100
 
 
 def test_shipped_teacher_matches_a_freshly_synthesised_world(tmp_path):
@@ -89,7 +99,7 @@ def test_lookup_questions_are_true_of_their_image(tmp_path):
     world = tmp_path / "w"
     data.synthesize(str(world), seed=1, n_pretrain=30, n_instruct=8, n_images=30, n_sugarcrepe=2, n_vqa=2,
                     n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
-    scenes = json.load(open(world / "scenes.json"))
+    scenes = _json(world / "scenes.json")
     images = {x["image"] for x in data.load_llava_json(str(world / "pretrain.json"))}
     samples = train.lookup_questions(str(world / "scenes.json"), images)
     assert {x["image"] for x in samples} == images
@@ -116,7 +126,7 @@ def test_compositional_questions_point_to_the_true_caption(tmp_path):
     world = tmp_path / "w"
     data.synthesize(str(world), seed=2, n_pretrain=40, n_instruct=8, n_images=40, n_sugarcrepe=2, n_vqa=2,
                     n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
-    scenes = json.load(open(world / "scenes.json"))
+    scenes = _json(world / "scenes.json")
     images = {x["image"] for x in data.load_llava_json(str(world / "pretrain.json"))}
     samples = train.compositional_questions(str(world / "scenes.json"), images)
     assert {x["image"] for x in samples} == images
