@@ -690,7 +690,8 @@ def compositional_questions(scenes_json: str, images: set, seed: int = 0,
 
 def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
     """Synthesise the shapes world once and derive the demo's data files from it: the teacher's curriculum
-    (one-hop lookup questions, then the instruction mix + caption verification + the lookup questions) and
+    (one-hop lookup questions, then the instruction mix + caption verification + the lookup questions, then
+    fresh 2-choice compositional questions + the lookups + the instruction mix) and
     text-only data (the student LM's pre-training: captions and questions without images, so the student
     starts as a *language* model like the paper's)."""
     import data
@@ -941,6 +942,8 @@ def demo(args):
     (default runs/demo); the last line is the RESULT line."""
     import data
     import evaluate as E
+    if args.demo_steps_x <= 0:
+        raise SystemExit(f"--demo-steps-x must be positive, got {args.demo_steps_x}")
     root = args.out or os.path.join("runs", "demo")
     os.makedirs(root, exist_ok=True)
     b = dict(DEMO)
