@@ -705,8 +705,9 @@ def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
     for x in pretrain + instruct:
         conv = [dict(c, value=c["value"].replace("<image>\n", "").replace("<image>", "")) for c in x["conversations"]]
         text.append({"id": "text_" + x["id"], "task": "text", "conversations": conv})
-    lookup = lookup_questions(os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}, seed)
-    cr = compositional_questions(os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}, seed)
+    scenes_json, images = os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}
+    lookup = lookup_questions(scenes_json, images, seed)
+    cr = compositional_questions(scenes_json, images, seed)
     return {"dir": d, "images": d, "tokenizer": os.path.join(d, "tokenizer"),
             "lookup": _demo_json(lookup, os.path.join(d, "lookup.json")),
             "teacher_mix": _demo_json(instruct + verify + lookup, os.path.join(d, "teacher_mix.json")),

@@ -94,14 +94,19 @@ def test_vision_encoder_pretraining_reads_each_patch_and_never_sees_a_benchmark_
     assert not any(p.requires_grad for p in m.vision_tower.parameters())
 
 
-def test_lookup_questions_are_true_of_their_image(tmp_path):
+def _training_world(tmp_path, seed, n_images):
+    """A small synthesised world without a tokenizer -> (scenes.json path, scenes, training image names)."""
     import data
     world = tmp_path / "w"
-    data.synthesize(str(world), seed=1, n_pretrain=30, n_instruct=8, n_images=30, n_sugarcrepe=2, n_vqa=2,
-                    n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
-    scenes = _json(world / "scenes.json")
+    data.synthesize(str(world), seed=seed, n_pretrain=n_images, n_instruct=8, n_images=n_images, n_sugarcrepe=2,
+                    n_vqa=2, n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
     images = {x["image"] for x in data.load_llava_json(str(world / "pretrain.json"))}
-    samples = train.lookup_questions(str(world / "scenes.json"), images)
+    return str(world / "scenes.json"), _json(world / "scenes.json"), images
+
+
+def test_lookup_questions_are_true_of_their_image(tmp_path):
+    scenes_json, scenes, images = _training_world(tmp_path, seed=1, n_images=30)
+    samples = train.lookup_questions(scenes_json, images)
     assert {x["image"] for x in samples} == images
     n = 0
     for x in samples:
@@ -123,12 +128,8 @@ def test_compositional_questions_point_to_the_true_caption(tmp_path):
     """Parse each 2-choice prompt back into its two captions: the letter answered must name the caption that
     is true of the image, the other must be false (a hard negative), and both orders must occur."""
     import data
-    world = tmp_path / "w"
-    data.synthesize(str(world), seed=2, n_pretrain=40, n_instruct=8, n_images=40, n_sugarcrepe=2, n_vqa=2,
-                    n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
-    scenes = _json(world / "scenes.json")
-    images = {x["image"] for x in data.load_llava_json(str(world / "pretrain.json"))}
-    samples = train.compositional_questions(str(world / "scenes.json"), images)
+    scenes_json, scenes, images = _training_world(tmp_path, seed=2, n_images=40)
+    samples = train.compositional_questions(scenes_json, images)
     assert {x["image"] for x in samples} == images
     assert {x["subset"] for x in samples} == set(data.SUGARCREPE_SUBSETS)
     letters = []
