@@ -620,9 +620,28 @@ DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_st
 
 
 def _demo_json(samples, path):
-    with open(path, "w") as f:
+    """Written to a temporary file, then renamed: a second demo process on the same --out never reads a
+    half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(samples, f)
+    os.replace(tmp, path)
     return path
+
+
+def _demo_stage(argv: list) -> str:
+    """main(argv), unless its --out already holds that stage, finished (trainer_summary.json is written
+    last) with the same arguments (args.json), and resumed from its checkpoint if it has one. So an
+    interrupted demo picks up where it stopped, and demo processes started on one --out share what is
+    done (README: the --full run)."""
+    args = get_parser().parse_args(argv)
+    if os.path.exists(os.path.join(args.out, "trainer_summary.json")):
+        with open(os.path.join(args.out, "args.json")) as f:
+            if json.load(f) == json.loads(json.dumps(vars(args))):
+                return args.out
+        raise SystemExit(f"{args.out} holds a finished run made with other arguments (see its args.json); "
+                         f"give the demo another --out")
+    return main(argv + (["--resume"] if find_checkpoint(args.out) else []))
 
 
 def caption_verification(instruct: list) -> list:
@@ -781,14 +800,15 @@ def demo_teacher(b: dict, paths, out: str) -> str:
     import data
     tok = data.load_tokenizer(paths["tokenizer"])
     init = os.path.join(out, "init")
-    teacher = M.from_preset("teacher", tok)
-    acc = pretrain_vision_encoder(teacher.vision_tower, M.make_image_processor(teacher.vision_tower.config),
-                                  os.path.join(paths["dir"], "scenes.json"), steps=b["vision_steps"],
-                                  n_scenes=b["vision_scenes"])
-    teacher.vision_feature_layer = -1  # the pre-trained encoder's output (the preset reads layer 0)
-    M.save_pretrained(teacher, init, tok)
-    with open(os.path.join(init, "vision_pretraining.json"), "w") as f:
-        json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
+    if not os.path.exists(os.path.join(init, "vision_pretraining.json")):  # written last: init is complete
+        teacher = M.from_preset("teacher", tok)
+        acc = pretrain_vision_encoder(teacher.vision_tower, M.make_image_processor(teacher.vision_tower.config),
+                                      os.path.join(paths["dir"], "scenes.json"), steps=b["vision_steps"],
+                                      n_scenes=b["vision_scenes"])
+        teacher.vision_feature_layer = -1  # the pre-trained encoder's output (the preset reads layer 0)
+        M.save_pretrained(teacher, init, tok)
+        with open(os.path.join(init, "vision_pretraining.json"), "w") as f:
+            json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
     prev = init
     val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every", "250"]
     for name, data_key, steps, batch, extra in (
@@ -796,8 +816,8 @@ def demo_teacher(b: dict, paths, out: str) -> str:
             ("mix", "teacher_mix", b["teacher_mix_steps"], b["batch"], ()),
             (None, "teacher_cr", b["teacher_cr_steps"], b["teacher_cr_batch"], (*val, "--save-every", "500"))):
         phase_out = os.path.join(out, name) if name else out
-        main(["--stage", "llava", "--init", prev, "--data", paths[data_key], "--trainable", "adapter+llm",
-              *_common(dict(b, batch=batch), paths, phase_out, steps, 0, lr=b["teacher_lr"]), *extra])
+        _demo_stage(["--stage", "llava", "--init", prev, "--data", paths[data_key], "--trainable", "adapter+llm",
+                     *_common(dict(b, batch=batch), paths, phase_out, steps, 0, lr=b["teacher_lr"]), *extra])
         prev = phase_out
     return out
 
@@ -810,19 +830,19 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
            str(b["eval_every"]), "--eval-limit", str(b["eval_limit"])] if b["eval_every"] else []
     if kind == "sft":
         a = os.path.join(out, "adapter")
-        main(["--stage", "llava", "--init", lm_init, "--data", paths["pretrain"], "--trainable", "adapter",
-              *_common(b, paths, a, b["s1_steps"], seed)])
-        main(["--stage", "llava", "--init", a, "--data", paths["instruct"], "--trainable", "adapter+llm",
-              *_common(b, paths, out, b["s2_steps"] + b["s3_steps"], seed), *val])
+        _demo_stage(["--stage", "llava", "--init", lm_init, "--data", paths["pretrain"], "--trainable", "adapter",
+                     *_common(b, paths, a, b["s1_steps"], seed)])
+        _demo_stage(["--stage", "llava", "--init", a, "--data", paths["instruct"], "--trainable", "adapter+llm",
+                     *_common(b, paths, out, b["s2_steps"] + b["s3_steps"], seed), *val])
         return out
     w_vat = ["--w-vat", "0"] if kind == "kd" else []
     s1, s2, s3 = (os.path.join(out, f"stage{k}") for k in (1, 2, 3))
-    main(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", paths["pretrain"],
-          *_common(b, paths, s1, b["s1_steps"], seed), *extra])
-    main(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", paths["instruct"], "--full-llm",
-          *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *val, *extra])
-    main(["--stage", "3", "--init", s2, "--data", paths["instruct"], "--trainable", "adapter+llm",
-          *_common(b, paths, s3, b["s3_steps"], seed), *val, *extra])
+    _demo_stage(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", paths["pretrain"],
+                 *_common(b, paths, s1, b["s1_steps"], seed), *extra])
+    _demo_stage(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", paths["instruct"], "--full-llm",
+                 *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *val, *extra])
+    _demo_stage(["--stage", "3", "--init", s2, "--data", paths["instruct"], "--trainable", "adapter+llm",
+                 *_common(b, paths, s3, b["s3_steps"], seed), *val, *extra])
     return s3
 
 
@@ -830,15 +850,16 @@ def demo_student_lm(b: dict, paths, teacher: str, out: str) -> str:
     """The student's "pretrained LLM": the student preset trained on text only (no image), sharing the
     teacher's vision encoder (TAF needs the same one). Shared by every student."""
     import data
-    tok = data.load_tokenizer(teacher)
-    student = M.from_preset("student", tok)
-    te, _, _ = M.load_pretrained(teacher)
-    student.vision_tower.load_state_dict(te.vision_tower.state_dict())
-    student.vision_feature_layer = te.vision_feature_layer
     init = os.path.join(out, "init")
-    M.save_pretrained(student, init, tok)
-    main(["--stage", "llava", "--init", init, "--data", paths["text"], "--trainable", "adapter+llm",
-          *_common(b, paths, out, b["text_steps"], 0)])
+    if not os.path.exists(os.path.join(out, "trainer_summary.json")):  # else finished: _demo_stage checks it
+        tok = data.load_tokenizer(teacher)
+        student = M.from_preset("student", tok)
+        te, _, _ = M.load_pretrained(teacher)
+        student.vision_tower.load_state_dict(te.vision_tower.state_dict())
+        student.vision_feature_layer = te.vision_feature_layer
+        M.save_pretrained(student, init, tok)
+    _demo_stage(["--stage", "llava", "--init", init, "--data", paths["text"], "--trainable", "adapter+llm",
+                 *_common(b, paths, out, b["text_steps"], 0)])
     return out
 
 
@@ -975,10 +996,10 @@ def demo(args):
     phases.close()
 
     seeds = [args.seed]
-    if args.full:
-        seeds = [0, 1, 2]
-    elif args.demo_seeds:
+    if args.demo_seeds:
         seeds = [int(x) for x in args.demo_seeds.split(",")]
+    elif args.full:
+        seeds = [0, 1, 2]
     # kd = LLaVA-KD-style logit distillation (no VAT, no TAF); compodistill = VAT + TAF
     variants = [("sft", "sft", ()), ("kd", "kd", ("--no-taf",)), ("compodistill", "compodistill", ())]
     if args.full:  # the paper's ablations (METHOD.md section 7)
@@ -1001,12 +1022,19 @@ def demo(args):
     for name, kind, extra, seed in runs:
         runs.set_postfix(run=f"{name}/seed{seed}")
         t = time.time()
-        out = demo_student(b, kind, paths, teacher, lm_init, os.path.join(root, f"{name}_seed{seed}"), seed, extra)
-        seconds = time.time() - t
-        r = demo_evaluate(out, bench)
-        att = E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32)
-        results.setdefault(name, []).append({**r, "attn_dist": att["attn_dist"], "seconds": seconds,
-                                             "seed": seed, "dir": out})
+        run_dir = os.path.join(root, f"{name}_seed{seed}")
+        out = demo_student(b, kind, paths, teacher, lm_init, run_dir, seed, extra)  # finished stages are reused
+        cached = os.path.join(run_dir, "result.json")
+        if os.path.exists(cached):  # evaluated by an earlier (interrupted or parallel) demo on this --out
+            with open(cached) as f:
+                res = json.load(f)
+        else:
+            seconds = time.time() - t
+            r = demo_evaluate(out, bench)
+            att = E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32)
+            res = {**r, "attn_dist": att["attn_dist"], "seconds": seconds, "seed": seed, "dir": out}
+            _demo_json(res, cached)
+        results.setdefault(name, []).append(res)
     total = time.time() - t0
 
     # --- the table ---------------------------------------------------------------------------------
@@ -1138,8 +1166,8 @@ def get_parser():
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--demo", action="store_true", help="the main job: the paper's table in miniature (see README)")
     p.add_argument("--full", action="store_true", help="with --demo: 3 seeds and the paper's ablations")
-    p.add_argument("--demo-seeds", help="with --demo: comma-separated seeds for SFT/KD/CompoDistill (mean ± std), "
-                   "without the ablations")
+    p.add_argument("--demo-seeds", help="with --demo: comma-separated seeds for every student (mean ± std); "
+                   "with --full it replaces the default 0,1,2")
     p.add_argument("--demo-steps-x", type=float, default=1.0, help="with --demo: multiply the students' stage-2 "
                    "and stage-3 steps (and the validation interval) by this factor; same for every student")
     p.add_argument("--demo-quick", action="store_true", help=argparse.SUPPRESS)  # CI's end-to-end run

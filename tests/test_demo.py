@@ -51,6 +51,19 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert all(0 <= y <= 100 for c in curves.values() for _, y in c)
     assert _width(os.path.join(out, "learning_curve.png")) > 100
 
+    # run again on the same --out: every finished stage and evaluation is reused (nothing retrains)
+    weights = [os.path.join(out, d, "model.safetensors") for d in
+               ("teacher", "student_lm", "sft_seed0", "kd_seed0/stage2", "compodistill_seed0/stage3")]
+    mtimes = [os.stat(p).st_mtime_ns for p in weights]
+    train.main(["--demo", "--demo-quick", "--demo-train-teacher", "--out", out])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last
+    assert [os.stat(p).st_mtime_ns for p in weights] == mtimes
+    # ... but a finished stage made with other arguments is never silently taken for this one
+    sft = _json(os.path.join(out, "sft_seed0", "args.json"))
+    with pytest.raises(SystemExit, match="other arguments"):
+        train._demo_stage(["--stage", "llava", "--init", sft["init"], "--data", sft["data"], "--image-folder",
+                           sft["image_folder"], "--max-steps", str(sft["max_steps"] + 1), "--out", sft["out"]])
+
 
 def test_shipped_teacher_matches_a_freshly_synthesised_world(tmp_path):
     """`python train.py --demo` synthesises the default world and then loads assets/demo_teacher: a change
