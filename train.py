@@ -1027,15 +1027,18 @@ def demo(args):
         t = time.time()
         run_dir = os.path.join(root, f"{name}_seed{seed}")
         out = demo_student(b, kind, paths, teacher, lm_init, run_dir, seed, extra)  # finished stages are reused
-        cached = os.path.join(run_dir, "result.json")
+        cached, res = os.path.join(run_dir, "result.json"), None
         if os.path.exists(cached):  # evaluated by an earlier (interrupted or parallel) demo on this --out
             with open(cached) as f:
                 res = json.load(f)
-        else:
+            if res.get("teacher") != os.path.abspath(teacher):  # the attention distance is to another teacher
+                res = None
+        if res is None:
             seconds = time.time() - t
             r = demo_evaluate(out, bench)
             att = E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32)
-            res = {**r, "attn_dist": att["attn_dist"], "seconds": seconds, "seed": seed, "dir": out}
+            res = {**r, "attn_dist": att["attn_dist"], "seconds": seconds, "seed": seed, "dir": out,
+                   "teacher": os.path.abspath(teacher)}
             _demo_json(res, cached)
         results.setdefault(name, []).append(res)
     total = time.time() - t0

@@ -58,7 +58,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     train.main(["--demo", "--demo-quick", "--demo-train-teacher", "--out", out])
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
     assert [os.stat(p).st_mtime_ns for p in weights] == mtimes
-    # ... but a finished stage made with other arguments is never silently taken for this one
+    # an evaluation made against another teacher is redone (the attention distance is to the teacher)
+    cached = os.path.join(out, "sft_seed0", "result.json")
+    stale = {**_json(cached), "teacher": "/another/teacher", "attn_dist": -1.0}
+    with open(cached, "w") as f:
+        json.dump(stale, f)
+    train.main(["--demo", "--demo-quick", "--demo-train-teacher", "--out", out])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last
+    redone = _json(cached)
+    assert redone["teacher"] == os.path.abspath(os.path.join(out, "teacher")) and redone["attn_dist"] >= 0
+    # ... and a finished stage made with other arguments is never silently taken for this one
     sft = _json(os.path.join(out, "sft_seed0", "args.json"))
     with pytest.raises(SystemExit, match="other arguments"):
         train._demo_stage(["--stage", "llava", "--init", sft["init"], "--data", sft["data"], "--image-folder",
