@@ -806,6 +806,17 @@ def vqa_answers(rng, answer, answer_type):
 # Writing the data set
 
 
+def choice_sample(sid: str, image: str, subset: str, pair, pos_first: bool) -> dict:
+    """One 2-choice compositional training sample in the paper's SugarCrepe prompt (METHOD.md section 6):
+    `pair` = (true clauses, hard-negative clauses) from hard_negative; the answer is the true caption's letter."""
+    pos, neg = clause_text(pair[0]), clause_text(pair[1])
+    a, b = (pos, neg) if pos_first else (neg, pos)
+    return {"id": sid, "image": image, "task": "compositional", "subset": subset,
+            "caption": pos, "negative_caption": neg,  # SugarCrepe's field names
+            "conversations": [{"from": "human", "value": SUGARCREPE_PROMPT.format(a=a, b=b)},
+                              {"from": "gpt", "value": "A" if pos_first else "B"}]}
+
+
 def _dump(obj, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -920,14 +931,9 @@ def synthesize(out_dir, seed=0, n_pretrain=4000, n_instruct=8000, n_images=None,
                 if pair is None:
                     k = rng.randrange(n_images)
                     sc = train[k]
-            pos, neg = clause_text(pair[0]), clause_text(pair[1])
             pos_first = order[subset] % 2 == 0  # both orders balanced within each subset
             order[subset] += 1
-            a, b = (pos, neg) if pos_first else (neg, pos)
-            instruct.append({"id": sid, "image": names[k], "task": "compositional", "subset": subset,
-                             "caption": pos, "negative_caption": neg,  # SugarCrepe's field names
-                             "conversations": [{"from": "human", "value": SUGARCREPE_PROMPT.format(a=a, b=b)},
-                                               {"from": "gpt", "value": "A" if pos_first else "B"}]})
+            instruct.append(choice_sample(sid, names[k], subset, pair, pos_first))
     _dump(pretrain, os.path.join(out_dir, "pretrain.json"))
     _dump(instruct, os.path.join(out_dir, "instruct.json"))
     _dump(scenes, os.path.join(out_dir, "scenes.json"))

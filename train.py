@@ -631,13 +631,18 @@ def _demo_json(samples, path):
     return path
 
 
+def _finished(out: str) -> bool:
+    """A stage's output directory is complete: main writes trainer_summary.json after the model."""
+    return os.path.exists(os.path.join(out, "trainer_summary.json"))
+
+
 def _demo_stage(argv: list) -> str:
     """main(argv), unless its --out already holds that stage, finished (trainer_summary.json is written
     last) with the same arguments (args.json), and resumed from its checkpoint if it has one. So an
     interrupted demo picks up where it stopped, and demo processes started on one --out share what is
     done (README: the --full run)."""
     args = get_parser().parse_args(argv)
-    if os.path.exists(os.path.join(args.out, "trainer_summary.json")):
+    if _finished(args.out):
         with open(os.path.join(args.out, "args.json")) as f:
             if json.load(f) == json.loads(json.dumps(vars(args))):
                 return args.out
@@ -700,12 +705,7 @@ def compositional_questions(scenes_json: str, images: set, seed: int = 0,
             pair = data.hard_negative(rng, scenes[k], subset)
             if pair is None:  # this scene has no negative of that kind (e.g. no attribute to swap)
                 continue
-            pos, neg = data.clause_text(pair[0]), data.clause_text(pair[1])
-            pos_first = rng.random() < 0.5
-            a, b = (pos, neg) if pos_first else (neg, pos)
-            out.append({"id": f"cr_{len(out):06d}", "image": k, "task": "compositional", "subset": subset,
-                        "conversations": [{"from": "human", "value": data.SUGARCREPE_PROMPT.format(a=a, b=b)},
-                                          {"from": "gpt", "value": "A" if pos_first else "B"}]})
+            out.append(data.choice_sample(f"cr_{len(out):06d}", k, subset, pair, pos_first=rng.random() < 0.5))
     return out
 
 
@@ -854,7 +854,7 @@ def demo_student_lm(b: dict, paths, teacher: str, out: str) -> str:
     teacher's vision encoder (TAF needs the same one). Shared by every student."""
     import data
     init = os.path.join(out, "init")
-    if not os.path.exists(os.path.join(out, "trainer_summary.json")):  # else finished: _demo_stage checks it
+    if not _finished(out):  # else _demo_stage below checks that it was made with these arguments
         tok = data.load_tokenizer(teacher)
         student = M.from_preset("student", tok)
         te, _, _ = M.load_pretrained(teacher)
