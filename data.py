@@ -407,9 +407,17 @@ class GlobalBatchSampler:
     permutation); rank r gets the r-th contiguous G/world_size slice. The ranks' shares at step s
     concatenated equal the 1-process batch at step s. state_dict() = position of the NEXT batch.
     Note: a DataLoader with workers prefetches batches; a trainer should checkpoint
-    state_after(number of batches it consumed) rather than state_dict()."""
+    state_after(number of batches it consumed) rather than state_dict().
 
-    def __init__(self, num_samples, global_batch_size, rank=0, world_size=1, seed=0, drop_last=True, epochs=None):
+    With `lengths` (one per sample), batches are grouped by length, as LLaVA trains
+    (`--group_by_modality_length`): the epoch's permutation is cut into mega-batches of
+    `megabatch` global batches, each mega-batch is sorted by length (longest first) and cut into
+    global batches, and the order of all full global batches of the epoch is then shuffled (seeded).
+    Every sample is still seen once per epoch; only which samples share a batch changes, so that
+    right padding wastes little (a batch pads to its longest sample)."""
+
+    def __init__(self, num_samples, global_batch_size, rank=0, world_size=1, seed=0, drop_last=True, epochs=None,
+                 lengths=None, megabatch=50):
         if global_batch_size % world_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by world size {world_size}")
         if not 0 <= rank < world_size:
@@ -417,7 +425,10 @@ class GlobalBatchSampler:
         if num_samples < (global_batch_size if drop_last else 1):
             raise ValueError(f"{num_samples} samples cannot fill a global batch of {global_batch_size}")
         self.N, self.G, self.rank, self.world_size = num_samples, global_batch_size, rank, world_size
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"{len(lengths)} lengths for {num_samples} samples")
         self.seed, self.drop_last, self.epochs = seed, drop_last, epochs
+        self.lengths, self.megabatch = (None if lengths is None else list(lengths)), megabatch
         self.local = global_batch_size // world_size
         self.steps_per_epoch = num_samples // global_batch_size if drop_last else -(-num_samples // global_batch_size)
         self.epoch, self.step = 0, 0
@@ -425,7 +436,16 @@ class GlobalBatchSampler:
     def _perm(self, epoch):
         g = torch.Generator()
         g.manual_seed(self.seed + epoch)
-        return torch.randperm(self.N, generator=g).tolist()
+        perm = torch.randperm(self.N, generator=g).tolist()
+        if self.lengths is None:
+            return perm
+        span = self.megabatch * self.G
+        grouped = []
+        for i in range(0, self.N, span):
+            grouped += sorted(perm[i:i + span], key=lambda j: -self.lengths[j])  # stable: ties keep perm order
+        n_full = self.N // self.G
+        order = torch.randperm(n_full, generator=g).tolist()  # interleave long and short batches
+        return [j for b in order for j in grouped[b * self.G:(b + 1) * self.G]] + grouped[n_full * self.G:]
 
     def global_batch(self, perm, step):
         batch = perm[step * self.G:(step + 1) * self.G]

@@ -415,7 +415,8 @@ def run_stage(args) -> str:
         raise ValueError(f"{args.data}: {len(dataset)} usable samples, fewer than --global-batch {args.global_batch}")
     steps_per_epoch = len(dataset) // args.global_batch
     total_steps = args.max_steps or int(args.epochs * steps_per_epoch)
-    sampler = data.GlobalBatchSampler(len(dataset), args.global_batch, rank, world, seed=args.seed)
+    sampler = data.GlobalBatchSampler(len(dataset), args.global_batch, rank, world, seed=args.seed,
+                                      lengths=dataset.lengths if args.group_by_length else None)
     per_rank = args.global_batch // world
     micro = min(args.micro_batch, per_rank)
     if per_rank % micro:
@@ -432,7 +433,7 @@ def run_stage(args) -> str:
         optimizer, lambda s: lr_at(s, total_steps, warmup, args.lr, args.min_lr) / args.lr)
     meta = {"stage": args.stage, "init": args.init, "trainable": trainable_kind, "taf": bool(args.taf and distill),
             "global_batch": args.global_batch, "data": os.path.abspath(args.data), "seed": args.seed,
-            "n_trainable": sum(p.numel() for p in params)}
+            "group_by_length": bool(args.group_by_length), "n_trainable": sum(p.numel() for p in params)}
     os.makedirs(args.out, exist_ok=True)
     step = 0
     if args.resume and find_checkpoint(args.out):
@@ -1145,6 +1146,8 @@ def get_parser():
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--global-batch", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--group-by-length", action="store_true", help="batches of similar length (LLaVA's "
+                   "group_by_modality_length): every sample still once per epoch, far less right padding")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=0)
     p.add_argument("--max-len", type=int, default=2048)

@@ -311,6 +311,39 @@ def test_sampler_resume():
     # a finite sampler ends after `epochs`
     assert len(list(data.GlobalBatchSampler(50, 6, seed=1, epochs=2))) == 16
 
+def test_sampler_group_by_length():
+    """Grouped batches (LLaVA's group_by_modality_length): still one pass over the data per epoch, split
+    over ranks like the plain sampler, resumable, and with the least padding a sorted split allows."""
+    N, G, W = 40, 4, 2
+    lengths = [int(x) for x in torch.randint(5, 300, (N,), generator=torch.Generator().manual_seed(0))]
+    one = data.GlobalBatchSampler(N, G, seed=3, lengths=lengths, megabatch=N // G)  # one mega-batch per epoch
+    single = take(iter(one), 20)  # two epochs
+    for ep in (single[:10], single[10:]):
+        assert sorted(sum(ep, [])) == list(range(N))  # every sample once
+    # one mega-batch = the whole epoch: the batches are the consecutive chunks of the length-sorted data,
+    # so the padded size (sum over batches of the longest) is the minimum; random batches pad far more
+    by_len = sorted(lengths, reverse=True)
+    best = sum(by_len[i] for i in range(0, N, G))
+    assert sum(max(lengths[j] for j in b) for b in single[:10]) == best
+    plain = take(iter(data.GlobalBatchSampler(N, G, seed=3)), 10)
+    assert sum(max(lengths[j] for j in b) for b in plain) > 1.2 * best
+    assert single[:10] != single[10:]  # epochs are reshuffled
+    # ranks take contiguous shares of the same global batches
+    ranks = [take(iter(data.GlobalBatchSampler(N, G, r, W, seed=3, lengths=lengths, megabatch=10)), 20)
+             for r in range(W)]
+    ref = take(iter(data.GlobalBatchSampler(N, G, seed=3, lengths=lengths, megabatch=10)), 20)
+    assert [ranks[0][s] + ranks[1][s] for s in range(20)] == ref
+    # resume mid-epoch
+    s = data.GlobalBatchSampler(N, G, seed=3, lengths=lengths, megabatch=3)
+    it = iter(s)
+    first = take(it, 7)
+    s2 = data.GlobalBatchSampler(N, G, seed=3, lengths=lengths, megabatch=3)
+    s2.load_state_dict(s.state_dict())
+    assert first + take(iter(s2), 13) == take(iter(data.GlobalBatchSampler(N, G, seed=3, lengths=lengths,
+                                                                           megabatch=3)), 20)
+    with pytest.raises(ValueError, match="lengths"):
+        data.GlobalBatchSampler(N, G, lengths=lengths[:-1])
+
 # -----------------------------------------------------------------------------
 # synthetic world
 

@@ -178,6 +178,8 @@ def test_checkpoint_from_another_model_or_stage_is_refused(world, tmp_path):
     args[args.index("preset:student")] = "preset:teacher"
     with pytest.raises(ValueError, match="written by another run: init"):
         train.main(args)
+    with pytest.raises(ValueError, match="group_by_length"):  # other batches: not the same run
+        train.main(_args(world, out, "--max-steps", "2", "--resume", "--group-by-length"))
     args = _args(world, out, "--max-steps", "2", "--resume", "--trainable", "adapter")
     with pytest.raises(ValueError, match="trainable"):
         train.main(args)

@@ -58,6 +58,24 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world, tmp_path):
             assert r[k] == after[r["step"]][k], (r["step"], k)  # bitwise on CPU
 
 
+def test_group_by_length_pads_less(world, tmp_path, monkeypatch):
+    """--group-by-length reaches the sampler: the same steps see less right padding."""
+    def padding(flag):
+        seen = []
+        collate = data.collate
+
+        def spy(batch, pad_token_id):
+            out = collate(batch, pad_token_id)
+            seen.append((out["attention_mask"].numel(), int(out["attention_mask"].sum())))
+            return out
+        monkeypatch.setattr(data, "collate", spy)
+        train.main(_args(world, str(tmp_path / f"run{len(flag)}"), "--max-steps", "6", *flag))
+        monkeypatch.setattr(data, "collate", collate)
+        return 1 - sum(r for _, r in seen) / sum(n for n, _ in seen)
+    plain, grouped = padding([]), padding(["--group-by-length"])
+    assert grouped < 0.5 * plain, (plain, grouped)
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(world, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
