@@ -197,7 +197,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict) -> dict:
     checkpoint written for another model/stage (names the mismatching fields or keys)."""
     from safetensors.torch import load_file
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")
-    diff = {k: (state["meta"].get(k), v) for k, v in meta.items() if state["meta"].get(k) != v}
+    diff = {k: (state["meta"].get(k), meta.get(k)) for k in {**state["meta"], **meta}
+            if state["meta"].get(k) != meta.get(k)}
     if diff:
         raise ValueError(f"{path} was written by another run: " +
                          ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
@@ -433,7 +434,7 @@ def run_stage(args) -> str:
         optimizer, lambda s: lr_at(s, total_steps, warmup, args.lr, args.min_lr) / args.lr)
     meta = {"stage": args.stage, "init": args.init, "trainable": trainable_kind, "taf": bool(args.taf and distill),
             "global_batch": args.global_batch, "data": os.path.abspath(args.data), "seed": args.seed,
-            "group_by_length": bool(args.group_by_length), "n_trainable": sum(p.numel() for p in params)}
+            **({"group_by_length": True} if args.group_by_length else {}), "n_trainable": sum(p.numel() for p in params)}
     os.makedirs(args.out, exist_ok=True)
     step = 0
     if args.resume and find_checkpoint(args.out):
@@ -642,11 +643,16 @@ def _demo_stage(argv: list) -> str:
     last) with the same arguments (args.json), and resumed from its checkpoint if it has one. So an
     interrupted demo picks up where it stopped, and demo processes started on one --out share what is
     done (README: the --full run)."""
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
     if _finished(args.out):
         with open(os.path.join(args.out, "args.json")) as f:
-            if json.load(f) == json.loads(json.dumps(vars(args))):
-                return args.out
+            saved = json.load(f)
+        now = json.loads(json.dumps(vars(args)))
+        # an option added to train.py after that run, left at its default, changes nothing it did
+        saved.update({k: v for k, v in now.items() if k not in saved and v == parser.get_default(k)})
+        if saved == now:
+            return args.out
         raise SystemExit(f"{args.out} holds a finished run made with other arguments (see its args.json); "
                          f"give the demo another --out")
     return main(argv + (["--resume"] if find_checkpoint(args.out) else []))

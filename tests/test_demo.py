@@ -67,6 +67,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
     redone = _json(cached)
     assert redone["teacher"] == os.path.abspath(os.path.join(out, "teacher")) and redone["attn_dist"] >= 0
+    # a stage finished before an option was added to train.py (its args.json lacks the key) is still
+    # this stage when the option is at its default
+    kd = os.path.join(out, "kd_seed0", "stage2")
+    saved = _json(os.path.join(kd, "args.json"))
+    del saved["group_by_length"]
+    with open(os.path.join(kd, "args.json"), "w") as f:
+        json.dump(saved, f)
+    train.main(["--demo", "--demo-quick", "--demo-train-teacher", "--out", out])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last
+    assert [os.stat(p).st_mtime_ns for p in weights] == mtimes
     # ... and a finished stage made with other arguments is never silently taken for this one
     sft = _json(os.path.join(out, "sft_seed0", "args.json"))
     with pytest.raises(SystemExit, match="other arguments"):
