@@ -1020,6 +1020,12 @@ def demo(args):
                      ("loss_mse", "compodistill", ("--vat-distance", "mse")),
                      ("loss_kl", "compodistill", ("--vat-distance", "kl")),
                      ("matching_uniform", "compodistill", ("--vat-matching", "uniform")),
+                     # at this depth the middle windows are 2 student and 2 teacher layers, so group and uniform
+                     # matching pair the same layers; against all 6 teacher layers they differ (group: the mean
+                     # of teacher layers 0-4 / 1-5; uniform: teacher layer 0 / 5)
+                     ("matching_group_t_all", "compodistill", ("--vat-teacher-layers", "all")),
+                     ("matching_uniform_t_all", "compodistill", ("--vat-teacher-layers", "all",
+                                                                 "--vat-matching", "uniform")),
                      ("variant_official", "compodistill", ("--vat-variant", "official")),
                      ("headwise", "compodistill", ("--vat-headwise",))]
     bench = paths["dir"]
