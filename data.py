@@ -410,9 +410,10 @@ class GlobalBatchSampler:
     state_after(number of batches it consumed) rather than state_dict().
 
     With `lengths` (one per sample), batches are grouped by length, like LLaVA's
-    `--group_by_modality_length` (which also separates image and text-only samples): the epoch's permutation is cut into mega-batches of
-    `megabatch` global batches, each mega-batch is sorted by length (longest first) and cut into
-    global batches, and the order of all full global batches of the epoch is then shuffled (seeded).
+    `--group_by_modality_length` (which also separates image and text-only samples): the epoch's
+    permutation is cut into mega-batches of `megabatch` global batches, each mega-batch is sorted by
+    length (longest first) and cut into global batches, and the order of all full global batches of
+    the epoch is then shuffled (seeded).
     Every sample is still seen once per epoch; only which samples share a batch changes, so that
     right padding wastes little (a batch pads to its longest sample)."""
 
