@@ -434,7 +434,8 @@ def run_stage(args) -> str:
         optimizer, lambda s: lr_at(s, total_steps, warmup, args.lr, args.min_lr) / args.lr)
     meta = {"stage": args.stage, "init": args.init, "trainable": trainable_kind, "taf": bool(args.taf and distill),
             "global_batch": args.global_batch, "data": os.path.abspath(args.data), "seed": args.seed,
-            **({"group_by_length": True} if args.group_by_length else {}), "n_trainable": sum(p.numel() for p in params)}
+            **({"group_by_length": True} if args.group_by_length else {}),  # absent when off: older checkpoints
+            "n_trainable": sum(p.numel() for p in params)}
     os.makedirs(args.out, exist_ok=True)
     step = 0
     if args.resume and find_checkpoint(args.out):
