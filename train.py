@@ -59,7 +59,12 @@ def _shifted(hidden: torch.Tensor, labels: torch.Tensor):
 
 
 def _chunk_losses(h_s, w_s, targets, h_t, w_t, temperature: float):
-    """Sum over the rows of one chunk: (cross-entropy, KL). fp32 throughout."""
+    """Sum over the rows of one chunk: (cross-entropy, KL). fp32 throughout (METHOD.md section 4)."""
+    with torch.autocast(h_s.device.type, enabled=False):  # bf16 autocast would recast these matmuls
+        return _chunk_losses_fp32(h_s, w_s, targets, h_t, w_t, temperature)
+
+
+def _chunk_losses_fp32(h_s, w_s, targets, h_t, w_t, temperature: float):
     logits_s = (h_s.float() @ w_s.float().t())
     ce = F.cross_entropy(logits_s, targets, reduction="sum")
     if h_t is None:

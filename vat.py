@@ -201,7 +201,8 @@ def _scores(q, k, bias):
     The key heads are broadcast over their query group (GQA), never copied."""
     B, H, c, D = q.shape
     H_kv, n = k.shape[1], k.shape[2]
-    s = torch.matmul(q.view(B, H_kv, H // H_kv, c, D), k[:, :, None].transpose(-1, -2)).view(B, H, c, n)
+    with torch.autocast(q.device.type, enabled=False):  # under bf16 autocast the matmul would run in bf16
+        s = torch.matmul(q.view(B, H_kv, H // H_kv, c, D), k[:, :, None].transpose(-1, -2)).view(B, H, c, n)
     return s.add_(bias)
 
 
@@ -230,8 +231,9 @@ class _VisualKeyProbs(torch.autograd.Function):
         ga = torch.where(inside, grad * probs.gather(3, index), 0.0)  # g * a, (B, H, c, N)
         ds = probs.mul_(-ga.sum(-1, keepdim=True)).scatter_add_(3, index, ga)  # in place: P is not needed again
         ds = ds.view(B, H_kv, H // H_kv, c, n)
-        dq = torch.matmul(ds, k[:, :, None]).view(B, H, c, D)
-        dk = torch.matmul(ds.transpose(-1, -2), q.view(B, H_kv, H // H_kv, c, D)).sum(2)
+        with torch.autocast(q.device.type, enabled=False):  # fp32, like the forward (backward may run under autocast)
+            dq = torch.matmul(ds, k[:, :, None]).view(B, H, c, D)
+            dk = torch.matmul(ds.transpose(-1, -2), q.view(B, H_kv, H // H_kv, c, D)).sum(2)
         return dq, dk, None, None, None
 
 

@@ -65,6 +65,26 @@ def test_chunked_equals_unchunked_values_and_grads():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_token_losses_stay_fp32_under_bf16_autocast():
+    """Under the loop's bf16 autocast (CUDA; CPU autocast recasts matmuls the same way) L_LM and L_KL and
+    their gradients still equal the fp32 computation: the chunk's logits must not be rebuilt in bf16."""
+    torch.manual_seed(0)
+    B, T, D, V = 2, 23, 32, 211
+    hs = torch.randn(B, T, D, requires_grad=True)
+    ht = hs.detach() + 0.05 * torch.randn(B, T, D)  # teacher close to the student: where bf16 error is worst
+    ws = torch.randn(V, D) / 4
+    labels = torch.randint(0, V, (B, T))
+    n = int((labels[:, 1:] != -100).sum())
+    ref = train.lm_and_kd_loss(hs, ws, labels, n, ht, ws, 1.0, 7)
+    g_ref = torch.autograd.grad(ref[0] + ref[1], hs)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = train.lm_and_kd_loss(hs, ws, labels, n, ht, ws, 1.0, 7)
+    g_got = torch.autograd.grad(got[0] + got[1], hs)[0]  # backward outside autocast, as the loop does
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32 and abs(a.item() - b.item()) <= 1e-6 * max(1.0, abs(b.item()))
+    torch.testing.assert_close(g_got, g_ref, atol=1e-6, rtol=1e-5)
+
+
 def test_tokenizer_mismatch_is_a_clear_error(tokenizer, tmp_path):
     other = data.train_tokenizer(["completely different words here"] * 20, str(tmp_path / "other"), vocab_size=300)
     with pytest.raises(ValueError, match="(?s)tokenizers disagree.*vocabularies differ"):

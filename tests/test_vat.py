@@ -436,3 +436,25 @@ def test_visual_key_probs_backward_matches_autograd_float64():
     ref = torch.autograd.grad((ref_out * g).sum(), (q, k))
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_visual_key_probs_stay_fp32_under_bf16_autocast():
+    """The map and its hand-written backward are fp32 under the loop's bf16 autocast: forward and backward
+    must compute the same function (a bf16 forward with an fp32 recomputation in backward would not)."""
+    torch.manual_seed(0)
+    B, H, H_kv, c, n, D, N = 2, 4, 2, 6, 40, 16, 12
+    q = (3 * torch.randn(B, H, c, D)).requires_grad_()
+    k = (3 * torch.randn(B, H_kv, n, D)).requires_grad_()
+    bias = torch.zeros(B, 1, c, n)
+    index = torch.arange(N)[None, None, None, :].expand(B, H, c, N) + 4
+    inside = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    g = torch.randn(B, H, c, N)
+    ref = vat._VisualKeyProbs.apply(q, k, bias, index, inside)
+    g_ref = torch.autograd.grad((ref * g).sum(), (q, k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vat._VisualKeyProbs.apply(q, k, bias, index, inside)
+        g_got = torch.autograd.grad((got * g).sum(), (q, k))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
