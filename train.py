@@ -357,8 +357,14 @@ def validate_cr(student, tokenizer, image_processor, items: dict, device) -> dic
     return {"val_cr": metrics["average"], "val_cr_subsets": {k: v["average"] for k, v in metrics["subsets"].items()}}
 
 
+# the paper's global batch per stage (METHOD.md section 5: DPT 256, DFT 128, SFT 192; LLaVA fine-tuning 128)
+STAGE_GLOBAL_BATCH = {"1": 256, "2": 128, "3": 192, "llava": 128}
+
+
 def run_stage(args) -> str:
     import data
+    if args.global_batch is None:
+        args.global_batch = STAGE_GLOBAL_BATCH[args.stage]
     # --- distributed setup (torchrun sets RANK/WORLD_SIZE; plain python is one process) ---------------
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:
@@ -1162,7 +1168,9 @@ def get_parser():
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--global-batch", type=int, default=128)
+    p.add_argument("--global-batch", type=int, default=None, help="samples per optimizer step over all ranks "
+                   "and micro-batches; default: the paper's per stage (METHOD.md section 5), "
+                   + ", ".join(f"{k}: {v}" for k, v in STAGE_GLOBAL_BATCH.items()) + "; given, it applies to every stage")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--group-by-length", action="store_true", help="batches of similar length (LLaVA's "
                    "group_by_modality_length): every sample still once per epoch, far less right padding")
@@ -1213,6 +1221,7 @@ def main(argv=None):
                                  ("3", args.data_instruct or args.data)):
             sub = argparse.Namespace(**vars(args))
             sub.stage, sub.data, sub.out = stage, data_path, os.path.join(base, f"stage{stage}")
+            sub.global_batch = args.global_batch or STAGE_GLOBAL_BATCH[stage]
             if stage != "1":
                 sub.init = os.path.join(base, f"stage{int(stage) - 1}")
             run_stage(sub)

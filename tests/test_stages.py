@@ -137,6 +137,24 @@ def test_stage_all_runs_1_2_3_with_the_right_losses_and_parameters(setup):
         assert torch.equal(a, b)
 
 
+def test_stage_all_uses_the_papers_global_batch_per_stage(setup, monkeypatch):
+    """METHOD.md section 5: DPT 256, DFT 128, SFT 192 unless --global-batch is given (then for every stage)."""
+    world, teacher, root = setup
+    args = _stage_args(world, teacher, str(root / "gb"))
+    i = args.index("--global-batch")
+    no_batch = args[:i] + args[i + 2:]
+    with pytest.raises(ValueError, match="fewer than --global-batch 256"):  # stage 1 on 64 captions
+        train.main(["--stage", "1", "--max-steps", "1", *no_batch])
+    seen = []
+    monkeypatch.setattr(train, "run_stage", lambda a: seen.append((a.stage, a.global_batch, a.init)))
+    train.main(["--stage", "all", *no_batch])
+    assert [s[:2] for s in seen] == [("1", 256), ("2", 128), ("3", 192)]
+    assert seen[1][2] == os.path.join(str(root / "gb"), "stage1") and seen[2][2] == os.path.join(str(root / "gb"), "stage2")
+    seen.clear()
+    train.main(["--stage", "all", *args])
+    assert [s[:2] for s in seen] == [("1", 8), ("2", 8), ("3", 8)]
+
+
 def test_kd_only_and_no_taf_baselines(setup):
     world, teacher, root = setup
     kd = str(root / "kd")
