@@ -80,8 +80,9 @@ def check_shared_vision_encoder(teacher_vision: nn.Module, student_vision: nn.Mo
     """TAF requires teacher and student to use the SAME vision encoder (METHOD.md sections 1-2):
     P_t was trained on that encoder's features. Raises ValueError naming what differs:
     the config fields, the parameter/buffer names, or the first parameter whose values differ.
-    Values are compared exactly (after casting both to float32, so a bf16 copy of the same
-    fp32 weights counts as different, but the same weights stored as fp32 vs fp32 do not).
+    Values are compared exactly at the coarser of the two dtypes: a teacher loaded in bf16 (train.py does
+    on CUDA) matches a student holding the same fp32 checkpoint, since rounding the student's copy to bf16
+    gives the teacher's weights bit for bit; any other difference is an error.
     """
     cfg_t, cfg_s = _flat_config(teacher_vision), _flat_config(student_vision)
     if (cfg_t is None) != (cfg_s is None):
@@ -105,7 +106,12 @@ def check_shared_vision_encoder(teacher_vision: nn.Module, student_vision: nn.Mo
         if a.shape != b.shape:
             raise ValueError(f"check_shared_vision_encoder: parameter {name!r} has shape {tuple(a.shape)} in the "
                              f"teacher and {tuple(b.shape)} in the student")
-        if not torch.equal(a.detach().float().cpu(), b.detach().float().cpu()):
-            diff = (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
+        coarse = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
+        if a.is_floating_point() and b.is_floating_point():
+            a_, b_ = a.detach().cpu().to(coarse), b.detach().cpu().to(coarse)
+        else:
+            a_, b_ = a.detach().cpu(), b.detach().cpu()
+        if not torch.equal(a_, b_):
+            diff = (a_.double() - b_.double()).abs().max().item()
             raise ValueError(f"check_shared_vision_encoder: parameter {name!r} differs between teacher and "
                              f"student (max abs difference {diff:.3g}); TAF needs the same vision encoder weights")

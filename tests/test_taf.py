@@ -95,3 +95,16 @@ def test_shared_vision_encoder_name_mismatch():
     b = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="parameter names differ"):
         check_shared_vision_encoder(a, b)
+
+
+def test_shared_vision_encoder_bf16_teacher_copy_of_the_same_weights():
+    """train.py loads the teacher in bf16 on CUDA: its encoder is the student's fp32 checkpoint rounded to
+    bf16, which is the same encoder; a bf16 copy of OTHER weights is still refused."""
+    a, b = _siglip(), _siglip()
+    check_shared_vision_encoder(a.to(torch.bfloat16), b)
+    check_shared_vision_encoder(b, a)  # either order
+    c = _siglip()
+    with torch.no_grad():
+        c.get_parameter("post_layernorm.weight").add_(0.05)  # a change bf16 rounding keeps
+    with pytest.raises(ValueError, match="post_layernorm.weight"):
+        check_shared_vision_encoder(c.to(torch.bfloat16), _siglip())
