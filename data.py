@@ -134,14 +134,73 @@ def _end_of_turn(tokenizer, answer_text):
     return end if end > 0 else len(answer_text)
 
 
+def _marks_no_end(tokenizer, answer_text) -> bool:
+    return not any(t in answer_text for t in _special_strings(tokenizer))
+
+
+def end_of_turn_ids(tokenizer) -> list:
+    """Token ids that end an assistant turn as training supervises it (render_conversation): the special
+    tokens after the content (<|im_end|>, <|eot_id|>, or the eos appended when the template has none).
+    Generation stops at these and at eos."""
+    msgs = [{"role": "user", "content": "zqxj probe question"}, {"role": "assistant", "content": "zqxj probe reply"}]
+    tail = [t for t, supervised in _segments(tokenizer, msgs, False, "<end-of-turn probe>") if supervised][-1]
+    tail = tail[tail.rfind("zqxj probe reply") + len("zqxj probe reply"):]
+    special = {tokenizer.convert_tokens_to_ids(t) for t in _special_strings(tokenizer)}
+    ids = [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special]
+    return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The pad id for batching: the tokenizer's pad token, else eos (Llama-3 ships without a pad token;
+    padded positions are masked out and never supervised, so any id works)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an eos token; "
+                     "set tokenizer.pad_token")
+
+
+def _content_style(tokenizer) -> str:
+    """How the chat template takes a message's content: "str" (Qwen, Llama-3, ...) or "parts", a list
+    of typed parts [{"type": "text", "text": ...}] (the templates llava-hf's LLaVA-1.5 checkpoints ship
+    render a plain string as nothing). Probed once per tokenizer; a template that renders neither is
+    an error rather than a conversation silently rendered without its text."""
+    template = tokenizer.chat_template
+    cached = getattr(tokenizer, "_compodistill_content_style", None)
+    if cached and cached[0] == template:  # keyed by the template: a later tokenizer.chat_template = ... re-probes
+        return cached[1]
+    user, reply = "zqxj probe question", "zqxj probe reply"
+    for style in ("str", "parts"):
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        try:
+            text = tokenizer.apply_chat_template(_styled(msgs, style), tokenize=False)
+        except Exception:  # noqa: BLE001 - a template written for the other style may raise
+            continue
+        if user in text and reply in text:
+            tokenizer._compodistill_content_style = (template, style)
+            return style
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: its chat template renders the "
+                     "message text neither from string content nor from a list of text parts; set a chat "
+                     "template that writes each message's content (tokenizer.chat_template = ...)")
+
+
+def _styled(messages, style):
+    if style == "str":
+        return messages
+    return [dict(m, content=[{"type": "text", "text": m["content"]}]) for m in messages]
+
+
 def _chat(tokenizer, messages, add_generation_prompt=False):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(_styled(messages, _content_style(tokenizer)), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
 def _segments(tokenizer, messages, add_generation_prompt, sample_id):
     """Split the template's rendering into [(text, supervised)]. The assistant text of turn i is
     chat(messages[:i+1]) minus chat(messages[:i], generation prompt): this needs the prefix
-    property, which is checked."""
+    property, which is checked. A template that marks no end of turn with a special token (llava-hf's
+    LLaVA-1.5: "ASSISTANT: red ") gets the tokenizer's eos after each assistant turn, supervised, as
+    LLaVA trains ("ASSISTANT: red</s>"): otherwise the model never learns to stop."""
     segs, done = [], ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -155,7 +214,10 @@ def _segments(tokenizer, messages, add_generation_prompt, sample_id):
                              f"(rendering the first {i} turns is not a prefix of rendering {i + 1})")
         answer = full[len(prefix):]
         end = _end_of_turn(tokenizer, answer)
-        segs += [(prefix[len(done):], False), (answer[:end], True), (answer[end:], False)]
+        if _marks_no_end(tokenizer, answer) and tokenizer.eos_token:
+            segs += [(prefix[len(done):], False), (answer + tokenizer.eos_token, True)]
+        else:
+            segs += [(prefix[len(done):], False), (answer[:end], True), (answer[end:], False)]
         done = full
     final = _chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     if not final.startswith(done):

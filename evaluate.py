@@ -837,7 +837,8 @@ def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_
     """(generate_fn, score_fn) for a model in memory, both batched with a tqdm bar (train.py uses this
     for its in-loop validation). Each request's prompt is one user turn rendered by data.render_prompt
     (chat template + generation prompt, "<image>" expanded to the visual tokens).
-    generate_fn: left-padded batch, model.generate (greedy, KV cache), stops at eos / "<|im_end|>",
+    generate_fn: left-padded batch, model.generate (greedy, KV cache), stops at eos, "<|im_end|>" and the
+        template's end-of-turn token (data.end_of_turn_ids, e.g. Llama-3's <|eot_id|>),
         decoded without special tokens and stripped.
     score_fn: one forward pass on a right-padded batch; at each row's last real position, the
         log-softmax (fp32, full vocabulary) of the "Yes" token id, i.e. log P(first answer token = Yes)."""
@@ -847,13 +848,13 @@ def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_
     import data
 
     mllm.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = data.pad_token_id(tokenizer)
     yes_ids = tokenizer.encode("Yes", add_special_tokens=False)
     if len(yes_ids) != 1:
         raise ValueError(f"{name}: the tokenizer splits 'Yes' into {len(yes_ids)} tokens {yes_ids}; the "
                          "match score needs 'Yes' to be exactly one token")
     vocab = tokenizer.get_vocab()
-    stop = sorted({t for t in (tokenizer.eos_token_id, vocab.get("<|im_end|>")) if t is not None})
+    stop = sorted(set(data.end_of_turn_ids(tokenizer)) | ({vocab["<|im_end|>"]} if "<|im_end|>" in vocab else set()))
 
     def pack(reqs, left):
         ids, images = [], []
@@ -1172,6 +1173,7 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
     import numpy as np
     import torch
 
+    import data
     import model as modeling
     import vat
     if isinstance(teacher, str):
@@ -1190,7 +1192,7 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
     t_layers = vat.select_layers(t_depth, layers_spec if teacher_layers_spec is None else teacher_layers_spec)
     windows = vat.group_layer_matching(s_layers, t_layers, matching)
     t_used = sorted({t for w in windows for t in w})
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = data.pad_token_id(tok)
     per_item, rows_t, rows_s = [], [], []
     for i in range(0, len(requests), batch_size):
         reqs = requests[i:i + batch_size]

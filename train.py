@@ -420,6 +420,7 @@ def run_stage(args) -> str:
     if ddp and master:
         dist.barrier()
     image_processor = M.make_image_processor(student.vision_tower.config)
+    pad_id = data.pad_token_id(tokenizer)
     dataset = data.SupervisedDataset(samples, tokenizer, image_processor, args.image_folder,
                                      student.num_visual_tokens, student.image_token_id, args.max_len,
                                      drop_overlong=args.drop_overlong)
@@ -488,7 +489,7 @@ def run_stage(args) -> str:
     tokens_since = 0
     while step < total_steps:
         share = next(batches)
-        micro_batches = [data.collate([dataset[i] for i in share[j:j + micro]], tokenizer.pad_token_id)
+        micro_batches = [data.collate([dataset[i] for i in share[j:j + micro]], pad_id)
                          for j in range(0, len(share), micro)]
         # global normalisers: supervised tokens and samples with visual tokens, over all ranks
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches),

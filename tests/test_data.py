@@ -155,6 +155,59 @@ def test_render_llama3_template(world):
         assert prompt == ids[:run[0]]
 
 
+# the template llava-hf's LLaVA-1.5 checkpoints ship: it reads content only as a list of typed parts and
+# marks no end of turn (written out here; a string content renders as nothing with it)
+LLAVA15_PARTS = ("{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'].upper() + ': ' }}{% endif %}"
+                 "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+                 "{% for c in m['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_render_list_content_template_without_end_of_turn(world):
+    """A parts-only template still renders every message's text; with no end-of-turn token in the template
+    each answer is followed by eos, supervised (LLaVA's "ASSISTANT: red</s>"), and generation stops there."""
+    t = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    t.add_special_tokens({"eos_token": "</s>"})
+    t.chat_template = LLAVA15_PARTS
+    assert t.apply_chat_template([{"role": "user", "content": "hello there"}], tokenize=False) == "USER: "
+    img = data.image_token_id(t)
+    ids, labels = data.render_conversation(t, CONV, NV, img, "p0")
+    assert ids.count(img) == NV
+    assert t.decode(collapse_image(ids, img)) == ("you are a shapes expert. USER: <image>\nWhat color is the circle? "
+                                                  "ASSISTANT: red </s>USER: How many objects are there? ASSISTANT: 3 </s>")
+    assert [t.decode([ids[i] for i in run]) for run in runs(labels)] == [" red </s>", " 3 </s>"]
+    for k, run in zip([2, 4], runs(labels)):
+        assert data.render_prompt(t, CONV[:k], NV, img) == ids[:run[0]]
+    assert data.end_of_turn_ids(t) == [t.convert_tokens_to_ids("</s>")]
+    # the style is probed per template: switching back to a string template renders strings again
+    t.chat_template = LLAMA3
+    assert "What color is the circle?" in t.decode(data.render_prompt(t, CONV[:2], NV, img))
+
+
+def test_template_that_drops_the_content_is_an_error(world):
+    t = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    t.chat_template = "{% for m in messages %}{{ m['role'] }}: {% endfor %}"
+    with pytest.raises(ValueError, match="neither from string content nor from a list of text parts"):
+        data.render_conversation(t, CONV, NV, data.image_token_id(t), "s0")
+
+
+def test_end_of_turn_ids_and_pad_fallback(world, tok):
+    """Generation stops where training ends a turn: ChatML's <|im_end|>; Llama-3's <|eot_id|> even when eos
+    is another token (the base tokenizers: eos <|end_of_text|>). No pad token -> eos pads."""
+    assert data.end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    t = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    t.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
+    t.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
+    t.chat_template = LLAMA3
+    assert data.end_of_turn_ids(t) == sorted([t.convert_tokens_to_ids("<|eot_id|>"), t.eos_token_id])
+    assert data.pad_token_id(tok) == tok.pad_token_id
+    t.pad_token = None
+    assert t.pad_token_id is None and data.pad_token_id(t) == t.eos_token_id
+    t.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad nor an eos token"):
+        data.pad_token_id(t)
+
+
 def test_render_prompt_matches_training_prefix(tok):
     img = data.image_token_id(tok)
     ids, labels = data.render_conversation(tok, CONV, NV, img)
