@@ -55,20 +55,22 @@ PRESETS = {
 TINY_FEATURE_LAYER = 0
 
 
-def mlp2x_gelu(d_vision: int, d_llm: int) -> nn.Sequential:
-    """LLaVA-1.5's adapter (METHOD.md section 1): Linear(d_vision -> d_llm), GELU, Linear(d_llm -> d_llm)."""
-    return nn.Sequential(nn.Linear(d_vision, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+def mlp2x_gelu(d_vision: int, d_llm: int, bias: bool = True) -> nn.Sequential:
+    """LLaVA-1.5's adapter (METHOD.md section 1): Linear(d_vision -> d_llm), GELU, Linear(d_llm -> d_llm).
+    `bias=False` for HF LLaVA checkpoints saved with `multimodal_projector_bias=False`."""
+    return nn.Sequential(nn.Linear(d_vision, d_llm, bias=bias), nn.GELU(), nn.Linear(d_llm, d_llm, bias=bias))
 
 
 def projector_from_config(cfg: dict, d_vision: int, d_llm: int) -> nn.Module:
     """Rebuild the projector named in a model config: `mlp2x_gelu`, or `taf` (frozen teacher adapter
     + trainable linear, taf.py) whose teacher width is stored in the config."""
+    bias = cfg.get("projector_bias", True)
     if cfg["projector"] == "mlp2x_gelu":
-        return mlp2x_gelu(d_vision, d_llm)
+        return mlp2x_gelu(d_vision, d_llm, bias)
     if cfg["projector"] == "taf":
         from taf import taf_projector  # taf.py is standalone (torch only), no cycle
         d_teacher = cfg["taf_teacher_hidden"]
-        return taf_projector(mlp2x_gelu(d_vision, d_teacher), d_teacher, d_llm)
+        return taf_projector(mlp2x_gelu(d_vision, d_teacher, bias), d_teacher, d_llm)
     raise ValueError(f"unknown projector type {cfg['projector']!r} in the model config")
 
 
@@ -254,16 +256,21 @@ def from_preset(name: str, tokenizer, seed: int = 0, **text_overrides) -> Multim
 
 
 def from_parts(vision_path: str, llm_path: str, tokenizer, vision_feature_layer=-2,
-               vision_feature_select_strategy="full", dtype=None, trust_remote_code=False,
+               vision_feature_select_strategy=None, dtype=torch.float32, trust_remote_code=False,
                attn_implementation="sdpa") -> MultimodalLM:
     """(a) The paper's setting: a vision checkpoint (e.g. SigLIP) + an LLM checkpoint (e.g. Qwen) + a
-    tokenizer that has `<image>`; a fresh mlp2x_gelu adapter. SigLIP has no CLS token: keep 'full'
-    (the authors drop one token anyway, a quirk, METHOD.md section 1); CLIP: use 'default'."""
+    tokenizer that has `<image>`; a fresh mlp2x_gelu adapter. The strategy defaults to the encoder's
+    kind: CLIP has a CLS token, dropped ('default', as LLaVA does); SigLIP has none, every token kept
+    ('full'; the authors drop one token anyway, a quirk, METHOD.md section 1).
+    Weights load in fp32 by default (the trained parts' master weights; transformers would otherwise
+    keep a checkpoint's bf16); the training loop's autocast gives bf16 compute on CUDA."""
     vcfg = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
     vcfg = getattr(vcfg, "vision_config", vcfg)  # a full SigLIP/CLIP checkpoint: keep its vision half
     vision = AutoModel.from_pretrained(vision_path, config=vcfg, dtype=dtype, trust_remote_code=trust_remote_code)
     if hasattr(vision, "vision_model") and not hasattr(vision, "embeddings"):
         vision = vision.vision_model  # some checkpoints load as a wrapper
+    if vision_feature_select_strategy is None:
+        vision_feature_select_strategy = "default" if hasattr(vision.embeddings, "class_embedding") else "full"
     lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation,
                                               trust_remote_code=trust_remote_code)
     image_id = _image_token_id(tokenizer)
@@ -274,9 +281,10 @@ def from_parts(vision_path: str, llm_path: str, tokenizer, vision_feature_layer=
     return MultimodalLM(vision, proj, lm, image_id, vision_feature_layer, vision_feature_select_strategy).freeze_vision()
 
 
-def from_llava(path: str, dtype=None, attn_implementation="sdpa") -> MultimodalLM:
+def from_llava(path: str, dtype=torch.float32, attn_implementation="sdpa") -> MultimodalLM:
     """(b) An HF `LlavaForConditionalGeneration` checkpoint directory (any public LLaVA model). The
-    parts are moved over unchanged; HF's projector (linear_1, act, linear_2) becomes mlp2x_gelu."""
+    parts are moved over unchanged; HF's projector (linear_1, act, linear_2) becomes mlp2x_gelu (with
+    or without biases, `multimodal_projector_bias`). fp32 by default, as from_parts."""
     from transformers import LlavaForConditionalGeneration
     hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     cfg = hf.config
@@ -288,13 +296,15 @@ def from_llava(path: str, dtype=None, attn_implementation="sdpa") -> MultimodalL
     lm.lm_head.load_state_dict(hf.lm_head.state_dict())
     lm.tie_weights()
     hp = hf.model.multi_modal_projector
-    proj = mlp2x_gelu(hp.linear_1.in_features, hp.linear_1.out_features).to(hf.dtype)
+    bias = hp.linear_1.bias is not None
+    proj = mlp2x_gelu(hp.linear_1.in_features, hp.linear_1.out_features, bias).to(hf.dtype)
     proj[0].load_state_dict(hp.linear_1.state_dict())
     proj[2].load_state_dict(hp.linear_2.state_dict())
     layer = cfg.vision_feature_layer
     layer = layer if isinstance(layer, int) else list(layer)
     return MultimodalLM(hf.model.vision_tower, proj, lm, cfg.image_token_id, layer,
-                        cfg.vision_feature_select_strategy).freeze_vision()
+                        cfg.vision_feature_select_strategy,
+                        extra_config=None if bias else {"projector_bias": False}).freeze_vision()
 
 
 # -----------------------------------------------------------------------------

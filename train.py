@@ -315,7 +315,8 @@ def apply_taf(student: M.MultimodalLM, teacher: M.MultimodalLM):
         raise ValueError("the teacher itself has a TAF projector; use a teacher trained with its own adapter")
     # taf_projector deep-copies the adapter, so the teacher (bf16 on CUDA) is left untouched
     student.projector = taf_projector(teacher_adapter, teacher.d_llm, student.d_llm).float()
-    student.extra_config.update(projector="taf", taf_teacher_hidden=teacher.d_llm)
+    student.extra_config.update(projector="taf", taf_teacher_hidden=teacher.d_llm,
+                                projector_bias=teacher.extra_config.get("projector_bias", True))
     return student
 
 

@@ -102,6 +102,55 @@ def test_hf_llava_peer_check(tmp_path):
     assert ref.abs().max() > 0.01  # not a trivial comparison
 
 
+def test_hf_llava_clip_no_projector_bias_bf16_checkpoint(tmp_path, tokenizer):
+    """A bf16 LLaVA checkpoint with CLIP (CLS dropped, 'default'), a Llama LM and a bias-free projector
+    (multimodal_projector_bias=False): loaded in fp32 (trainable master weights), HF's own logits (HF loaded
+    in fp32 from the same file), and the bias-free projector survives our save / load."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(0)
+    vcfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=3, num_attention_heads=2)
+    tcfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    img = tokenizer.convert_tokens_to_ids("<image>")
+    cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=img, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                      multimodal_projector_bias=False)
+    LlavaForConditionalGeneration(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "llava")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava", dtype=torch.float32).eval()
+    ours = M.from_llava(str(tmp_path / "llava")).eval()
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    assert ours.num_visual_tokens == 16 and ours.projector[0].bias is None
+    text = [t for t in range(20, 30) if t != img][:5]
+    ids = torch.tensor([text[:2] + [img] * 16 + text[2:]])
+    pv = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv).logits
+        got = ours(ids, torch.ones_like(ids), pv)["logits"]
+    assert (ref - got).abs().max().item() <= 1e-5 and ref.abs().max() > 0.01
+    M.save_pretrained(ours, str(tmp_path / "ours"), tokenizer)
+    again, _, _ = M.load_pretrained(str(tmp_path / "ours"))
+    assert again.projector[0].bias is None
+    with torch.no_grad():
+        assert torch.equal(again.eval()(ids, torch.ones_like(ids), pv)["logits"], got)
+
+
+@pytest.mark.parametrize("kind, strategy, n", [("clip", "default", 16), ("siglip", "full", 16)])
+def test_from_parts_strategy_and_fp32(tmp_path, tokenizer, kind, strategy, n):
+    """from_parts on bf16 checkpoints: fp32 weights; CLIP's CLS token dropped, SigLIP's tokens all kept."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    vcfg = AutoConfig.for_model(f"{kind}_vision_model", image_size=32, patch_size=8, hidden_size=32,
+                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    AutoModel.from_config(vcfg).to(torch.bfloat16).save_pretrained(tmp_path / "vision")
+    tcfg = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    AutoModelForCausalLM.from_config(tcfg).to(torch.bfloat16).save_pretrained(tmp_path / "llm")
+    m = M.from_parts(str(tmp_path / "vision"), str(tmp_path / "llm"), tokenizer)
+    assert m.vision_feature_select_strategy == strategy and m.num_visual_tokens == n
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    assert m.encode_images(torch.randn(1, 3, 32, 32)).shape == (1, n, 32)
+
+
 def test_save_load_round_trip_and_strict_errors(tokenizer, tmp_path):
     m = M.from_preset("teacher", tokenizer).eval()
     M.save_pretrained(m, str(tmp_path / "t"), tokenizer)

@@ -92,6 +92,22 @@ def test_tokenizer_mismatch_is_a_clear_error(tokenizer, tmp_path):
     train.check_tokenizers_agree(tokenizer, tokenizer)
 
 
+def test_taf_from_a_bias_free_teacher_adapter_saves_and_loads(tokenizer, tmp_path):
+    """A teacher whose adapter has no biases (LLaVA's multimodal_projector_bias=False): the TAF student keeps
+    that adapter, and its checkpoint loads back to the same model."""
+    teacher = M.from_preset("teacher", tokenizer)
+    teacher.projector = M.mlp2x_gelu(teacher.d_vision, teacher.d_llm, bias=False)
+    teacher.extra_config["projector_bias"] = False
+    student = train.apply_taf(M.from_preset("student", tokenizer), teacher)
+    M.save_pretrained(student, str(tmp_path / "s"), tokenizer)
+    again, _, _ = M.load_pretrained(str(tmp_path / "s"))
+    assert again.projector.teacher_adapter[0].bias is None
+    ids = torch.tensor([[5] + [student.image_token_id] * student.num_visual_tokens + [6, 7]])
+    pv = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(student.eval()(ids, None, pv)["logits"], again.eval()(ids, None, pv)["logits"])
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
