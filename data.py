@@ -400,12 +400,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """LLaVA samples -> {"id", "input_ids", "labels", "pixel_values" or None}. Token ids are rendered
     in __init__ (images are loaded lazily). Truncation never cuts visual tokens: if the visual
     tokens or the first supervised token do not fit in max_len the sample is an error, or with
-    drop_overlong=True it is left out (ids in self.dropped). Longer samples are cut at max_len."""
+    drop_overlong=True it is left out (ids in self.dropped). Longer samples are cut at max_len.
+    Stored compactly, since every rank holds the whole set (665K samples x 729 visual tokens would be
+    ~10 GB as int64 ids + labels): int32 ids with the visual run kept as ONE image token, and a bool
+    "supervised" mask (labels are the ids there); __getitem__ expands them back."""
 
     def __init__(self, samples, tokenizer, image_processor, image_folder, num_visual_tokens,
                  image_token_id, max_len, drop_overlong=False, progress=False):
         self.image_processor, self.image_folder = image_processor, image_folder
-        self.samples, self.ids, self.labels, self.dropped = [], [], [], []
+        self.num_visual_tokens, self.image_token_id, self.max_len = num_visual_tokens, image_token_id, max_len
+        self.samples, self.ids, self.supervised, self.lengths, self.dropped = [], [], [], [], []
         for s in tqdm(samples, desc="render", disable=not progress):
             sid = s.get("id", "<no id>") if isinstance(s, dict) else "<not a dict>"
             ids, labels = render_conversation(tokenizer, llava_to_messages(s), num_visual_tokens, image_token_id, sid)
@@ -423,13 +427,26 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 raise ValueError(f"sample {sid}: {len(vis)} visual tokens and the first answer token need "
                                  f"{need} tokens > max_len {max_len} (sample length {len(ids)}); raise max_len "
                                  f"or pass drop_overlong=True")
+            keep = np.ones(len(ids), dtype=bool)
+            keep[vis[1:]] = False  # the visual run (one image, contiguous) kept as one token
             self.samples.append(s)
-            self.ids.append(ids[:max_len])
-            self.labels.append(labels[:max_len])
-        self.lengths = [len(x) for x in self.ids]
+            self.ids.append(ids[keep].astype(np.int32))
+            self.supervised.append((labels != IGNORE_INDEX)[keep])
+            self.lengths.append(min(len(ids), max_len))
 
     def __len__(self):
         return len(self.samples)
+
+    def tokens(self, i):
+        """(input_ids, labels) of sample i as int64 arrays: the visual run expanded, cut at max_len."""
+        ids, sup = self.ids[i].astype(np.int64), self.supervised[i]
+        at = np.flatnonzero(ids == self.image_token_id)
+        if len(at):
+            j, n = int(at[0]), self.num_visual_tokens
+            ids = np.concatenate([ids[:j], np.full(n, self.image_token_id, np.int64), ids[j + 1:]])
+            sup = np.concatenate([sup[:j], np.zeros(n, bool), sup[j + 1:]])
+        ids, sup = ids[:self.max_len], sup[:self.max_len]
+        return ids, np.where(sup, ids, IGNORE_INDEX)
 
     def __getitem__(self, i):
         s = self.samples[i]
@@ -438,8 +455,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if self.image_processor is None:
                 raise ValueError(f"sample {s.get('id')}: has an image but the dataset has no image processor")
             pixel_values = process_image(self.image_processor, load_image(os.path.join(self.image_folder, s["image"])))
-        return {"id": s.get("id"), "input_ids": torch.from_numpy(self.ids[i]),
-                "labels": torch.from_numpy(self.labels[i]), "pixel_values": pixel_values}
+        ids, labels = self.tokens(i)
+        return {"id": s.get("id"), "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                "pixel_values": pixel_values}
 
 
 def collate(batch, pad_token_id):

@@ -308,6 +308,26 @@ def test_dataset_truncation_and_drop(world, tok):
     assert data.process_image(clip, data.load_image(os.path.join(world, s_ok["image"]))).shape == (3, 64, 64)
 
 
+def test_dataset_items_equal_the_rendering(world, tok):
+    """The compact storage (int32, one token per visual run, a supervised mask) gives back exactly
+    render_conversation's ids and labels, cut at max_len: image first, image after text in a later turn,
+    multi-turn, text-only."""
+    img = data.image_token_id(tok)
+    later = {"id": "later", "image": "x.png", "conversations": [
+        {"from": "human", "value": "Hello."}, {"from": "gpt", "value": "yes"},
+        {"from": "human", "value": "Look: <image>\nWhat color is the circle?"}, {"from": "gpt", "value": "red"}]}
+    samples = [sample("a"), later, sample("t", image=False), sample("long", answer=" ".join(["blue"] * 30))]
+    for max_len in (1000, 2 * NV + 8):
+        ds = data.SupervisedDataset(samples, tok, None, world, NV, img, max_len=max_len, drop_overlong=True)
+        assert len(ds) + len(ds.dropped) == len(samples)
+        for i, s in enumerate(ds.samples):
+            ids, labels = data.render_conversation(tok, data.llava_to_messages(s), NV, img)
+            got_ids, got_labels = ds.tokens(i)
+            assert got_ids.tolist() == ids[:max_len] and got_labels.tolist() == labels[:max_len], s["id"]
+            assert ds.lengths[i] == len(got_ids) and ds.ids[i].dtype == np.int32
+            assert int((ds.ids[i] == img).sum()) == (1 if s.get("image") else 0)
+
+
 def test_collate():
     b = [{"id": "a", "input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
           "pixel_values": torch.ones(3, 4, 4)},
