@@ -631,7 +631,8 @@ DEMO_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets"
 # One budget for every student (same data, steps, seed). Micro-batch = global batch on one CPU.
 DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_steps=300,
             teacher_lr=2e-3, vision_steps=1500, vision_scenes=8000, teacher_lookup_steps=1000,
-            teacher_mix_steps=3000, teacher_cr_steps=3000, teacher_cr_batch=32, max_len=256,
+            teacher_mix_steps=3000, teacher_cr_steps=3000, teacher_cr_batch=32, teacher_focus_steps=4000,
+            teacher_focus_lr=1.5e-3, max_len=256,
             eval_every=150, eval_limit=20, w_vat=10.0)
 # w_vat: the L_ADL weight of the CompoDistill students (the paper's is 1, the CLI default). Here L_ADL ends stage 2
 # near 0.08 against L_LM near 0.4; 10 was chosen over 1 and 3 on the validation split (README, "Demo results").
@@ -708,6 +709,9 @@ def lookup_questions(scenes_json: str, images: set, seed: int = 0) -> list:
 
 
 TEACHER_CR_SUBSETS = ("replace_att", "swap_att", "replace_obj", "swap_obj", "replace_rel", "add_att", "add_obj")
+# The subsets the tiny teacher learns (its last phase trains on these only): attributes and objects replaced or
+# added. Swapped bindings and relations stay at chance after 3,000 steps on every subset (README).
+TEACHER_FOCUS_SUBSETS = ("replace_att", "replace_obj", "add_obj", "add_att")
 
 
 def compositional_questions(scenes_json: str, images: set, seed: int = 0,
@@ -733,7 +737,8 @@ def compositional_questions(scenes_json: str, images: set, seed: int = 0,
 def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
     """Synthesise the shapes world once and derive the demo's data files from it: the teacher's curriculum
     (one-hop lookup questions, then the instruction mix + caption verification + the lookup questions, then
-    fresh 2-choice compositional questions + the lookups + the instruction mix) and
+    fresh 2-choice compositional questions + the lookups + the instruction mix, then three fresh draws of
+    the 2-choice questions of the subsets the teacher learns + the lookups + the instruction mix) and
     text-only data (the student LM's pre-training: captions and questions without images, so the student
     starts as a *language* model like the paper's)."""
     import data
@@ -750,10 +755,13 @@ def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
     scenes_json, images = os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}
     lookup = lookup_questions(scenes_json, images, seed)
     cr = compositional_questions(scenes_json, images, seed)
+    focus = [dict(x, id=f"cr5_{i:06d}") for i, x in enumerate(
+        q for k in (11, 12, 13) for q in compositional_questions(scenes_json, images, seed + k, TEACHER_FOCUS_SUBSETS))]
     return {"dir": d, "images": d, "tokenizer": os.path.join(d, "tokenizer"),
             "lookup": _demo_json(lookup, os.path.join(d, "lookup.json")),
             "teacher_mix": _demo_json(instruct + verify + lookup, os.path.join(d, "teacher_mix.json")),
             "teacher_cr": _demo_json(cr + lookup + instruct, os.path.join(d, "teacher_cr.json")),
+            "teacher_focus": _demo_json(focus + lookup + instruct, os.path.join(d, "teacher_focus.json")),
             "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
             "text": _demo_json(text, os.path.join(d, "text_only.json"))}
 
@@ -818,7 +826,9 @@ def demo_teacher(b: dict, paths, out: str) -> str:
     included) plus yes/no caption-verification questions (caption_verification) and the lookup questions,
     then a long compositional phase: fresh 2-choice questions of every subset for every training image
     (compositional_questions) + the lookups + the instruction mix, at batch 32, its validation CR logged
-    every 250 steps. This is how the shipped assets/demo_teacher was made
+    every 250 steps; last a focus phase on the subsets it learns (TEACHER_FOCUS_SUBSETS: three fresh draws
+    of their 2-choice questions + the lookups + the instruction mix, batch 32, lr 1.5e-3, grouped by length),
+    its validation CR logged every 500 steps. This is how the shipped assets/demo_teacher was made
     (`python train.py --demo --demo-train-teacher`)."""
     import data
     tok = data.load_tokenizer(paths["tokenizer"])
@@ -834,13 +844,16 @@ def demo_teacher(b: dict, paths, out: str) -> str:
             json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
     prev = init
     val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every", "250"]
-    for name, data_key, steps, batch, extra in (
-            ("lookup", "lookup", b["teacher_lookup_steps"], b["batch"], ()),
-            ("mix", "teacher_mix", b["teacher_mix_steps"], b["batch"], ()),
-            (None, "teacher_cr", b["teacher_cr_steps"], b["teacher_cr_batch"], (*val, "--save-every", "500"))):
+    lr, focus = b["teacher_lr"], b["teacher_focus_lr"]
+    for name, data_key, steps, batch, lr, extra in (
+            ("lookup", "lookup", b["teacher_lookup_steps"], b["batch"], lr, ()),
+            ("mix", "teacher_mix", b["teacher_mix_steps"], b["batch"], lr, ()),
+            ("cr", "teacher_cr", b["teacher_cr_steps"], b["teacher_cr_batch"], lr, (*val, "--save-every", "500")),
+            (None, "teacher_focus", b["teacher_focus_steps"], b["teacher_cr_batch"], focus,
+             ("--group-by-length", *val[:-1], "500", "--save-every", "500"))):
         phase_out = os.path.join(out, name) if name else out
         _demo_stage(["--stage", "llava", "--init", prev, "--data", paths[data_key], "--trainable", "adapter+llm",
-                     *_common(dict(b, batch=batch), paths, phase_out, steps, 0, lr=b["teacher_lr"]), *extra])
+                     *_common(dict(b, batch=batch), paths, phase_out, steps, 0, lr=lr), *extra])
         prev = phase_out
     return out
 
