@@ -1011,7 +1011,7 @@ def demo(args):
         b.update({k: max(1, round(b[k] * args.demo_steps_x)) for k in ("s2_steps", "s3_steps", "eval_every")})
     if args.demo_quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
         b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_mix_steps=2,
-                 teacher_cr_steps=2, teacher_cr_batch=4, vision_steps=2, vision_scenes=600, teacher_lookup_steps=2,
+                 teacher_cr_steps=2, teacher_cr_batch=4, teacher_focus_steps=2, vision_steps=2, vision_scenes=600, teacher_lookup_steps=2,
                  eval_every=1, eval_limit=1)
         sizes = dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
                      n_val_vqa=2, progress=False)
