@@ -106,10 +106,10 @@ def check_shared_vision_encoder(teacher_vision: nn.Module, student_vision: nn.Mo
         if a.shape != b.shape:
             raise ValueError(f"check_shared_vision_encoder: parameter {name!r} has shape {tuple(a.shape)} in the "
                              f"teacher and {tuple(b.shape)} in the student")
-        coarse = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
         if a.is_floating_point() and b.is_floating_point():
+            coarse = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
             a_, b_ = a.detach().cpu().to(coarse), b.detach().cpu().to(coarse)
-        else:
+        else:  # integer buffers (e.g. position ids) compare as they are
             a_, b_ = a.detach().cpu(), b.detach().cpu()
         if not torch.equal(a_, b_):
             diff = (a_.double() - b_.double()).abs().max().item()

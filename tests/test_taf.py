@@ -90,6 +90,18 @@ def test_shared_vision_encoder_weight_mismatch_names_parameter():
         check_shared_vision_encoder(a, b)
 
 
+def test_shared_vision_encoder_with_integer_buffers():
+    class Enc(nn.Module):
+        def __init__(self, shift=0):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(2, 2)
+            self.register_buffer("position_ids", torch.arange(4) + shift)
+    check_shared_vision_encoder(Enc().to(torch.bfloat16), Enc())  # the bf16 cast leaves integer buffers alone
+    with pytest.raises(ValueError, match="position_ids"):
+        check_shared_vision_encoder(Enc(), Enc(shift=1))
+
+
 def test_shared_vision_encoder_name_mismatch():
     a = nn.Sequential(nn.Linear(2, 2))
     b = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
