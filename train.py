@@ -843,17 +843,17 @@ def demo_teacher(b: dict, paths, out: str) -> str:
         with open(os.path.join(init, "vision_pretraining.json"), "w") as f:
             json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
     prev = init
-    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every", "250"]
-    lr, focus = b["teacher_lr"], b["teacher_focus_lr"]
-    for name, data_key, steps, batch, lr, extra in (
+    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--save-every", "500", "--eval-every"]
+    lr, focus_lr = b["teacher_lr"], b["teacher_focus_lr"]
+    for name, data_key, steps, batch, phase_lr, extra in (
             ("lookup", "lookup", b["teacher_lookup_steps"], b["batch"], lr, ()),
             ("mix", "teacher_mix", b["teacher_mix_steps"], b["batch"], lr, ()),
-            ("cr", "teacher_cr", b["teacher_cr_steps"], b["teacher_cr_batch"], lr, (*val, "--save-every", "500")),
-            (None, "teacher_focus", b["teacher_focus_steps"], b["teacher_cr_batch"], focus,
-             ("--group-by-length", *val[:-1], "500", "--save-every", "500"))):
+            ("cr", "teacher_cr", b["teacher_cr_steps"], b["teacher_cr_batch"], lr, (*val, "250")),
+            (None, "teacher_focus", b["teacher_focus_steps"], b["teacher_cr_batch"], focus_lr,
+             (*val, "500", "--group-by-length"))):
         phase_out = os.path.join(out, name) if name else out
         _demo_stage(["--stage", "llava", "--init", prev, "--data", paths[data_key], "--trainable", "adapter+llm",
-                     *_common(dict(b, batch=batch), paths, phase_out, steps, 0, lr=lr), *extra])
+                     *_common(dict(b, batch=batch), paths, phase_out, steps, 0, lr=phase_lr), *extra])
         prev = phase_out
     return out
 
@@ -1011,8 +1011,8 @@ def demo(args):
         b.update({k: max(1, round(b[k] * args.demo_steps_x)) for k in ("s2_steps", "s3_steps", "eval_every")})
     if args.demo_quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
         b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_mix_steps=2,
-                 teacher_cr_steps=2, teacher_cr_batch=4, teacher_focus_steps=2, vision_steps=2, vision_scenes=600, teacher_lookup_steps=2,
-                 eval_every=1, eval_limit=1)
+                 teacher_cr_steps=2, teacher_cr_batch=4, teacher_focus_steps=2, vision_steps=2, vision_scenes=600,
+                 teacher_lookup_steps=2, eval_every=1, eval_limit=1)
         sizes = dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
                      n_val_vqa=2, progress=False)
     timings = {}
