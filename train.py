@@ -358,14 +358,16 @@ def validate_cr(student, tokenizer, image_processor, items: dict, device) -> dic
     return {"val_cr": metrics["average"], "val_cr_subsets": {k: v["average"] for k, v in metrics["subsets"].items()}}
 
 
-# the paper's global batch per stage (METHOD.md section 5: DPT 256, DFT 128, SFT 192; LLaVA fine-tuning 128)
-STAGE_GLOBAL_BATCH = {"1": 256, "2": 128, "3": 192, "llava": 128}
+# the paper's global batch per stage (METHOD.md section 5: DPT 256, DFT 128, SFT 192); the LLaVA recipe's
+# adapter pre-training 256 (`--stage llava --trainable adapter`), its fine-tuning 128
+STAGE_GLOBAL_BATCH = {"1": 256, "2": 128, "3": 192, "llava": 128, "llava-adapter": 256}
 
 
 def run_stage(args) -> str:
     import data
     if args.global_batch is None:
-        args.global_batch = STAGE_GLOBAL_BATCH[args.stage]
+        key = "llava-adapter" if args.stage == "llava" and args.trainable == "adapter" else args.stage
+        args.global_batch = STAGE_GLOBAL_BATCH[key]
     # --- distributed setup (torchrun sets RANK/WORLD_SIZE; plain python is one process) ---------------
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:

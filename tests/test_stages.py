@@ -161,6 +161,11 @@ def test_stage_all_uses_the_papers_global_batch_per_stage(setup, monkeypatch):
     no_batch = args[:i] + args[i + 2:]
     with pytest.raises(ValueError, match="fewer than --global-batch 256"):  # stage 1 on 64 captions
         train.main(["--stage", "1", "--max-steps", "1", *no_batch])
+    with pytest.raises(ValueError, match="fewer than --global-batch 256"):  # LLaVA's adapter pre-training
+        train.main(["--stage", "llava", "--trainable", "adapter", "--max-steps", "1", *no_batch])
+    captions = ["--data", os.path.join(world, "pretrain.json")]  # 64 samples
+    with pytest.raises(ValueError, match="fewer than --global-batch 128"):  # LLaVA's fine-tuning
+        train.main(["--stage", "llava", "--max-steps", "1", *no_batch, *captions])
     seen = []
     monkeypatch.setattr(train, "run_stage", lambda a: seen.append((a.stage, a.global_batch, a.init)))
     train.main(["--stage", "all", *no_batch])
