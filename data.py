@@ -125,26 +125,26 @@ def _special_strings(tokenizer):
 def _end_of_turn(tokenizer, answer_text):
     """Length of the supervised part of a rendered assistant turn: up to and including the last
     special token the template puts after the content (e.g. <|im_end|>, <|eot_id|>, </s>);
-    whitespace after it (ChatML's "\\n") is not supervised. No special token -> all of it."""
+    whitespace after it (ChatML's "\\n") is not supervised. None if the template marks no end."""
     end = 0
     for t in _special_strings(tokenizer):
         j = answer_text.rfind(t)
         if j >= 0:
             end = max(end, j + len(t))
-    return end if end > 0 else len(answer_text)
+    return end if end > 0 else None
 
 
-def _marks_no_end(tokenizer, answer_text) -> bool:
-    return not any(t in answer_text for t in _special_strings(tokenizer))
+# a two-turn conversation whose text no template adds by itself: probes what a template does with content
+_PROBE = [{"role": "user", "content": "zqxj probe question"}, {"role": "assistant", "content": "zqxj probe reply"}]
 
 
 def end_of_turn_ids(tokenizer) -> list:
     """Token ids that end an assistant turn as training supervises it (render_conversation): the special
     tokens after the content (<|im_end|>, <|eot_id|>, or the eos appended when the template has none).
     Generation stops at these and at eos."""
-    msgs = [{"role": "user", "content": "zqxj probe question"}, {"role": "assistant", "content": "zqxj probe reply"}]
-    tail = [t for t, supervised in _segments(tokenizer, msgs, False, "<end-of-turn probe>") if supervised][-1]
-    tail = tail[tail.rfind("zqxj probe reply") + len("zqxj probe reply"):]
+    reply = _PROBE[1]["content"]
+    tail = [t for t, supervised in _segments(tokenizer, _PROBE, False, "<end-of-turn probe>") if supervised][-1]
+    tail = tail[tail.rfind(reply) + len(reply):]
     special = {tokenizer.convert_tokens_to_ids(t) for t in _special_strings(tokenizer)}
     ids = [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special]
     return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
@@ -169,14 +169,12 @@ def _content_style(tokenizer) -> str:
     cached = getattr(tokenizer, "_compodistill_content_style", None)
     if cached and cached[0] == template:  # keyed by the template: a later tokenizer.chat_template = ... re-probes
         return cached[1]
-    user, reply = "zqxj probe question", "zqxj probe reply"
     for style in ("str", "parts"):
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         try:
-            text = tokenizer.apply_chat_template(_styled(msgs, style), tokenize=False)
+            text = tokenizer.apply_chat_template(_styled(_PROBE, style), tokenize=False)
         except Exception:  # noqa: BLE001 - a template written for the other style may raise
             continue
-        if user in text and reply in text:
+        if all(m["content"] in text for m in _PROBE):
             tokenizer._compodistill_content_style = (template, style)
             return style
     raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: its chat template renders the "
@@ -214,8 +212,8 @@ def _segments(tokenizer, messages, add_generation_prompt, sample_id):
                              f"(rendering the first {i} turns is not a prefix of rendering {i + 1})")
         answer = full[len(prefix):]
         end = _end_of_turn(tokenizer, answer)
-        if _marks_no_end(tokenizer, answer) and tokenizer.eos_token:
-            segs += [(prefix[len(done):], False), (answer + tokenizer.eos_token, True)]
+        if end is None:  # no end-of-turn token in the template: eos after the answer (none without an eos)
+            segs += [(prefix[len(done):], False), (answer + (tokenizer.eos_token or ""), True)]
         else:
             segs += [(prefix[len(done):], False), (answer[:end], True), (answer[end:], False)]
         done = full

@@ -837,8 +837,8 @@ def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_
     """(generate_fn, score_fn) for a model in memory, both batched with a tqdm bar (train.py uses this
     for its in-loop validation). Each request's prompt is one user turn rendered by data.render_prompt
     (chat template + generation prompt, "<image>" expanded to the visual tokens).
-    generate_fn: left-padded batch, model.generate (greedy, KV cache), stops at eos, "<|im_end|>" and the
-        template's end-of-turn token (data.end_of_turn_ids, e.g. Llama-3's <|eot_id|>),
+    generate_fn: left-padded batch, model.generate (greedy, KV cache), stops at eos and the template's
+        end-of-turn token (data.end_of_turn_ids: ChatML's <|im_end|>, Llama-3's <|eot_id|>, ...),
         decoded without special tokens and stripped.
     score_fn: one forward pass on a right-padded batch; at each row's last real position, the
         log-softmax (fp32, full vocabulary) of the "Yes" token id, i.e. log P(first answer token = Yes)."""
@@ -853,8 +853,7 @@ def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_
     if len(yes_ids) != 1:
         raise ValueError(f"{name}: the tokenizer splits 'Yes' into {len(yes_ids)} tokens {yes_ids}; the "
                          "match score needs 'Yes' to be exactly one token")
-    vocab = tokenizer.get_vocab()
-    stop = sorted(set(data.end_of_turn_ids(tokenizer)) | ({vocab["<|im_end|>"]} if "<|im_end|>" in vocab else set()))
+    stop = data.end_of_turn_ids(tokenizer)
 
     def pack(reqs, left):
         ids, images = [], []

@@ -61,16 +61,12 @@ def _shifted(hidden: torch.Tensor, labels: torch.Tensor):
 def _chunk_losses(h_s, w_s, targets, h_t, w_t, temperature: float):
     """Sum over the rows of one chunk: (cross-entropy, KL). fp32 throughout (METHOD.md section 4)."""
     with torch.autocast(h_s.device.type, enabled=False):  # bf16 autocast would recast these matmuls
-        return _chunk_losses_fp32(h_s, w_s, targets, h_t, w_t, temperature)
-
-
-def _chunk_losses_fp32(h_s, w_s, targets, h_t, w_t, temperature: float):
-    logits_s = (h_s.float() @ w_s.float().t())
+        logits_s = h_s.float() @ w_s.float().t()
+        logits_t = None if h_t is None else h_t.float() @ w_t.float().t()
     ce = F.cross_entropy(logits_s, targets, reduction="sum")
     if h_t is None:
         return ce, ce.new_zeros(())
-    V = logits_s.shape[-1]
-    logits_t = (h_t.float() @ w_t.float().t())[:, :V]  # tokenizers checked equal: cut padded vocab rows
+    logits_t = logits_t[:, :logits_s.shape[-1]]  # tokenizers checked equal: cut padded vocab rows
     logp_s = F.log_softmax(logits_s / temperature, dim=-1)
     logp_t = F.log_softmax(logits_t / temperature, dim=-1)
     kl = (logp_t.exp() * (logp_t - logp_s)).sum() * temperature ** 2
