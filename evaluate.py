@@ -1,7 +1,7 @@
-"""Evaluation of a compodistill MLLM: compositional reasoning (CR) and VQA (METHOD.md section 6).
+"""Evaluation of a compodistill MLLM: compositional reasoning (CR) and VQA (docs/method.md section 6).
 
-Layouts and metric definitions: /work/shared/benchmarks/FORMATS.md and vqa_normalization.txt
-(cited below as "FORMATS §k"). The file reads top to bottom:
+Layouts and metric definitions: docs/benchmarks.md (cited below by its section numbers), with the
+official evaluators named there. The file reads top to bottom:
 
   1. shared helpers: prompts, image references, clear errors on malformed files
   2. CR:  SugarCrepe, Winoground, BiVLC, SADE
@@ -10,7 +10,7 @@ Layouts and metric definitions: /work/shared/benchmarks/FORMATS.md and vqa_norma
   5. glue: `make_model_fns` binds a saved model to the two callables below
   6. CLI: `python evaluate.py cr ...` / `python evaluate.py vqa ...` / `python evaluate.py attention ...`
   7. attention analysis: teacher-student visual attention similarity split by answer correctness
-     (`attention_distance`, METHOD.md section 7) and heat maps (`attention_heatmap`)
+     (`attention_distance`, docs/method.md section 7) and heat maps (`attention_heatmap`)
 
 Every reader, protocol and metric is a pure function over two callables, so the tests drive them
 with stubs and the glue is the only code that touches a model:
@@ -44,7 +44,7 @@ import statistics
 
 VQA_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5 short-answer prompt
 CHOICE_PROMPT = ("<image>\nWhich caption best describes the image?\n(A) {a}\n (B) {b}\n"
-                 "Answer with the option's alphabet from the given choices directly.")  # FORMATS §1 (note " (B)")
+                 "Answer with the option's alphabet from the given choices directly.")  # docs/benchmarks.md section 1 (note " (B)")
 MATCH_PROMPT = "<image>\nDoes this image show '{caption}'? Answer yes or no."
 
 
@@ -146,7 +146,7 @@ def pct(xs):
 
 
 def parse_choice(response):
-    """The authors' SugarCrepe parser (FORMATS §1): the first standalone A or B of the upper-cased
+    """The authors' SugarCrepe parser (docs/benchmarks.md section 1): the first standalone A or B of the upper-cased
     response, else None (wrong). Because of .upper(), "a cat ..." parses as "A" (kept on purpose)."""
     m = re.search(r"\b([AB])\b", response.strip().upper())
     return m.group(1) if m else None
@@ -162,7 +162,7 @@ def match_request(image, caption):
 
 
 def two_order_choices(generate_fn, pairs):
-    """Ask each (image, right, wrong) twice, right caption as (A) then as (B) (METHOD.md section 6).
+    """Ask each (image, right, wrong) twice, right caption as (A) then as (B) (docs/method.md section 6).
     Returns [(right_first_correct, right_second_correct, response1, response2)] per pair."""
     reqs = []
     for image, right, wrong in pairs:
@@ -182,7 +182,7 @@ def call_scores(score_fn, reqs):
 
 # -----------------------------------------------------------------------------
 # 2. Compositional reasoning (CR)
-# 2a. SugarCrepe (FORMATS §1). Item: {"id", "image", "pos", "neg"}.
+# 2a. SugarCrepe (docs/benchmarks.md section 1). Item: {"id", "image", "pos", "neg"}.
 
 SUGARCREPE_SUBSETS = ("swap_obj", "swap_att", "replace_obj", "replace_rel", "replace_att", "add_obj", "add_att")
 
@@ -240,7 +240,7 @@ def read_sugarcrepe(root, image_dir=None, limit=None):
 
 
 def eval_sugarcrepe(generate_fn, subsets):
-    """The CompoDistill protocol (FORMATS §1 "How CompoDistill poses it", METHOD.md section 6): each
+    """The CompoDistill protocol (docs/benchmarks.md section 1 "How CompoDistill poses it", docs/method.md section 6): each
     item asked twice with CHOICE_PROMPT, positive as (A) ("pos_first", answer A) and as (B)
     ("neg_first", answer B), greedy; per subset acc = mean of the two orders' accuracies (in %);
     `average` = unweighted mean over the subsets PRESENT (listed in `subsets_present`; `complete` says
@@ -260,7 +260,7 @@ def eval_sugarcrepe(generate_fn, subsets):
     return metrics, records
 
 
-# 2b. Winoground (FORMATS §2) and BiVLC (FORMATS §3): 2 captions x 2 images.
+# 2b. Winoground (docs/benchmarks.md section 2) and BiVLC (docs/benchmarks.md section 3): 2 captions x 2 images.
 # Item: {"id", "captions": (C0, C1), "images": (I0, I1), "tag"}; C_j matches I_j.
 
 def read_winoground(root, limit=None):
@@ -305,9 +305,9 @@ def read_bivlc(path, limit=None):
 
 
 def winoground_scores(s):
-    """s[c][i] = s(C_c, I_i). Winoground's definitions with STRICT comparisons (ties fail), FORMATS §2:
+    """s[c][i] = s(C_c, I_i). Winoground's definitions with STRICT comparisons (ties fail), docs/benchmarks.md section 2:
     text: each image prefers its caption; image: each caption prefers its image; group: both.
-    For BiVLC these are I2T (= text), T2I (= image) and Group (FORMATS §3)."""
+    For BiVLC these are I2T (= text), T2I (= image) and Group (docs/benchmarks.md section 3)."""
     text = s[0][0] > s[1][0] and s[1][1] > s[0][1]
     image = s[0][0] > s[0][1] and s[1][1] > s[1][0]
     return text, image, text and image
@@ -345,7 +345,7 @@ def eval_pairs(score_fn, items, generate_fn=None, benchmark="winoground"):
     return metrics, records
 
 
-# 2c. SADE (FORMATS §4). Its released schema (Google Drive) could not be inspected, so this reads a
+# 2c. SADE (docs/benchmarks.md section 4). Its released schema (Google Drive) could not be inspected, so this reads a
 # documented JSON-lines layout that any branch file converts to. Item: {"id", "image", "refs", "branch"}.
 
 def read_sade(path, limit=None):
@@ -368,7 +368,7 @@ def read_sade(path, limit=None):
 
 
 def eval_sade(score_fn, items):
-    """Recall@1 (FORMATS §4): an item is correct when its positive reference (refs[0]) scores STRICTLY
+    """Recall@1 (docs/benchmarks.md section 4): an item is correct when its positive reference (refs[0]) scores STRICTLY
     higher than every negative under the match score s. Per branch and `average` = unweighted mean over
     the branches present. (The SADE paper scores with VisualGPTScore; here s is the P(Yes) match score.)"""
     reqs = [match_request(it["image"], ref) for it in items for ref in it["refs"]]
@@ -386,8 +386,9 @@ def eval_sade(score_fn, items):
     return metrics, records
 
 # -----------------------------------------------------------------------------
-# 3. VQA (METHOD.md section 6: the LLaVA-1.5 protocol, greedy, VQA_INSTRUCTION on a new line)
-# 3a. Answer normalisation: the exact lists and procedures of vqa_normalization.txt
+# 3. VQA (docs/method.md section 6: the LLaVA-1.5 protocol, greedy, VQA_INSTRUCTION on a new line)
+# 3a. Answer normalisation: the exact lists and procedures of the official VQA evaluator (vqaEval.py;
+#     docs/benchmarks.md section 5)
 #     (GT-Vision-Lab/VQA vqaEval.py; LLaVA's EvalAIAnswerProcessor uses the same lists).
 
 PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
@@ -468,7 +469,7 @@ def leave_one_out(pred, gts):
 
 
 def vqa_accuracy(pred, gt_answers):
-    """The official VQAv2 per-question accuracy in [0, 1] on RAW strings (vqa_normalization.txt): strip
+    """The official VQAv2 per-question accuracy in [0, 1] on RAW strings (the official vqaEval.py): strip
     \\n/\\t; ONLY if the 10 GT answers are not all identical, normalise GT and prediction
     (process_punctuation then process_digit_article); then leave-one-out. So a raw "Yes" against ten
     "yes" scores 0: normalise predictions first (eval_vqav2 does, as LLaVA does)."""
@@ -481,13 +482,13 @@ def vqa_accuracy(pred, gt_answers):
 
 
 def textvqa_accuracy(pred, gt_answers):
-    """TextVQA (LLaVA's TextVQAAccuracyEvaluator, FORMATS §7): EvalAIAnswerProcessor on the prediction
+    """TextVQA (LLaVA's TextVQAAccuracyEvaluator, docs/benchmarks.md section 7): EvalAIAnswerProcessor on the prediction
     and on all 10 GT answers, always; then leave-one-out."""
     return leave_one_out(evalai_answer_processor(pred), [evalai_answer_processor(g) for g in gt_answers])
 
 
 def vizwiz_accuracy(pred, gt_answers):
-    """VizWiz VQAEval (FORMATS §8): the prediction is ALWAYS normalised (punctuation + digit/article),
+    """VizWiz VQAEval (docs/benchmarks.md section 8): the prediction is ALWAYS normalised (punctuation + digit/article),
     the GT answers are used as stored; then leave-one-out. (The VizWiz API's curly-apostrophe
     contraction map was not available verbatim; the VQA map is used, which only matters for predictions
     containing an apostrophe-less contraction such as "dont".)"""
@@ -512,7 +513,7 @@ def grouped(values, keys):
     return {k: pct(v for v, kk in zip(values, keys) if kk == k) for k in dict.fromkeys(keys)}
 
 
-# 3b. VQAv2 (FORMATS §5). Item: {"id", "image", "question", "answers", "answer_type", "question_type"}.
+# 3b. VQAv2 (docs/benchmarks.md section 5). Item: {"id", "image", "question", "answers", "answer_type", "question_type"}.
 
 VQAV2_FILES = {"questions": ("questions.json", "v2_OpenEnded_mscoco_val2014_questions.json"),
                "annotations": ("annotations.json", "v2_mscoco_val2014_annotations.json")}
@@ -561,7 +562,7 @@ def eval_vqav2(generate_fn, items):
     return metrics, records
 
 
-# 3c. GQA testdev-balanced (FORMATS §6). Item: {"id", "image", "question", "answer", "structural"}.
+# 3c. GQA testdev-balanced (docs/benchmarks.md section 6). Item: {"id", "image", "question", "answer", "structural"}.
 
 def read_gqa(path, limit=None):
     """`path` = testdev_balanced_questions.json, or a folder holding it; images `images/{imageId}.jpg`
@@ -599,7 +600,7 @@ def eval_gqa(generate_fn, items):
                for it, p, h in zip(items, preds, hits)]
     return metrics, records
 
-# 3d. TextVQA val (FORMATS §7). Item: {"id", "image", "question", "answers", "ocr"}.
+# 3d. TextVQA val (docs/benchmarks.md section 7). Item: {"id", "image", "question", "answers", "ocr"}.
 
 def read_textvqa(path, ocr_path=None, limit=None):
     """`path` = TextVQA_0.5.1_val.json or a folder holding it; images `train_images/{image_id}.jpg`
@@ -637,7 +638,7 @@ def eval_textvqa(generate_fn, items):
     return {"n": len(items), "accuracy": pct(accs), "ocr_tokens": any(it["ocr"] is not None for it in items)}, records
 
 
-# 3e. VizWiz-VQA val (FORMATS §8). Item: {"id", "image", "question", "answers", "answer_type"}.
+# 3e. VizWiz-VQA val (docs/benchmarks.md section 8). Item: {"id", "image", "question", "answers", "answer_type"}.
 
 VIZWIZ_INSTRUCTION = "When the provided information is insufficient, respond with 'Unanswerable'."
 
@@ -677,7 +678,7 @@ def eval_vizwiz(generate_fn, items):
             "by_answer_type": grouped(accs, [it["answer_type"] for it in items])}, records
 
 
-# 3f. MME (FORMATS §9). Per subtask a list of images: {"id", "image", "qa": [(question, "Yes"|"No")] * 2}.
+# 3f. MME (docs/benchmarks.md section 9). Per subtask a list of images: {"id", "image", "qa": [(question, "Yes"|"No")] * 2}.
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")
@@ -767,9 +768,9 @@ def eval_mme(generate_fn, subtasks):
 
 def headline(name, metrics):
     """(metric name, value) summarising one benchmark in the CR / VQA averages. Winoground and BiVLC use
-    the 2-way-choice text score when it was computed (METHOD.md section 6 poses them as 2-way choices),
+    the 2-way-choice text score when it was computed (docs/method.md section 6 poses them as 2-way choices),
     else the group score; MME uses perception / 20 (its 2000 maximum scaled to 100). The paper does not
-    say which single number it averages for these (FORMATS "Not verified"): this is our convention."""
+    say which single number it averages for these (docs/benchmarks.md): this is our convention."""
     if name in ("winoground", "bivlc"):
         key = "text_2choice" if "text_2choice" in metrics else "group"
         return key, metrics[key]
@@ -916,7 +917,7 @@ PATH_OPTIONS = {"sugarcrepe", "coco_images", "winoground", "bivlc", "sade", "vqa
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate a compodistill MLLM (METHOD.md section 6).")
+    p = argparse.ArgumentParser(description="Evaluate a compodistill MLLM (docs/method.md section 6).")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
@@ -1062,7 +1063,7 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# 7. Attention analysis: the paper's misalignment study (METHOD.md section 7, "Analysis": teacher-student
+# 7. Attention analysis: the paper's misalignment study (docs/method.md section 7, "Analysis": teacher-student
 #    attention similarity correlates with answer correctness) and attention heat maps.
 #
 #   python evaluate.py attention --teacher DIR --student DIR [--student DIR2 ...]
@@ -1070,7 +1071,7 @@ def main(argv=None):
 #                                [--matching group] [--limit N] [--out DIR] [--heatmaps N]
 #
 # Per benchmark item, the SAME prompt ids go through teacher and student (they share the tokenizer and the
-# vision encoder, METHOD.md section 1); `vat.capture_visual_attention` (rows="all", no grad) records A~_l of the
+# vision encoder, docs/method.md section 1); `vat.capture_visual_attention` (rows="all", no grad) records A~_l of the
 # chosen layers, `vat.group_layer_matching` pairs each student layer s_j with its teacher window G_j and
 # `vat.map_cosine` gives cos(Abar_t^j, A~_s^{s_j}) exactly as L_ADL (Eq. 3, variant "paper") defines it. The
 # student's greedy answer to the same request (the section 5 glue, the section 2/3 protocols) says whether it

@@ -1,11 +1,11 @@
-"""The multimodal LLM: vision encoder -> adapter -> causal LM (the LLaVA layout, METHOD.md section 1).
+"""The multimodal LLM: vision encoder -> adapter -> causal LM (the LLaVA layout, docs/method.md section 1).
 
 Every part is a real Hugging Face module:
 - `vision_tower`: any HF vision encoder (SigLIP, CLIP). Which hidden layer feeds the LLM and whether
   its first token (CLIP's CLS) is dropped come from the config (`vision_feature_layer`,
   `vision_feature_select_strategy` as in HF LLaVA), never from a fixed count.
 - `projector`: LLaVA's `mlp2x_gelu` adapter, Linear(d_vision -> d_llm) -> GELU -> Linear(d_llm -> d_llm),
-  or the TAF projector of taf.py (METHOD.md section 2) for a distilled student.
+  or the TAF projector of taf.py (docs/method.md section 2) for a distilled student.
 - `language_model`: any HF causal LM (Qwen2 / Qwen2.5 / Llama families, ...).
 
 Image features replace the embeddings of the `<image>` tokens (the placeholder is expanded to
@@ -56,7 +56,7 @@ TINY_FEATURE_LAYER = 0
 
 
 def mlp2x_gelu(d_vision: int, d_llm: int, bias: bool = True) -> nn.Sequential:
-    """LLaVA-1.5's adapter (METHOD.md section 1): Linear(d_vision -> d_llm), GELU, Linear(d_llm -> d_llm).
+    """LLaVA-1.5's adapter (docs/method.md section 1): Linear(d_vision -> d_llm), GELU, Linear(d_llm -> d_llm).
     `bias=False` for HF LLaVA checkpoints saved with `multimodal_projector_bias=False`."""
     return nn.Sequential(nn.Linear(d_vision, d_llm, bias=bias), nn.GELU(), nn.Linear(d_llm, d_llm, bias=bias))
 
@@ -214,7 +214,7 @@ class MultimodalLM(nn.Module):
 
     # --- which parameters train ------------------------------------------------
     def freeze_vision(self):
-        """The vision encoder is frozen in every stage of the paper (METHOD.md sections 1, 5)."""
+        """The vision encoder is frozen in every stage of the paper (docs/method.md sections 1, 5)."""
         self.vision_tower.requires_grad_(False)
         self.vision_tower.eval()
         return self
@@ -261,7 +261,7 @@ def from_parts(vision_path: str, llm_path: str, tokenizer, vision_feature_layer=
     """(a) The paper's setting: a vision checkpoint (e.g. SigLIP) + an LLM checkpoint (e.g. Qwen) + a
     tokenizer that has `<image>`; a fresh mlp2x_gelu adapter. The strategy defaults to the encoder's
     kind: CLIP has a CLS token, dropped ('default', as LLaVA does); SigLIP has none, every token kept
-    ('full'; the authors drop one token anyway, a quirk, METHOD.md section 1).
+    ('full'; the authors drop one token anyway, a quirk, docs/method.md section 1).
     Weights load in fp32 by default (the trained parts' master weights; transformers would otherwise
     keep a checkpoint's bf16); the training loop's autocast gives bf16 compute on CUDA."""
     vcfg = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)

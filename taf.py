@@ -1,5 +1,5 @@
 """
-TAF: Teacher Adapter Fetch (CompoDistill, arXiv 2510.12184, METHOD.md section 2).
+TAF: Teacher Adapter Fetch (CompoDistill, arXiv 2510.12184, docs/method.md section 2).
 
     x_v = P_s( P_t( z ) )
 
@@ -41,7 +41,7 @@ class TAFProjector(nn.Sequential):
 
 
 def taf_projector(teacher_adapter: nn.Module, d_teacher: int, d_student: int) -> TAFProjector:
-    """Build the student's projector for TAF, x_v = P_s(P_t(z)) (METHOD.md section 2).
+    """Build the student's projector for TAF, x_v = P_s(P_t(z)) (docs/method.md section 2).
 
     teacher_adapter: the teacher's trained adapter, mapping vision features (.., d_vision)
         to the teacher's hidden size (.., d_teacher). It is deep-copied (the teacher is not
@@ -77,7 +77,7 @@ def _flat_config(module: nn.Module) -> dict | None:
 
 @torch.no_grad()
 def check_shared_vision_encoder(teacher_vision: nn.Module, student_vision: nn.Module) -> None:
-    """TAF requires teacher and student to use the SAME vision encoder (METHOD.md sections 1-2):
+    """TAF requires teacher and student to use the SAME vision encoder (docs/method.md sections 1-2):
     P_t was trained on that encoder's features. Raises ValueError naming what differs:
     the config fields, the parameter/buffer names, or the first parameter whose values differ.
     Values are compared exactly at the coarser of the two dtypes: a teacher loaded in bf16 (train.py does

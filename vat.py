@@ -1,5 +1,5 @@
 """
-VAT: Visual Attention Alignment, the loss L_ADL (CompoDistill, arXiv 2510.12184, METHOD.md section 3).
+VAT: Visual Attention Alignment, the loss L_ADL (CompoDistill, arXiv 2510.12184, docs/method.md section 3).
 
 The student is trained so that, in its "visual understanding" layers, the attention its tokens pay
 to the VISUAL tokens looks like the teacher's. This file has two halves and depends only on torch
@@ -15,7 +15,7 @@ and transformers (copy it into your fork as is):
    (`_VisualKeyProbs`) that recomputes the chunk's probabilities from q and k, so backward keeps only
    q, k and the (B, chunk, N_vis) result, never the (B, H, T, T) probabilities that
    `output_attentions=True` (eager attention on every layer, the authors' way) materialises.
-   See `python vat.py --bench`.
+   See `python bench.py`.
 
 2. Loss (`vat_loss`), with the layer choice (`select_layers`) and the group layer matching
    (`group_layer_matching`). The paper and the authors' code differ; both are here:
@@ -36,7 +36,7 @@ and transformers (copy it into your fork as is):
 
    In both, "mean_b" is over the samples that HAVE visual tokens; text-only samples add nothing
    (the authors' fixed slice silently covered text there). distance="mse" / "kl" replace 1 - cos for
-   the ablation (METHOD.md section 7), see `_per_sample_distance`.
+   the ablation (docs/method.md section 7), see `_per_sample_distance`.
 
 Map layout (what the capture yields and the loss reads), B = batch, T = sequence length:
     visual_mask (B, T) bool, True at visual tokens; N = max number of visual tokens in the batch.
@@ -45,7 +45,7 @@ Map layout (what the capture yields and the loss reads), B = batch, T = sequence
     rows="visual": map (B, N, N)  [or (B, H, N, N)]:          row r = the r-th visual position
     Padding slots, padded query rows (attention_mask == 0) and text-only samples hold zeros.
 
-Typical DFT step (METHOD.md section 5, stage 2):
+Typical DFT step (docs/method.md section 5, stage 2):
 
     s_layers = select_layers(24, "middle"); t_layers = select_layers(40, "middle")
     matching = group_layer_matching(s_layers, t_layers)
@@ -61,10 +61,9 @@ import itertools
 import math
 
 import torch
-import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# Which layers: the "visual understanding layers" and the group layer matching (METHOD.md section 3)
+# Which layers: the "visual understanding layers" and the group layer matching (docs/method.md section 3)
 
 
 def _fraction_layers(num_layers: int, start: float, end: float) -> list[int]:
@@ -79,12 +78,12 @@ def _fraction_layers(num_layers: int, start: float, end: float) -> list[int]:
 
 
 def visual_understanding_layers(num_layers: int, start: float = 0.3, end: float = 0.7) -> list[int]:
-    """The paper's "visual understanding layers": 30%-70% of depth (METHOD.md section 3), 0-indexed.
+    """The paper's "visual understanding layers": 30%-70% of depth (docs/method.md section 3), 0-indexed.
     Rounding: layers l with floor(start*L + 0.5) <= l < floor(end*L + 0.5), e.g. 24 layers -> 7..16."""
     return _fraction_layers(num_layers, start, end)
 
 
-# The authors' hand-made table (METHOD.md section 3): depth -> (first, last, window), 0-indexed and
+# The authors' hand-made table (docs/method.md section 3): depth -> (first, last, window), 0-indexed and
 # inclusive. A teacher uses layers first .. last + window - 1, so that the group matching below gives
 # every student layer a window of `window` teacher layers (24-layer student 8..14 <-> 40-layer
 # teacher 13..23: n = 11 - 7 + 1 = 5).
@@ -92,7 +91,7 @@ AUTHORS_LAYERS = {24: (8, 14, 1), 28: (9, 15, 3), 32: (11, 17, 3), 40: (13, 19, 
 
 
 def select_layers(num_layers: int, spec) -> list[int]:
-    """Layer choice for VAT (METHOD.md section 3 and the layer ablation of section 7).
+    """Layer choice for VAT (docs/method.md section 3 and the layer ablation of section 7).
 
     spec:  "middle" (= 30%-70%, `visual_understanding_layers`), "early" (0%-30%), "late" (70%-100%),
            "all", a fraction range "0.1-0.4", an explicit list "8,9,10" or an inclusive index range
@@ -137,7 +136,7 @@ def select_layers(num_layers: int, spec) -> list[int]:
 
 
 def group_layer_matching(student_layers, teacher_layers, mode: str = "group") -> list[list[int]]:
-    """Teacher layers matched to each student layer (METHOD.md section 3, and the matching ablation).
+    """Teacher layers matched to each student layer (docs/method.md section 3, and the matching ablation).
 
     group (the paper's Eq.): k student layers s_1..s_k, m >= k teacher layers t_1..t_m, window
         n = m - k + 1; student s_j <-> G_j = {t_j, ..., t_{j+n-1}} (sliding window, stride 1), and the
@@ -207,7 +206,7 @@ def _scores(q, k, bias):
 
 
 class _VisualKeyProbs(torch.autograd.Function):
-    """A~ of METHOD.md section 3 for one chunk: P[..., visual keys] with P = softmax(q k^T + bias) over
+    """A~ of docs/method.md section 3 for one chunk: P[..., visual keys] with P = softmax(q k^T + bias) over
     ALL n keys, and a hand-written backward that recomputes P from q and k, so nothing of size
     (B, H, c, n) is kept between forward and backward.
 
@@ -239,7 +238,7 @@ class _VisualKeyProbs(torch.autograd.Function):
 
 def _visual_attention_chunk(query, key, mask, key_padding, rows, key_index, scaling: float, headwise: bool,
                             n_keys: int):
-    """A~ for a chunk of query rows (METHOD.md section 3): softmax(q k^T * scaling + mask) over ALL
+    """A~ for a chunk of query rows (docs/method.md section 3): softmax(q k^T * scaling + mask) over ALL
     keys, in fp32, then the visual key columns and the mean over heads (unless headwise).
 
     query (B, H, T, D), key (B, H_kv, T, D) (GQA: query head h uses key head h // (H / H_kv), as
@@ -281,7 +280,7 @@ def _allows_future_keys(mask) -> bool:
 
 
 def _visual_attention_map(query, key, mask, key_padding, plan, scaling: float, headwise: bool, query_chunk: int):
-    """A~_l for one layer (METHOD.md section 3), chunk by chunk over the query rows.
+    """A~_l for one layer (docs/method.md section 3), chunk by chunk over the query rows.
     Backward keeps q and k (which the attention itself saves anyway) and recomputes each chunk's
     probabilities (`_VisualKeyProbs`), instead of storing (B, H, chunk, T).
     Under a causal mask a chunk only looks at the keys up to its last row."""
@@ -330,7 +329,7 @@ def _configs(language_model) -> list:
 @contextlib.contextmanager
 def capture_visual_attention(language_model, layers, visual_mask, attention_mask=None, rows: str = "all",
                              headwise: bool = False, query_chunk: int = 256):
-    """Record A~_l (METHOD.md section 3) of `layers` during ONE forward of `language_model`.
+    """Record A~_l (docs/method.md section 3) of `layers` during ONE forward of `language_model`.
 
         with capture_visual_attention(lm, [8, 9, 10], vmask, amask) as maps:
             lm(inputs_embeds=x, attention_mask=amask)
@@ -446,7 +445,7 @@ def _attn_implementation(config, value):
 
 
 # -----------------------------------------------------------------------------
-# The loss L_ADL (METHOD.md section 3, Eq. 3) and its variants
+# The loss L_ADL (docs/method.md section 3, Eq. 3) and its variants
 
 
 def _per_sample_distance(s, t, valid, distance: str):
@@ -476,7 +475,7 @@ def _per_sample_distance(s, t, valid, distance: str):
 
 
 def _sink_filtered_vectors(s, t, valid):
-    """The authors' sink filter (official variant, METHOD.md section 3) on visual->visual blocks
+    """The authors' sink filter (official variant, docs/method.md section 3) on visual->visual blocks
     s, t (S, N, N) with valid (S, N, N): per block, keep entries <= mean + std (mean and unbiased std
     over the valid entries) in BOTH maps, then the masked mean over the query axis.
     Returns the per-key vectors (S, 1, N) for student and teacher, and their validity (S, 1, N)."""
@@ -496,7 +495,7 @@ def _sink_filtered_vectors(s, t, valid):
 
 def _matched_pairs(student_maps, teacher_maps, matching, student_layers, headwise: bool):
     """Yield (student map, teacher target) per student layer j: the target is the mean of the maps of
-    its teacher window, Abar_t^j = (1/n) sum_{l in G_j} A~_t^l (METHOD.md section 3), detached.
+    its teacher window, Abar_t^j = (1/n) sum_{l in G_j} A~_t^l (docs/method.md section 3), detached.
     Headwise: teacher heads are averaged in contiguous groups down to the student's head count."""
     if len(matching) != len(student_layers):
         raise ValueError(f"matching has {len(matching)} entries for {len(student_layers)} student layers")
@@ -563,7 +562,7 @@ def _layer_distances(student_maps, teacher_maps, matching, student_layers, visua
 
 def vat_loss(student_maps: dict, teacher_maps: dict, matching, student_layers, visual_mask, attention_mask=None,
              variant: str = "paper", distance: str = "cosine", headwise: bool = False, rows: str = "all"):
-    """L_ADL, Eq. 3 (METHOD.md section 3):
+    """L_ADL, Eq. 3 (docs/method.md section 3):
 
         paper:    L = 1 - (1/k) sum_j cos(Abar_t^j, A~_s^{s_j}), per sample, averaged over samples
         official: L = sum_j mean_b (1 - cos(v_t^j, v_s^{s_j})), v = sink-filtered per-key vectors
@@ -595,281 +594,3 @@ def map_cosine(student_maps: dict, teacher_maps: dict, matching, student_layers,
     out = torch.full((len(student_layers), visual_mask.shape[0]), float("nan"), device=samples.device)
     out[:, samples] = 1.0 - dist.to(out.device)
     return out
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: python vat.py --bench [--device cuda] [--preset gpu]
-#
-# One DFT-like step on the same inputs, three ways:
-#   plain    teacher forward (no grad) + student forward/backward of the LM loss, SDPA, no VAT
-#   ours     plain + capture_visual_attention on the chosen layers of both models + L_ADL
-#   authors  eager attention with output_attentions=True on EVERY layer of both models, the maps
-#            sliced from the returned attentions, + the same L_ADL
-# Extra peak memory of a path = its peak - plain's peak. CPU: each path runs in a fresh
-# subprocess and reports its peak RSS (resource.getrusage ru_maxrss), with glibc told to mmap every
-# allocation >= 64 KiB (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS at once and
-# the RSS peak tracks the peak of live memory. CUDA: torch.cuda.max_memory_allocated in-process.
-
-
-def _bench_config(hidden, layers, heads, kv_heads, intermediate, vocab, attn):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
-                       tie_word_embeddings=False, use_cache=False, attn_implementation=attn)
-
-
-def _bench_setup(a, path):
-    from transformers import Qwen2ForCausalLM
-
-    device = torch.device(a["device"])
-    dtype = torch.bfloat16 if a["device"] == "cuda" else torch.float32
-    attn = "eager" if path == "authors" else "sdpa"
-    torch.manual_seed(0)
-    student = Qwen2ForCausalLM(_bench_config(a["student_hidden"], a["student_layers"], a["student_heads"],
-                                             a["student_kv_heads"], a["student_intermediate"], a["vocab"], attn))
-    teacher = Qwen2ForCausalLM(_bench_config(a["teacher_hidden"], a["teacher_layers"], a["teacher_heads"],
-                                             a["teacher_kv_heads"], a["teacher_intermediate"], a["vocab"], attn))
-    student = student.to(device, dtype).train()
-    teacher = teacher.to(device, dtype).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    T, n = a["seq"], a["visual"]
-    ids = torch.randint(0, a["vocab"], (1, T), generator=g).to(device)
-    vm = torch.zeros(1, T, dtype=torch.bool, device=device)
-    vm[0, 16:16 + n] = True  # a block of fake visual tokens after a short system prompt
-    am = torch.ones(1, T, dtype=torch.long, device=device)
-    s_layers = select_layers(a["student_layers"], a["layers"])
-    t_layers = select_layers(a["teacher_layers"], a["layers"])
-    return student, teacher, ids, vm, am, s_layers, t_layers
-
-
-def _maps_from_attentions(attentions, layers, vm):
-    """The authors' way: A~_l sliced from output_attentions (B, H, T, T): head mean, visual key columns."""
-    index, valid = visual_positions(vm)
-    out = {}
-    for l in layers:
-        a = attentions[l].float().mean(1)
-        out[l] = torch.where(valid[:, None, :], a.gather(2, index[:, None, :].expand(-1, a.shape[1], -1)), 0.0)
-    return out
-
-
-def _bench_step(path, student, teacher, ids, vm, am, s_layers, t_layers, query_chunk=256):
-    """One step; returns the VAT loss value (0 for plain)."""
-    student.zero_grad(set_to_none=True)
-    matching = group_layer_matching(s_layers, t_layers)
-    nullcap = contextlib.nullcontext({})
-    with torch.no_grad():
-        if path == "authors":
-            t_out = teacher(input_ids=ids, attention_mask=am, output_attentions=True)
-            t_maps = _maps_from_attentions(t_out.attentions, t_layers, vm)
-        else:
-            with (capture_visual_attention(teacher, t_layers, vm, am, query_chunk=query_chunk) if path == "ours" else nullcap) as t_maps:
-                teacher(input_ids=ids, attention_mask=am)
-    if path == "authors":
-        out = student(input_ids=ids, attention_mask=am, output_attentions=True)
-        s_maps = _maps_from_attentions(out.attentions, s_layers, vm)
-    else:
-        with (capture_visual_attention(student, s_layers, vm, am, query_chunk=query_chunk) if path == "ours" else nullcap) as s_maps:
-            out = student(input_ids=ids, attention_mask=am)
-    logits = out.logits
-    loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
-    vat = torch.zeros(()) if path == "plain" else vat_loss(s_maps, t_maps, matching, s_layers, vm, am)
-    (loss + vat.to(loss.device)).backward()
-    return float(vat.detach())
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _bench_worker(a):
-    """Runs in a fresh process (CPU memory): one step of a["path"], prints the peak RSS in bytes."""
-    import resource
-
-    if a["path"].startswith("kl_"):
-        _kl_worker(a)
-    else:
-        student, teacher, ids, vm, am, s_layers, t_layers = _bench_setup(a, a["path"])
-        _bench_step(a["path"], student, teacher, ids, vm, am, s_layers, t_layers, a["query_chunk"])
-    print(f"PEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")  # ru_maxrss is in KiB on Linux
-
-
-def _kl_inputs(a):
-    g = torch.Generator().manual_seed(0)
-    T, V = a["kl_seq"], a["kl_vocab"]
-    hs = torch.randn(1, T, a["kl_student_hidden"], generator=g).requires_grad_()
-    ht = torch.randn(1, T, a["kl_teacher_hidden"], generator=g)
-    ws = torch.randn(V, a["kl_student_hidden"], generator=g).mul_(0.02)  # in place: no transient copy
-    wt = torch.randn(V, a["kl_teacher_hidden"], generator=g).mul_(0.02)
-    labels = torch.randint(0, V, (1, T), generator=g)
-    labels[:, : T // 2] = -100  # the prompt half is not supervised, the answer half is
-    return hs, ht, ws, wt, labels
-
-
-def _kl_worker(a):
-    """L_KL fwd+bwd (student hidden states get the gradient; the heads are frozen, as under LoRA), chunked
-    (train.kd_loss) or unchunked (train.kd_loss_reference on full logits); saves loss and grad."""
-    sys_path_root = __import__("os").path.dirname(__import__("os").path.abspath(__file__))
-    __import__("sys").path.insert(0, sys_path_root)
-    from train import kd_loss, kd_loss_reference  # the project's train.py (lead); lazy, bench only
-
-    import resource
-
-    hs, ht, ws, wt, labels = _kl_inputs(a)
-    print(f"BASE {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")  # peak RSS with the inputs alone
-    n = int((labels[:, 1:] != -100).sum())
-    if a["path"] == "kl_chunked":
-        loss = kd_loss(hs, ht, ws, wt, labels, n, temperature=1.0, chunk_size=a["kl_chunk"])
-    else:
-        loss = kd_loss_reference(hs @ ws.t(), ht @ wt.t(), labels, n, temperature=1.0)
-    loss.backward()
-    torch.save({"loss": loss.detach(), "grad": hs.grad}, a["out"])
-
-
-def _run_worker(a, path, **extra):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    args = json.dumps(dict(a, path=path, **extra))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--bench-worker", args], env=env,
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"bench worker {path} failed:\n{r.stderr[-3000:]}")
-    found = dict(l.split() for l in r.stdout.splitlines() if l.startswith(("PEAK ", "BASE ")))
-    return int(found["PEAK"]) - int(found.get("BASE", 0))
-
-
-def _bench_vat(a):
-    import statistics
-    import time
-
-    device = a["device"]
-    mib = 2 ** 20
-    peaks, times, losses = {}, {}, {}
-    for path in ("plain", "ours", "authors"):
-        models = _bench_setup(a, path)
-        if device == "cuda":
-            _bench_step(path, *models, a["query_chunk"])  # warm-up, then the measured peak
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            losses[path] = _bench_step(path, *models, a["query_chunk"])
-            peaks[path] = torch.cuda.max_memory_allocated()
-        else:
-            peaks[path] = _run_worker(a, path)
-            losses[path] = _bench_step(path, *models, a["query_chunk"])  # warm-up
-        ts = []
-        for _ in range(a["repeats"]):
-            _sync(device)
-            t0 = time.perf_counter()
-            _bench_step(path, *models, a["query_chunk"])
-            _sync(device)
-            ts.append(time.perf_counter() - t0)
-        times[path] = statistics.median(ts)
-        del models
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    tokens = a["seq"]
-    extra = {p: peaks[p] - peaks["plain"] for p in ("ours", "authors")}
-    how = "cuda max_memory_allocated" if device == "cuda" else "peak RSS of a fresh process each"
-    print(f"\nVAT step: student {a['student_layers']}L/{a['student_hidden']}, teacher {a['teacher_layers']}L/"
-          f"{a['teacher_hidden']}, T={a['seq']}, {a['visual']} visual tokens, layers {a['layers']!r}, query chunk {a['query_chunk']}, {device} ({how})")
-    print(f"{'path':<9}{'peak MiB':>10}{'extra MiB':>11}{'step s':>9}{'tokens/s':>10}{'L_ADL':>10}")
-    for p in ("plain", "ours", "authors"):
-        e = f"{extra[p] / mib:11.1f}" if p in extra else f"{'-':>11}"
-        print(f"{p:<9}{peaks[p] / mib:10.1f}{e}{times[p]:9.3f}{tokens / times[p]:10.0f}{losses[p]:10.5f}")
-    mem_ratio = extra["authors"] / max(extra["ours"], 1)
-    speedup = times["authors"] / times["ours"]
-    print(f"extra-memory ratio authors/ours = {mem_ratio:.1f}x, step speed-up ours vs authors = {speedup:.2f}x, "
-          f"VAT overhead of ours over plain = {times['ours'] / times['plain']:.2f}x time")
-    return mem_ratio, speedup
-
-
-def _bench_kl(a):
-    import os
-    import tempfile
-
-    mib = 2 ** 20
-    with tempfile.TemporaryDirectory() as tmp:
-        peaks, results = {}, {}
-        for path in ("kl_chunked", "kl_reference"):
-            out = os.path.join(tmp, path + ".pt")
-            peaks[path] = _run_worker(a, path, out=out)  # peak RSS minus the peak right after making the inputs
-            results[path] = torch.load(out, weights_only=True)
-    c, r = results["kl_chunked"], results["kl_reference"]
-    max_diff = max((c["loss"] - r["loss"]).abs().item(), (c["grad"] - r["grad"]).abs().max().item())
-    print(f"\nL_KL fwd+bwd: V={a['kl_vocab']}, T={a['kl_seq']} ({a['kl_seq'] // 2} supervised), hidden "
-          f"{a['kl_student_hidden']}/{a['kl_teacher_hidden']}, chunk {a['kl_chunk']}; extra peak RSS over the inputs")
-    print(f"chunked {peaks['kl_chunked'] / mib:.0f} MiB, unchunked {peaks['kl_reference'] / mib:.0f} MiB, "
-          f"loss {c['loss'].item():.6f} vs {r['loss'].item():.6f}, max |diff| (loss, d/dhidden) {max_diff:.2e}")
-    return peaks["kl_reference"] / max(peaks["kl_chunked"], 1), max_diff
-
-
-def _bench_args(argv=None):
-    import argparse
-
-    p = argparse.ArgumentParser(description="VAT capture vs output_attentions, and chunked vs unchunked L_KL")
-    p.add_argument("--bench", action="store_true")
-    p.add_argument("--bench-worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--preset", default=None, choices=["gpu"], help="gpu: 0.5B-class student, 1.5B-class teacher, T=2048")
-    p.add_argument("--student-layers", type=int, default=8)
-    p.add_argument("--student-hidden", type=int, default=512)
-    p.add_argument("--student-heads", type=int, default=8)
-    p.add_argument("--student-kv-heads", type=int, default=2)
-    p.add_argument("--student-intermediate", type=int, default=1024)
-    p.add_argument("--teacher-layers", type=int, default=12)
-    p.add_argument("--teacher-hidden", type=int, default=512)
-    p.add_argument("--teacher-heads", type=int, default=8)
-    p.add_argument("--teacher-kv-heads", type=int, default=8)
-    p.add_argument("--teacher-intermediate", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--visual", type=int, default=256)
-    p.add_argument("--layers", default="middle", help="select_layers spec for both models")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--query-chunk", type=int, default=256, help="query rows per capture chunk")
-    p.add_argument("--kl-vocab", type=int, default=151646)
-    p.add_argument("--kl-seq", type=int, default=2048)
-    p.add_argument("--kl-student-hidden", type=int, default=896)
-    p.add_argument("--kl-teacher-hidden", type=int, default=1536)
-    p.add_argument("--kl-chunk", type=int, default=256)
-    p.add_argument("--skip-kl", action="store_true")
-    a = p.parse_args(argv)
-    if a.preset == "gpu":
-        a.device = "cuda"
-        a.student_layers, a.student_hidden, a.student_heads, a.student_kv_heads, a.student_intermediate = 24, 896, 14, 2, 4864
-        a.teacher_layers, a.teacher_hidden, a.teacher_heads, a.teacher_kv_heads, a.teacher_intermediate = 28, 1536, 12, 2, 8960
-        a.seq, a.visual, a.query_chunk = 2048, 729, 1024
-    return a
-
-
-def bench(argv=None):
-    """`python vat.py --bench`: prints the tables and, last, the RESULT line."""
-    a = vars(_bench_args(argv))
-    torch.manual_seed(0)
-    mem_ratio, speedup = _bench_vat(a)
-    kl_ratio, kl_diff = (float("nan"), float("nan")) if a["skip_kl"] else _bench_kl(a)
-    print(f"RESULT vat_mem_ratio={mem_ratio:.2f} vat_step_speedup={speedup:.2f} kl_mem_ratio={kl_ratio:.2f} "
-          f"kl_max_diff={kl_diff:.3g}")
-
-
-if __name__ == "__main__":
-    import json
-    import os
-    import sys
-
-    if "--bench" in sys.argv and "OMP_WAIT_POLICY" not in os.environ:
-        # OpenMP's default spin-then-sleep hand-off costs milliseconds per parallel op on some shared /
-        # sandboxed CPUs (measured ~8 ms for a 1 MB elementwise op on 2 cores here), which would time the
-        # number of ops rather than the work; PASSIVE removes that. Set OMP_WAIT_POLICY yourself to override.
-        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-    if "--bench-worker" in sys.argv:
-        _bench_worker(json.loads(sys.argv[sys.argv.index("--bench-worker") + 1]))
-    elif "--bench" in sys.argv:
-        bench(sys.argv[1:])
-    else:
-        print("usage: python vat.py --bench [--device cuda] [--preset gpu] [--skip-kl] ... (see --bench --help)")

@@ -14,9 +14,9 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    import data
+    import shapes
     out = tmp_path_factory.mktemp("tok")
-    data.train_tokenizer(data.world_vocabulary_corpus(), str(out))
+    shapes.train_tokenizer(shapes.world_vocabulary_corpus(), str(out))
     return str(out)
 
 

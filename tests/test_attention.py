@@ -13,16 +13,17 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import shapes  # noqa: E402
 import evaluate as ev  # noqa: E402
 import model as M  # noqa: E402
 
-PATTERN = data.VQAV2_IMAGE_PATTERN.replace("{image_id:012d}", "%012d")  # evaluate.py's %-style pattern
+PATTERN = shapes.VQAV2_IMAGE_PATTERN.replace("{image_id:012d}", "%012d")  # evaluate.py's %-style pattern
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    data.synthesize(str(root), seed=0, n_pretrain=32, n_instruct=32, n_images=32, n_sugarcrepe=3, n_vqa=4,
+    shapes.synthesize(str(root), seed=0, n_pretrain=32, n_instruct=32, n_images=32, n_sugarcrepe=3, n_vqa=4,
                     n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
     return str(root)
 

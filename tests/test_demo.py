@@ -6,6 +6,7 @@ import re
 import pytest
 from PIL import Image
 
+import demo
 import train
 
 
@@ -22,7 +23,7 @@ def _width(path):
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    train.main(["--demo", "--demo-quick", "--demo-train-teacher", "--out", out])
+    demo.main(["--quick", "--train-teacher", "--out", out])
     printed = capsys.readouterr().out.strip().splitlines()
     last = printed[-1]
     assert re.fullmatch(r"RESULT sft_cr=[\d.]+ kd_cr=[\d.]+ compodistill_cr=[\d.]+ teacher_cr=[\d.]+ "
@@ -55,7 +56,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     weights = [os.path.join(out, d, "model.safetensors") for d in
                ("teacher", "student_lm", "sft_seed0", "kd_seed0/stage2", "compodistill_seed0/stage3")]
     mtimes = [os.stat(p).st_mtime_ns for p in weights]
-    train.main(["--demo", "--demo-quick", "--demo-train-teacher", "--out", out])
+    demo.main(["--quick", "--train-teacher", "--out", out])
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
     assert [os.stat(p).st_mtime_ns for p in weights] == mtimes
     # an evaluation made against another teacher is redone (the attention distance is to the teacher)
@@ -63,7 +64,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     stale = {**_json(cached), "teacher": "/another/teacher", "attn_dist": -1.0}
     with open(cached, "w") as f:
         json.dump(stale, f)
-    train.main(["--demo", "--demo-quick", "--demo-train-teacher", "--out", out])
+    demo.main(["--quick", "--train-teacher", "--out", out])
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
     redone = _json(cached)
     assert redone["teacher"] == os.path.abspath(os.path.join(out, "teacher")) and redone["attn_dist"] >= 0
@@ -74,52 +75,53 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     del saved["group_by_length"]
     with open(os.path.join(kd, "args.json"), "w") as f:
         json.dump(saved, f)
-    train.main(["--demo", "--demo-quick", "--demo-train-teacher", "--out", out])
+    demo.main(["--quick", "--train-teacher", "--out", out])
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
     assert [os.stat(p).st_mtime_ns for p in weights] == mtimes
     # ... and a finished stage made with other arguments is never silently taken for this one
     sft = _json(os.path.join(out, "sft_seed0", "args.json"))
     with pytest.raises(SystemExit, match="other arguments"):
-        train._demo_stage(["--stage", "llava", "--init", sft["init"], "--data", sft["data"], "--image-folder",
+        demo._demo_stage(["--stage", "llava", "--init", sft["init"], "--data", sft["data"], "--image-folder",
                            sft["image_folder"], "--max-steps", str(sft["max_steps"] + 1), "--out", sft["out"]])
 
 
 def test_shipped_teacher_matches_a_freshly_synthesised_world(tmp_path):
-    """`python train.py --demo` synthesises the default world and then loads assets/demo_teacher: a change
+    """`python demo.py` synthesises the default world and then loads assets/demo_teacher: a change
     to the generator that changes the tokenizer (BPE merges follow the samples) must retrain the teacher."""
     import data
-    paths = train.demo_data(str(tmp_path))
-    train.check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(train.DEMO_TEACHER))
+    paths = demo.demo_data(str(tmp_path))
+    train.check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(demo.DEMO_TEACHER))
 
 
 def test_vision_encoder_pretraining_reads_each_patch_and_never_sees_a_benchmark_scene(tmp_path):
-    """The read-out is trained per patch against data.patch_labels: if patches and labels were misaligned
+    """The read-out is trained per patch against shapes.patch_labels: if patches and labels were misaligned
     (another raster order, a CLS offset) colour and size could not beat chance (1/6, 1/2)."""
     import torch
     import data
+    import shapes
     import model as M
     torch.manual_seed(0)
     world = tmp_path / "w"
-    data.synthesize(str(world), seed=0, n_pretrain=8, n_instruct=8, n_images=8, n_sugarcrepe=3, n_vqa=3,
+    shapes.synthesize(str(world), seed=0, n_pretrain=8, n_instruct=8, n_images=8, n_sugarcrepe=3, n_vqa=3,
                     n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
-    tok = data.load_tokenizer(train.DEMO_TEACHER)
+    tok = data.load_tokenizer(demo.DEMO_TEACHER)
     m = M.from_preset("teacher", tok)
     before = {k: v.clone() for k, v in m.vision_tower.state_dict().items()}
     with open(world / "scenes.json") as f:
         bench = [s for k, s in json.load(f).items() if "sugarcrepe" in k or "vqav2" in k]
     drawn = []
-    real_random_scene = data.random_scene
+    real_random_scene = shapes.random_scene
 
     def benchmark_scenes_first(rng):  # offer every benchmark scene first: each must be refused
         s = bench[len(drawn)] if len(drawn) < len(bench) else real_random_scene(rng)
         drawn.append(s)
         return s
-    data.random_scene = benchmark_scenes_first
+    shapes.random_scene = benchmark_scenes_first
     try:
-        acc = train.pretrain_vision_encoder(m.vision_tower, M.make_image_processor(m.vision_tower.config),
+        acc = demo.pretrain_vision_encoder(m.vision_tower, M.make_image_processor(m.vision_tower.config),
                                             str(world / "scenes.json"), steps=200, n_scenes=2500)
     finally:
-        data.random_scene = real_random_scene
+        shapes.random_scene = real_random_scene
     assert len(bench) >= 10 and len(drawn) == len(bench) + 2500
     assert acc["colour"] > 90 and acc["size"] > 90, acc
     assert any(not torch.equal(before[k], v) for k, v in m.vision_tower.state_dict().items())
@@ -129,8 +131,9 @@ def test_vision_encoder_pretraining_reads_each_patch_and_never_sees_a_benchmark_
 def _training_world(tmp_path, seed, n_images):
     """A small synthesised world without a tokenizer -> (scenes.json path, scenes, training image names)."""
     import data
+    import shapes
     world = tmp_path / "w"
-    data.synthesize(str(world), seed=seed, n_pretrain=n_images, n_instruct=8, n_images=n_images, n_sugarcrepe=2,
+    shapes.synthesize(str(world), seed=seed, n_pretrain=n_images, n_instruct=8, n_images=n_images, n_sugarcrepe=2,
                     n_vqa=2, n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
     images = {x["image"] for x in data.load_llava_json(str(world / "pretrain.json"))}
     return str(world / "scenes.json"), _json(world / "scenes.json"), images
@@ -138,7 +141,7 @@ def _training_world(tmp_path, seed, n_images):
 
 def test_lookup_questions_are_true_of_their_image(tmp_path):
     scenes_json, scenes, images = _training_world(tmp_path, seed=1, n_images=30)
-    samples = train.lookup_questions(scenes_json, images)
+    samples = demo.lookup_questions(scenes_json, images)
     assert {x["image"] for x in samples} == images
     n = 0
     for x in samples:
@@ -159,18 +162,18 @@ def test_lookup_questions_are_true_of_their_image(tmp_path):
 def test_compositional_questions_point_to_the_true_caption(tmp_path):
     """Parse each 2-choice prompt back into its two captions: the letter answered must name the caption that
     is true of the image, the other must be false (a hard negative), and both orders must occur."""
-    import data
+    import shapes
     scenes_json, scenes, images = _training_world(tmp_path, seed=2, n_images=40)
-    samples = train.compositional_questions(scenes_json, images)
+    samples = demo.compositional_questions(scenes_json, images)
     assert {x["image"] for x in samples} == images
-    assert {x["subset"] for x in samples} == set(data.SUGARCREPE_SUBSETS)
+    assert {x["subset"] for x in samples} == set(shapes.SUGARCREPE_SUBSETS)
     letters = []
     for x in samples:
         q, a = x["conversations"][0]["value"], x["conversations"][1]["value"]
         assert q.startswith("<image>\n")
         a_text = q.split("(A) ")[1].split("\n")[0]
         b_text = q.split("(B) ")[1].split("\n")[0]
-        true_of = {t: data.caption_is_true(scenes[x["image"]], data.parse_caption(t)) for t in (a_text, b_text)}
+        true_of = {t: shapes.caption_is_true(scenes[x["image"]], shapes.parse_caption(t)) for t in (a_text, b_text)}
         assert a_text != b_text
         assert true_of == {a_text: a == "A", b_text: a == "B"}, (x["subset"], q, a)
         letters.append(a)

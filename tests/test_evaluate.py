@@ -573,8 +573,9 @@ def test_model_glue_matches_unbatched_reference(tmp_path):
     import torch
 
     import data
+    import shapes
     import model as M
-    tok = data.train_tokenizer(GLUE_CORPUS, str(tmp_path / "tok"), vocab_size=400)
+    tok = shapes.train_tokenizer(GLUE_CORPUS, str(tmp_path / "tok"), vocab_size=400)
     yes = tok.encode("Yes", add_special_tokens=False)
     assert len(yes) == 1
     # Qwen2's default init: near-uniform attention and logits, so that with the rows below zeroed greedy
@@ -619,9 +620,9 @@ def test_model_glue_matches_unbatched_reference(tmp_path):
 
 
 def test_model_glue_yes_must_be_one_token(tmp_path):
-    import data
+    import shapes
     import model as M
-    tok = data.train_tokenizer(["Y e s N o"], str(tmp_path / "tok"), vocab_size=280)
+    tok = shapes.train_tokenizer(["Y e s N o"], str(tmp_path / "tok"), vocab_size=280)
     assert len(tok.encode("Yes", add_special_tokens=False)) > 1
     M.save_pretrained(M.from_preset("student", tok), str(tmp_path / "m"), tok)
     with pytest.raises(ValueError, match="splits 'Yes' into"):

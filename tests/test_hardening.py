@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+import shapes
 import model as M
 import train
 import vat
@@ -26,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("hard") / "world")
-    data.synthesize(out, seed=2, n_pretrain=48, n_instruct=96, n_images=48, n_sugarcrepe=2, n_vqa=4,
+    shapes.synthesize(out, seed=2, n_pretrain=48, n_instruct=96, n_images=48, n_sugarcrepe=2, n_vqa=4,
                     n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
     return out
 
@@ -107,7 +108,7 @@ def test_text_only_batch_gives_no_vat_and_no_nan(world, tmp_path):
 
 
 def test_teacher_with_another_tokenizer_stops_before_training(world, tmp_path):
-    other = data.train_tokenizer(["other words only"] * 10 + ["<image> A B yes no"], str(tmp_path / "tok"), vocab_size=300)
+    other = shapes.train_tokenizer(["other words only"] * 10 + ["<image> A B yes no"], str(tmp_path / "tok"), vocab_size=300)
     teacher = M.from_preset("teacher", other)
     M.save_pretrained(teacher, str(tmp_path / "teacher"), other)
     with pytest.raises(ValueError, match="tokenizers disagree"):
@@ -195,7 +196,7 @@ def test_out_of_memory_names_the_knobs(world, tmp_path, monkeypatch):
 
 def test_loading_never_unpickles_or_runs_remote_code():
     import ast
-    for name in ("model.py", "train.py", "data.py", "evaluate.py", "vat.py", "taf.py"):
+    for name in ("model.py", "train.py", "data.py", "evaluate.py", "vat.py", "taf.py", "shapes.py", "demo.py", "bench.py"):
         src = open(os.path.join(ROOT, name)).read()
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":

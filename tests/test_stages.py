@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import shapes
 import model as M
 import train
 
@@ -86,7 +87,7 @@ def test_token_losses_stay_fp32_under_bf16_autocast():
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tokenizer, tmp_path):
-    other = data.train_tokenizer(["completely different words here"] * 20, str(tmp_path / "other"), vocab_size=300)
+    other = shapes.train_tokenizer(["completely different words here"] * 20, str(tmp_path / "other"), vocab_size=300)
     with pytest.raises(ValueError, match="(?s)tokenizers disagree.*vocabularies differ"):
         train.check_tokenizers_agree(tokenizer, other)
     train.check_tokenizers_agree(tokenizer, tokenizer)
@@ -112,7 +113,7 @@ def test_taf_from_a_bias_free_teacher_adapter_saves_and_loads(tokenizer, tmp_pat
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     world = str(root / "world")
-    data.synthesize(world, seed=1, n_pretrain=64, n_instruct=128, n_images=64, n_sugarcrepe=4, n_vqa=8,
+    shapes.synthesize(world, seed=1, n_pretrain=64, n_instruct=128, n_images=64, n_sugarcrepe=4, n_vqa=8,
                     n_val_sugarcrepe=2, n_val_vqa=4, progress=False)
     tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
     teacher = M.from_preset("teacher", tok)
@@ -154,7 +155,7 @@ def test_stage_all_runs_1_2_3_with_the_right_losses_and_parameters(setup):
 
 
 def test_stage_all_uses_the_papers_global_batch_per_stage(setup, monkeypatch):
-    """METHOD.md section 5: DPT 256, DFT 128, SFT 192 unless --global-batch is given (then for every stage)."""
+    """docs/method.md section 5: DPT 256, DFT 128, SFT 192 unless --global-batch is given (then for every stage)."""
     world, teacher, root = setup
     args = _stage_args(world, teacher, str(root / "gb"))
     i = args.index("--global-batch")

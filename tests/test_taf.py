@@ -1,4 +1,4 @@
-"""Tests for taf.py (METHOD.md section 2: x_v = P_s(P_t(z)), P_t frozen)."""
+"""Tests for taf.py (docs/method.md section 2: x_v = P_s(P_t(z)), P_t frozen)."""
 import os
 import sys
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import shapes
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    data.synthesize(str(out), seed=0, n_pretrain=96, n_instruct=192, n_images=96, n_sugarcrepe=4, n_vqa=8,
+    shapes.synthesize(str(out), seed=0, n_pretrain=96, n_instruct=192, n_images=96, n_sugarcrepe=4, n_vqa=8,
                     n_val_sugarcrepe=2, n_val_vqa=4, progress=False)
     return str(out)
 

@@ -1,4 +1,4 @@
-"""Tests for vat.py (METHOD.md section 3: the visual attention maps and L_ADL, Eq. 3).
+"""Tests for vat.py (docs/method.md section 3: the visual attention maps and L_ADL, Eq. 3).
 
 References are independent of the implementation: HF eager attention with output_attentions=True
 for the capture, float64 loops for the losses, a hand-worked example for the official sink filter,

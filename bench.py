@@ -1,0 +1,272 @@
+"""Benchmarks (nanoGPT's bench.py: a shorter train step, timed): the VAT capture against the authors'
+eager `output_attentions`, and the chunked L_KL against full logits. Ends with one RESULT line.
+
+  python bench.py                       # CPU shapes (8/12-layer Qwen2, T=1024, 256 visual tokens)
+  python bench.py --preset gpu          # 0.5B-class student, 1.5B-class teacher, T=2048, 729 visual tokens
+
+VAT: one DFT-like step on the same inputs, three ways:
+  plain    teacher forward (no grad) + student forward/backward of the LM loss, SDPA, no VAT
+  ours     plain + vat.capture_visual_attention on the chosen layers of both models + L_ADL (vat.vat_loss)
+  authors  eager attention with output_attentions=True on EVERY layer of both models, the maps
+           sliced from the returned attentions, + the same L_ADL
+Extra peak memory of a path = its peak - plain's peak. CPU: each path runs in a fresh subprocess and
+reports its peak RSS (resource.getrusage ru_maxrss), with glibc told to mmap every allocation >= 64 KiB
+(MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS at once and the RSS peak tracks the peak of
+live memory. CUDA: torch.cuda.max_memory_allocated in-process.
+L_KL: train.kd_loss (chunk by chunk from hidden states) against train.kd_loss_reference on full
+(T, V) logits at a 151k vocabulary: extra peak memory and the largest difference in loss and gradient.
+"""
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import train
+import vat
+
+
+def _bench_config(hidden, layers, heads, kv_heads, intermediate, vocab, attn):
+    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
+                       tie_word_embeddings=False, use_cache=False, attn_implementation=attn)
+
+
+def _bench_setup(a, path):
+    device = torch.device(a["device"])
+    dtype = torch.bfloat16 if a["device"] == "cuda" else torch.float32
+    attn = "eager" if path == "authors" else "sdpa"
+    torch.manual_seed(0)
+    student = Qwen2ForCausalLM(_bench_config(a["student_hidden"], a["student_layers"], a["student_heads"],
+                                             a["student_kv_heads"], a["student_intermediate"], a["vocab"], attn))
+    teacher = Qwen2ForCausalLM(_bench_config(a["teacher_hidden"], a["teacher_layers"], a["teacher_heads"],
+                                             a["teacher_kv_heads"], a["teacher_intermediate"], a["vocab"], attn))
+    student = student.to(device, dtype).train()
+    teacher = teacher.to(device, dtype).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    T, n = a["seq"], a["visual"]
+    ids = torch.randint(0, a["vocab"], (1, T), generator=g).to(device)
+    vm = torch.zeros(1, T, dtype=torch.bool, device=device)
+    vm[0, 16:16 + n] = True  # a block of fake visual tokens after a short system prompt
+    am = torch.ones(1, T, dtype=torch.long, device=device)
+    s_layers = vat.select_layers(a["student_layers"], a["layers"])
+    t_layers = vat.select_layers(a["teacher_layers"], a["layers"])
+    return student, teacher, ids, vm, am, s_layers, t_layers
+
+
+def _maps_from_attentions(attentions, layers, vm):
+    """The authors' way: A~_l sliced from output_attentions (B, H, T, T): head mean, visual key columns."""
+    index, valid = vat.visual_positions(vm)
+    out = {}
+    for l in layers:
+        a = attentions[l].float().mean(1)
+        out[l] = torch.where(valid[:, None, :], a.gather(2, index[:, None, :].expand(-1, a.shape[1], -1)), 0.0)
+    return out
+
+
+def _bench_step(path, student, teacher, ids, vm, am, s_layers, t_layers, query_chunk=256):
+    """One step; returns the VAT loss value (0 for plain)."""
+    student.zero_grad(set_to_none=True)
+    matching = vat.group_layer_matching(s_layers, t_layers)
+    nullcap = contextlib.nullcontext({})
+    with torch.no_grad():
+        if path == "authors":
+            t_out = teacher(input_ids=ids, attention_mask=am, output_attentions=True)
+            t_maps = _maps_from_attentions(t_out.attentions, t_layers, vm)
+        else:
+            with (vat.capture_visual_attention(teacher, t_layers, vm, am, query_chunk=query_chunk) if path == "ours" else nullcap) as t_maps:
+                teacher(input_ids=ids, attention_mask=am)
+    if path == "authors":
+        out = student(input_ids=ids, attention_mask=am, output_attentions=True)
+        s_maps = _maps_from_attentions(out.attentions, s_layers, vm)
+    else:
+        with (vat.capture_visual_attention(student, s_layers, vm, am, query_chunk=query_chunk) if path == "ours" else nullcap) as s_maps:
+            out = student(input_ids=ids, attention_mask=am)
+    logits = out.logits
+    loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+    l_adl = torch.zeros(()) if path == "plain" else vat.vat_loss(s_maps, t_maps, matching, s_layers, vm, am)
+    (loss + l_adl.to(loss.device)).backward()
+    return float(l_adl.detach())
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bench_worker(a):
+    """Runs in a fresh process (CPU memory): one step of a["path"], prints the peak RSS in bytes."""
+    if a["path"].startswith("kl_"):
+        _kl_worker(a)
+    else:
+        student, teacher, ids, vm, am, s_layers, t_layers = _bench_setup(a, a["path"])
+        _bench_step(a["path"], student, teacher, ids, vm, am, s_layers, t_layers, a["query_chunk"])
+    print(f"PEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")  # ru_maxrss is in KiB on Linux
+
+
+def _kl_inputs(a):
+    g = torch.Generator().manual_seed(0)
+    T, V = a["kl_seq"], a["kl_vocab"]
+    hs = torch.randn(1, T, a["kl_student_hidden"], generator=g).requires_grad_()
+    ht = torch.randn(1, T, a["kl_teacher_hidden"], generator=g)
+    ws = torch.randn(V, a["kl_student_hidden"], generator=g).mul_(0.02)  # in place: no transient copy
+    wt = torch.randn(V, a["kl_teacher_hidden"], generator=g).mul_(0.02)
+    labels = torch.randint(0, V, (1, T), generator=g)
+    labels[:, : T // 2] = -100  # the prompt half is not supervised, the answer half is
+    return hs, ht, ws, wt, labels
+
+
+def _kl_worker(a):
+    """L_KL fwd+bwd (student hidden states get the gradient; the heads are frozen, as under LoRA), chunked
+    (train.kd_loss) or unchunked (train.kd_loss_reference on full logits); saves loss and grad."""
+
+    hs, ht, ws, wt, labels = _kl_inputs(a)
+    print(f"BASE {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")  # peak RSS with the inputs alone
+    n = int((labels[:, 1:] != -100).sum())
+    if a["path"] == "kl_chunked":
+        loss = train.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.0, chunk_size=a["kl_chunk"])
+    else:
+        loss = train.kd_loss_reference(hs @ ws.t(), ht @ wt.t(), labels, n, temperature=1.0)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": hs.grad}, a["out"])
+
+
+def _run_worker(a, path, **extra):
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    args = json.dumps(dict(a, path=path, **extra))
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", args], env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench worker {path} failed:\n{r.stderr[-3000:]}")
+    found = dict(l.split() for l in r.stdout.splitlines() if l.startswith(("PEAK ", "BASE ")))
+    return int(found["PEAK"]) - int(found.get("BASE", 0))
+
+
+def _bench_vat(a):
+
+    device = a["device"]
+    mib = 2 ** 20
+    peaks, times, losses = {}, {}, {}
+    for path in ("plain", "ours", "authors"):
+        models = _bench_setup(a, path)
+        if device == "cuda":
+            _bench_step(path, *models, a["query_chunk"])  # warm-up, then the measured peak
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            losses[path] = _bench_step(path, *models, a["query_chunk"])
+            peaks[path] = torch.cuda.max_memory_allocated()
+        else:
+            peaks[path] = _run_worker(a, path)
+            losses[path] = _bench_step(path, *models, a["query_chunk"])  # warm-up
+        ts = []
+        for _ in range(a["repeats"]):
+            _sync(device)
+            t0 = time.perf_counter()
+            _bench_step(path, *models, a["query_chunk"])
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+        times[path] = statistics.median(ts)
+        del models
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    tokens = a["seq"]
+    extra = {p: peaks[p] - peaks["plain"] for p in ("ours", "authors")}
+    how = "cuda max_memory_allocated" if device == "cuda" else "peak RSS of a fresh process each"
+    print(f"\nVAT step: student {a['student_layers']}L/{a['student_hidden']}, teacher {a['teacher_layers']}L/"
+          f"{a['teacher_hidden']}, T={a['seq']}, {a['visual']} visual tokens, layers {a['layers']!r}, query chunk {a['query_chunk']}, {device} ({how})")
+    print(f"{'path':<9}{'peak MiB':>10}{'extra MiB':>11}{'step s':>9}{'tokens/s':>10}{'L_ADL':>10}")
+    for p in ("plain", "ours", "authors"):
+        e = f"{extra[p] / mib:11.1f}" if p in extra else f"{'-':>11}"
+        print(f"{p:<9}{peaks[p] / mib:10.1f}{e}{times[p]:9.3f}{tokens / times[p]:10.0f}{losses[p]:10.5f}")
+    mem_ratio = extra["authors"] / max(extra["ours"], 1)
+    speedup = times["authors"] / times["ours"]
+    print(f"extra-memory ratio authors/ours = {mem_ratio:.1f}x, step speed-up ours vs authors = {speedup:.2f}x, "
+          f"VAT overhead of ours over plain = {times['ours'] / times['plain']:.2f}x time")
+    return mem_ratio, speedup
+
+
+def _bench_kl(a):
+
+    mib = 2 ** 20
+    with tempfile.TemporaryDirectory() as tmp:
+        peaks, results = {}, {}
+        for path in ("kl_chunked", "kl_reference"):
+            out = os.path.join(tmp, path + ".pt")
+            peaks[path] = _run_worker(a, path, out=out)  # peak RSS minus the peak right after making the inputs
+            results[path] = torch.load(out, weights_only=True)
+    c, r = results["kl_chunked"], results["kl_reference"]
+    max_diff = max((c["loss"] - r["loss"]).abs().item(), (c["grad"] - r["grad"]).abs().max().item())
+    print(f"\nL_KL fwd+bwd: V={a['kl_vocab']}, T={a['kl_seq']} ({a['kl_seq'] // 2} supervised), hidden "
+          f"{a['kl_student_hidden']}/{a['kl_teacher_hidden']}, chunk {a['kl_chunk']}; extra peak RSS over the inputs")
+    print(f"chunked {peaks['kl_chunked'] / mib:.0f} MiB, unchunked {peaks['kl_reference'] / mib:.0f} MiB, "
+          f"loss {c['loss'].item():.6f} vs {r['loss'].item():.6f}, max |diff| (loss, d/dhidden) {max_diff:.2e}")
+    return peaks["kl_reference"] / max(peaks["kl_chunked"], 1), max_diff
+
+
+def _bench_args(argv=None):
+
+    p = argparse.ArgumentParser(description="VAT capture vs output_attentions, and chunked vs unchunked L_KL")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", default=None, choices=["gpu"], help="gpu: 0.5B-class student, 1.5B-class teacher, T=2048")
+    p.add_argument("--student-layers", type=int, default=8)
+    p.add_argument("--student-hidden", type=int, default=512)
+    p.add_argument("--student-heads", type=int, default=8)
+    p.add_argument("--student-kv-heads", type=int, default=2)
+    p.add_argument("--student-intermediate", type=int, default=1024)
+    p.add_argument("--teacher-layers", type=int, default=12)
+    p.add_argument("--teacher-hidden", type=int, default=512)
+    p.add_argument("--teacher-heads", type=int, default=8)
+    p.add_argument("--teacher-kv-heads", type=int, default=8)
+    p.add_argument("--teacher-intermediate", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--visual", type=int, default=256)
+    p.add_argument("--layers", default="middle", help="select_layers spec for both models")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--query-chunk", type=int, default=256, help="query rows per capture chunk")
+    p.add_argument("--kl-vocab", type=int, default=151646)
+    p.add_argument("--kl-seq", type=int, default=2048)
+    p.add_argument("--kl-student-hidden", type=int, default=896)
+    p.add_argument("--kl-teacher-hidden", type=int, default=1536)
+    p.add_argument("--kl-chunk", type=int, default=256)
+    p.add_argument("--skip-kl", action="store_true")
+    a = p.parse_args(argv)
+    if a.preset == "gpu":
+        a.device = "cuda"
+        a.student_layers, a.student_hidden, a.student_heads, a.student_kv_heads, a.student_intermediate = 24, 896, 14, 2, 4864
+        a.teacher_layers, a.teacher_hidden, a.teacher_heads, a.teacher_kv_heads, a.teacher_intermediate = 28, 1536, 12, 2, 8960
+        a.seq, a.visual, a.query_chunk = 2048, 729, 1024
+    return a
+
+
+def bench(argv=None):
+    """`python bench.py`: prints the tables and, last, the RESULT line."""
+    a = vars(_bench_args(argv))
+    torch.manual_seed(0)
+    mem_ratio, speedup = _bench_vat(a)
+    kl_ratio, kl_diff = (float("nan"), float("nan")) if a["skip_kl"] else _bench_kl(a)
+    print(f"RESULT vat_mem_ratio={mem_ratio:.2f} vat_step_speedup={speedup:.2f} kl_mem_ratio={kl_ratio:.2f} "
+          f"kl_max_diff={kl_diff:.3g}")
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        _bench_worker(json.loads(sys.argv[sys.argv.index("--worker") + 1]))
+    else:
+        if "OMP_WAIT_POLICY" not in os.environ:
+            # OpenMP's default spin-then-sleep hand-off costs milliseconds per parallel op on some shared /
+            # sandboxed CPUs (measured ~8 ms for a 1 MB elementwise op on 2 cores here), which would time the
+            # number of ops rather than the work; PASSIVE removes that. Set OMP_WAIT_POLICY yourself to override.
+            os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+        bench(sys.argv[1:])

@@ -1,0 +1,573 @@
+"""The demo: the paper's table in miniature, from nothing, on a CPU (`python demo.py`).
+
+From an empty `--out` (default runs/demo): the shapes world (shapes.py), the tiny teacher (shipped as
+assets/demo_teacher; `--train-teacher` trains it by the curriculum in `demo_teacher`), the student's
+"pretrained LLM" (the student preset trained on text), then three students with the same data, steps and
+seed, each evaluated on the held-out benchmarks:
+  sft           the LLaVA recipe on the student preset, no teacher (`train.py --stage llava`);
+  kd            stages 1-3 with L_LM + L_KL (no VAT, no TAF, like LLaVA-KD);
+  compodistill  stages 1-3 with VAT (L_ADL, Eq. 3 of arXiv 2510.12184) and TAF.
+Prints the table and ends with the RESULT line; writes results.json / results.md / results.png,
+learning_curve.png and attention heat maps under --out. `--full` runs 3 seeds and the paper's ablations.
+Every stage is a `train.main([...])` call with the command-line arguments a user would type: the demo
+adds no training code of its own. The same command on the same --out resumes.
+
+  python demo.py                     # about 10 minutes on 2 CPU cores
+  python demo.py --full --out runs/full
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import evaluate as E
+import model as M
+import shapes
+import train
+
+
+# -----------------------------------------------------------------------------
+# Budget
+
+DEMO_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_teacher")
+# One budget for every student (same data, steps, seed). Micro-batch = global batch on one CPU.
+DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_steps=300,
+            teacher_lr=2e-3, vision_steps=1500, vision_scenes=8000, teacher_lookup_steps=1000,
+            teacher_mix_steps=3000, teacher_cr_steps=3000, teacher_cr_batch=32, teacher_focus_steps=4000,
+            teacher_focus_lr=1.5e-3, max_len=256,
+            eval_every=150, eval_limit=20, w_vat=10.0)
+# w_vat: the L_ADL weight of the CompoDistill students (the paper's is 1, the CLI default). Here L_ADL ends stage 2
+# near 0.08 against L_LM near 0.4; 10 was chosen over 1 and 3 on the validation split (README, "Demo results").
+
+
+def _demo_json(samples, path):
+    """Written to a temporary file, then renamed: a second demo process on the same --out never reads a
+    half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(samples, f)
+    os.replace(tmp, path)
+    return path
+
+
+def _finished(out: str) -> bool:
+    """A stage's output directory is complete: main writes trainer_summary.json after the model."""
+    return os.path.exists(os.path.join(out, "trainer_summary.json"))
+
+
+def _demo_stage(argv: list) -> str:
+    """main(argv), unless its --out already holds that stage, finished (trainer_summary.json is written
+    last) with the same arguments (args.json), and resumed from its checkpoint if it has one. So an
+    interrupted demo picks up where it stopped, and demo processes started on one --out share what is
+    done (README: the --full run)."""
+    parser = train.get_parser()
+    args = parser.parse_args(argv)
+    if _finished(args.out):
+        with open(os.path.join(args.out, "args.json")) as f:
+            saved = json.load(f)
+        now = json.loads(json.dumps(vars(args)))
+        # an option added to train.py after that run, left at its default, changes nothing it did
+        saved.update({k: v for k, v in now.items() if k not in saved and v == parser.get_default(k)})
+        if saved == now:
+            return args.out
+        raise SystemExit(f"{args.out} holds a finished run made with other arguments (see its args.json); "
+                         f"give the demo another --out")
+    return train.main(argv + (["--resume"] if train.find_checkpoint(args.out) else []))
+
+
+def caption_verification(instruct: list) -> list:
+    """A stepping stone for tiny models: each 2-choice compositional sample becomes two yes/no questions
+    about ONE caption (evaluate.MATCH_PROMPT -> yes for the true caption, no for the hard negative),
+    so binding can be learnt before comparing two captions."""
+    return [{"id": f"{x['id']}_verify_{ans}", "image": x["image"], "task": "verification",
+             "conversations": [{"from": "human", "value": E.MATCH_PROMPT.format(caption=x[key])},
+                               {"from": "gpt", "value": ans}]}
+            for x in instruct if x["task"] == "compositional"
+            for key, ans in (("caption", "yes"), ("negative_caption", "no"))]
+
+
+def lookup_questions(scenes_json: str, images: set, seed: int = 0) -> list:
+    """The teacher's first curriculum step: for every training image, one conversation that asks the colour
+    and the size of each object by its shape, and the shape of each object whose colour is unique
+    (shapes.lookup_question, the wording of the VQA questions; all of them, shuffled).
+    Every answer needs the one-hop grounding (find the cell the question names, read it out) that the
+    compositional questions build on."""
+    with open(scenes_json) as f:
+        scenes = json.load(f)
+    rng, out = random.Random(seed), []
+    for k in sorted(images):
+        objs = scenes[k]["objects"]
+        qa = [q for kind in ("color", "size", "shape") for o in objs
+              if (q := shapes.lookup_question(kind, o, objs)) is not None]
+        rng.shuffle(qa)
+        conv = []
+        for i, (q, a) in enumerate(qa):
+            conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q + shapes.VQA_SUFFIX},
+                     {"from": "gpt", "value": a}]
+        out.append({"id": f"lookup_{len(out):06d}", "image": k, "task": "recognition", "conversations": conv})
+    return out
+
+
+TEACHER_CR_SUBSETS = ("replace_att", "swap_att", "replace_obj", "swap_obj", "replace_rel", "add_att", "add_obj")
+# The subsets the tiny teacher learns (its last phase trains on these only): attributes and objects replaced or
+# added. Swapped bindings and relations stay at chance after 3,000 steps on every subset (README).
+TEACHER_FOCUS_SUBSETS = ("replace_att", "replace_obj", "add_obj", "add_att")
+
+
+def compositional_questions(scenes_json: str, images: set, seed: int = 0,
+                            subsets=TEACHER_CR_SUBSETS) -> list:
+    """The teacher's last curriculum step: for every training image, one 2-choice question per SugarCrepe
+    subset (the official prompt, shapes.SUGARCREPE_PROMPT) with a fresh hard negative of that subset's kind
+    (shapes.hard_negative), the true caption first or second at random. 4,000 images x 7 subsets is ~3.5x the
+    compositional questions of the instruction mix: a tiny teacher leaves chance on CR only after
+    thousands of such steps (README, "What is known about the miniature's teacher")."""
+    with open(scenes_json) as f:
+        scenes = json.load(f)
+    rng, out = random.Random(seed), []
+    for k in sorted(images):
+        for subset in subsets:
+            pair = shapes.hard_negative(rng, scenes[k], subset)
+            if pair is None:  # this scene has no negative of that kind (e.g. no attribute to swap)
+                continue
+            out.append(shapes.choice_sample(f"cr_{len(out):06d}", k, subset, pair, pos_first=rng.random() < 0.5))
+    return out
+
+
+def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
+    """Synthesise the shapes world once and derive the demo's data files from it: the teacher's curriculum
+    (one-hop lookup questions, then the instruction mix + caption verification + the lookup questions, then
+    fresh 2-choice compositional questions + the lookups + the instruction mix, then three fresh draws of
+    the 2-choice questions of the subsets the teacher learns + the lookups + the instruction mix) and
+    text-only data (the student LM's pre-training: captions and questions without images, so the student
+    starts as a *language* model like the paper's)."""
+    d = os.path.join(root, "data")
+    if not os.path.exists(os.path.join(d, "instruct.json")):
+        shapes.synthesize(d, seed=seed, **(sizes or {}))
+    instruct = data.load_llava_json(os.path.join(d, "instruct.json"))
+    pretrain = data.load_llava_json(os.path.join(d, "pretrain.json"))
+    verify = caption_verification(instruct)
+    text = []
+    for x in pretrain + instruct:
+        conv = [dict(c, value=c["value"].replace("<image>\n", "").replace("<image>", "")) for c in x["conversations"]]
+        text.append({"id": "text_" + x["id"], "task": "text", "conversations": conv})
+    scenes_json, images = os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}
+    lookup = lookup_questions(scenes_json, images, seed)
+    cr = compositional_questions(scenes_json, images, seed)
+    focus = [dict(x, id=f"cr5_{i:06d}") for i, x in enumerate(
+        q for k in (11, 12, 13) for q in compositional_questions(scenes_json, images, seed + k, TEACHER_FOCUS_SUBSETS))]
+    return {"dir": d, "images": d, "tokenizer": os.path.join(d, "tokenizer"),
+            "lookup": _demo_json(lookup, os.path.join(d, "lookup.json")),
+            "teacher_mix": _demo_json(instruct + verify + lookup, os.path.join(d, "teacher_mix.json")),
+            "teacher_cr": _demo_json(cr + lookup + instruct, os.path.join(d, "teacher_cr.json")),
+            "teacher_focus": _demo_json(focus + lookup + instruct, os.path.join(d, "teacher_focus.json")),
+            "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
+            "text": _demo_json(text, os.path.join(d, "text_only.json"))}
+
+
+def _common(b, paths, out, steps, seed, *extra, lr=None):
+    return ["--data-pretrain", paths["pretrain"], "--data-instruct", paths["instruct"],
+            "--image-folder", paths["images"], "--out", out, "--global-batch", str(b["batch"]),
+            "--micro-batch", str(b["batch"]), "--max-steps", str(steps), "--lr", str(lr or b["lr"]),
+            "--warmup-ratio", "0.05", "--max-len", str(b["max_len"]), "--seed", str(seed), "--log-every", "25",
+            "--quiet", *extra]
+
+
+def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, steps: int = 1500, batch: int = 64,
+                            n_scenes: int = 8000, lr: float = 2e-3, seed: int = 0) -> dict:
+    """The tiny encoder's stand-in for SigLIP's pre-training: a linear read-out of every patch's last hidden
+    state is trained to name that cell's shape (or "empty"), colour and size (shapes.patch_labels), on freshly
+    drawn scenes that exclude every benchmark scene in `scenes_json`. Updates `vision` in place and leaves it
+    frozen; returns the held-out per-object accuracies. (The paper's students and teacher share a pretrained
+    encoder; a random one hands the LLM raw pixels and makes grounding far slower to learn.)"""
+    n_held_out = 500
+    if n_scenes <= n_held_out:
+        raise ValueError(f"pretrain_vision_encoder: n_scenes={n_scenes} leaves no training scenes after the "
+                         f"{n_held_out} held out for the accuracy check")
+    with open(scenes_json) as f:
+        benchmark = {shapes.scene_key(s) for k, s in json.load(f).items() if "sugarcrepe" in k or "vqav2" in k}
+    rng, scenes = random.Random(seed), []
+    while len(scenes) < n_scenes:
+        s = shapes.random_scene(rng)
+        if shapes.scene_key(s) not in benchmark:
+            scenes.append(s)
+    pixels = torch.stack([data.process_image(processor, shapes.draw_scene(s)) for s in scenes])
+    labels = torch.tensor([shapes.patch_labels(s) for s in scenes])  # (N, patches, 3)
+    sizes = (len(shapes.SHAPES) + 1, len(shapes.COLORS) + 1, len(shapes.SIZES) + 1)
+    torch.manual_seed(seed)
+    head = nn.Linear(vision.config.hidden_size, sum(sizes))
+    vision.requires_grad_(True).train()
+    opt = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
+    n_train = n_scenes - n_held_out
+
+    def losses_and_logits(idx):
+        logits = head(vision(pixels[idx], output_hidden_states=True).hidden_states[-1]).split(sizes, dim=-1)
+        return sum(F.cross_entropy(lg.flatten(0, 1), labels[idx][..., k].flatten()) for k, lg in enumerate(logits)), logits
+    for _ in tqdm(range(steps), desc="vision encoder pre-training", dynamic_ncols=True, leave=False):
+        loss, _ = losses_and_logits(torch.randint(0, n_train, (batch,)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vision.requires_grad_(False).eval()
+    with torch.no_grad():
+        _, logits = losses_and_logits(torch.arange(n_train, n_scenes))
+    y = labels[n_train:]
+    obj = y[..., 0] > 0
+    return {k: round(100 * float((lg.argmax(-1)[obj] == y[..., i][obj]).float().mean()), 1)
+            for i, (k, lg) in enumerate(zip(("shape", "colour", "size"), logits))}
+
+
+def demo_teacher(b: dict, paths, out: str) -> str:
+    """The tiny teacher. Its vision encoder is first pre-trained (pretrain_vision_encoder) and read at its
+    last layer; then the standard LLaVA recipe with a grounding-first curriculum: the one-hop lookup
+    questions alone (lookup_questions), then the full instruction mix (2-choice compositional questions
+    included) plus yes/no caption-verification questions (caption_verification) and the lookup questions,
+    then a long compositional phase: fresh 2-choice questions of every subset for every training image
+    (compositional_questions) + the lookups + the instruction mix, at batch 32, its validation CR logged
+    every 250 steps; last a focus phase on the subsets it learns (TEACHER_FOCUS_SUBSETS: three fresh draws
+    of their 2-choice questions + the lookups + the instruction mix, batch 32, lr 1.5e-3, grouped by length),
+    its validation CR logged every 500 steps. This is how the shipped assets/demo_teacher was made
+    (`python demo.py --train-teacher`)."""
+    tok = data.load_tokenizer(paths["tokenizer"])
+    init = os.path.join(out, "init")
+    if not os.path.exists(os.path.join(init, "vision_pretraining.json")):  # written last: init is complete
+        teacher = M.from_preset("teacher", tok)
+        acc = pretrain_vision_encoder(teacher.vision_tower, M.make_image_processor(teacher.vision_tower.config),
+                                      os.path.join(paths["dir"], "scenes.json"), steps=b["vision_steps"],
+                                      n_scenes=b["vision_scenes"])
+        teacher.vision_feature_layer = -1  # the pre-trained encoder's output (the preset reads layer 0)
+        M.save_pretrained(teacher, init, tok)
+        with open(os.path.join(init, "vision_pretraining.json"), "w") as f:
+            json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
+    prev = init
+    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--save-every", "500", "--eval-every"]
+    lr, focus_lr = b["teacher_lr"], b["teacher_focus_lr"]
+    for name, data_key, steps, batch, phase_lr, extra in (
+            ("lookup", "lookup", b["teacher_lookup_steps"], b["batch"], lr, ()),
+            ("mix", "teacher_mix", b["teacher_mix_steps"], b["batch"], lr, ()),
+            ("cr", "teacher_cr", b["teacher_cr_steps"], b["teacher_cr_batch"], lr, (*val, "250")),
+            (None, "teacher_focus", b["teacher_focus_steps"], b["teacher_cr_batch"], focus_lr,
+             (*val, "500", "--group-by-length"))):
+        phase_out = os.path.join(out, name) if name else out
+        _demo_stage(["--stage", "llava", "--init", prev, "--data", paths[data_key], "--trainable", "adapter+llm",
+                     *_common(dict(b, batch=batch), paths, phase_out, steps, 0, lr=phase_lr), *extra])
+        prev = phase_out
+    return out
+
+
+def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str, seed: int, extra=()) -> str:
+    """One student. `sft`: the LLaVA recipe without a teacher (adapter pre-training on captions, then
+    fine-tuning); `kd` / `compodistill`: stages 1 -> 2 -> 3, L_ADL weight 0 for kd, b["w_vat"] for
+    compodistill. Same data, steps, seed.
+    After stage 1 every student logs its validation CR every b["eval_every"] steps (the learning curve)."""
+    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every",
+           str(b["eval_every"]), "--eval-limit", str(b["eval_limit"])] if b["eval_every"] else []
+    if kind == "sft":
+        a = os.path.join(out, "adapter")
+        _demo_stage(["--stage", "llava", "--init", lm_init, "--data", paths["pretrain"], "--trainable", "adapter",
+                     *_common(b, paths, a, b["s1_steps"], seed)])
+        _demo_stage(["--stage", "llava", "--init", a, "--data", paths["instruct"], "--trainable", "adapter+llm",
+                     *_common(b, paths, out, b["s2_steps"] + b["s3_steps"], seed), *val])
+        return out
+    w_vat = ["--w-vat", "0" if kind == "kd" else str(b["w_vat"])]
+    s1, s2, s3 = (os.path.join(out, f"stage{k}") for k in (1, 2, 3))
+    _demo_stage(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", paths["pretrain"],
+                 *_common(b, paths, s1, b["s1_steps"], seed), *extra])
+    _demo_stage(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", paths["instruct"], "--full-llm",
+                 *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *val, *extra])
+    _demo_stage(["--stage", "3", "--init", s2, "--data", paths["instruct"], "--trainable", "adapter+llm",
+                 *_common(b, paths, s3, b["s3_steps"], seed), *val, *extra])
+    return s3
+
+
+def demo_student_lm(b: dict, paths, teacher: str, out: str) -> str:
+    """The student's "pretrained LLM": the student preset trained on text only (no image), sharing the
+    teacher's vision encoder (TAF needs the same one). Shared by every student."""
+    init = os.path.join(out, "init")
+    if not _finished(out):  # else _demo_stage below checks that it was made with these arguments
+        tok = data.load_tokenizer(teacher)
+        student = M.from_preset("student", tok)
+        te, _, _ = M.load_pretrained(teacher)
+        student.vision_tower.load_state_dict(te.vision_tower.state_dict())
+        student.vision_feature_layer = te.vision_feature_layer
+        M.save_pretrained(student, init, tok)
+    _demo_stage(["--stage", "llava", "--init", init, "--data", paths["text"], "--trainable", "adapter+llm",
+                 *_common(b, paths, out, b["text_steps"], 0)])
+    return out
+
+
+def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
+    """CR (SugarCrepe layout, 7 subsets, both orders) and VQA accuracy (VQAv2 layout) of one model."""
+    gen, _ = E.make_model_fns(model_dir, batch_size=64, max_new_tokens=8)
+    cr, _ = E.eval_sugarcrepe(gen, E.read_sugarcrepe(os.path.join(bench_dir, "sugarcrepe")))
+    vqa, _ = E.eval_vqav2(gen, E.read_vqav2(os.path.join(bench_dir, "vqav2"), shapes.VQAV2_IMAGE_PATTERN.replace(
+        "{image_id:012d}", "%012d")))
+    return {"cr": cr["average"], "cr_subsets": {k: v["average"] for k, v in cr["subsets"].items()},
+            "vqa": vqa["accuracy"], "vqa_by_question_type": vqa["by_question_type"]}
+
+
+def learning_curve(out: str) -> list[tuple[int, float]]:
+    """(step after stage 1, validation CR) pairs of one demo student, read from its log.jsonl files."""
+    curve, offset = [], 0
+    for d in ([os.path.join(out, "..", "stage2"), out] if os.path.basename(out) == "stage3" else [out]):
+        with open(os.path.join(d, "log.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        curve += [(offset + r["step"], r["val_cr"]) for r in rows if "val_cr" in r]
+        offset += max([r["step"] for r in rows if "step" in r], default=0)
+    return curve
+
+
+CHART_W, CHART_H, CHART_LEFT, CHART_TOP, CHART_BOTTOM = 760, 420, 60, 40, 60
+
+
+def percent_canvas(title: str, lo: float, right: int, step: int):
+    """A white Pillow canvas with a title and a percent y axis from `lo` to 100 (grid line every `step`);
+    returns (image, draw, Y) with Y mapping a percentage to a pixel row. Shared by the demo's charts."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (CHART_W, CHART_H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((CHART_LEFT, 10), title, fill="black")
+    Y = lambda y: CHART_H - CHART_BOTTOM - (CHART_H - CHART_TOP - CHART_BOTTOM) * (y - lo) / (100 - lo)
+    for v in range(int(lo) // step * step, 101, step):
+        if v >= lo:
+            d.line([(CHART_LEFT, Y(v)), (CHART_W - right, Y(v))], fill=(225, 225, 225))
+            d.text((10, Y(v) - 6), f"{v}%", fill="black")
+    return img, d, Y
+
+
+def line_chart(curves: dict, path: str, title: str):
+    """Validation CR against training steps, one line per model."""
+    lo = min([40.0] + [y for c in curves.values() for _, y in c])
+    img, d, Y = percent_canvas(title, lo, right=150, step=10)
+    xs = sorted({x for c in curves.values() for x, _ in c}) or [1]
+    X = lambda x: CHART_LEFT + (CHART_W - CHART_LEFT - 150) * x / xs[-1]
+    d.text((CHART_W // 2 - 60, CHART_H - 20), "training steps after stage 1", fill="black")
+    for x in xs[::max(1, len(xs) // 10)]:
+        d.text((X(x) - 10, CHART_H - CHART_BOTTOM + 6), str(x), fill="black")
+    palette = [(120, 120, 120), (230, 140, 50), (70, 110, 200), (40, 160, 80), (200, 60, 60), (140, 60, 180)]
+    for i, (name, c) in enumerate(curves.items()):
+        colour = palette[i % len(palette)]
+        if len(c) > 1:
+            d.line([(X(x), Y(y)) for x, y in c], fill=colour, width=2)
+        for x, y in c:
+            d.ellipse([X(x) - 2, Y(y) - 2, X(x) + 2, Y(y) + 2], fill=colour)
+        d.text((CHART_W - 140, CHART_TOP + 16 * i), name, fill=colour)
+    img.save(path)
+
+
+def bar_chart(rows: list[tuple[str, float, float]], path: str, title: str):
+    """A grouped bar chart (CR and VQA accuracy per model)."""
+    img, d, Y = percent_canvas(title, 0.0, right=20, step=20)
+    slot = (CHART_W - CHART_LEFT - 20) / max(1, len(rows))
+    colours = {"CR": (70, 110, 200), "VQA": (230, 140, 50)}
+    for i, (name, cr, vqa) in enumerate(rows):
+        x0 = CHART_LEFT + i * slot + slot * 0.15
+        for j, (metric, v) in enumerate((("CR", cr), ("VQA", vqa))):
+            bx = x0 + j * slot * 0.35
+            d.rectangle([bx, Y(v), bx + slot * 0.3, Y(0)], fill=colours[metric])
+            d.text((bx, Y(v) - 14), f"{v:.1f}", fill="black")
+        d.text((x0, Y(0) + 8), name, fill="black")
+    for j, (metric, c) in enumerate(colours.items()):
+        d.rectangle([CHART_W - 160 + j * 70, 12, CHART_W - 150 + j * 70, 22], fill=c)
+        d.text((CHART_W - 146 + j * 70, 10), metric, fill="black")
+    img.save(path)
+
+
+def demo_heatmaps(teacher: str, students: dict, requests: list, out_dir: str):
+    """Attention heat maps: for each request, the image and the answer position's attention over the
+    visual tokens (mean over the matched layers) of the teacher and of each student, side by side."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = {name: E.attention_distance(teacher, d, None, None, requests, answer_rows=len(requests))["answer_rows"]
+            for name, d in students.items()}
+    for i, req in enumerate(requests):
+        first = next(iter(rows.values()))
+        panels = [("teacher", E.patch_grid(first["teacher"][i]))] + \
+                 [(f"student: {n}", E.patch_grid(r["student"][i])) for n, r in rows.items()]
+        image = E.open_image(req["image"])
+        img = E.attention_heatmap(image.resize((256, 256)), panels, req["prompt"].replace("<image>\n", ""))
+        img.save(os.path.join(out_dir, f"heatmap_{i}.png"))
+
+
+def demo(args):
+    """`python demo.py [--full]`: the whole pipeline on the synthetic shapes world, then the table.
+    Prints a markdown table, writes results.json, a bar chart and attention heat maps under --out
+    (default runs/demo); the last line is the RESULT line."""
+    if args.steps_x <= 0:
+        raise SystemExit(f"--steps-x must be positive, got {args.steps_x}")
+    root = args.out
+    os.makedirs(root, exist_ok=True)
+    b = dict(DEMO)
+    sizes = None
+    if args.steps_x != 1:  # a longer (or shorter) student budget: stages 2-3 and the validation interval
+        b.update({k: max(1, round(b[k] * args.steps_x)) for k in ("s2_steps", "s3_steps", "eval_every")})
+    if args.quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
+        b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_mix_steps=2,
+                 teacher_cr_steps=2, teacher_cr_batch=4, teacher_focus_steps=2, vision_steps=2, vision_scenes=600,
+                 teacher_lookup_steps=2, eval_every=1, eval_limit=1)
+        sizes = dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
+                     n_val_vqa=2, progress=False)
+    timings = {}
+    t0 = time.time()
+    phases = tqdm(total=3, desc="demo: data, teacher, student LM", dynamic_ncols=True)
+    paths = demo_data(root, seed=0, sizes=sizes)
+    phases.update(1)
+    teacher = args.teacher or (DEMO_TEACHER if os.path.exists(os.path.join(DEMO_TEACHER, "config.json"))
+                               and not args.train_teacher else None)
+    if teacher is None:
+        t = time.time()
+        teacher = demo_teacher(b, paths, os.path.join(root, "teacher"))
+        timings["teacher"] = time.time() - t
+    train.check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(teacher))
+    phases.update(1)
+    lm_init = demo_student_lm(b, paths, teacher, os.path.join(root, "student_lm"))
+    phases.update(1)
+    phases.close()
+
+    seeds = [args.seed]
+    if args.seeds:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    elif args.full:
+        seeds = [0, 1, 2]
+    # kd = LLaVA-KD-style logit distillation (no VAT, no TAF); compodistill = VAT + TAF
+    variants = [("sft", "sft", ()), ("kd", "kd", ("--no-taf",)), ("compodistill", "compodistill", ())]
+    if args.full:  # the paper's ablations (docs/method.md section 7)
+        variants += [("vat_no_taf", "compodistill", ("--no-taf",)), ("taf_no_vat", "kd", ()),
+                     ("layers_early", "compodistill", ("--vat-layers", "early")),
+                     ("layers_late", "compodistill", ("--vat-layers", "late")),
+                     ("layers_all", "compodistill", ("--vat-layers", "all")),
+                     ("loss_mse", "compodistill", ("--vat-distance", "mse")),
+                     ("loss_kl", "compodistill", ("--vat-distance", "kl")),
+                     ("matching_uniform", "compodistill", ("--vat-matching", "uniform")),
+                     # at this depth the middle windows are 2 student and 2 teacher layers, so group and uniform
+                     # matching pair the same layers; against all 6 teacher layers they differ (group: the mean
+                     # of teacher layers 0-4 / 1-5; uniform: teacher layer 0 / 5)
+                     ("matching_group_t_all", "compodistill", ("--vat-teacher-layers", "all")),
+                     ("matching_uniform_t_all", "compodistill", ("--vat-teacher-layers", "all",
+                                                                 "--vat-matching", "uniform")),
+                     ("variant_official", "compodistill", ("--vat-variant", "official")),
+                     ("headwise", "compodistill", ("--vat-headwise",))]
+    bench = paths["dir"]
+    results = {"teacher": {**demo_evaluate(teacher, bench), "seconds": timings.get("teacher", 0.0)}}
+    # the attention distance (1 - cos of the matched maps, as L_ADL defines it) on 20 items per subset
+    attention_requests = [E.choice_request(it["image"], it["pos"], it["neg"]) for items in
+                          E.read_sugarcrepe(os.path.join(bench, "sugarcrepe"), limit=20).values() for it in items]
+    runs = tqdm([(name, kind, extra, seed) for seed in seeds for name, kind, extra in variants],
+                desc="demo: students", dynamic_ncols=True)
+    for name, kind, extra, seed in runs:
+        runs.set_postfix(run=f"{name}/seed{seed}")
+        t = time.time()
+        run_dir = os.path.join(root, f"{name}_seed{seed}")
+        out = demo_student(b, kind, paths, teacher, lm_init, run_dir, seed, extra)  # finished stages are reused
+        cached, res = os.path.join(run_dir, "result.json"), None
+        if os.path.exists(cached):  # evaluated by an earlier (interrupted or parallel) demo on this --out
+            with open(cached) as f:
+                res = json.load(f)
+            if res.get("teacher") != os.path.abspath(teacher):  # the attention distance is to another teacher
+                res = None
+        if res is None:
+            seconds = time.time() - t
+            r = demo_evaluate(out, bench)
+            att = E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32)
+            res = {**r, "attn_dist": att["attn_dist"], "seconds": seconds, "seed": seed, "dir": out,
+                   "teacher": os.path.abspath(teacher)}
+            _demo_json(res, cached)
+        results.setdefault(name, []).append(res)
+    total = time.time() - t0
+
+    # --- the table ---------------------------------------------------------------------------------
+    def runs_of(name):  # the teacher is one run, each student one run per seed
+        return results[name] if isinstance(results[name], list) else [results[name]]
+
+    def agg(name, key):
+        vals = [r[key] for r in runs_of(name)]
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        return mean, std
+
+    names = [n for n, _, _ in variants] + ["teacher"]
+    subsets = list(results["teacher"]["cr_subsets"])
+    fmt = (lambda m, s: f"{m:.1f} ± {s:.1f}") if len(seeds) > 1 else (lambda m, s: f"{m:.1f}")
+    lines = ["| model | " + " | ".join(subsets) + " | CR avg | VQA | attn dist (1-cos) | time (s) |",
+             "|---" * (len(subsets) + 5) + "|"]
+    summary = {}
+    for name in names:
+        rs = runs_of(name)
+        sub = [sum(r["cr_subsets"][k] for r in rs) / len(rs) for k in subsets]
+        cr, vqa = agg(name, "cr"), agg(name, "vqa")
+        dist = agg(name, "attn_dist") if name != "teacher" else None  # to itself: not measured
+        secs = sum(r["seconds"] for r in rs) / len(rs)
+        summary[name] = {"cr": cr, "vqa": vqa, "attn_dist": dist}
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in sub) +
+                     f" | {fmt(*cr)} | {fmt(*vqa)} | {'-' if dist is None else f'{dist[0]:.4f}'} | {secs:.0f} |")
+    # VQA per question type: which recognition skills each model has (a "What color is the X?" answered
+    # by one fixed colour shows up here, not in the average)
+    qtypes = list(results["teacher"]["vqa_by_question_type"])
+    lines += ["", "| model (VQA by question type) | " + " | ".join(qtypes) + " |", "|---" * (len(qtypes) + 1) + "|"]
+    for name in names:
+        rs = runs_of(name)
+        lines.append(f"| {name} | " + " | ".join(
+            f"{sum(r['vqa_by_question_type'][q] for r in rs) / len(rs):.1f}" for q in qtypes) + " |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump({"results": results, "summary": summary, "seeds": seeds, "budget": b,
+                   "total_seconds": total}, f, indent=2)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write(table + "\n")
+    bar_chart([(n, summary[n]["cr"][0], summary[n]["vqa"][0]) for n in ("sft", "kd", "compodistill", "teacher")],
+              os.path.join(root, "results.png"), "shapes world: CR (SugarCrepe layout) and VQA accuracy")
+    curves = {}  # validation CR during training, the mean over seeds at each logged step
+    for name in [n for n, _, _ in variants]:
+        per_seed = [dict(learning_curve(r["dir"])) for r in results[name]]
+        steps = sorted(set.intersection(*[set(c) for c in per_seed])) if per_seed else []
+        curves[name] = [(x, sum(c[x] for c in per_seed) / len(per_seed)) for x in steps]
+    if any(curves.values()):
+        line_chart(curves, os.path.join(root, "learning_curve.png"),
+                   "validation CR (SugarCrepe layout, paper protocol) during training")
+    with open(os.path.join(root, "learning_curves.json"), "w") as f:
+        json.dump(curves, f)
+    demo_heatmaps(teacher, {"KD": results["kd"][0]["dir"], "CompoDistill": results["compodistill"][0]["dir"]},
+                  attention_requests[::20][:6], os.path.join(root, "heatmaps"))
+    print(f"total time {total / 60:.1f} min; results in {root}")
+    v = summary
+    print(f"RESULT sft_cr={v['sft']['cr'][0]:.1f} kd_cr={v['kd']['cr'][0]:.1f} "
+          f"compodistill_cr={v['compodistill']['cr'][0]:.1f} teacher_cr={v['teacher']['cr'][0]:.1f} "
+          f"sft_vqa={v['sft']['vqa'][0]:.1f} kd_vqa={v['kd']['vqa'][0]:.1f} "
+          f"compodistill_vqa={v['compodistill']['vqa'][0]:.1f} kd_attn_dist={v['kd']['attn_dist'][0]:.4f} "
+          f"compodistill_attn_dist={v['compodistill']['attn_dist'][0]:.4f}")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="the demo's directory (resumed if it exists)")
+    p.add_argument("--full", action="store_true", help="3 seeds and the paper's ablations")
+    p.add_argument("--seed", type=int, default=0, help="the students' seed (one-seed runs)")
+    p.add_argument("--seeds", help="comma-separated seeds for every student (mean ± std); with --full it "
+                   "replaces the default 0,1,2")
+    p.add_argument("--steps-x", type=float, default=1.0, help="multiply the students' stage-2 and stage-3 steps "
+                   "(and the validation interval) by this factor; same for every student")
+    p.add_argument("--teacher", help="a teacher model directory instead of the shipped assets/demo_teacher")
+    p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of loading the "
+                   "shipped assets/demo_teacher (about 2 hours on one core)")
+    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # CI's end-to-end run: a few steps
+    return p
+
+
+def main(argv=None):
+    return demo(get_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
