@@ -59,7 +59,7 @@ def _bench_setup(a, path):
     vm[0, 16:16 + n] = True  # a block of fake visual tokens after a short system prompt
     am = torch.ones(1, T, dtype=torch.long, device=device)
     s_layers = vat.select_layers(a["student_layers"], a["layers"])
-    t_layers = vat.select_layers(a["teacher_layers"], a["layers"])
+    t_layers = vat.select_layers(a["teacher_layers"], a["layers"], teacher=True)
     return student, teacher, ids, vm, am, s_layers, t_layers
 
 

@@ -403,7 +403,7 @@ def run_stage(args) -> str:
         n_s = student.language_model.config.num_hidden_layers
         n_t = teacher.language_model.config.num_hidden_layers
         s_layers = vat.select_layers(n_s, args.vat_layers)
-        t_layers = vat.select_layers(n_t, args.vat_teacher_layers or args.vat_layers)
+        t_layers = vat.select_layers(n_t, args.vat_teacher_layers or args.vat_layers, teacher=True)
         matching = vat.group_layer_matching(s_layers, t_layers, args.vat_matching)
         vat_cfg = dict(s_layers=s_layers, t_layers=sorted({t for g in matching for t in g}), matching=matching)
         if master:

@@ -30,7 +30,11 @@ and transformers (copy it into your fork as is):
                                                   |  valid N_b x N_b block incl. its causal zeros) in
                                                   |  BOTH maps; the intersection mask is applied to both
    compare the flattened (rows x keys) maps       | masked mean over the query axis -> one vector per
-                                                  |  map (attention each visual key receives); compare
+                                                  |  map (attention each visual key receives); an entry
+                                                  |  counts in the mean (numerator and denominator,
+                                                  |  both maps) iff it passes the filter AND the
+                                                  |  teacher's value is nonzero (so causal zeros do
+                                                  |  not dilute the mean); compare the two vectors
    L = 1 - (1/k) sum_j mean_b cos(Abar_t^j, A~_s) | L = sum_j mean_b (1 - cos)   (k times larger scale)
    = MEAN over layers of mean_b (1 - cos)         | = SUM over layers
 
@@ -83,19 +87,23 @@ def visual_understanding_layers(num_layers: int, start: float = 0.3, end: float 
     return _fraction_layers(num_layers, start, end)
 
 
-# The authors' hand-made table (docs/method.md section 3): depth -> (first, last, window), 0-indexed and
-# inclusive. A teacher uses layers first .. last + window - 1, so that the group matching below gives
-# every student layer a window of `window` teacher layers (24-layer student 8..14 <-> 40-layer
-# teacher 13..23: n = 11 - 7 + 1 = 5).
-AUTHORS_LAYERS = {24: (8, 14, 1), 28: (9, 15, 3), 32: (11, 17, 3), 40: (13, 19, 5)}
+# The authors' hand-made tables (docs/method.md section 3; their `DistillTrainer.__init__`), 0-indexed and
+# inclusive. Student: depth -> (first, last). Teacher: depth -> (first, last, window): student layer j is
+# aligned with the mean of teacher layers t_j .. t_j + window - 1 for t_j in first..last, so a teacher uses
+# layers first .. last + window - 1, and the group matching below, with n = m - k + 1, gives every student
+# layer exactly that window (24-layer student 8..14 <-> 40-layer teacher 13..23: n = 11 - 7 + 1 = 5).
+AUTHORS_STUDENT_LAYERS = {24: (8, 14), 28: (9, 15), 40: (13, 19)}
+AUTHORS_TEACHER_LAYERS = {24: (8, 14, 2), 28: (9, 15, 3), 32: (11, 17, 3), 40: (13, 19, 5)}
 
 
-def select_layers(num_layers: int, spec) -> list[int]:
+def select_layers(num_layers: int, spec, teacher: bool = False) -> list[int]:
     """Layer choice for VAT (docs/method.md section 3 and the layer ablation of section 7).
 
     spec:  "middle" (= 30%-70%, `visual_understanding_layers`), "early" (0%-30%), "late" (70%-100%),
            "all", a fraction range "0.1-0.4", an explicit list "8,9,10" or an inclusive index range
-           "8-14", a list of ints, or "authors" (the authors' table `AUTHORS_LAYERS`, depths 24, 28, 32, 40).
+           "8-14", a list of ints, or "authors": the authors' tables, `AUTHORS_STUDENT_LAYERS` (depths 24,
+           28, 40) or, with teacher=True, `AUTHORS_TEACHER_LAYERS` (depths 24, 28, 32, 40; every layer of
+           the windows). `teacher` matters for "authors" only.
     Returns sorted, distinct, 0-indexed layers."""
     if isinstance(spec, (list, tuple)):
         layers = [int(x) for x in spec]
@@ -110,10 +118,11 @@ def select_layers(num_layers: int, spec) -> list[int]:
     elif spec == "all":
         layers = list(range(num_layers))
     elif spec == "authors":
-        if num_layers not in AUTHORS_LAYERS:
-            raise ValueError(f"the authors' layer table has no entry for {num_layers} layers "
-                             f"(it knows {sorted(AUTHORS_LAYERS)}); use 'middle' or an explicit list")
-        first, last, window = AUTHORS_LAYERS[num_layers]
+        table = AUTHORS_TEACHER_LAYERS if teacher else AUTHORS_STUDENT_LAYERS
+        if num_layers not in table:
+            raise ValueError(f"the authors' {'teacher' if teacher else 'student'} layer table has no entry for "
+                             f"{num_layers} layers (it knows {sorted(table)}); use 'middle' or an explicit list")
+        first, last, window = (*table[num_layers], 1)[:3]
         layers = list(range(first, last + window))
     elif "-" in spec and "." in spec:
         start, end = (float(x) for x in spec.split("-"))
@@ -477,7 +486,11 @@ def _per_sample_distance(s, t, valid, distance: str):
 def _sink_filtered_vectors(s, t, valid):
     """The authors' sink filter (official variant, docs/method.md section 3) on visual->visual blocks
     s, t (S, N, N) with valid (S, N, N): per block, keep entries <= mean + std (mean and unbiased std
-    over the valid entries) in BOTH maps, then the masked mean over the query axis.
+    over the valid entries) in BOTH maps, then the masked mean over the query axis, in which an entry
+    counts only where the filtered TEACHER value is nonzero (the authors' `compute_loss_distill`:
+    mask = teacher_filtered != 0, the same mask and denominator for both maps). So the causal zeros
+    above the diagonal (query r < key c) are not in column c's mean, and a student value is dropped
+    wherever the teacher's is exactly 0.
     Returns the per-key vectors (S, 1, N) for student and teacher, and their validity (S, 1, N)."""
     def threshold(x):
         n = valid.sum((1, 2)).clamp_min(1)
@@ -486,7 +499,7 @@ def _sink_filtered_vectors(s, t, valid):
         return (mean + var.sqrt())[:, None, None]
 
     with torch.no_grad():
-        keep = valid & (s <= threshold(s)) & (t <= threshold(t))
+        keep = valid & (s <= threshold(s)) & (t <= threshold(t)) & (t != 0)
     count = keep.sum(1).clamp_min(1)  # (S, N) kept entries per key column
     vs = torch.where(keep, s, 0.0).sum(1) / count
     vt = torch.where(keep, t, 0.0).sum(1) / count

@@ -237,12 +237,20 @@ def test_layer_selection():
     assert vat.select_layers(10, "0.1-0.4") == [1, 2, 3]
     assert vat.select_layers(24, "8,9,10") == [8, 9, 10]
     assert vat.select_layers(24, [10, 8]) == [8, 10]
-    assert vat.select_layers(24, "authors") == list(range(8, 15))
-    assert vat.select_layers(40, "authors") == list(range(13, 24))
-    assert vat.select_layers(28, "authors") == list(range(9, 18))
-    assert vat.select_layers(32, "authors") == list(range(11, 20))
+    # the authors' tables (DistillTrainer.__init__): student target layers, teacher target layers + group
+    assert vat.select_layers(24, "authors") == [8, 9, 10, 11, 12, 13, 14]
+    assert vat.select_layers(28, "authors") == [9, 10, 11, 12, 13, 14, 15]
+    assert vat.select_layers(40, "authors") == [13, 14, 15, 16, 17, 18, 19]
+    for depth, targets, group in ((24, range(8, 15), 2), (40, range(13, 20), 5), (28, range(9, 16), 3),
+                                  (32, range(11, 18), 3)):
+        t_layers = vat.select_layers(depth, "authors", teacher=True)
+        assert t_layers == sorted({l for i in targets for l in range(i, i + group)})
+        # with a 7-layer student window, group matching gives the authors' windows [i, i + group)
+        assert vat.group_layer_matching(list(range(7)), t_layers) == [list(range(i, i + group)) for i in targets]
     with pytest.raises(ValueError, match="30 layers"):
         vat.select_layers(30, "authors")
+    with pytest.raises(ValueError, match="student layer table has no entry for 32"):
+        vat.select_layers(32, "authors")
     with pytest.raises(ValueError):
         vat.select_layers(8, "8,9")
     with pytest.raises(ValueError):
@@ -316,16 +324,18 @@ def test_text_only_sample_contributes_nothing():
 
 
 def test_official_sink_filter_hand_worked():
-    # one sample, T=5, visual tokens at positions 1..3; the 3x3 visual->visual blocks:
+    # one sample, T=5, visual tokens at positions 1..3; the 3x3 visual->visual blocks (causal: zeros above
+    # the diagonal):
     S = torch.tensor([[0.9, 0.0, 0.0], [0.3, 0.6, 0.0], [0.2, 0.2, 0.4]])
     Tt = torch.tensor([[0.8, 0.0, 0.0], [0.5, 0.4, 0.0], [0.1, 0.1, 0.7]])
     # S: mean 2.6/9 = 0.2889, unbiased std 0.3060 -> keep <= 0.5949: drops 0.9 and 0.6
     # T: mean 0.2889, unbiased std 0.3180 -> keep <= 0.6069: drops 0.8 and 0.7
-    # both kept = [[F,T,T],[T,F,T],[T,T,F]]; masked mean over the query axis (per key column):
-    vs = [(0.3 + 0.2) / 2, (0.0 + 0.2) / 2, 0.0]   # [0.25, 0.1, 0]
-    vt = [(0.5 + 0.1) / 2, (0.0 + 0.1) / 2, 0.0]   # [0.3, 0.05, 0]
+    # both kept = [[F,T,T],[T,F,T],[T,T,F]]; the authors count an entry only where the filtered teacher
+    # value is nonzero, mask = [[F,F,F],[T,F,F],[T,T,F]]; masked mean over the query axis (per key column):
+    vs = [(0.3 + 0.2) / 2, 0.2 / 1, 0.0]   # [0.25, 0.2, 0]   (column 2: no entry, count clamped to 1)
+    vt = [(0.5 + 0.1) / 2, 0.1 / 1, 0.0]   # [0.3, 0.1, 0]
     cos = sum(a * b for a, b in zip(vs, vt)) / math.sqrt(sum(a * a for a in vs) * sum(b * b for b in vt))
-    expected_one_layer = 1 - cos  # 0.02310
+    expected_one_layer = 1 - cos  # 1 - 0.095 / sqrt(0.1025 * 0.1) = 0.06166
     vm = torch.tensor([[False, True, True, True, False]])
     am = torch.ones(1, 5, dtype=torch.long)
     g = torch.Generator().manual_seed(0)
@@ -338,7 +348,7 @@ def test_official_sink_filter_hand_worked():
     s0, t0 = full_rows(S), full_rows(Tt)
     s_maps, t_maps = {0: s0, 1: s0.clone()}, {0: t0, 1: t0.clone()}
     one = vat.vat_loss({0: s_maps[0]}, {0: t_maps[0]}, [[0]], [0], vm, am, variant="official")
-    assert abs(one.item() - expected_one_layer) < 1e-6 and abs(expected_one_layer - 0.02310) < 1e-4
+    assert abs(one.item() - expected_one_layer) < 1e-6 and abs(expected_one_layer - 0.06166) < 1e-4
     two = vat.vat_loss(s_maps, t_maps, [[0], [1]], [0, 1], vm, am, variant="official")
     assert abs(two.item() - 2 * expected_one_layer) < 1e-6  # a SUM over layers
     # the same blocks captured with rows="visual"
@@ -348,6 +358,89 @@ def test_official_sink_filter_hand_worked():
     p1 = vat.vat_loss({0: s_maps[0]}, {0: t_maps[0]}, [[0]], [0], vm, am)
     p2 = vat.vat_loss(s_maps, t_maps, [[0], [1]], [0, 1], vm, am)
     assert abs(p1.item() - p2.item()) < 1e-7
+
+
+def authors_attention_loss(student_attentions, teacher_attentions, student_targets, teacher_targets, group,
+                           start, n_visual):
+    """The authors' attention loss written from their formula (ptkjw1997/CompoDistill,
+    compodistill/train/distill_trainer.py, DistillTrainer.compute_loss_distill), independent of vat.py:
+    eager attentions per layer (B, H, T, T); a fixed visual block [start, start + n_visual) as query rows
+    and key columns; head mean; teacher target = mean of layers [i, i + group) for i in teacher_targets;
+    per (layer, sample) a filter keeping entries <= mean + std (torch.std, unbiased, over the whole block)
+    in both maps; an entry counts iff it passes and the filtered teacher value != 0; per key column the
+    mean of the counted entries (count clamped at 1); loss = sum over layers and samples of
+    (1 - cos) / batch size."""
+    a, b = start, start + n_visual
+    t_all = torch.stack(list(teacher_attentions))[:, :, :, a:b, a:b].mean(2)
+    t_block = torch.stack([t_all[i:i + group].mean(0) for i in teacher_targets])
+    s_block = torch.stack([student_attentions[l] for l in student_targets])[:, :, :, a:b, a:b].mean(2)
+    loss = 0.0
+    for j in range(s_block.shape[0]):
+        for n in range(s_block.shape[1]):
+            s, t = s_block[j, n], t_block[j, n]
+            kept = (s <= s.mean() + s.std()) & (t <= t.mean() + t.std())
+            s_f, t_f = s * kept, t * kept
+            counted = (t_f != 0).to(s.dtype)
+            count = counted.sum(0).clamp(min=1)
+            u, v = (s_f * counted).sum(0) / count, (t_f * counted).sum(0) / count
+            loss = loss + 1 - (u @ v) / (u.norm() * v.norm()).clamp_min(1e-8)
+    return loss / s_block.shape[1]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_official_variant_equals_the_authors_formula(family):
+    """Tiny real models with GQA, eager attentions: the authors' formula on output_attentions equals
+    vat_loss(variant="official") on the captured maps, loss and gradient (w.r.t. the student's maps), on
+    a case where counting every filtered entry (the rule before) gives another number."""
+    torch.manual_seed(0)
+    # a large init scale: peaked attention, so that maps, filter and loss are far from uniform
+    student_sdpa = tiny_lm(family, layers=4, heads=4, kv_heads=2, initializer_range=0.4).double()
+    student = eager_copy(student_sdpa)
+    teacher = eager_copy(tiny_lm(family, layers=6, heads=4, kv_heads=1, seed=1, initializer_range=0.4).double())
+    B, T, start, n_vis = 2, 14, 3, 8
+    ids = torch.randint(5, 97, (B, T), generator=torch.Generator().manual_seed(1))
+    vm = torch.zeros(B, T, dtype=torch.bool)
+    vm[:, start:start + n_vis] = True
+    am = torch.ones(B, T, dtype=torch.long)
+    s_layers, t_targets, group = [1, 2], [2, 3], 3  # teacher windows [2, 3, 4] and [3, 4, 5]
+    with torch.no_grad():
+        t_att = teacher(input_ids=ids, attention_mask=am, output_attentions=True).attentions
+    s_att = [a.detach().requires_grad_(True) for a in
+             student(input_ids=ids, attention_mask=am, output_attentions=True).attentions]
+    ref = authors_attention_loss(s_att, t_att, s_layers, t_targets, group, start, n_vis)
+    ref.backward()
+    # vat.py on the same attentions in its layout: rows="visual" (B, N, N), head mean, visual keys
+    s_maps = {l: s_att[l].detach().mean(1)[:, start:start + n_vis, start:start + n_vis].clone().requires_grad_(True)
+              for l in s_layers}
+    t_maps = {l: t_att[l].mean(1)[:, start:start + n_vis, start:start + n_vis] for l in range(6)}
+    matching = vat.group_layer_matching(s_layers, sorted({l for i in t_targets for l in range(i, i + group)}))
+    assert matching == [[2, 3, 4], [3, 4, 5]]
+    ours = vat.vat_loss(s_maps, t_maps, matching, s_layers, vm, am, variant="official", rows="visual")
+    ours.backward()
+    assert abs(ours.item() - ref.item()) < 1e-6, (ours.item(), ref.item())
+    for l in s_layers:  # the authors' gradient reaches the head-averaged block: d/dA_h = (1/H) d/dmean
+        g_ref = s_att[l].grad[:, :, start:start + n_vis, start:start + n_vis].sum(1)
+        assert torch.allclose(s_maps[l].grad, g_ref, atol=1e-6, rtol=0), (g_ref - s_maps[l].grad).abs().max()
+    # the rule before (every filtered entry in the mean, causal zeros included) differs here
+    def old_rule_vectors(s, t, valid):
+        n = valid.sum((1, 2)).clamp_min(1)
+        thr = lambda x: (x.sum((1, 2)) / n + x.flatten(1).std(1))[:, None, None]
+        keep = valid & (s <= thr(s)) & (t <= thr(t))
+        c = keep.sum(1).clamp_min(1)
+        return (torch.where(keep, s, 0.0).sum(1) / c)[:, None], (torch.where(keep, t, 0.0).sum(1) / c)[:, None], valid.any(1)[:, None]
+    real = vat._sink_filtered_vectors
+    try:
+        vat._sink_filtered_vectors = old_rule_vectors
+        before = vat.vat_loss({l: m.detach() for l, m in s_maps.items()}, t_maps, matching, s_layers, vm, am,
+                              variant="official", rows="visual")
+    finally:
+        vat._sink_filtered_vectors = real
+    assert abs(before.item() - ref.item()) > 0.01, (before.item(), ref.item())
+    # and from the capture (SDPA kept running) instead of output_attentions: the same loss
+    with vat.capture_visual_attention(student_sdpa, s_layers, vm, am, rows="visual") as cap:
+        student_sdpa(input_ids=ids, attention_mask=am)
+    captured = vat.vat_loss(cap, t_maps, matching, s_layers, vm, am, variant="official", rows="visual")
+    assert abs(captured.item() - ref.item()) < 1e-5, (captured.item(), ref.item())
 
 
 def test_headwise_grouping():
