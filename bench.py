@@ -1,8 +1,16 @@
 """Benchmarks (nanoGPT's bench.py: a shorter train step, timed): the VAT capture against the authors'
 eager `output_attentions`, and the chunked L_KL against full logits. Ends with one RESULT line.
 
-  python bench.py                       # CPU shapes (8/12-layer Qwen2, T=1024, 256 visual tokens)
+  python bench.py                       # CPU shapes (8/12-layer Qwen2, T=1024, 256 visual tokens), batch 1, 4, 8
   python bench.py --preset gpu          # 0.5B-class student, 1.5B-class teacher, T=2048, 729 visual tokens
+  python bench.py --batches 1 --skip-kl # one micro-batch, no L_KL part
+
+Per micro-batch (--batches): peak memory, step time, tokens/s, MFU on CUDA (model FLOPs of the plain step
+over the device's bf16 peak; the formula is printed), each path's time over the plain step, and the
+arithmetic VAT adds as a share of the step's FLOPs (its floor, and today's capture). The RESULT line:
+vat_mem_ratio and vat_step_speedup (authors' extra memory / ours, authors' step time / ours) at the first
+batch, kl_mem_ratio and kl_max_diff, vat_overhead (ours / plain step time at the first batch) and
+vat_overhead_bK for every batch K.
 
 VAT: one DFT-like step on the same inputs, three ways:
   plain    teacher forward (no grad) + student forward/backward of the LM loss, SDPA, no VAT
@@ -54,10 +62,11 @@ def _bench_setup(a, path):
     teacher = teacher.to(device, dtype).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     T, n = a["seq"], a["visual"]
-    ids = torch.randint(0, a["vocab"], (1, T), generator=g).to(device)
-    vm = torch.zeros(1, T, dtype=torch.bool, device=device)
-    vm[0, 16:16 + n] = True  # a block of fake visual tokens after a short system prompt
-    am = torch.ones(1, T, dtype=torch.long, device=device)
+    B = a["batch"]
+    ids = torch.randint(0, a["vocab"], (B, T), generator=g).to(device)
+    vm = torch.zeros(B, T, dtype=torch.bool, device=device)
+    vm[:, 16:16 + n] = True  # a block of fake visual tokens after a short system prompt
+    am = torch.ones(B, T, dtype=torch.long, device=device)
     s_layers = vat.select_layers(a["student_layers"], a["layers"])
     t_layers = vat.select_layers(a["teacher_layers"], a["layers"], teacher=True)
     return student, teacher, ids, vm, am, s_layers, t_layers
@@ -92,7 +101,7 @@ def _bench_step(path, student, teacher, ids, vm, am, s_layers, t_layers, query_c
         with (vat.capture_visual_attention(student, s_layers, vm, am, query_chunk=query_chunk) if path == "ours" else nullcap) as s_maps:
             out = student(input_ids=ids, attention_mask=am)
     logits = out.logits
-    loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     l_adl = torch.zeros(()) if path == "plain" else vat.vat_loss(s_maps, t_maps, matching, s_layers, vm, am)
     (loss + l_adl.to(loss.device)).backward()
     return float(l_adl.detach())
@@ -152,13 +161,57 @@ def _run_worker(a, path, **extra):
     return int(found["PEAK"]) - int(found.get("BASE", 0))
 
 
-def _bench_vat(a):
+# bf16 dense peak of the GPUs people train on (TFLOP/s, no sparsity), for the MFU column; --peak-tflops overrides
+PEAK_BF16_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.2}
 
+
+def _peak_flops(a):
+    if a["peak_tflops"]:
+        return a["peak_tflops"] * 1e12
+    if a["device"] != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def _step_flops(a, student, teacher):
+    """Model FLOPs of one plain step and the arithmetic VAT adds, counted as nanoGPT's estimate_mfu
+    (PaLM appendix B): per token, fwd+bwd 6 N + 12 L H d_head T for the student, fwd only 2 N + 4 L H d_head T
+    for the teacher, N = parameters except the input embeddings (a lookup), T the sequence length.
+    VAT's floor is the visual columns of the chosen layers' softmax: q k_vis^T over R query rows and
+    N_vis keys, 2 R N_vis d_head FLOPs per head forward (teacher: forward only; student: x3 with backward).
+    Today's capture computes full rows over the T_c keys up to each chunk's last row (about T/2 under the
+    causal mask when R = T): forward 2 R T_c d_head per head, student backward 6 (recompute + dq + dk)."""
+    B, T, n = a["batch"], a["seq"], a["visual"]
+    R = T if a["rows"] == "all" else n
+
+    def n_params(m):
+        return sum(p.numel() for p in m.parameters()) - m.get_input_embeddings().weight.numel()
+
+    def attn(m):
+        c = m.config
+        return c.num_hidden_layers * c.num_attention_heads * (c.hidden_size // c.num_attention_heads)
+    plain = B * T * (6 * n_params(student) + 12 * attn(student) * T + 2 * n_params(teacher) + 4 * attn(teacher) * T)
+
+    def per_layer(m, keys):
+        c = m.config
+        return 2 * B * c.num_attention_heads * R * keys * (c.hidden_size // c.num_attention_heads)
+    s_layers = vat.select_layers(a["student_layers"], a["layers"])
+    t_layers = vat.select_layers(a["teacher_layers"], a["layers"], teacher=True)
+    t_c = (T + 16 + n) / 2 if a["rows"] == "all" else 16 + n  # mean keys seen per row, causal chunks
+    floor = 3 * len(s_layers) * per_layer(student, n) + len(t_layers) * per_layer(teacher, n)
+    today = 4 * len(s_layers) * per_layer(student, t_c) + len(t_layers) * per_layer(teacher, t_c)
+    return plain, floor, today
+
+
+def _bench_vat_batch(a):
+    """The three paths at one micro-batch: {path: (peak bytes, step seconds, L_ADL)} and the FLOPs."""
     device = a["device"]
-    mib = 2 ** 20
     peaks, times, losses = {}, {}, {}
     for path in ("plain", "ours", "authors"):
         models = _bench_setup(a, path)
+        if path == "plain":
+            flops = _step_flops(a, models[0], models[1])
         if device == "cuda":
             _bench_step(path, *models, a["query_chunk"])  # warm-up, then the measured peak
             torch.cuda.synchronize()
@@ -179,20 +232,40 @@ def _bench_vat(a):
         del models
         if device == "cuda":
             torch.cuda.empty_cache()
-    tokens = a["seq"]
-    extra = {p: peaks[p] - peaks["plain"] for p in ("ours", "authors")}
+    return peaks, times, losses, flops
+
+
+def _bench_vat(a):
+    """Every micro-batch of --batches; returns (extra-memory ratio, speed-up vs authors) at the first one
+    and {batch: ours / plain step time}."""
+    device, mib = a["device"], 2 ** 20
     how = "cuda max_memory_allocated" if device == "cuda" else "peak RSS of a fresh process each"
+    peak = _peak_flops(a)
     print(f"\nVAT step: student {a['student_layers']}L/{a['student_hidden']}, teacher {a['teacher_layers']}L/"
-          f"{a['teacher_hidden']}, T={a['seq']}, {a['visual']} visual tokens, layers {a['layers']!r}, query chunk {a['query_chunk']}, {device} ({how})")
-    print(f"{'path':<9}{'peak MiB':>10}{'extra MiB':>11}{'step s':>9}{'tokens/s':>10}{'L_ADL':>10}")
-    for p in ("plain", "ours", "authors"):
-        e = f"{extra[p] / mib:11.1f}" if p in extra else f"{'-':>11}"
-        print(f"{p:<9}{peaks[p] / mib:10.1f}{e}{times[p]:9.3f}{tokens / times[p]:10.0f}{losses[p]:10.5f}")
-    mem_ratio = extra["authors"] / max(extra["ours"], 1)
-    speedup = times["authors"] / times["ours"]
-    print(f"extra-memory ratio authors/ours = {mem_ratio:.1f}x, step speed-up ours vs authors = {speedup:.2f}x, "
-          f"VAT overhead of ours over plain = {times['ours'] / times['plain']:.2f}x time")
-    return mem_ratio, speedup
+          f"{a['teacher_hidden']}, T={a['seq']}, {a['visual']} visual tokens, layers {a['layers']!r}, rows "
+          f"{a['rows']!r}, query chunk {a['query_chunk']}, {device} ({how})")
+    print("MFU = model FLOPs of the plain step (6N + 12 L H d T per student token, 2N + 4 L H d T per teacher "
+          "token) / step time / " + (f"{peak / 1e12:.1f} TFLOP/s bf16 peak" if peak else "peak (CUDA only; "
+                                      "--peak-tflops to set)"))
+    print(f"{'batch':>5} {'path':<8}{'peak MiB':>10}{'extra MiB':>11}{'step s':>9}{'tokens/s':>10}{'MFU':>7}"
+          f"{'x plain':>9}{'L_ADL':>10}")
+    first, overhead = None, {}
+    for B in a["batches"]:
+        peaks, times, losses, (plain_flops, floor, today) = _bench_vat_batch(dict(a, batch=B))
+        extra = {p: peaks[p] - peaks["plain"] for p in ("ours", "authors")}
+        for p in ("plain", "ours", "authors"):
+            e = f"{extra[p] / mib:11.1f}" if p in extra else f"{'-':>11}"
+            mfu = f"{100 * plain_flops / times[p] / peak:6.1f}%" if peak else f"{'-':>7}"
+            print(f"{B:>5} {p:<8}{peaks[p] / mib:10.1f}{e}{times[p]:9.3f}{B * a['seq'] / times[p]:10.0f}{mfu}"
+                  f"{times[p] / times['plain']:9.3f}{losses[p]:10.5f}")
+        overhead[B] = times["ours"] / times["plain"]
+        print(f"{'':>5} VAT arithmetic: floor {100 * floor / plain_flops:.1f}% of the plain step's FLOPs, today's "
+              f"capture {100 * today / plain_flops:.1f}%; extra memory authors/ours "
+              f"{extra['authors'] / max(extra['ours'], 1):.1f}x, step speed-up ours vs authors "
+              f"{times['authors'] / times['ours']:.2f}x")
+        if first is None:
+            first = (extra["authors"] / max(extra["ours"], 1), times["authors"] / times["ours"])
+    return first[0], first[1], overhead
 
 
 def _bench_kl(a):
@@ -234,6 +307,11 @@ def _bench_args(argv=None):
     p.add_argument("--visual", type=int, default=256)
     p.add_argument("--layers", default="middle", help="select_layers spec for both models")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", default="1,4,8", help="comma-separated micro-batch sizes, each timed on its own")
+    p.add_argument("--rows", default="all", choices=["all", "visual"], help="VAT query rows: all (the paper) or "
+                   "visual (the authors' variant), for the FLOPs count; the timed capture uses all rows")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak for MFU (default: "
+                   "known GPUs by name)")
     p.add_argument("--query-chunk", type=int, default=256, help="query rows per capture chunk")
     p.add_argument("--kl-vocab", type=int, default=151646)
     p.add_argument("--kl-seq", type=int, default=2048)
@@ -242,6 +320,12 @@ def _bench_args(argv=None):
     p.add_argument("--kl-chunk", type=int, default=256)
     p.add_argument("--skip-kl", action="store_true")
     a = p.parse_args(argv)
+    try:
+        a.batches = [int(x) for x in a.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, got {a.batches!r}")
+    if not a.batches or min(a.batches) < 1:
+        p.error(f"--batches must be positive, got {a.batches}")
     if a.preset == "gpu":
         a.device = "cuda"
         a.student_layers, a.student_hidden, a.student_heads, a.student_kv_heads, a.student_intermediate = 24, 896, 14, 2, 4864
@@ -254,10 +338,11 @@ def bench(argv=None):
     """`python bench.py`: prints the tables and, last, the RESULT line."""
     a = vars(_bench_args(argv))
     torch.manual_seed(0)
-    mem_ratio, speedup = _bench_vat(a)
+    mem_ratio, speedup, overhead = _bench_vat(a)
     kl_ratio, kl_diff = (float("nan"), float("nan")) if a["skip_kl"] else _bench_kl(a)
+    per_batch = " ".join(f"vat_overhead_b{b}={x:.3f}" for b, x in overhead.items())
     print(f"RESULT vat_mem_ratio={mem_ratio:.2f} vat_step_speedup={speedup:.2f} kl_mem_ratio={kl_ratio:.2f} "
-          f"kl_max_diff={kl_diff:.3g}")
+          f"kl_max_diff={kl_diff:.3g} vat_overhead={overhead[a['batches'][0]]:.3f} {per_batch}")
 
 
 if __name__ == "__main__":
