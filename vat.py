@@ -204,30 +204,50 @@ def _row_plan(visual_mask, attention_mask, rows: str):
     raise ValueError(f"rows must be 'all' or 'visual', got {rows!r}")
 
 
-def _scores(q, k, bias):
-    """q (B, H, c, D) already scaled, k (B, H_kv, n, D), bias (B, 1|H, c, n) -> (B, H, c, n) fp32 scores.
-    The key heads are broadcast over their query group (GQA), never copied."""
+_CUDA_OUT_DTYPE = [True]  # whether this torch has bmm(..., out_dtype=float32) for half inputs on CUDA
+
+
+def _bmm_fp32(a, b):
+    """a (n, i, j) @ b (n, j, k) -> fp32, accumulated in fp32, never under autocast. On CUDA with bf16 / fp16
+    inputs the product runs on tensor cores with an fp32 output (`torch.bmm(..., out_dtype=torch.float32)`):
+    a product of two bf16 (or fp16) numbers is exact in fp32, so this equals the fp32 matmul of the upcast
+    inputs up to the order of summation. Elsewhere (CPU, fp32 inputs, a torch without that overload) the
+    inputs are upcast and multiplied in fp32."""
+    with torch.autocast(a.device.type, enabled=False):  # under bf16 autocast the matmul would run in bf16
+        if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype and _CUDA_OUT_DTYPE[0]:
+            try:
+                return torch.bmm(a, b, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                _CUDA_OUT_DTYPE[0] = False  # older torch: the upcast path below, from now on
+        dtype = torch.promote_types(a.dtype, torch.float32)  # fp32 (fp64 stays fp64: the gradient checks)
+        return torch.bmm(a.to(dtype), b.to(dtype))
+
+
+def _scores(q, k, bias, scaling: float):
+    """q (B, H, c, D), k (B, H_kv, n, D) in the model's dtype, bias (B, 1|H, c, n) -> (B, H, c, n) fp32
+    scores q k^T * scaling + bias. The key heads are broadcast over their query group (GQA): the group's
+    c query rows are stacked against the one key head, never copied."""
     B, H, c, D = q.shape
     H_kv, n = k.shape[1], k.shape[2]
-    with torch.autocast(q.device.type, enabled=False):  # under bf16 autocast the matmul would run in bf16
-        s = torch.matmul(q.view(B, H_kv, H // H_kv, c, D), k[:, :, None].transpose(-1, -2)).view(B, H, c, n)
-    return s.add_(bias)
+    s = _bmm_fp32(q.reshape(B * H_kv, (H // H_kv) * c, D), k.reshape(B * H_kv, n, D).transpose(1, 2))
+    return s.view(B, H, c, n).mul_(scaling).add_(bias)
 
 
 class _VisualKeyProbs(torch.autograd.Function):
-    """A~ of docs/method.md section 3 for one chunk: P[..., visual keys] with P = softmax(q k^T + bias) over
-    ALL n keys, and a hand-written backward that recomputes P from q and k, so nothing of size
-    (B, H, c, n) is kept between forward and backward.
+    """A~ of docs/method.md section 3 for one chunk: P[..., visual keys] with P = softmax(q k^T * scaling
+    + bias) over ALL n keys, in fp32, and a hand-written backward that recomputes P from q and k, so nothing
+    of size (B, H, c, n) is kept between forward and backward; q and k are kept in the model's dtype.
 
     For a = P_{t,v} (v a visual key) and s the scores: da/ds_j = a (1[j = v] - P_j), hence
         ds = scatter_v(g * a) - P * sum_v(g * a)          (g = dL/da, one (B, H, c, n) buffer)
-        dq = ds k,   dk = ds^T q   (summed over each key head's query group)."""
+        dq = scaling ds k,   dk = scaling ds^T q   (summed over each key head's query group), in fp32."""
 
     @staticmethod
-    def forward(ctx, q, k, bias, index, inside):
-        probs = _scores(q, k, bias).softmax(dim=-1)
+    def forward(ctx, q, k, bias, index, inside, scaling):
+        probs = _scores(q, k, bias, scaling).softmax(dim=-1)
         out = torch.where(inside, probs.gather(3, index), 0.0)
         ctx.save_for_backward(q, k, bias, index, inside)
+        ctx.scaling = scaling
         return out
 
     @staticmethod
@@ -235,14 +255,16 @@ class _VisualKeyProbs(torch.autograd.Function):
         q, k, bias, index, inside = ctx.saved_tensors
         B, H, c, D = q.shape
         H_kv, n = k.shape[1], k.shape[2]
-        probs = _scores(q, k, bias).softmax(dim=-1)
+        probs = _scores(q, k, bias, ctx.scaling).softmax(dim=-1)
         ga = torch.where(inside, grad * probs.gather(3, index), 0.0)  # g * a, (B, H, c, N)
         ds = probs.mul_(-ga.sum(-1, keepdim=True)).scatter_add_(3, index, ga)  # in place: P is not needed again
-        ds = ds.view(B, H_kv, H // H_kv, c, n)
+        ds = ds.view(B * H_kv, (H // H_kv) * c, n)
         with torch.autocast(q.device.type, enabled=False):  # fp32, like the forward (backward may run under autocast)
-            dq = torch.matmul(ds, k[:, :, None]).view(B, H, c, D)
-            dk = torch.matmul(ds.transpose(-1, -2), q.view(B, H_kv, H // H_kv, c, D)).sum(2)
-        return dq, dk, None, None, None
+            kf = k.reshape(B * H_kv, n, D).to(ds.dtype)
+            qf = q.reshape(B * H_kv, (H // H_kv) * c, D).to(ds.dtype)
+            dq = torch.bmm(ds, kf).mul_(ctx.scaling).view(B, H, c, D)
+            dk = torch.bmm(ds.transpose(1, 2), qf).mul_(ctx.scaling).view(B, H_kv, n, D)
+        return dq.to(q.dtype), dk.to(k.dtype), None, None, None, None
 
 
 def _visual_attention_chunk(query, key, mask, key_padding, rows, key_index, scaling: float, headwise: bool,
@@ -260,8 +282,8 @@ def _visual_attention_chunk(query, key, mask, key_padding, rows, key_index, scal
     probabilities instead of storing them."""
     B, H, T, D = query.shape
     c, N = rows.shape[1], key_index.shape[1]
-    q = query.gather(2, rows[:, None, :, None].expand(B, H, c, D)).float() * scaling  # small: scale q, not scores
-    k = key[:, :, :n_keys].float()
+    q = query.gather(2, rows[:, None, :, None].expand(B, H, c, D))  # the chunk's rows, in the model's dtype
+    k = key[:, :, :n_keys]
     lowest = torch.finfo(torch.float32).min
     with torch.no_grad():
         if mask is None:
@@ -276,7 +298,7 @@ def _visual_attention_chunk(query, key, mask, key_padding, rows, key_index, scal
                 else m.float().clamp_min(lowest)  # no -inf: a fully masked row stays finite (uniform, like eager), not NaN
     inside = (key_index < n_keys)[:, None, None, :]  # visual keys beyond n_keys: probability 0
     index = key_index.clamp_max(n_keys - 1)[:, None, None, :].expand(B, H, c, N)
-    probs = _VisualKeyProbs.apply(q, k, bias, index, inside)
+    probs = _VisualKeyProbs.apply(q, k, bias, index, inside, scaling)
     return probs if headwise else probs.mean(dim=1)
 
 

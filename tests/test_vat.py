@@ -520,11 +520,11 @@ def test_visual_key_probs_backward_matches_autograd_float64():
     key_index = torch.tensor([[1, 3, 4, 8], [0, 2, 8, 8]])
     inside = torch.tensor([[True, True, True, True], [True, True, True, False]])[:, None, None, :]
     index = key_index[:, None, None, :].expand(B, H, c, N)
-    assert torch.autograd.gradcheck(lambda a, b: vat._VisualKeyProbs.apply(a, b, bias, index, inside), (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: vat._VisualKeyProbs.apply(a, b, bias, index, inside, 0.7), (q, k))
     # and against plain autograd through the straightforward formula
     g = torch.randn(B, H, c, N, dtype=torch.float64)
-    got = torch.autograd.grad((vat._VisualKeyProbs.apply(q, k, bias, index, inside) * g).sum(), (q, k))
-    scores = q @ k.repeat_interleave(H // H_kv, dim=1).transpose(-1, -2) + bias
+    got = torch.autograd.grad((vat._VisualKeyProbs.apply(q, k, bias, index, inside, 0.7) * g).sum(), (q, k))
+    scores = 0.7 * q @ k.repeat_interleave(H // H_kv, dim=1).transpose(-1, -2) + bias
     ref_out = torch.where(inside, scores.softmax(-1).gather(3, index), 0.0)
     ref = torch.autograd.grad((ref_out * g).sum(), (q, k))
     for a, b in zip(got, ref):
@@ -542,12 +542,38 @@ def test_visual_key_probs_stay_fp32_under_bf16_autocast():
     index = torch.arange(N)[None, None, None, :].expand(B, H, c, N) + 4
     inside = torch.ones(B, 1, 1, N, dtype=torch.bool)
     g = torch.randn(B, H, c, N)
-    ref = vat._VisualKeyProbs.apply(q, k, bias, index, inside)
+    ref = vat._VisualKeyProbs.apply(q, k, bias, index, inside, 1.0)
     g_ref = torch.autograd.grad((ref * g).sum(), (q, k))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = vat._VisualKeyProbs.apply(q, k, bias, index, inside)
+        got = vat._VisualKeyProbs.apply(q, k, bias, index, inside, 1.0)
         g_got = torch.autograd.grad((got * g).sum(), (q, k))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_visual_key_probs_of_bf16_inputs_are_fp32_of_the_same_values():
+    """A bf16 model hands the capture bf16 q and k (kept as they are, not copied to fp32): the map is fp32
+    and equals the float64 map of the same bf16 values (a product of two bf16 numbers is exact in fp32, so
+    only the summation differs), and the gradients come back in bf16, close to float64's."""
+    torch.manual_seed(0)
+    B, H, H_kv, c, n, D, N = 2, 4, 2, 6, 40, 16, 12
+    q = (3 * torch.randn(B, H, c, D)).bfloat16().requires_grad_()
+    k = (3 * torch.randn(B, H_kv, n, D)).bfloat16().requires_grad_()
+    bias = torch.zeros(B, 1, c, n)
+    bias[..., -3:] = torch.finfo(torch.float32).min
+    index = torch.arange(N)[None, None, None, :].expand(B, H, c, N) + 4
+    inside = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    g = torch.randn(B, H, c, N)
+    got = vat._VisualKeyProbs.apply(q, k, bias, index, inside, 0.25)
+    assert got.dtype == torch.float32
+    dq, dk = torch.autograd.grad((got * g).sum(), (q, k))
+    assert dq.dtype == torch.bfloat16 and dk.dtype == torch.bfloat16
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    s = 0.25 * q64 @ k64.repeat_interleave(H // H_kv, dim=1).transpose(-1, -2) + bias.double()
+    ref = s.softmax(-1).gather(3, index)
+    rq, rk = torch.autograd.grad((ref * g.double()).sum(), (q64, k64))
+    torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-5)
+    for got_g, ref_g in ((dq, rq), (dk, rk)):  # bf16 keeps 8 bits: 0.4% of an entry, or of the largest near 0
+        torch.testing.assert_close(got_g.double(), ref_g, atol=1e-2 * ref_g.abs().max().item(), rtol=1e-2)
