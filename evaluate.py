@@ -8,9 +8,11 @@ official evaluators named there. The file reads top to bottom:
   3. VQA: answer normalisation, VQAv2, GQA, TextVQA, VizWiz, MME
   4. reports (results JSON + markdown table)
   5. glue: `make_model_fns` binds a saved model to the two callables below
-  6. CLI: `python evaluate.py cr ...` / `python evaluate.py vqa ...` / `python evaluate.py attention ...`
+  6. CLI: `python evaluate.py cr | vqa | attention | layers ...`
   7. attention analysis: teacher-student visual attention similarity split by answer correctness
      (`attention_distance`, docs/method.md section 7) and heat maps (`attention_heatmap`)
+  8. layer profiles: per layer, how each model's attention treats the visual tokens (`layer_profile`), and
+     the "auto" VAT window found from them (`vat.auto_layers`; the paper's open question 3)
 
 Every reader, protocol and metric is a pure function over two callables, so the tests drive them
 with stubs and the glue is the only code that touches a model:
@@ -952,6 +954,7 @@ def build_parser():
     vqa.add_argument("--mme", help="MME_Benchmark_release_version folder")
     vqa.add_argument("--max-new-tokens", type=int, help="default 16")
     add_attention_parser(sub)  # section 7
+    add_layers_parser(sub)  # section 8
     return p
 
 
@@ -1036,6 +1039,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "attention":
         return run_attention(args)
+    if args.command == "layers":
+        return run_layers(args)
     args = apply_suite(args)
     names = CR_BENCHMARKS if args.command == "cr" else VQA_BENCHMARKS
     data = read_cr(args) if args.command == "cr" else read_vqa(args)
@@ -1085,7 +1090,8 @@ def main(argv=None):
 VQA_RIGHT = 0.9  # a VQA answer is "right" when >= 3 of the 10 annotators gave it (leave-one-out accuracy >= 0.9)
 PLOT_W, PLOT_H = 560, 400       # one attention_similarity.png panel per student
 HEATMAP_PANEL, HEATMAP_PAD, HEATMAP_TITLE_H = 224, 10, 40  # heat map panel side, padding, title band (px)
-SERIES_COLORS = {"all": (30, 30, 30), "right": (20, 140, 60), "wrong": (200, 40, 40)}
+SERIES_COLORS = {"all": (30, 30, 30), "right": (20, 140, 60), "wrong": (200, 40, 40),
+                 "share": (40, 90, 200), "1 - entropy": (230, 140, 50), "object": (20, 140, 60)}
 
 
 def attention_items(benchmarks):
@@ -1114,20 +1120,22 @@ def _prompt_ids(tokenizer, mllm, prompt):
                               mllm.image_token_id)
 
 
-def _attention_batch(teacher, student, tokenizer, processor, reqs, pad_id):
-    """Right-padded ids (B, T), attention mask and pixel values of a batch of requests, for both models.
-    Every request needs an image, and the teacher's and the student's prompt ids must be identical (the
-    maps are compared query row by query row)."""
+def _attention_batch(models, tokenizer, processor, reqs, pad_id):
+    """Right-padded ids (B, T), attention mask and pixel values of a batch of requests, for every model of
+    `models` (a teacher and a student, or one model). Every request needs an image, and every model must
+    render the same prompt ids (the maps are compared query row by query row)."""
     import torch
     ids = []
     for r in reqs:
         if r["image"] is None or "<image>" not in r["prompt"]:
             raise ValueError(f"request {r['prompt'][:60]!r}: the attention analysis needs an image and '<image>'")
-        a, b = _prompt_ids(tokenizer, teacher, r["prompt"]), _prompt_ids(tokenizer, student, r["prompt"])
-        if a != b:
-            raise ValueError(f"request {r['prompt'][:60]!r}: teacher and student render different prompt ids "
-                             f"(visual tokens {teacher.num_visual_tokens} vs {student.num_visual_tokens}, image token "
-                             f"{teacher.image_token_id} vs {student.image_token_id}); the maps cannot be compared")
+        a = _prompt_ids(tokenizer, models[0], r["prompt"])
+        for other in models[1:]:
+            if _prompt_ids(tokenizer, other, r["prompt"]) != a:
+                raise ValueError(f"request {r['prompt'][:60]!r}: teacher and student render different prompt ids "
+                                 f"(visual tokens {models[0].num_visual_tokens} vs {other.num_visual_tokens}, image "
+                                 f"token {models[0].image_token_id} vs {other.image_token_id}); the maps cannot be "
+                                 "compared")
         ids.append(a)
     T = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
@@ -1197,7 +1205,7 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
     per_item, rows_t, rows_s = [], [], []
     for i in range(0, len(requests), batch_size):
         reqs = requests[i:i + batch_size]
-        ids, mask, pixels = _attention_batch(teacher, student, tok, processor, reqs, pad_id)
+        ids, mask, pixels = _attention_batch([teacher, student], tok, processor, reqs, pad_id)
         t_maps, _ = capture_maps(teacher, t_used, ids, mask, pixels)
         s_maps, vmask = capture_maps(student, s_layers, ids, mask, pixels)
         cos = vat.map_cosine(s_maps, t_maps, windows, s_layers, vmask, mask)  # (k, B)
@@ -1218,6 +1226,60 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
     teacher.train(modes[0])
     student.train(modes[1])
     return out
+
+
+def layer_profile_batches(mllm, batches) -> dict:
+    """How every layer of `mllm` attends to the visual tokens (vat.visual_attention_profile), over
+    `batches` of (input_ids, attention_mask, pixel_values, object_mask or None), no grad:
+        {"layers": {l: {"share", "entropy", "object"}}   means over the items (NaN items left out; "object"
+                                                          over the items that name an object, else NaN),
+         "n_items": items with visual tokens and text after them,
+         "auto": vat.auto_layers of the means, "middle": the paper's 30%-70% window}"""
+    import torch
+
+    import vat
+    depth = mllm.language_model.config.get_text_config().num_hidden_layers
+    layers = list(range(depth))
+    per = {l: {k: [] for k in ("share", "entropy", "object")} for l in layers}
+    mode = mllm.training
+    mllm.eval()
+    for ids, mask, pixels, objects in batches:
+        maps, vmask = capture_maps(mllm, layers, ids, mask, pixels)
+        prof = vat.visual_attention_profile(maps, vmask, mask, objects)
+        for l in layers:
+            for k in per[l]:
+                per[l][k].append(prof[l][k])
+        del maps
+    mllm.train(mode)
+    means = {l: {k: float(torch.cat(v).nanmean()) if v else float("nan") for k, v in per[l].items()} for l in layers}
+    n_items = int((~torch.cat(per[0]["share"]).isnan()).sum()) if per[0]["share"] else 0
+    return {"layers": means, "n_items": n_items, "auto": vat.auto_layers(means, depth),
+            "middle": vat.select_layers(depth, "middle")}
+
+
+def layer_profile(mllm, tokenizer, processor, requests, batch_size=8) -> dict:
+    """layer_profile_batches over `requests` ({"image", "prompt"[, "object_patches": [visual-token
+    indices of the object the prompt names]]})."""
+    import torch
+
+    import data
+    pad_id = data.pad_token_id(tokenizer)
+
+    def batches():
+        for i in range(0, len(requests), batch_size):
+            reqs = requests[i:i + batch_size]
+            ids, mask, pixels = _attention_batch([mllm], tokenizer, processor, reqs, pad_id)
+            objects = None
+            if any(r.get("object_patches") for r in reqs):
+                objects = torch.zeros(len(reqs), mllm.num_visual_tokens, dtype=torch.bool)
+                for b, r in enumerate(reqs):
+                    for p in r.get("object_patches") or []:
+                        if not 0 <= int(p) < mllm.num_visual_tokens:
+                            raise ValueError(f"request {r['prompt'][:60]!r}: object patch {p} outside the "
+                                             f"{mllm.num_visual_tokens} visual tokens")
+                        objects[b, int(p)] = True
+            yield ids, mask, pixels, objects
+    return layer_profile_batches(mllm, batches())
 
 
 def _nanmean(xs):
@@ -1275,7 +1337,8 @@ def _wrap(draw, text, font, width):
     return lines + ([line] if line else [])
 
 
-def attention_plot(panels, title="teacher-student attention similarity (cos, Eq. 3)"):
+def attention_plot(panels, title="teacher-student attention similarity (cos, Eq. 3)", who="student",
+                   ylabel="mean cosine", xlabel="student layer"):
     """A line plot of the mean cosine per student layer, one panel (PLOT_W x PLOT_H) per student side by
     side. panels: [(name, student_layers, {"all": [...], "right": [...], "wrong": [...]}, legend_counts)],
     legend_counts = {"all": n, ...} (shown in the legend). NaN points (an empty group) are left out."""
@@ -1298,7 +1361,7 @@ def attention_plot(panels, title="teacher-student attention similarity (cos, Eq.
         def xpix(j):
             return (x0 + x1) / 2 if len(layers) == 1 else x0 + 20 + j * (x1 - x0 - 40) / (len(layers) - 1)
         draw.text((p * PLOT_W + 10, 8), f"{title}", fill="black", font=f_title)
-        draw.text((p * PLOT_W + 10, 28), f"student: {name}", fill="black", font=f_text)
+        draw.text((p * PLOT_W + 10, 28), f"{who}: {name}", fill="black", font=f_text)
         digits = 1 if step >= 0.1 else 2 if step >= 0.01 else 3
         for t in range(int(round((hi - lo) / step)) + 1):  # y ticks, labels and light grid lines
             v = lo + t * step
@@ -1312,10 +1375,10 @@ def attention_plot(panels, title="teacher-student attention similarity (cos, Eq.
             x = xpix(j)
             draw.line([x, y1, x, y1 + 5], fill="black")
             draw.text((x - _text_w(draw, str(layer), f_small) / 2, y1 + 7), str(layer), fill="black", font=f_small)
-        xl = "student layer"
+        xl = xlabel
         draw.text(((x0 + x1 - _text_w(draw, xl, f_text)) / 2, y1 + 26), xl, fill="black", font=f_text)
         yl = Image.new("RGB", (110, 18), "white")  # rotated y label
-        ImageDraw.Draw(yl).text((2, 1), "mean cosine", fill="black", font=f_text)
+        ImageDraw.Draw(yl).text((2, 1), ylabel, fill="black", font=f_text)
         yl = yl.rotate(90, expand=True)
         img.paste(yl, (p * PLOT_W + 4, int((y0 + y1 - yl.height) / 2)))
         lx = x0 + 8
@@ -1524,6 +1587,91 @@ def run_attention(args):
                    + "  | answer-position row, mean over matched layers")
         paths.append(os.path.join(out_dir, f"heatmap_{i}.png"))
         attention_heatmap(model_view(processor, pixels), maps, caption).save(paths[-1])
+    print("wrote " + ", ".join(paths))
+    return report
+
+
+# -----------------------------------------------------------------------------
+# 8. Layer profiles: where each model's attention meets the image, and the "auto" VAT window
+#
+#   python evaluate.py layers --model TEACHER --model STUDENT (--sugarcrepe DIR | --vqav2 DIR |
+#       --requests FILE.jsonl) [--limit N] [--out DIR]
+#
+# Per layer of each model (layer_profile, vat.visual_attention_profile): the text's attention share on the
+# visual tokens, its entropy over them, and, for requests that name an object ("object_patches"), the share
+# of the answer position's visual attention on that object. layers.json has the curves, the window
+# vat.auto_layers picks from them (the rule is in its docstring) and the paper's middle window; layers.png
+# draws the curves, one panel per model side by side.
+
+
+def add_layers_parser(sub):
+    ap = sub.add_parser("layers", help="per-layer attention on the visual tokens, and the 'auto' VAT window")
+    ap.add_argument("--model", required=True, action="append", help="saved model directory (repeatable)")
+    ap.add_argument("--sugarcrepe", help="folder with data/{subset}.json (the true caption asked as (A))")
+    ap.add_argument("--coco-images", help="SugarCrepe images (default SUGARCREPE/images)")
+    ap.add_argument("--vqav2", help="folder with questions.json, annotations.json, images/")
+    ap.add_argument("--vqav2-image-pattern", default=DEFAULTS["vqav2_image_pattern"],
+                    help="file name %% image_id under VQAV2/images (default COCO_val2014_%%012d.jpg)")
+    ap.add_argument("--requests", help='JSON-lines calibration file, one {"image", "prompt"[, "object_patches"]} '
+                    "per line, image paths relative to the file")
+    ap.add_argument("--limit", type=int, help="first N items per benchmark (per SugarCrepe subset)")
+    ap.add_argument("--out", help="output folder (default: FIRST_MODEL/layers)")
+    ap.add_argument("--device", help="default: cuda if available, else cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--batch-size", type=int, default=8)
+
+
+def read_requests(path, limit=None):
+    """A JSON-lines calibration file: {"image": path relative to the file, "prompt": "<image>\\n...",
+    "object_patches": [visual-token indices], optional} per line."""
+    items = []
+    for i, r in enumerate(load_jsonl(path)):
+        if not isinstance(r, dict) or "prompt" not in r or "image" not in r:
+            raise ValueError(f"{path}: line {i + 1} needs 'image' and 'prompt'")
+        items.append(dict(r, image=image_file(os.path.join(os.path.dirname(path), r["image"]), path, i + 1)))
+    return take(items, limit)
+
+
+def run_layers(args):
+    """The `layers` command: layer_profile of every --model on the requests; writes layers.json and
+    layers.png."""
+    import torch
+
+    import model as modeling
+    requests = []
+    if args.sugarcrepe:
+        requests += [it["request"] for it in attention_items(
+            {"sugarcrepe": read_sugarcrepe(args.sugarcrepe, args.coco_images, args.limit)})]
+    if args.vqav2:
+        requests += [it["request"] for it in attention_items(
+            {"vqav2": read_vqav2(args.vqav2, args.vqav2_image_pattern, args.limit)})]
+    if args.requests:
+        requests += read_requests(args.requests, args.limit)
+    if not requests:
+        raise SystemExit("evaluate.py layers: give at least one of --sugarcrepe, --vqav2, --requests")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out_dir = args.out or os.path.join(args.model[0], "layers")
+    os.makedirs(out_dir, exist_ok=True)
+    report, panels = {"requests": len(requests), "models": {}}, []
+    for name, mdir in zip(_student_names(args.model), args.model):
+        mllm, tok, processor = modeling.load_pretrained(mdir, device=device, dtype=dtype)
+        prof = layer_profile(mllm, tok, processor, requests, args.batch_size)
+        report["models"][name] = dict(prof, model=os.path.abspath(mdir))
+        layers = sorted(prof["layers"])
+        panels.append((f"{name} (auto {prof['auto'][0]}-{prof['auto'][-1]}, middle {prof['middle'][0]}-"
+                       f"{prof['middle'][-1]})", layers,
+                       {"share": [prof["layers"][l]["share"] for l in layers],
+                        "1 - entropy": [1 - prof["layers"][l]["entropy"] for l in layers],
+                        "object": [prof["layers"][l]["object"] for l in layers]},
+                       {k: prof["n_items"] for k in ("share", "1 - entropy", "object")}))
+        print(f"{name}: auto window {prof['auto']}, middle {prof['middle']}, {prof['n_items']} items")
+        del mllm
+    paths = [os.path.join(out_dir, "layers.json"), os.path.join(out_dir, "layers.png")]
+    with open(paths[0], "w") as f:
+        json.dump(_json_safe(report), f, indent=2)
+    attention_plot(panels, title="attention on the visual tokens, per layer", who="model", ylabel="fraction",
+                   xlabel="layer").save(paths[1])
     print("wrote " + ", ".join(paths))
     return report
 

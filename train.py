@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import data
 import model as M
+import vat
 
 
 # -----------------------------------------------------------------------------
@@ -234,7 +236,6 @@ def build_student(args, tokenizer_path_hint=None):
     (HF LLaVA checkpoint) or `parts:VISION,LLM,TOKENIZER`."""
     init = args.init
     if init.startswith("preset:"):
-        import data
         tok = data.load_tokenizer(args.tokenizer)
         return M.from_preset(init.split(":", 1)[1], tok, seed=args.model_seed), tok
     if init.startswith("llava:"):
@@ -359,7 +360,6 @@ STAGE_GLOBAL_BATCH = {"1": 256, "2": 128, "3": 192, "llava": 128, "llava-adapter
 
 
 def run_stage(args) -> str:
-    import data
     if args.global_batch is None:
         key = "llava-adapter" if args.stage == "llava" and args.trainable == "adapter" else args.stage
         args.global_batch = STAGE_GLOBAL_BATCH[key]
@@ -397,17 +397,6 @@ def run_stage(args) -> str:
     if args.grad_checkpointing:
         student.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     w_vat = args.w_vat if args.stage == "2" else 0.0
-    vat_cfg = None
-    if w_vat > 0:
-        import vat
-        n_s = student.language_model.config.num_hidden_layers
-        n_t = teacher.language_model.config.num_hidden_layers
-        s_layers = vat.select_layers(n_s, args.vat_layers)
-        t_layers = vat.select_layers(n_t, args.vat_teacher_layers or args.vat_layers, teacher=True)
-        matching = vat.group_layer_matching(s_layers, t_layers, args.vat_matching)
-        vat_cfg = dict(s_layers=s_layers, t_layers=sorted({t for g in matching for t in g}), matching=matching)
-        if master:
-            print(f"VAT: student layers {s_layers} <- teacher windows {matching}")
 
     # --- data -----------------------------------------------------------------------------------------
     samples = data.load_llava_json(args.data)
@@ -424,12 +413,21 @@ def run_stage(args) -> str:
                                      drop_overlong=args.drop_overlong)
     if len(dataset) < args.global_batch:
         raise ValueError(f"{args.data}: {len(dataset)} usable samples, fewer than --global-batch {args.global_batch}")
+    vat_cfg = None
+    if w_vat > 0:
+        resumed = find_checkpoint(args.out) if args.resume else None
+        vat_cfg = vat_layers(args, student, teacher, dataset, pad_id, micro_batch_size(args, world),
+                             torch.load(os.path.join(resumed, "trainer_state.pt"), weights_only=True,
+                                        map_location="cpu")["meta"] if resumed else {})
+        if master:
+            print(f"VAT: student layers {vat_cfg['s_layers']} <- teacher windows {vat_cfg['matching']}"
+                  + (f" (auto, measured on {vat_cfg['auto']['samples']} samples)" if vat_cfg.get("auto") else ""))
     steps_per_epoch = len(dataset) // args.global_batch
     total_steps = args.max_steps or int(args.epochs * steps_per_epoch)
     sampler = data.GlobalBatchSampler(len(dataset), args.global_batch, rank, world, seed=args.seed,
                                       lengths=dataset.lengths if args.group_by_length else None)
     per_rank = args.global_batch // world
-    micro = min(args.micro_batch, per_rank)
+    micro = micro_batch_size(args, world)
     if per_rank % micro:
         raise ValueError(f"per-rank batch {per_rank} (= --global-batch / world size) is not a multiple of "
                          f"--micro-batch {micro}")
@@ -445,6 +443,7 @@ def run_stage(args) -> str:
     meta = {"stage": args.stage, "init": args.init, "trainable": trainable_kind, "taf": bool(args.taf and distill),
             "global_batch": args.global_batch, "data": os.path.abspath(args.data), "seed": args.seed,
             **({"group_by_length": True} if args.group_by_length else {}),  # absent when off: older checkpoints
+            **({"vat_auto": vat_cfg["auto"]} if vat_cfg and vat_cfg.get("auto") else {}),  # the layers auto chose
             "n_trainable": sum(p.numel() for p in params)}
     os.makedirs(args.out, exist_ok=True)
     step = 0
@@ -616,6 +615,46 @@ def out_of_memory_message(args, device) -> str:
             f"--max-len (shorter: {args.max_len}; with --drop-overlong for the few long samples).")
 
 
+def micro_batch_size(args, world: int) -> int:
+    return min(args.micro_batch, args.global_batch // world)
+
+
+def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta: dict) -> dict:
+    """VAT's layers and their matching (docs/method.md section 3): `--vat-layers` / `--vat-teacher-layers`
+    are vat.select_layers specs. "auto" measures the model's attention profile (evaluate.layer_profile_batches:
+    per layer, the text's attention share on the image and its entropy there) on the first
+    --vat-auto-samples training samples that have an image, before any step, and takes vat.auto_layers; a
+    resumed run takes the layers its checkpoint recorded (the trained model would measure differently).
+    Every rank measures the same samples with the same weights, so every rank picks the same layers.
+    Returns {"s_layers", "t_layers" (the teacher layers of the windows), "matching"[, "auto"]}."""
+    s_spec, t_spec = args.vat_layers, args.vat_teacher_layers or args.vat_layers
+    n_s = student.language_model.config.num_hidden_layers
+    n_t = teacher.language_model.config.num_hidden_layers
+    auto = None
+    if "auto" in (s_spec, t_spec):
+        auto = resumed_meta.get("vat_auto")
+        if auto is None:
+            import evaluate as E
+            idx = [i for i, x in enumerate(dataset.samples) if x.get("image")][:args.vat_auto_samples]
+            if not idx:
+                raise ValueError(f"--vat-layers auto: {args.data} has no sample with an image to measure on")
+            device = next(student.parameters()).device
+
+            def batches():
+                for j in range(0, len(idx), micro):
+                    b = data.collate([dataset[i] for i in idx[j:j + micro]], pad_id)
+                    yield b["input_ids"], b["attention_mask"], b["pixel_values"].to(device), None
+            auto = {"samples": len(idx)}
+            for who, mllm, spec in (("student", student, s_spec), ("teacher", teacher, t_spec)):
+                if spec == "auto":
+                    auto[who] = E.layer_profile_batches(mllm, batches())["auto"]
+    s_layers = auto["student"] if s_spec == "auto" else vat.select_layers(n_s, s_spec)
+    t_layers = auto["teacher"] if t_spec == "auto" else vat.select_layers(n_t, t_spec, teacher=True)
+    matching = vat.group_layer_matching(s_layers, t_layers, args.vat_matching)
+    cfg = dict(s_layers=s_layers, t_layers=sorted({t for g in matching for t in g}), matching=matching)
+    return dict(cfg, auto=auto) if auto else cfg
+
+
 def vat_rows(args) -> str:
     """Query rows the VAT variant needs: all rows (paper) or the visual rows (the authors' code)."""
     return "all" if args.vat_variant == "paper" else "visual"
@@ -646,8 +685,11 @@ def get_parser():
     p.add_argument("--w-vat", type=float, default=1.0, help="L_ADL weight in stage 2 (0 = the KD-only baseline)")
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--kd-chunk", type=int, default=512, help="rows of logits materialised at a time in L_LM/L_KL")
-    p.add_argument("--vat-layers", default="middle", help="student layers: middle|early|late|all|authors|0.3-0.7|8,9,10")
+    p.add_argument("--vat-layers", default="middle", help="student layers: middle|early|late|all|authors|auto|"
+                   "0.3-0.7|8,9,10 (auto: the window vat.auto_layers finds in the model's measured attention)")
     p.add_argument("--vat-teacher-layers", default=None, help="teacher layers (default: same rule as the student)")
+    p.add_argument("--vat-auto-samples", type=int, default=64, help="training samples with an image that "
+                   "--vat-layers auto measures each model on, before the first step")
     p.add_argument("--vat-matching", default="group", choices=["group", "uniform", "one_to_one"])
     p.add_argument("--vat-distance", default="cosine", choices=["cosine", "mse", "kl"])
     p.add_argument("--vat-variant", default="paper", choices=["paper", "official"])

@@ -96,14 +96,16 @@ AUTHORS_STUDENT_LAYERS = {24: (8, 14), 28: (9, 15), 40: (13, 19)}
 AUTHORS_TEACHER_LAYERS = {24: (8, 14, 2), 28: (9, 15, 3), 32: (11, 17, 3), 40: (13, 19, 5)}
 
 
-def select_layers(num_layers: int, spec, teacher: bool = False) -> list[int]:
+def select_layers(num_layers: int, spec, teacher: bool = False, profile: dict | None = None) -> list[int]:
     """Layer choice for VAT (docs/method.md section 3 and the layer ablation of section 7).
 
     spec:  "middle" (= 30%-70%, `visual_understanding_layers`), "early" (0%-30%), "late" (70%-100%),
            "all", a fraction range "0.1-0.4", an explicit list "8,9,10" or an inclusive index range
            "8-14", a list of ints, or "authors": the authors' tables, `AUTHORS_STUDENT_LAYERS` (depths 24,
            28, 40) or, with teacher=True, `AUTHORS_TEACHER_LAYERS` (depths 24, 28, 32, 40; every layer of
-           the windows). `teacher` matters for "authors" only.
+           the windows); or "auto": the window `auto_layers` finds in `profile`, the model's measured
+           attention over the visual tokens (`visual_attention_profile`; train.py and evaluate.py measure it).
+           `teacher` matters for "authors" only, `profile` for "auto" only.
     Returns sorted, distinct, 0-indexed layers."""
     if isinstance(spec, (list, tuple)):
         layers = [int(x) for x in spec]
@@ -117,6 +119,12 @@ def select_layers(num_layers: int, spec, teacher: bool = False) -> list[int]:
         layers = _fraction_layers(num_layers, 0.7, 1.0)
     elif spec == "all":
         layers = list(range(num_layers))
+    elif spec == "auto":
+        if profile is None:
+            raise ValueError("layer spec 'auto' needs the model's measured attention profile "
+                             "(vat.visual_attention_profile): train.py measures it with --vat-layers auto, "
+                             "`python evaluate.py layers` prints it")
+        layers = auto_layers(profile, num_layers)
     elif spec == "authors":
         table = AUTHORS_TEACHER_LAYERS if teacher else AUTHORS_STUDENT_LAYERS
         if num_layers not in table:
@@ -172,6 +180,85 @@ def group_layer_matching(student_layers, teacher_layers, mode: str = "group") ->
             raise ValueError(f"one_to_one matching needs as many teacher as student layers (k={k}, m={m})")
         return [[x] for x in t]
     raise ValueError(f"unknown matching mode {mode!r}: use group, uniform or one_to_one")
+
+
+# The layer window found from the models (the paper leaves open whether 30%-70% suits every depth, its
+# open question 3 in docs/method.md section 8): measure how each layer's attention treats the visual tokens,
+# then pick the window by a rule fixed in advance.
+
+def visual_attention_profile(maps: dict, visual_mask, attention_mask=None, object_mask=None) -> dict:
+    """Per layer of `maps` (rows="all" maps (B, T, N) from `capture_visual_attention`), per sample:
+      share    the mean, over the sample's text query rows after its last visual token (valid, not visual),
+               of the row's attention mass on the visual tokens (0..1: how much the text looks at the image);
+      entropy  the mean over the same rows of the entropy of the row's attention renormalised over the
+               visual tokens, divided by log N_b (0 = all on one patch, 1 = spread evenly over the image);
+      object   where object_mask (B, N) bool marks the visual tokens of the object the prompt names (the
+               shapes world knows it), the share of the answer position's (the last valid row's) visual
+               attention that falls on them; NaN elsewhere.
+    Samples without visual tokens or without text rows after the image are NaN throughout.
+    Returns {layer: {"share": (B,), "entropy": (B,), "object": (B,)}} float64 on the CPU, so that batches
+    can be concatenated and averaged (nanmean) by the caller."""
+    B, T = visual_mask.shape
+    vm = visual_mask.bool()
+    am = torch.ones_like(vm) if attention_mask is None else attention_mask.to(vm.device).bool()
+    _, key_valid = visual_positions(vm)
+    n_vis = key_valid.sum(1)
+    pos = torch.arange(T, device=vm.device)[None, :]
+    last_vis = torch.where(vm, pos, -1).max(1).values
+    rows = am & ~vm & (pos > last_vis[:, None])                               # (B, T) text rows after the image
+    last_row = torch.where(am, pos, -1).max(1).values.clamp_min(0)            # the answer position
+    has = (n_vis > 0) & rows.any(1)
+    out = {}
+    for layer, m in maps.items():
+        a = torch.where(key_valid[:, None, :], m.detach().double().to(vm.device), 0.0)   # (B, T, N)
+        mass = a.sum(-1)                                                        # (B, T)
+        p = a / mass.clamp_min(1e-30)[..., None]
+        ent = -(torch.xlogy(p, p)).sum(-1) / n_vis.clamp_min(2).log()[:, None].double()
+        n_rows = rows.sum(1).clamp_min(1)
+        share = torch.where(rows, mass, 0.0).sum(1) / n_rows
+        entropy = torch.where(rows, ent, 0.0).sum(1) / n_rows
+        nan = torch.full((B,), float("nan"), dtype=torch.float64, device=vm.device)
+        obj = nan
+        if object_mask is not None:
+            om = object_mask.to(vm.device).bool() & key_valid
+            ans = a[torch.arange(B, device=vm.device), last_row]               # (B, N)
+            obj = torch.where(om.any(1) & has, (ans * om).sum(1) / ans.sum(1).clamp_min(1e-30), nan)
+        out[layer] = {"share": torch.where(has, share, nan).cpu(), "entropy": torch.where(has, entropy, nan).cpu(),
+                      "object": obj.cpu()}
+    return out
+
+
+def auto_layers(profile: dict, num_layers: int) -> list[int]:
+    """The "auto" layer window, from a measured profile {layer: {"share": s, "entropy": h, ...}} with one
+    number per layer (means over a calibration set; `visual_attention_profile` gives per-sample values,
+    which are averaged first if given as tensors or lists).
+    Rule, fixed before any measurement and never tuned on a benchmark: a layer's score is
+    share * (1 - entropy), the text's attention on the image that is also concentrated on a few patches (the
+    paper's "visual understanding" as opposed to modality alignment, which spreads over the image, and
+    response generation, which leaves it); the window is the longest run of consecutive layers whose score
+    is at least half-way between the lowest and the highest score, the earliest such run on a tie. Every
+    layer 0..num_layers-1 must be in the profile."""
+    missing = [l for l in range(num_layers) if l not in profile]
+    if missing:
+        raise ValueError(f"auto_layers: the profile lacks layers {missing} of {num_layers}")
+
+    def mean(x):
+        x = torch.as_tensor(x, dtype=torch.float64).flatten()
+        x = x[~torch.isnan(x)]
+        if not len(x):
+            raise ValueError("auto_layers: the profile holds no sample with visual tokens and text after them")
+        return float(x.mean())
+    score = [mean(profile[l]["share"]) * (1.0 - mean(profile[l]["entropy"])) for l in range(num_layers)]
+    cut = (min(score) + max(score)) / 2
+    best, run = (0, 0), None
+    for l, v in enumerate(score + [float("-inf")]):
+        if v >= cut and run is None:
+            run = l
+        elif v < cut and run is not None:
+            if l - run > best[1] - best[0]:
+                best = (run, l)
+            run = None
+    return list(range(*best))
 
 
 # -----------------------------------------------------------------------------

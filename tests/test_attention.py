@@ -206,3 +206,71 @@ def test_cli_writes_json_plot_and_heatmaps(world, models, tokenizer, tokenizer_d
     for it in saved["students"]["student"]["items"]:  # right = the protocol's judgement of the answer
         if it["benchmark"] == "sugarcrepe":
             assert it["right"] == (ev.parse_choice(it["answer"]) == "A")
+
+
+# -----------------------------------------------------------------------------
+# section 8: layer profiles and the "auto" window
+
+
+def test_layer_profile_matches_eager_reference(models, tokenizer, requests_):
+    """layer_profile (batched, padded, captured under SDPA) against the eager maps of each request alone:
+    share = mean over text rows after the image of the visual mass, entropy of the renormalised row / log N,
+    object = the answer row's share on the named patches; and the auto window is vat.auto_layers of them."""
+    teacher, _, proc = models
+    reqs = [dict(r, object_patches=[3, 7]) if i != 1 else r for i, r in enumerate(requests_)]
+    prof = ev.layer_profile(teacher, tokenizer, proc, reqs, batch_size=2)
+    ref = {l: {"share": [], "entropy": [], "object": []} for l in range(6)}
+    for r in reqs:
+        maps, T = eager_maps(teacher, tokenizer, proc, r)
+        ids = data.render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], teacher.num_visual_tokens,
+                                 teacher.image_token_id)
+        vis = [i for i, t in enumerate(ids) if t == teacher.image_token_id]
+        rows = list(range(vis[-1] + 1, T))
+        for l, m in enumerate(maps):
+            mass = m[rows].sum(-1)
+            p = m[rows] / mass[:, None]
+            ent = -(p * p.clamp_min(1e-300).log()).sum(-1) / np.log(len(vis))
+            ref[l]["share"].append(float(mass.mean()))
+            ref[l]["entropy"].append(float(ent.mean()))
+            if r.get("object_patches"):
+                last = m[-1]
+                ref[l]["object"].append(float(last[[3, 7]].sum() / last.sum()))
+    for l in range(6):
+        for k in ("share", "entropy", "object"):
+            assert prof["layers"][l][k] == pytest.approx(np.mean(ref[l][k]), abs=1e-5), (l, k)
+    assert prof["n_items"] == len(reqs)
+    assert prof["auto"] == vat_auto(prof["layers"])
+    assert prof["middle"] == [2, 3]
+
+
+def vat_auto(layers):
+    import vat
+    return vat.auto_layers(layers, len(layers))
+
+
+def test_layers_cli_writes_json_and_plot(world, models, tokenizer_dir, tmp_path):
+    teacher, student, _ = models
+    tok = data.load_tokenizer(tokenizer_dir)
+    M.save_pretrained(teacher, str(tmp_path / "teacher"), tok)
+    M.save_pretrained(student, str(tmp_path / "student"), tok)
+    # a calibration file naming the object of each request (relative image paths)
+    sc = ev.read_sugarcrepe(os.path.join(world, "sugarcrepe"), limit=1)
+    first = next(iter(sc.values()))[0]
+    lines = [{"image": os.path.relpath(first["image"], tmp_path), "prompt": "<image>\nWhat color is the circle?",
+              "object_patches": [5]}]
+    with open(tmp_path / "calib.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "layers"
+    report = ev.main(["layers", "--model", str(tmp_path / "teacher"), "--model", str(tmp_path / "student"),
+                      "--sugarcrepe", os.path.join(world, "sugarcrepe"), "--limit", "1",
+                      "--requests", str(tmp_path / "calib.jsonl"), "--out", str(out)])
+    with open(out / "layers.json") as f:
+        saved = json.load(f)
+    assert list(saved["models"]) == ["teacher", "student"] and saved["requests"] == 7 + 1
+    assert len(saved["models"]["teacher"]["layers"]) == 6 and len(saved["models"]["student"]["layers"]) == 4
+    for m in saved["models"].values():
+        assert 0 < len(m["auto"]) and all(0 <= v["share"] <= 1 for v in m["layers"].values())
+        assert all(v["object"] is not None for v in m["layers"].values())  # one request names an object
+    assert report["models"]["student"]["auto"] == saved["models"]["student"]["auto"]
+    with Image.open(out / "layers.png") as im:
+        assert im.size == (2 * ev.PLOT_W, ev.PLOT_H)

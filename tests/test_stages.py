@@ -201,3 +201,34 @@ def test_stage2_two_gloo_processes_match_one(setup):
     for a, b in zip(_log(one), _log(two)):
         for k in ("lm", "kd", "vat"):
             assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+
+
+def test_vat_layers_auto_measures_before_training_and_resume_keeps_them(setup, capsys, monkeypatch):
+    """--vat-layers auto: each model's profile on the first --vat-auto-samples image samples picks its window
+    (vat.auto_layers of evaluate.layer_profile_batches, measured here again on the same samples with the
+    initial weights); the checkpoint records it, and a resumed run reuses it without measuring."""
+    import evaluate as E
+    world, teacher, root = setup
+    out = str(root / "auto")
+    args = ["--stage", "2", "--vat-layers", "auto", "--vat-auto-samples", "6", "--save-every", "1",
+            *_stage_args(world, teacher, out)]
+    train.main(["--max-steps", "2", "--stop-after", "1", *args])
+    printed = capsys.readouterr().out
+    state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=True)
+    auto = state["meta"]["vat_auto"]
+    assert auto["samples"] == 6 and f"VAT: student layers {auto['student']}" in printed
+    # the same measurement, by hand, for the teacher (loaded as saved; the student's TAF linear is drawn
+    # from the stage's RNG stream, so only its printed and recorded choice is compared)
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    te, _, proc = M.load_pretrained(teacher)
+    samples = [s for s in data.load_llava_json(os.path.join(world, "instruct.json")) if s.get("image")][:6]
+    ds = data.SupervisedDataset(samples, tok, proc, world, te.num_visual_tokens, te.image_token_id, 256)
+    batch = data.collate([ds[i] for i in range(6)], data.pad_token_id(tok))
+    b = [(batch["input_ids"][:4], batch["attention_mask"][:4], batch["pixel_values"][:4], None),
+         (batch["input_ids"][4:], batch["attention_mask"][4:], batch["pixel_values"][4:], None)]  # micro-batch 4
+    assert E.layer_profile_batches(te, b)["auto"] == auto["teacher"]
+    assert state["meta"]["vat_auto"]["student"] and all(0 <= l < 4 for l in auto["student"])
+    # resume: no new measurement, the recorded layers
+    monkeypatch.setattr(E, "layer_profile_batches", lambda *a, **k: pytest.fail("measured again on resume"))
+    train.main(["--max-steps", "2", "--resume", *args])
+    assert f"VAT: student layers {auto['student']}" in capsys.readouterr().out

@@ -577,3 +577,47 @@ def test_visual_key_probs_of_bf16_inputs_are_fp32_of_the_same_values():
     torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-5)
     for got_g, ref_g in ((dq, rq), (dk, rk)):  # bf16 keeps 8 bits: 0.4% of an entry, or of the largest near 0
         torch.testing.assert_close(got_g.double(), ref_g, atol=1e-2 * ref_g.abs().max().item(), rtol=1e-2)
+
+
+# -----------------------------------------------------------------------------
+# the layer window found from the models
+
+
+def test_visual_attention_profile_hand_worked():
+    # one sample, T=6: text 0, visual 1..3, text rows 4 and 5 (the answer position); N = 3
+    vm = torch.tensor([[False, True, True, True, False, False]])
+    m = torch.zeros(1, 6, 3)
+    m[0, 4] = torch.tensor([0.2, 0.2, 0.0])   # mass 0.4, renormalised [0.5, 0.5, 0]: entropy log 2 / log 3
+    m[0, 5] = torch.tensor([0.6, 0.0, 0.0])   # mass 0.6, all on one patch: entropy 0
+    m[0, 2] = torch.tensor([9.0, 9.0, 9.0])   # a visual row: not counted
+    obj = torch.tensor([[True, False, False]])
+    p = vat.visual_attention_profile({7: m}, vm, None, obj)[7]
+    assert abs(p["share"].item() - 0.5) < 1e-7
+    assert abs(p["entropy"].item() - (math.log(2) / math.log(3)) / 2) < 1e-7
+    assert abs(p["object"].item() - 1.0) < 1e-7  # the answer row's visual attention is all on patch 0
+    # padding after the answer: the answer position is the last VALID row; a text-only sample is NaN
+    vm2 = torch.cat([torch.cat([vm, torch.zeros(1, 1, dtype=torch.bool)], 1), torch.zeros(1, 7, dtype=torch.bool)])
+    m2 = torch.zeros(2, 7, 3)
+    m2[0, :6] = m[0]
+    m2[0, 6] = torch.tensor([0.0, 0.0, 1.0])  # a padded row: ignored
+    am = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    p2 = vat.visual_attention_profile({0: m2}, vm2, am, torch.cat([obj, obj]))[0]
+    assert abs(p2["share"][0].item() - 0.5) < 1e-7 and abs(p2["object"][0].item() - 1.0) < 1e-7
+    assert torch.isnan(p2["share"][1]) and torch.isnan(p2["object"][1])
+
+
+def test_auto_layers_rule_hand_worked():
+    # scores share * (1 - entropy): 0.1, 0.5, 0.45, 0.05, 0.6, 0.02 -> cut (0.02 + 0.6) / 2 = 0.31:
+    # runs at or above it: [1, 2] and [4]; the longest is [1, 2]
+    share = [0.2, 1.0, 0.9, 0.1, 0.8, 0.04]
+    ent = [0.5, 0.5, 0.5, 0.5, 0.25, 0.5]
+    prof = {l: {"share": [share[l]], "entropy": torch.tensor([ent[l], float("nan")])} for l in range(6)}
+    assert vat.auto_layers(prof, 6) == [1, 2]
+    assert vat.select_layers(6, "auto", profile=prof) == [1, 2]
+    # a tie between two runs of one layer: the earliest
+    prof2 = {l: {"share": [v], "entropy": [0.0]} for l, v in enumerate([0.0, 1.0, 0.0, 1.0])}
+    assert vat.auto_layers(prof2, 4) == [1]
+    with pytest.raises(ValueError, match="needs the model's measured attention profile"):
+        vat.select_layers(6, "auto")
+    with pytest.raises(ValueError, match="lacks layers"):
+        vat.auto_layers({0: prof[0]}, 6)
