@@ -95,6 +95,10 @@ def _content_style(tokenizer) -> str:
     render a plain string as nothing). Probed once per tokenizer; a template that renders neither is
     an error rather than a conversation silently rendered without its text."""
     template = tokenizer.chat_template
+    if not template:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template (llava-hf keeps it "
+                         "in the processor's chat_template.json, which model.load_any reads); set "
+                         "tokenizer.chat_template = ...")
     cached = getattr(tokenizer, "_compodistill_content_style", None)
     if cached and cached[0] == template:  # keyed by the template: a later tokenizer.chat_template = ... re-probes
         return cached[1]

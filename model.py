@@ -497,8 +497,10 @@ class SquarePadProcessor:
         padded = [expand2square(im.convert("RGB"), self.background) for im in (images if many else [images])]
         return self.processor(images=padded if many else padded[0], **kwargs)
 
-    def __getattr__(self, name):
-        return getattr(self.__dict__["processor"], name)
+    def __getattr__(self, name):  # only for names the wrapper lacks; "processor" itself while unpickling
+        if name == "processor":
+            raise AttributeError(name)
+        return getattr(self.processor, name)
 
 
 def image_processor_for(model: MultimodalLM, processor, aspect_ratio: str | None = None):
