@@ -95,6 +95,10 @@ def _content_style(tokenizer) -> str:
     render a plain string as nothing). Probed once per tokenizer; a template that renders neither is
     an error rather than a conversation silently rendered without its text."""
     template = tokenizer.chat_template
+    if not template:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template (llava-hf keeps it "
+                         "in the processor's chat_template.json, which model.load_any reads); set "
+                         "tokenizer.chat_template = ...")
     cached = getattr(tokenizer, "_compodistill_content_style", None)
     if cached and cached[0] == template:  # keyed by the template: a later tokenizer.chat_template = ... re-probes
         return cached[1]
@@ -196,6 +200,44 @@ def render_prompt(tokenizer, messages, num_visual_tokens, image_token_id, sample
     segs = _segments(tokenizer, messages, True, sample_id)
     return _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id)[0]
 
+def with_system_prompt(tokenizer, messages, system_prompt):
+    """messages with the run's system prompt (train.py / evaluate.py --system-prompt, recorded in the model
+    config): None = as they are (the chat template's default system prompt, if it has one); "none" = no
+    system turn, an error if the template then adds its own default; TEXT = a system turn with TEXT. A
+    sample that has its own system turn keeps it."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    if system_prompt == "none":
+        default = _default_system_text(tokenizer)
+        if default:
+            raise ValueError(f"--system-prompt none: the chat template of {getattr(tokenizer, 'name_or_path', '')!r} "
+                             f"adds its own system turn when none is given ({default[:60]!r}...); pass "
+                             "--system-prompt '' (an empty system turn) or TEXT, or set another chat template")
+        return messages
+    return [{"role": "system", "content": system_prompt}] + list(messages)
+
+
+def _default_system_text(tokenizer):
+    """The system text a chat template adds when the conversation has no system turn (Qwen2.5: "You are Qwen,
+    created by Alibaba Cloud. ..."), or "" when it adds none: the probe rendered without a system turn is
+    compared with the probe rendered with a marker system turn."""
+    cached = getattr(tokenizer, "_compodistill_default_system", None)
+    if cached and cached[0] == tokenizer.chat_template:
+        return cached[1]
+    marker = "zqxj system marker"
+    plain = _chat(tokenizer, _PROBE)
+    try:
+        with_sys = _chat(tokenizer, [{"role": "system", "content": marker}] + _PROBE)
+    except Exception:  # noqa: BLE001 - a template without system turns: it adds none either
+        with_sys = None
+    found = ""
+    if with_sys and marker in with_sys:
+        head, tail = with_sys.split(marker, 1)
+        if plain.startswith(head) and plain.endswith(tail) and len(plain) > len(head) + len(tail):
+            found = plain[len(head):len(plain) - len(tail)]
+    tokenizer._compodistill_default_system = (tokenizer.chat_template, found)
+    return found
+
 # -----------------------------------------------------------------------------
 # LLaVA JSON
 
@@ -276,12 +318,15 @@ def _check_image(path):
     return None
 
 
-def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=False, cache_dir=None, progress=True):
+def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=True, cache_dir=None, progress=True,
+                    stats=None):
     """Check every sample's image BEFORE training (missing, unreadable, corrupt, not RGB), with a
     progress bar. The verdict is cached (keyed by each file's path, size and mtime), so a second run
     over the same files does not decode them again. Returns (kept samples, bad list of
     (sample id, file, reason)). Bad images are an error naming the sample and file, unless skip_bad.
-    allow_non_rgb accepts other colour modes (they are converted to RGB when loaded)."""
+    Other colour modes (grayscale, RGBA, ...) are accepted and converted to RGB when loaded, as LLaVA does
+    (allow_non_rgb=False, train.py's --strict-rgb, makes them bad images); `stats`, a dict, receives
+    "converted_non_rgb": how many kept samples' images are converted."""
     import hashlib
     files = sorted({os.path.join(image_folder, s["image"]) for s in samples if isinstance(s, dict) and s.get("image")})
     key = hashlib.sha256()
@@ -299,12 +344,13 @@ def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=False, 
         with open(cache + ".tmp", "w") as fh:
             json.dump(verdict, fh)
         os.replace(cache + ".tmp", cache)
-    kept, bad = [], []
+    kept, bad, converted = [], [], 0
     for s in samples:
         f = os.path.join(image_folder, s["image"]) if isinstance(s, dict) and s.get("image") else None
         reason = verdict.get(f) if f else None
         if reason and allow_non_rgb and reason.startswith("mode "):
             reason = None
+            converted += 1
         if reason:
             bad.append((s.get("id"), f, reason))
         else:
@@ -312,7 +358,9 @@ def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=False, 
     if bad and not skip_bad:
         head = "\n".join(f"  sample {sid}: {f}: {why}" for sid, f, why in bad[:10])
         raise ValueError(f"{len(bad)} sample(s) have a bad image (pass --skip-bad-images to skip and count them"
-                         f"{'' if allow_non_rgb else ', --allow-non-rgb to convert other colour modes'}):\n{head}")
+                         f"{'' if allow_non_rgb else '; without --strict-rgb other colour modes are converted'}):\n{head}")
+    if stats is not None:
+        stats["converted_non_rgb"] = converted
     return kept, bad
 
 
@@ -333,13 +381,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
     "supervised" mask (labels are the ids there); __getitem__ expands them back."""
 
     def __init__(self, samples, tokenizer, image_processor, image_folder, num_visual_tokens,
-                 image_token_id, max_len, drop_overlong=False, progress=False):
+                 image_token_id, max_len, drop_overlong=False, progress=False, system_prompt=None):
         self.image_processor, self.image_folder = image_processor, image_folder
         self.num_visual_tokens, self.image_token_id, self.max_len = num_visual_tokens, image_token_id, max_len
         self.samples, self.ids, self.supervised, self.lengths, self.dropped = [], [], [], [], []
         for s in tqdm(samples, desc="render", disable=not progress):
             sid = s.get("id", "<no id>") if isinstance(s, dict) else "<not a dict>"
-            ids, labels = render_conversation(tokenizer, llava_to_messages(s), num_visual_tokens, image_token_id, sid)
+            messages = with_system_prompt(tokenizer, llava_to_messages(s), system_prompt)
+            ids, labels = render_conversation(tokenizer, messages, num_visual_tokens, image_token_id, sid)
             ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
             vis = np.flatnonzero(ids == image_token_id)
             sup = np.flatnonzero(labels != IGNORE_INDEX)
@@ -352,8 +401,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     self.dropped.append(sid)
                     continue
                 raise ValueError(f"sample {sid}: {len(vis)} visual tokens and the first answer token need "
-                                 f"{need} tokens > max_len {max_len} (sample length {len(ids)}); raise max_len "
-                                 f"or pass drop_overlong=True")
+                                 f"{need} tokens > --max-len {max_len} (sample length {len(ids)}); raise --max-len "
+                                 f"or pass --drop-overlong to drop and count such samples "
+                                 f"(SupervisedDataset(drop_overlong=True) from Python)")
             keep = np.ones(len(ids), dtype=bool)
             keep[vis[1:]] = False  # the visual run (one image, contiguous) kept as one token
             self.samples.append(s)

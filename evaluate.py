@@ -828,15 +828,16 @@ def write_report(results, records, out_dir, kind, title):
 # 5. Glue: a saved model -> (generate_fn, score_fn). The only code here that imports torch/model/data.
 
 def make_model_fns(model_dir, device="cpu", batch_size=8, max_new_tokens=32, dtype=None):
-    """Load `model_dir` (model.load_pretrained) and return model_fns(...) for it."""
+    """Load `model_dir`, any model source (model.load_any: a model dir, RUN/checkpoint, llava:DIR or an HF
+    LLaVA dir) and return model_fns(...) for it."""
     import model as modeling
 
-    mllm, tokenizer, image_processor = modeling.load_pretrained(model_dir, device=device, dtype=dtype)
+    mllm, tokenizer, image_processor = modeling.load_any(model_dir, device=device, dtype=dtype)
     return model_fns(mllm, tokenizer, image_processor, device, batch_size, max_new_tokens, name=model_dir)
 
 
 def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_new_tokens=32, name="model",
-              progress=True):
+              progress=True, system_prompt=None):
     """(generate_fn, score_fn) for a model in memory, both batched with a tqdm bar (train.py uses this
     for its in-loop validation). Each request's prompt is one user turn rendered by data.render_prompt
     (chat template + generation prompt, "<image>" expanded to the visual tokens).
@@ -844,7 +845,9 @@ def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_
         end-of-turn token (data.end_of_turn_ids: ChatML's <|im_end|>, Llama-3's <|eot_id|>, ...),
         decoded without special tokens and stripped.
     score_fn: one forward pass on a right-padded batch; at each row's last real position, the
-        log-softmax (fp32, full vocabulary) of the "Yes" token id, i.e. log P(first answer token = Yes)."""
+        log-softmax (fp32, full vocabulary) of the "Yes" token id, i.e. log P(first answer token = Yes).
+    system_prompt: as data.with_system_prompt; default, the one the model was trained with (its config's
+    `system_prompt`, train.py --system-prompt)."""
     import torch
     from tqdm import tqdm
 
@@ -857,6 +860,8 @@ def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_
         raise ValueError(f"{name}: the tokenizer splits 'Yes' into {len(yes_ids)} tokens {yes_ids}; the "
                          "match score needs 'Yes' to be exactly one token")
     stop = data.end_of_turn_ids(tokenizer)
+    if system_prompt is None:
+        system_prompt = mllm.extra_config.get("system_prompt")
 
     def pack(reqs, left):
         ids, images = [], []
@@ -865,8 +870,8 @@ def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_
             if (data.IMAGE_TOKEN in r["prompt"]) != (image is not None):
                 raise ValueError(f"request {r['prompt'][:60]!r}: an image needs exactly one '<image>' in the "
                                  "prompt and a prompt with '<image>' needs an image")
-            ids.append(data.render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}],
-                                          mllm.num_visual_tokens, mllm.image_token_id))
+            messages = data.with_system_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], system_prompt)
+            ids.append(data.render_prompt(tokenizer, messages, mllm.num_visual_tokens, mllm.image_token_id))
             if image is not None:
                 images.append(image)
         T = max(len(x) for x in ids)
@@ -923,7 +928,8 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("--model", required=True, help="saved model directory (model.load_pretrained)")
+        sp.add_argument("--model", required=True, help="a saved model directory, a run's checkpoint/ (mid-run), "
+                        "llava:DIR or an HF LLaVA directory (model.load_any)")
         sp.add_argument("--suite", help="JSON file of benchmark paths/options (command-line options win)")
         sp.add_argument("--out", help="output folder (default: MODEL/eval)")
         sp.add_argument("--limit", type=int, help="first N items per benchmark (per subset / subtask)")
@@ -1061,7 +1067,7 @@ def main(argv=None):
         results, records = run_vqa(data, generate_fn)
     results["model"], results["limit"] = os.path.abspath(args.model), args.limit
     title = f"{'Compositional reasoning' if args.command == 'cr' else 'VQA'}: {args.model}"
-    paths = write_report(results, records, args.out or os.path.join(args.model, "eval"), args.command, title)
+    paths = write_report(results, records, args.out or _default_out(args.model, "eval"), args.command, title)
     print(markdown_table(results, title))
     print("wrote " + ", ".join(paths))
     return results
@@ -1116,8 +1122,9 @@ def attention_items(benchmarks):
 
 def _prompt_ids(tokenizer, mllm, prompt):
     import data
-    return data.render_prompt(tokenizer, [{"role": "user", "content": prompt}], mllm.num_visual_tokens,
-                              mllm.image_token_id)
+    messages = data.with_system_prompt(tokenizer, [{"role": "user", "content": prompt}],
+                                       mllm.extra_config.get("system_prompt"))
+    return data.render_prompt(tokenizer, messages, mllm.num_visual_tokens, mllm.image_token_id)
 
 
 def _attention_batch(models, tokenizer, processor, reqs, pad_id):
@@ -1185,10 +1192,10 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
     import model as modeling
     import vat
     if isinstance(teacher, str):
-        teacher, t_tok, t_proc = modeling.load_pretrained(teacher)
+        teacher, t_tok, t_proc = modeling.load_any(teacher)
         tok, processor = tok or t_tok, processor or t_proc
     if isinstance(student, str):
-        student = modeling.load_pretrained(student)[0]
+        student = modeling.load_any(student)[0]
     if tok is None or processor is None:
         raise ValueError("attention_distance: pass the tokenizer and image processor (or the teacher as a directory)")
     modes = (teacher.training, student.training)
@@ -1481,8 +1488,9 @@ def _json_safe(x):
 
 def add_attention_parser(sub):
     ap = sub.add_parser("attention", help="teacher-student visual attention similarity and heat maps")
-    ap.add_argument("--teacher", required=True, help="saved teacher model directory")
-    ap.add_argument("--student", required=True, action="append", help="saved student directory (repeatable)")
+    ap.add_argument("--teacher", required=True, help="teacher: a model dir, RUN/checkpoint, llava:DIR or an HF "
+                    "LLaVA dir (model.load_any)")
+    ap.add_argument("--student", required=True, action="append", help="student, the same sources (repeatable)")
     ap.add_argument("--sugarcrepe", help="folder with data/{subset}.json (true caption asked as (A))")
     ap.add_argument("--coco-images", help="SugarCrepe images (default SUGARCREPE/images)")
     ap.add_argument("--vqav2", help="folder with questions.json, annotations.json, images/")
@@ -1503,8 +1511,23 @@ def _short(text, n=40):
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
+def _source_dir(source):
+    """The folder of a model source (model.load_any): `llava:DIR` -> DIR."""
+    return source.split(":", 1)[1] if source.startswith("llava:") else source
+
+
+def _default_out(source, kind):
+    """MODEL/eval (MODEL/attention); for a run's checkpoint RUN/checkpoint: RUN/eval_step{N}, beside the
+    checkpoint (which training replaces as a whole)."""
+    import model as modeling
+    if modeling.is_checkpoint_dir(source):
+        run = os.path.dirname(os.path.abspath(source.rstrip("/")))
+        return os.path.join(run, f"{kind}_step{modeling.checkpoint_step(source)}")
+    return os.path.join(_source_dir(source), kind)
+
+
 def _student_names(dirs):
-    names = [os.path.basename(os.path.normpath(d)) or d for d in dirs]
+    names = [os.path.basename(os.path.normpath(_source_dir(d))) or d for d in dirs]
     return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
@@ -1528,10 +1551,10 @@ def run_attention(args):
     requests = [it["request"] for it in items]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out_dir = args.out or os.path.join(args.student[0], "attention")
+    out_dir = args.out or _default_out(args.student[0], "attention")
     os.makedirs(out_dir, exist_ok=True)
     names = _student_names(args.student)
-    teacher, t_tok, processor = modeling.load_pretrained(args.teacher, device=device, dtype=dtype)
+    teacher, t_tok, processor = modeling.load_any(args.teacher, device=device, dtype=dtype)
     teacher.eval()
     report = {"teacher": os.path.abspath(args.teacher), "layers": args.layers,
               "teacher_layers": args.teacher_layers or args.layers, "matching": args.matching,
@@ -1548,7 +1571,7 @@ def run_attention(args):
                     answers[i] = a
                 del generate_fn
         right = [it["judge"](a) for it, a in zip(items, answers)]
-        student, s_tok, _ = modeling.load_pretrained(sdir, device=device, dtype=dtype)
+        student, s_tok, _ = modeling.load_any(sdir, device=device, dtype=dtype)
         student.eval()
         if s_tok.get_vocab() != t_tok.get_vocab():
             raise ValueError(f"{sdir}: the student's tokenizer differs from the teacher's ({args.teacher}); the "
@@ -1606,7 +1629,8 @@ def run_attention(args):
 
 def add_layers_parser(sub):
     ap = sub.add_parser("layers", help="per-layer attention on the visual tokens, and the 'auto' VAT window")
-    ap.add_argument("--model", required=True, action="append", help="saved model directory (repeatable)")
+    ap.add_argument("--model", required=True, action="append", help="any model source (model.load_any; "
+                    "repeatable)")
     ap.add_argument("--sugarcrepe", help="folder with data/{subset}.json (the true caption asked as (A))")
     ap.add_argument("--coco-images", help="SugarCrepe images (default SUGARCREPE/images)")
     ap.add_argument("--vqav2", help="folder with questions.json, annotations.json, images/")
@@ -1655,7 +1679,7 @@ def run_layers(args):
     os.makedirs(out_dir, exist_ok=True)
     report, panels = {"requests": len(requests), "models": {}}, []
     for name, mdir in zip(_student_names(args.model), args.model):
-        mllm, tok, processor = modeling.load_pretrained(mdir, device=device, dtype=dtype)
+        mllm, tok, processor = modeling.load_any(mdir, device=device, dtype=dtype)
         prof = layer_profile(mllm, tok, processor, requests, args.batch_size)
         report["models"][name] = dict(prof, model=os.path.abspath(mdir))
         layers = sorted(prof["layers"])

@@ -15,11 +15,14 @@ logits and `visual_mask = input_ids == image_token_id`, the one source of truth 
 
 Three ways to get a model:
   (a) `from_parts(vision_path, llm_path, tokenizer_path)`: a vision checkpoint + an LLM checkpoint
-      (the paper's SigLIP + Qwen setting); the adapter starts from scratch.
+      (the paper's SigLIP + Qwen setting); the adapter starts from scratch; `<image>` is added to a
+      tokenizer that lacks it and the LM's embeddings resized, as LLaVA does.
   (b) `from_llava(path)`: an HF `LlavaForConditionalGeneration` checkpoint directory.
   (c) `from_preset(name, tokenizer)`: the tiny `teacher` / `student` presets for tests and the demo.
-A model directory holds `model.safetensors`, `config.json` and the tokenizer files; `load_pretrained`
-reads it back without unpickling anything and never runs remote code.
+A model directory holds `model.safetensors`, `config.json`, the tokenizer files and the image processor's
+`preprocessor_config.json`; `load_pretrained` reads it back without unpickling anything and never runs
+remote code. `load_any(source)` is the one opener every command uses (--init, --teacher, evaluate.py):
+a model directory, a run's `checkpoint/`, `llava:DIR` or an HF LLaVA directory, `parts:V,L,T`, `preset:NAME`.
 """
 from __future__ import annotations
 
@@ -100,7 +103,11 @@ class MultimodalLM(nn.Module):
 
     # --- config ---------------------------------------------------------------
     def config_dict(self) -> dict:
-        return {"format": FORMAT,
+        import transformers
+        # transformers_version: when a tokenizer of > 100k tokens is loaded from a directory whose config.json
+        # has neither it nor a model_type, transformers takes it for an old Mistral tokenizer and warns of an
+        # "incorrect regex pattern" (tokenization_utils_tokenizers._patch_mistral_regex) on every load
+        return {"format": FORMAT, "transformers_version": transformers.__version__,
                 "vision_config": self.vision_tower.config.to_dict(),
                 "text_config": self.language_model.config.to_dict(),
                 "image_token_id": self.image_token_id,
@@ -237,6 +244,32 @@ def _image_token_id(tokenizer) -> int:
     return tid
 
 
+def ensure_image_token(tokenizer) -> bool:
+    """Add `<image>` to a tokenizer that lacks it, as an additional special token (LLaVA does the same to a
+    hub tokenizer); the existing special tokens are kept. Returns True if it was added (the LM's
+    embeddings must then cover the new id: from_parts resizes them). A tokenizer that has it is left as is."""
+    tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if tid is not None and tid != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(tid) == IMAGE_TOKEN:
+        return False
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    return True
+
+
+def _checkpoint_dtype(path: str) -> str:
+    """The dtype a HF checkpoint was saved in (its config.json's `dtype` / `torch_dtype`, else the text
+    config's), as a name ("bfloat16"); "float32" when the config says nothing."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return "float32"
+    for c in (cfg, cfg.get("text_config") or {}):
+        d = c.get("dtype") or c.get("torch_dtype")
+        if d:
+            return str(d).replace("torch.", "")
+    return "float32"
+
+
 def from_preset(name: str, tokenizer, seed: int = 0, **text_overrides) -> MultimodalLM:
     """(c) A tiny random model from a named preset (`teacher`, `student`), vocabulary from the tokenizer.
     Both presets share the same vision config and, for a given seed, the same vision weights."""
@@ -273,12 +306,14 @@ def from_parts(vision_path: str, llm_path: str, tokenizer, vision_feature_layer=
         vision_feature_select_strategy = "default" if hasattr(vision.embeddings, "class_embedding") else "full"
     lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation,
                                               trust_remote_code=trust_remote_code)
+    ensure_image_token(tokenizer)  # a hub tokenizer has no <image>: added, as LLaVA does
     image_id = _image_token_id(tokenizer)
     if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        lm.resize_token_embeddings(len(tokenizer))
+        lm.resize_token_embeddings(len(tokenizer))  # new rows at the mean of the old ones (transformers' default)
     proj = mlp2x_gelu(vision.config.hidden_size * (1 if isinstance(vision_feature_layer, int) else len(vision_feature_layer)),
                       lm.config.hidden_size)
-    return MultimodalLM(vision, proj, lm, image_id, vision_feature_layer, vision_feature_select_strategy).freeze_vision()
+    return MultimodalLM(vision, proj, lm, image_id, vision_feature_layer, vision_feature_select_strategy,
+                        extra_config={"llm_dtype": _checkpoint_dtype(llm_path)}).freeze_vision()
 
 
 def from_llava(path: str, dtype=torch.float32, attn_implementation="sdpa") -> MultimodalLM:
@@ -302,9 +337,9 @@ def from_llava(path: str, dtype=torch.float32, attn_implementation="sdpa") -> Mu
     proj[2].load_state_dict(hp.linear_2.state_dict())
     layer = cfg.vision_feature_layer
     layer = layer if isinstance(layer, int) else list(layer)
+    extra = {"llm_dtype": _checkpoint_dtype(path), **({} if bias else {"projector_bias": False})}
     return MultimodalLM(hf.model.vision_tower, proj, lm, cfg.image_token_id, layer,
-                        cfg.vision_feature_select_strategy,
-                        extra_config=None if bias else {"projector_bias": False}).freeze_vision()
+                        cfg.vision_feature_select_strategy, extra_config=extra).freeze_vision()
 
 
 # -----------------------------------------------------------------------------
@@ -316,9 +351,10 @@ def _fsync_replace(tmp: str, final: str):
     os.replace(tmp, final)
 
 
-def save_pretrained(model: MultimodalLM, path: str, tokenizer=None):
-    """Write model.safetensors + config.json (+ tokenizer files) into `path`, each file atomically
-    (temporary file, fsync, rename). Tied weights are stored once (the LM re-ties them on load)."""
+def save_pretrained(model: MultimodalLM, path: str, tokenizer=None, image_processor=None):
+    """Write model.safetensors + config.json (+ tokenizer files, + preprocessor_config.json) into `path`,
+    each file atomically (temporary file, fsync, rename). Tied weights are stored once (the LM re-ties
+    them on load). Tensors are stored in the dtype they have (train.py casts to --save-dtype first)."""
     os.makedirs(path, exist_ok=True)
     state = model.state_dict()
     seen, tensors = {}, {}
@@ -335,6 +371,8 @@ def save_pretrained(model: MultimodalLM, path: str, tokenizer=None):
     _fsync_replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    if image_processor is not None:
+        getattr(image_processor, "processor", image_processor).save_pretrained(path)  # unwrapped (SquarePad)
 
 
 def read_config(path: str) -> dict:
@@ -358,7 +396,7 @@ def model_from_config(cfg: dict, attn_implementation: str = "sdpa") -> Multimoda
     layer = cfg["vision_feature_layer"]
     n = 1 if isinstance(layer, int) else len(layer)
     proj = projector_from_config(cfg, vcfg.hidden_size * n, tcfg.hidden_size)
-    extra = {k: v for k, v in cfg.items() if k not in ("format", "vision_config", "text_config", "image_token_id",
+    extra = {k: v for k, v in cfg.items() if k not in ("format", "transformers_version", "vision_config", "text_config", "image_token_id",
                                                        "vision_feature_layer", "vision_feature_select_strategy",
                                                        "num_visual_tokens")}
     return MultimodalLM(vision, proj, lm, cfg["image_token_id"], layer,
@@ -398,7 +436,7 @@ def load_pretrained(path: str, device="cpu", dtype=None, attn_implementation: st
         raise ValueError(f"{path}: config says {cfg['num_visual_tokens']} visual tokens, the rebuilt encoder "
                          f"gives {model.num_visual_tokens}")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model, tokenizer, make_image_processor(model.vision_tower.config)
+    return model, tokenizer, image_processor_for(model, load_image_processor(path, model.vision_tower.config))
 
 
 def make_image_processor(vision_config):
@@ -414,3 +452,213 @@ def make_image_processor(vision_config):
     if "clip" in kind:
         return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     raise ValueError(f"unsupported vision model_type {kind!r} (expected siglip or clip)")
+
+
+
+def load_image_processor(path, vision_config):
+    """The checkpoint's own image processor when `path` holds a preprocessor_config.json (a SigLIP / CLIP /
+    LLaVA checkpoint, a saved run), else one rebuilt from the vision config (make_image_processor)."""
+    if path and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        from transformers import AutoImageProcessor
+        return AutoImageProcessor.from_pretrained(path)
+    return make_image_processor(vision_config)
+
+
+# -----------------------------------------------------------------------------
+# Aspect ratio: "squash" (resize to the encoder's square, the processors' default) or LLaVA-1.5's "pad"
+
+ASPECT_RATIOS = ("squash", "pad")
+
+
+def expand2square(pil, background):
+    """LLaVA's expand2square: paste the image centred on a square canvas of `background` colour."""
+    from PIL import Image
+    w, h = pil.size
+    if w == h:
+        return pil
+    side = max(w, h)
+    canvas = Image.new(pil.mode, (side, side), background)
+    canvas.paste(pil, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+class SquarePadProcessor:
+    """An image processor that first pads every image to a square with the processor's mean colour
+    (LLaVA-1.5's `image_aspect_ratio pad`), then runs the wrapped processor. Everything else
+    (image_mean, size, save_pretrained, ...) is the wrapped processor's."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        self.background = tuple(int(round(x * 255)) for x in mean)
+
+    def __call__(self, images=None, **kwargs):
+        many = isinstance(images, (list, tuple))
+        padded = [expand2square(im.convert("RGB"), self.background) for im in (images if many else [images])]
+        return self.processor(images=padded if many else padded[0], **kwargs)
+
+    def __getattr__(self, name):  # only for names the wrapper lacks; "processor" itself while unpickling
+        if name == "processor":
+            raise AttributeError(name)
+        return getattr(self.processor, name)
+
+
+def image_processor_for(model: MultimodalLM, processor, aspect_ratio: str | None = None):
+    """`processor` set to the aspect-ratio handling `aspect_ratio` names (default: the one the model
+    records in its config, `image_aspect_ratio`, else "squash"). Returns the processor to use."""
+    aspect_ratio = aspect_ratio or model.extra_config.get("image_aspect_ratio") or "squash"
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"image aspect ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
+    base = getattr(processor, "processor", processor) if isinstance(processor, SquarePadProcessor) else processor
+    return SquarePadProcessor(base) if aspect_ratio == "pad" else base
+
+
+# -----------------------------------------------------------------------------
+# One opener for every place a model is read (--init, --teacher, evaluate.py --model / --teacher / --student)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SOURCES = ("a compodistill model directory", "a run's checkpoint/ directory", "llava:DIR or an HF LLaVA "
+           "directory (config model_type llava)", "parts:VISION,LLM,TOKENIZER", "preset:NAME (with a tokenizer)")
+
+
+def _tokenizer_with_chat_template(path, trust_remote_code=False):
+    """AutoTokenizer of `path`; when the tokenizer has no chat template, the processor's (llava-hf ships
+    it as chat_template.json {"chat_template": ...} or chat_template.jinja beside the processor)."""
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not getattr(tok, "chat_template", None):
+        for name in ("chat_template.jinja", "chat_template.json"):
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    text = fh.read()
+                tok.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                break
+    return tok
+
+
+def _is_hf_llava(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type") == "llava"
+    except (OSError, ValueError):
+        return False
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "trainable.safetensors"))
+
+
+def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = False,
+             attn_implementation: str = "sdpa", tokenizer: str | None = None, seed: int = 0,
+             vision_feature_layer=None, vision_feature_select_strategy=None):
+    """Any model source -> (model, tokenizer, image_processor), the one spelling used everywhere:
+      DIR                        a compodistill model directory (a stage's --out)
+      RUN/checkpoint             a run's stage checkpoint: the run's init + the checkpoint's trainable
+                                 weights, LoRA merged (mid-run evaluation; load_checkpoint_model)
+      llava:DIR, or a DIR whose config.json says model_type llava   an HF LLaVA checkpoint
+      parts:VISION,LLM,TOKENIZER a vision + an LLM checkpoint and a tokenizer, fresh adapter
+                                 (vision_feature_layer default -2; the strategy defaults to the encoder's kind)
+      preset:NAME                a tiny preset; `tokenizer` is the tokenizer directory, `seed` its seed
+    The image processor is the checkpoint's own (preprocessor_config.json) where there is one."""
+    if source.startswith("preset:"):
+        if not tokenizer:
+            raise ValueError(f"{source}: a preset needs a tokenizer directory (--tokenizer)")
+        tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+        model = from_preset(source.split(":", 1)[1], tok, seed=seed)
+        proc = make_image_processor(model.vision_tower.config)
+    elif source.startswith("parts:"):
+        pieces = source.split(":", 1)[1].split(",")
+        if len(pieces) != 3:
+            raise ValueError(f"{source}: expected parts:VISION_DIR,LLM_DIR,TOKENIZER_DIR")
+        vision, llm, tokp = pieces
+        tok = _tokenizer_with_chat_template(tokp, trust_remote_code)
+        model = from_parts(vision, llm, tok, -2 if vision_feature_layer is None else vision_feature_layer,
+                           vision_feature_select_strategy, trust_remote_code=trust_remote_code,
+                           attn_implementation=attn_implementation)
+        proc = load_image_processor(vision, model.vision_tower.config)
+    elif source.startswith("llava:") or _is_hf_llava(source):
+        path = source.split(":", 1)[1] if source.startswith("llava:") else source
+        model = from_llava(path, attn_implementation=attn_implementation)
+        tok = _tokenizer_with_chat_template(path, trust_remote_code)
+        proc = load_image_processor(path, model.vision_tower.config)
+    elif is_checkpoint_dir(source):
+        return load_checkpoint_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                     attn_implementation=attn_implementation)
+    elif os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")) and \
+            is_checkpoint_dir(os.path.join(source, "checkpoint")):
+        raise ValueError(f"{source}: a run without its final model (the stage has not finished); evaluate its "
+                         f"last checkpoint with {os.path.join(source, 'checkpoint')}")
+    elif os.path.isdir(source):
+        return load_pretrained(source, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                               trust_remote_code=trust_remote_code)
+    else:
+        raise ValueError(f"model source {source!r} is none of: " + "; ".join(SOURCES))
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device), tok, image_processor_for(model, proc)
+
+
+def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code: bool = False,
+                          attn_implementation: str = "sdpa"):
+    """A stage checkpoint (RUN/checkpoint: trainable weights + optimizer state only) as a model: the run's
+    args.json says what it started from (--init, --teacher for TAF, the LoRA shape); that model is rebuilt
+    (load_any), given a TAF projector from the teacher's adapter and LoRA where the checkpoint has them, the
+    checkpoint's trainable weights are copied in and LoRA is merged. -> (model, tokenizer, image_processor)."""
+    from safetensors.torch import load_file as _load
+    run = os.path.dirname(os.path.abspath(path.rstrip("/")))
+    args_path = os.path.join(run, "args.json")
+    if not os.path.isfile(args_path):
+        raise FileNotFoundError(f"{path}: a checkpoint needs its run's args.json beside it ({args_path}) to know "
+                                "the model it trains")
+    with open(args_path) as f:
+        args = json.load(f)
+    weights = _load(os.path.join(path, "trainable.safetensors"))
+    model, tok, proc = load_any(args["init"], trust_remote_code=trust_remote_code,
+                                attn_implementation=attn_implementation, tokenizer=args.get("tokenizer"),
+                                seed=args.get("model_seed", 0), vision_feature_layer=args.get("vision_feature_layer"),
+                                vision_feature_select_strategy=args.get("vision_feature_select_strategy"))
+    if any(k.startswith("projector.linear.") for k in weights) and model.extra_config.get("projector") != "taf":
+        if not args.get("teacher"):
+            raise ValueError(f"{path}: a TAF checkpoint, but {args_path} names no --teacher to fetch the adapter from")
+        teacher = load_any(args["teacher"], trust_remote_code=trust_remote_code)[0]
+        taf_student(model, teacher)
+        del teacher
+    if any(".lora_" in k for k in weights):
+        from peft import LoraConfig, get_peft_model
+        cfg = LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.0,
+                         target_modules=LORA_TARGETS, bias="none")
+        model.language_model = get_peft_model(model.language_model, cfg)
+    own = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(own))
+    if unknown:
+        raise ValueError(f"{path}: checkpoint keys the rebuilt model (from {args['init']!r}) lacks: {unknown[:6]}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the rebuilt model {tuple(own[k].shape)}")
+            own[k].copy_(v)
+    if hasattr(model.language_model, "merge_and_unload"):
+        model.language_model = model.language_model.merge_and_unload()
+    for key in ("system_prompt", "image_aspect_ratio"):  # what the run trained with (train.py records them)
+        if args.get(key) is not None:
+            model.extra_config[key] = args[key]
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval(), tok, image_processor_for(model, proc)
+
+
+def checkpoint_step(path: str) -> int:
+    """The step a stage checkpoint was written at (its trainer_state.pt, memory-mapped: the optimizer
+    state it also holds is not read)."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu", mmap=True)
+    return int(state["step"])
+
+
+def taf_student(student: MultimodalLM, teacher: MultimodalLM) -> MultimodalLM:
+    """The student's projector becomes TAF's: the teacher's adapter (deep-copied, frozen) + a fresh trainable
+    Linear(d_teacher -> d_student) (docs/method.md section 2). No checks here: train.apply_taf checks first."""
+    from taf import taf_projector
+    student.projector = taf_projector(teacher.projector, teacher.d_llm, student.d_llm).float()
+    student.extra_config.update(projector="taf", taf_teacher_hidden=teacher.d_llm,
+                                projector_bias=teacher.extra_config.get("projector_bias", True))
+    return student

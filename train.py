@@ -228,27 +228,16 @@ def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict) -> dict:
 # -----------------------------------------------------------------------------
 # Building the stage's models
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = M.LORA_TARGETS
 
 
 def build_student(args, tokenizer_path_hint=None):
-    """The model this stage trains, from `--init`: `preset:NAME`, a compodistill model dir, `llava:DIR`
-    (HF LLaVA checkpoint) or `parts:VISION,LLM,TOKENIZER`."""
-    init = args.init
-    if init.startswith("preset:"):
-        tok = data.load_tokenizer(args.tokenizer)
-        return M.from_preset(init.split(":", 1)[1], tok, seed=args.model_seed), tok
-    if init.startswith("llava:"):
-        from transformers import AutoTokenizer
-        path = init.split(":", 1)[1]
-        return M.from_llava(path), AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    if init.startswith("parts:"):
-        from transformers import AutoTokenizer
-        vision, llm, tokp = init.split(":", 1)[1].split(",")
-        tok = AutoTokenizer.from_pretrained(tokp, trust_remote_code=args.trust_remote_code)
-        return M.from_parts(vision, llm, tok, trust_remote_code=args.trust_remote_code), tok
-    model, tok, _ = M.load_pretrained(init, trust_remote_code=args.trust_remote_code)
-    return model, tok
+    """The model this stage trains, from `--init`, any source model.load_any reads: `preset:NAME`, a
+    compodistill model dir, a run's checkpoint/, `llava:DIR` or an HF LLaVA dir, `parts:VISION,LLM,TOKENIZER`
+    (with --vision-feature-layer / --vision-feature-select-strategy). -> (model, tokenizer, image_processor)."""
+    return M.load_any(args.init, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer,
+                      seed=args.model_seed, vision_feature_layer=getattr(args, "vision_feature_layer", None),
+                      vision_feature_select_strategy=getattr(args, "vision_feature_select_strategy", None))
 
 
 def add_lora(model: M.MultimodalLM, r: int, alpha: int, dropout: float):
@@ -290,8 +279,10 @@ def set_trainable(model: M.MultimodalLM, args):
 def load_teacher(args, device, student_tok, student: M.MultimodalLM):
     """The teacher: frozen, eval mode, bf16 on CUDA, never wrapped in DDP."""
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    teacher, teacher_tok, _ = M.load_pretrained(args.teacher, device=device, dtype=dtype,
-                                                trust_remote_code=args.trust_remote_code)
+    teacher, teacher_tok, _ = M.load_any(args.teacher, device=device, dtype=dtype,
+                                         trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer,
+                                         vision_feature_layer=getattr(args, "vision_feature_layer", None),
+                                         vision_feature_select_strategy=getattr(args, "vision_feature_select_strategy", None))
     teacher.eval().requires_grad_(False)
     check_tokenizers_agree(student_tok, teacher_tok)
     V = student.language_model.get_output_embeddings().weight.shape[0]
@@ -304,16 +295,26 @@ def load_teacher(args, device, student_tok, student: M.MultimodalLM):
 def apply_taf(student: M.MultimodalLM, teacher: M.MultimodalLM):
     """TAF (docs/method.md section 2): the student's projector becomes the teacher's frozen adapter + a trainable
     Linear(d_teacher -> d_student); the student's vision encoder must be the teacher's."""
-    from taf import check_shared_vision_encoder, taf_projector
+    from taf import check_shared_vision_encoder
     check_shared_vision_encoder(teacher.vision_tower, student.vision_tower)
-    teacher_adapter = teacher.projector
-    if hasattr(teacher_adapter, "teacher_adapter"):
+    check_same_vision_features(teacher, student)
+    if hasattr(teacher.projector, "teacher_adapter"):
         raise ValueError("the teacher itself has a TAF projector; use a teacher trained with its own adapter")
     # taf_projector deep-copies the adapter, so the teacher (bf16 on CUDA) is left untouched
-    student.projector = taf_projector(teacher_adapter, teacher.d_llm, student.d_llm).float()
-    student.extra_config.update(projector="taf", taf_teacher_hidden=teacher.d_llm,
-                                projector_bias=teacher.extra_config.get("projector_bias", True))
-    return student
+    return M.taf_student(student, teacher)
+
+
+def check_same_vision_features(teacher: M.MultimodalLM, student: M.MultimodalLM):
+    """The same encoder is not enough for TAF: the teacher's adapter was trained on ONE hidden layer (or set)
+    with one select strategy; a student reading another would feed it features it never saw. Raises naming
+    both values and the flags that set them."""
+    diff = [f"{k}: teacher {getattr(teacher, k)!r} vs student {getattr(student, k)!r}"
+            for k in ("vision_feature_layer", "vision_feature_select_strategy")
+            if getattr(teacher, k) != getattr(student, k)]
+    if diff:
+        raise ValueError("TAF: teacher and student read different vision features (" + "; ".join(diff) + "); the "
+                         "teacher's frozen adapter was trained on the teacher's. Build the student with the same "
+                         "--vision-feature-layer / --vision-feature-select-strategy")
 
 
 # -----------------------------------------------------------------------------
@@ -359,6 +360,39 @@ def validate_cr(student, tokenizer, image_processor, items: dict, device) -> dic
 STAGE_GLOBAL_BATCH = {"1": 256, "2": 128, "3": 192, "llava": 128, "llava-adapter": 256}
 
 
+def record_run_choices(student: M.MultimodalLM, args):
+    """What this run decides about prompts and images goes into the model's config, so that every later
+    stage and evaluate.py render and preprocess the same way: --system-prompt (TEXT, or "none"; not given:
+    what the init model recorded, else the template's default) and --image-aspect-ratio (squash / pad; not
+    given: what the init model recorded, else squash)."""
+    if getattr(args, "system_prompt", None) is not None:
+        student.extra_config["system_prompt"] = args.system_prompt
+    if getattr(args, "image_aspect_ratio", None) is not None:
+        student.extra_config["image_aspect_ratio"] = args.image_aspect_ratio
+
+
+def trim_log(log_path: str, step: int):
+    """On resume from the checkpoint at `step`: drop the log lines of steps after it (they ran before the
+    kill and run again now), so that each step is logged once. Rewritten atomically (tmp + rename)."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill
+        if rec.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(log_path + ".tmp", log_path)
+
+
 def run_stage(args) -> str:
     if args.global_batch is None:
         key = "llava-adapter" if args.stage == "llava" and args.trainable == "adapter" else args.stage
@@ -383,7 +417,8 @@ def run_stage(args) -> str:
     random.seed(args.seed)
 
     # --- models ---------------------------------------------------------------------------------------
-    student, tokenizer = build_student(args)
+    student, tokenizer, base_processor = build_student(args)
+    record_run_choices(student, args)
     teacher = None
     distill = args.stage in ("1", "2")
     if distill:
@@ -402,15 +437,22 @@ def run_stage(args) -> str:
     samples = data.load_llava_json(args.data)
     if ddp and not master:
         dist.barrier()  # rank 0 validates first and caches the verdict; the others then read the cache
+    image_stats = {}
     samples, bad_images = data.validate_images(samples, args.image_folder, skip_bad=args.skip_bad_images,
-                                               allow_non_rgb=args.allow_non_rgb, progress=master and not args.quiet)
+                                               allow_non_rgb=not args.strict_rgb, progress=master and not args.quiet,
+                                               stats=image_stats)
     if ddp and master:
         dist.barrier()
-    image_processor = M.make_image_processor(student.vision_tower.config)
+    image_processor = M.image_processor_for(student, base_processor)  # the checkpoint's own; pad or squash
     pad_id = data.pad_token_id(tokenizer)
     dataset = data.SupervisedDataset(samples, tokenizer, image_processor, args.image_folder,
                                      student.num_visual_tokens, student.image_token_id, args.max_len,
-                                     drop_overlong=args.drop_overlong)
+                                     drop_overlong=args.drop_overlong,
+                                     system_prompt=student.extra_config.get("system_prompt"))
+    if master and dataset.dropped:
+        print(f"--drop-overlong: dropped {len(dataset.dropped)} of {len(dataset.dropped) + len(dataset)} samples of "
+              f"{args.data} (image + first answer token longer than --max-len {args.max_len}; first ids "
+              f"{dataset.dropped[:5]})")
     if len(dataset) < args.global_batch:
         raise ValueError(f"{args.data}: {len(dataset)} usable samples, fewer than --global-batch {args.global_batch}")
     vat_cfg = None
@@ -444,6 +486,7 @@ def run_stage(args) -> str:
             "global_batch": args.global_batch, "data": os.path.abspath(args.data), "seed": args.seed,
             **({"group_by_length": True} if args.group_by_length else {}),  # absent when off: older checkpoints
             **({"vat_auto": vat_cfg["auto"]} if vat_cfg and vat_cfg.get("auto") else {}),  # the layers auto chose
+            **{k: student.extra_config[k] for k in ("system_prompt", "image_aspect_ratio") if k in student.extra_config},
             "n_trainable": sum(p.numel() for p in params)}
     os.makedirs(args.out, exist_ok=True)
     step = 0
@@ -452,6 +495,7 @@ def run_stage(args) -> str:
         step = state["step"]
         if master:
             print(f"resumed from {args.out} at step {step}")
+            trim_log(os.path.join(args.out, "log.jsonl"), step)
     elif master:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
@@ -470,20 +514,22 @@ def run_stage(args) -> str:
     val_items = None
     if args.eval_sugarcrepe and args.eval_every and master:
         import evaluate as E
-        val_items = E.read_sugarcrepe(args.eval_sugarcrepe, limit=args.eval_limit)
+        val_items = E.read_sugarcrepe(args.eval_sugarcrepe, args.eval_coco_images, limit=args.eval_limit)
 
     # --- the loop -------------------------------------------------------------------------------------
     log_path = os.path.join(args.out, "log.jsonl")
     if master:  # one line per (re)start: what the data checks dropped, where the run starts
         with open(log_path, "a") as f:
             f.write(json.dumps({"event": "start", "from_step": step, "samples": len(dataset),
-                                "skipped_bad_images": len(bad_images), "dropped_overlong": len(dataset.dropped)}) + "\n")
+                                "skipped_bad_images": len(bad_images), "dropped_overlong": len(dataset.dropped),
+                                "converted_non_rgb": image_stats.get("converted_non_rgb", 0)}) + "\n")
     student.train()
     bad_in_a_row, skipped = 0, 0
     pbar = tqdm(total=total_steps, initial=step, desc=f"stage {args.stage}", disable=not master or args.quiet,
                 dynamic_ncols=True)
     t_last = time.time()
     tokens_since = 0
+    paused = 0.0  # seconds of validation / checkpointing since t_last: not charged to tokens_per_s
     while step < total_steps:
         share = next(batches)
         micro_batches = [data.collate([dataset[i] for i in share[j:j + micro]], pad_id)
@@ -568,7 +614,7 @@ def run_stage(args) -> str:
                 f"{bad_in_a_row} consecutive non-finite losses/gradients at step {step}; stopping. The last good "
                 f"checkpoint in {args.out}/checkpoint is intact. Try a lower --lr, --grad-clip, or fp32.")
         if master and (step % args.log_every == 0 or step == total_steps):
-            dt = time.time() - t_last
+            dt = time.time() - t_last - paused
             rec = {"step": step, "loss": round(args.w_lm * stats[0].item() + args.w_kl * stats[1].item()
                                                 + w_vat * stats[2].item(), 6),
                    "lm": stats[0].item(), "kd": stats[1].item(), "vat": stats[2].item(),
@@ -577,7 +623,8 @@ def run_stage(args) -> str:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             pbar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.4f}")
-            t_last, tokens_since = time.time(), 0
+            t_last, tokens_since, paused = time.time(), 0, 0.0
+        t_pause = time.time()
         if val_items is not None and (step % args.eval_every == 0 or step == total_steps):
             rec = {"step": step, **validate_cr(student, tokenizer, image_processor, val_items, device)}
             with open(log_path, "a") as f:
@@ -589,6 +636,7 @@ def run_stage(args) -> str:
                                 {"epoch": step // steps_per_epoch, "step": step % steps_per_epoch}, meta)
             if ddp:
                 dist.barrier()
+        paused += time.time() - t_pause
         if args.stop_after and step >= args.stop_after:  # for tests: simulate a kill after this step
             pbar.close()
             return args.out
@@ -598,11 +646,16 @@ def run_stage(args) -> str:
     if master:
         merge_lora(student)
         student.language_model.config.use_cache = True
-        M.save_pretrained(student, args.out, tokenizer)
+        save_dtype = args.save_dtype or student.extra_config.get("llm_dtype") or "float32"
+        if save_dtype not in ("float32", "bfloat16", "float16"):
+            save_dtype = "float32"  # a checkpoint config naming another dtype: keep the master weights' fp32
+        student.to(getattr(torch, save_dtype))  # the run is over: the in-memory model is not used again
+        M.save_pretrained(student, args.out, tokenizer, image_processor)
         with open(os.path.join(args.out, "trainer_summary.json"), "w") as f:
             json.dump({"steps": step, "skipped_nonfinite": skipped, "dropped_overlong": len(dataset.dropped),
                        "skipped_bad_images": len(bad_images),
-                       **meta}, f, indent=2)
+                       "converted_non_rgb": image_stats.get("converted_non_rgb", 0), "save_dtype": save_dtype,
+                       **meta, "args": vars(args)}, f, indent=2)
     if ddp:
         dist.barrier()
     return args.out
@@ -663,12 +716,68 @@ def vat_rows(args) -> str:
 # -----------------------------------------------------------------------------
 # Command line
 
+def feature_layer(text: str):
+    """--vision-feature-layer: one int (-2) or a comma-separated list (-2,-5)."""
+    vals = [int(x) for x in text.split(",") if x.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected an int or ints separated by commas, got {text!r}")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def per_stage(kind):
+    """An option that takes one value (every stage) or three comma-separated values (stages 1, 2, 3 of
+    --stage all), e.g. --max-steps 100,50,200. Three values come back as a tuple."""
+    def parse(text):
+        vals = [kind(x) for x in str(text).split(",")]
+        if len(vals) == 1:
+            return vals[0]
+        if len(vals) != 3:
+            raise argparse.ArgumentTypeError(f"expected one value or three (stages 1,2,3), got {text!r}")
+        return tuple(vals)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+PER_STAGE = ("max_steps", "lr", "global_batch", "epochs")
+# arguments that do not change what a stage trains: a finished stage is still finished when these differ
+NOT_TRAINING = {"resume", "quiet", "device", "stop_after", "fail_at_step", "fail_rank", "log_every", "save_every",
+                "eval_sugarcrepe", "eval_coco_images", "eval_every", "eval_limit", "max_nonfinite",
+                "trust_remote_code", "demo", "allow_non_rgb", "overwrite", "save_dtype"}
+
+
+def stage_finished(sub) -> bool:
+    """--stage all --resume: True when sub.out holds a finished stage (trainer_summary.json) trained with these
+    arguments; a finished stage with other arguments is an error naming them (retraining it silently would
+    overwrite a result)."""
+    path = os.path.join(sub.out, "trainer_summary.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        done = json.load(f).get("args")
+    if done is None:
+        print(f"{path} records no arguments (an older run): stage {sub.stage} is trained again")
+        return False
+    now = json.loads(json.dumps(vars(sub), default=str))
+    diff = sorted(k for k in set(done) | set(now) if k not in NOT_TRAINING and done.get(k) != now.get(k))
+    if diff:
+        raise ValueError(f"--resume: stage {sub.stage} in {sub.out} finished with other arguments: "
+                         + ", ".join(f"--{k.replace('_', '-')} {done.get(k)!r} then vs {now.get(k)!r} now" for k in diff)
+                         + "; give the same arguments, or another --out")
+    return True
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["llava", "1", "2", "3", "all"], default="llava")
-    p.add_argument("--init", help="preset:NAME | model dir (previous stage) | llava:DIR | parts:VISION,LLM,TOKENIZER")
+    p.add_argument("--init", help="preset:NAME | model dir (previous stage) | RUN/checkpoint | llava:DIR (or an HF "
+                   "LLaVA dir) | parts:VISION,LLM,TOKENIZER (<image> is added to the tokenizer if it lacks it)")
+    p.add_argument("--vision-feature-layer", type=feature_layer, default=None, help="parts: the vision hidden "
+                   "layer(s) the adapter reads, e.g. -2 (default, LLaVA's) or, several, --vision-feature-layer=-2,-5")
+    p.add_argument("--vision-feature-select-strategy", choices=["default", "full"], default=None,
+                   help="parts: 'default' drops the first (CLS) token, 'full' keeps all (default: CLIP default, SigLIP full)")
     p.add_argument("--tokenizer", help="tokenizer dir (for preset:NAME)")
-    p.add_argument("--teacher", help="teacher model dir (stages 1, 2)")
+    p.add_argument("--teacher", help="teacher: any --init source but preset/parts (a model dir, RUN/checkpoint, "
+                   "llava:DIR or an HF LLaVA dir; stages 1, 2)")
     p.add_argument("--data", help="LLaVA-format JSON (stage all: --data-pretrain / --data-instruct)")
     p.add_argument("--data-pretrain", help="stage all: stage-1 data")
     p.add_argument("--data-instruct", help="stage all: stage-2/3 data")
@@ -694,33 +803,48 @@ def get_parser():
     p.add_argument("--vat-distance", default="cosine", choices=["cosine", "mse", "kl"])
     p.add_argument("--vat-variant", default="paper", choices=["paper", "official"])
     p.add_argument("--vat-headwise", action="store_true")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=per_stage(float), default=2e-4, help="one value, or three for --stage all (1,2,3)")
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--global-batch", type=int, default=None, help="samples per optimizer step over all ranks "
+    p.add_argument("--global-batch", type=per_stage(int), default=None, help="samples per optimizer step over all ranks "
                    "and micro-batches; default: the paper's per stage (docs/method.md section 5), "
-                   + ", ".join(f"{k}: {v}" for k, v in STAGE_GLOBAL_BATCH.items()) + "; given, it applies to every stage")
+                   + ", ".join(f"{k}: {v}" for k, v in STAGE_GLOBAL_BATCH.items()) + "; one value applies to every "
+                   "stage, three comma-separated values to stages 1, 2, 3 of --stage all")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--group-by-length", action="store_true", help="batches of similar length (LLaVA's "
                    "group_by_modality_length): every sample still once per epoch, far less right padding")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--epochs", type=per_stage(float), default=1.0, help="one value, or three for --stage all")
+    p.add_argument("--max-steps", type=per_stage(int), default=0, help="one value, or three for --stage all "
+                   "(e.g. 100,50,200; 0 = --epochs)")
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--drop-overlong", action="store_true", help="drop (and count) samples whose image + first "
                    "answer token do not fit --max-len, instead of stopping with an error")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) samples whose image is "
-                   "missing, corrupt or not RGB, instead of stopping before training")
-    p.add_argument("--allow-non-rgb", action="store_true", help="accept non-RGB images (converted to RGB)")
+                   "missing, unreadable or corrupt, instead of stopping before training")
+    p.add_argument("--strict-rgb", action="store_true", help="treat non-RGB images (grayscale, RGBA, ...) as bad "
+                   "images; by default they are converted to RGB, as LLaVA does, and counted (converted_non_rgb)")
+    p.add_argument("--allow-non-rgb", action="store_true", help="no-op, kept for old command lines: non-RGB images "
+                   "are converted by default now (--strict-rgb for the old refusal)")
+    p.add_argument("--image-aspect-ratio", choices=list(M.ASPECT_RATIOS), default=None, help="squash (resize to "
+                   "the encoder's square) or pad (LLaVA-1.5: pad to a square with the processor's mean colour); "
+                   "default: what the --init model recorded, else squash. Recorded in the saved config")
+    p.add_argument("--system-prompt", default=None, help="system turn of every sample, replacing the chat "
+                   "template's default (Qwen2.5 adds a 21-token one); 'none' for no system turn where the "
+                   "template allows. Recorded in the saved config, so evaluate.py prompts the same way")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-seed", type=int, default=0, help="init seed of preset models")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None, help="dtype of the "
+                   "saved model.safetensors; default: the dtype the LLM came in (parts / llava), float32 for presets")
     p.add_argument("--eval-sugarcrepe", help="validation set in the SugarCrepe layout: its CR accuracy (the paper's "
                    "2-choice protocol, greedy) is logged every --eval-every steps as {'step', 'val_cr'} lines")
+    p.add_argument("--eval-coco-images", help="images of --eval-sugarcrepe (the official layout keeps COCO val2017 "
+                   "elsewhere; default EVAL_SUGARCREPE/images)")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-limit", type=int, default=None, help="items per subset in the in-loop validation")
     p.add_argument("--resume", action="store_true")
@@ -740,17 +864,27 @@ def main(argv=None):
         raise SystemExit("the demo is its own script now: python demo.py (python demo.py --help for its options)")
     if args.stage == "all":
         base = args.out
-        for stage, data_path in (("1", args.data_pretrain or args.data), ("2", args.data_instruct or args.data),
-                                 ("3", args.data_instruct or args.data)):
+        for i, (stage, data_path) in enumerate((("1", args.data_pretrain or args.data),
+                                                ("2", args.data_instruct or args.data),
+                                                ("3", args.data_instruct or args.data))):
             sub = argparse.Namespace(**vars(args))
             sub.stage, sub.data, sub.out = stage, data_path, os.path.join(base, f"stage{stage}")
-            sub.global_batch = args.global_batch or STAGE_GLOBAL_BATCH[stage]
+            for name in PER_STAGE:  # three values: this stage's; one value: every stage's
+                value = getattr(args, name)
+                setattr(sub, name, value[i] if isinstance(value, tuple) else value)
+            sub.global_batch = sub.global_batch or STAGE_GLOBAL_BATCH[stage]
             if stage != "1":
                 sub.init = os.path.join(base, f"stage{int(stage) - 1}")
+            if args.resume and stage_finished(sub):
+                print(f"stage {stage}: finished in {sub.out} (trainer_summary.json), skipped")
+                continue
             run_stage(sub)
         return base
     if not (args.init and args.data and args.out):
         get_parser().error("--init, --data and --out are required")
+    for name in PER_STAGE:
+        if isinstance(getattr(args, name), tuple):
+            get_parser().error(f"--{name.replace('_', '-')} takes three values only with --stage all")
     return run_stage(args)
 
 

@@ -56,12 +56,12 @@ def test_bad_images_stop_before_training_or_are_skipped_and_counted(world, tmp_p
         f.write(b"\x89PNG\r\n\x1a\n this is not a png")
     Image.open(os.path.join(w, broken[2])).convert("L").save(os.path.join(w, broken[2]))  # not RGB
     cache = str(tmp_path / "cache")
-    with pytest.raises(ValueError) as e:
-        data.validate_images(samples, w, cache_dir=cache, progress=False)
+    with pytest.raises(ValueError) as e:  # allow_non_rgb=False (--strict-rgb): grayscale is a bad image too
+        data.validate_images(samples, w, cache_dir=cache, progress=False, allow_non_rgb=False)
     msg = str(e.value)
     first_bad = next(s["id"] for s in samples if s.get("image") in broken)
     assert first_bad in msg and "file not found" in msg and "not RGB" in msg and "unreadable" in msg
-    kept, bad = data.validate_images(samples, w, skip_bad=True, cache_dir=cache, progress=False)
+    kept, bad = data.validate_images(samples, w, skip_bad=True, cache_dir=cache, progress=False, allow_non_rgb=False)
     n_bad = sum(s.get("image") in broken for s in samples)
     assert len(bad) == n_bad and len(kept) == len(samples) - n_bad
     # cached: the second pass decodes nothing
@@ -74,7 +74,7 @@ def test_bad_images_stop_before_training_or_are_skipped_and_counted(world, tmp_p
     with pytest.raises(ValueError, match="bad image"):
         train.main(_args(w, out, "--max-steps", "1"))
     assert not os.path.exists(os.path.join(out, "log.jsonl")) or _log(out) == []
-    train.main(_args(w, out, "--max-steps", "1", "--skip-bad-images"))
+    train.main(_args(w, out, "--max-steps", "1", "--skip-bad-images", "--strict-rgb"))
     summary = json.load(open(os.path.join(out, "trainer_summary.json")))
     assert summary["skipped_bad_images"] == n_bad
     with open(os.path.join(out, "log.jsonl")) as f:
