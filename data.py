@@ -157,29 +157,36 @@ def _segments(tokenizer, messages, add_generation_prompt, sample_id):
     return [(t, s) for t, s in segs if t]
 
 
-def _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id):
-    pieces = []  # (text or None for an image, supervised)
-    for text, supervised in segs:
+def _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id, with_ends=False):
+    """-> (ids, labels), and with_ends also `ends`: per position, (segment index, the token's end character
+    in that segment's text) for supervised tokens, None elsewhere (fast tokenizers' offset mapping)."""
+    pieces = []  # (text or None for an image, supervised, segment index)
+    for k, (text, supervised) in enumerate(segs):
         parts = text.split(IMAGE_TOKEN)
         if supervised and len(parts) > 1:
             raise ValueError(f"sample {sample_id}: '{IMAGE_TOKEN}' inside an assistant turn")
         for j, part in enumerate(parts):
             if j > 0:
-                pieces.append((None, False))
+                pieces.append((None, False, k))
             if part:
-                pieces.append((part, supervised))
-    texts = [p for p, _ in pieces if p is not None]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    ids, labels = [], []
-    for text, supervised in pieces:
+                pieces.append((part, supervised, k))
+    texts = [p for p, _, _ in pieces if p is not None]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_ends) if texts else {}
+    encoded, offsets = iter(enc.get("input_ids", [])), iter(enc.get("offset_mapping", []))
+    ids, labels, ends = [], [], []
+    for text, supervised, k in pieces:
         if text is None:  # the visual tokens replace the literal "<image>", never supervised
             ids += [image_token_id] * num_visual_tokens
             labels += [IGNORE_INDEX] * num_visual_tokens
+            ends += [None] * num_visual_tokens
         else:
             p = list(next(encoded))
             ids += p
             labels += p if supervised else [IGNORE_INDEX] * len(p)
-    return ids, labels
+            if with_ends:  # supervised segments hold no image, so piece offsets are segment offsets
+                o = next(offsets)
+                ends += [(k, int(e)) for _, e in o] if supervised else [None] * len(p)
+    return (ids, labels, ends) if with_ends else (ids, labels)
 
 
 def render_conversation(tokenizer, messages, num_visual_tokens, image_token_id, sample_id=None):
@@ -199,6 +206,44 @@ def render_prompt(tokenizer, messages, num_visual_tokens, image_token_id, sample
         raise ValueError(f"sample {sample_id}: a prompt must end with a user turn")
     segs = _segments(tokenizer, messages, True, sample_id)
     return _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id)[0]
+
+def answer_char_keys(tokenizer, messages, num_visual_tokens, image_token_id, sample_id=None):
+    """render_conversation's (ids, labels) and, per position, where its token ends in the conversation's
+    TEXT: (k, c) for a supervised token of the k-th assistant turn that ends at character c of that turn's
+    content (0 < c <= len(content)); (k, "end") for the turn's last supervised token (its end-of-turn
+    marker, which templates spell differently); None elsewhere. Two tokenizers' keys match where their
+    tokens end at the same character: the positions that cross-vocabulary distillation pairs."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"sample {sample_id}: no assistant turn to supervise")
+    segs = _segments(tokenizer, messages, False, sample_id)
+    ids, labels, ends = _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id,
+                                           with_ends=True)
+    turn_of = {k: n for n, k in enumerate(k for k, (_, sup) in enumerate(segs) if sup)}
+    contents = [m["content"] for m in messages if m["role"] == "assistant"]
+    keys, last = [None] * len(ids), {}
+    for i, e in enumerate(ends):
+        if e is None:
+            continue
+        seg, end = e
+        turn = turn_of[seg]
+        content = contents[turn] if turn < len(contents) else ""
+        at = segs[seg][0].find(content) if content else -1
+        if at >= 0 and at < end <= at + len(content):
+            keys[i] = (turn, end - at)
+        last[turn] = i
+    for turn, i in last.items():
+        if keys[i] is None:
+            keys[i] = (turn, "end")
+    return ids, labels, keys
+
+
+def aligned_pairs(keys_a, keys_b) -> list:
+    """[(i, j)]: positions of rendering a and rendering b whose tokens end at the same character of the
+    same assistant turn (answer_char_keys), in order. Where the two tokenizers split a word differently
+    only the common boundaries pair ("red" vs "r"+"ed": the position of "red" with that of "ed")."""
+    at_b = {k: j for j, k in enumerate(keys_b) if k is not None}
+    return [(i, at_b[k]) for i, k in enumerate(keys_a) if k is not None and k in at_b]
+
 
 def with_system_prompt(tokenizer, messages, system_prompt):
     """messages with the run's system prompt (train.py / evaluate.py --system-prompt, recorded in the model
@@ -435,6 +480,54 @@ class SupervisedDataset(torch.utils.data.Dataset):
         ids, labels = self.tokens(i)
         return {"id": s.get("id"), "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "pixel_values": pixel_values}
+
+
+class CrossVocabDataset(torch.utils.data.Dataset):
+    """Cross-vocabulary distillation (train.py --cross-vocab): the items of `student` (a SupervisedDataset)
+    with the teacher tokenizer's rendering of the same conversation, "teacher_input_ids" /
+    "teacher_labels", and "pairs" (P, 2): the (student, teacher) positions of supervised tokens that end at
+    the same character of an assistant turn (answer_char_keys / aligned_pairs), both within max_len.
+    Rendered per item. The visual tokens correspond one to one (same vision encoder, same count)."""
+
+    def __init__(self, student, student_tokenizer, teacher_tokenizer, teacher_image_token_id, system_prompt=None):
+        self.student, self.tok_s, self.tok_t = student, student_tokenizer, teacher_tokenizer
+        self.image_token_t, self.system_prompt = teacher_image_token_id, system_prompt
+        self.samples, self.lengths, self.dropped = student.samples, student.lengths, student.dropped
+
+    def __len__(self):
+        return len(self.student)
+
+    def __getitem__(self, i):
+        item = self.student[i]
+        s, n_vis, max_len = self.student.samples[i], self.student.num_visual_tokens, self.student.max_len
+        sid = s.get("id", i)
+        messages = llava_to_messages(s)
+        ids_s, _, keys_s = answer_char_keys(self.tok_s, with_system_prompt(self.tok_s, messages, self.system_prompt),
+                                            n_vis, self.student.image_token_id, sid)
+        if ids_s[:max_len] != item["input_ids"].tolist():
+            raise ValueError(f"sample {sid}: the student's rendering with offsets differs from the dataset's")
+        ids_t, labels_t, keys_t = answer_char_keys(self.tok_t, with_system_prompt(self.tok_t, messages,
+                                                                                   self.system_prompt),
+                                                   n_vis, self.image_token_t, sid)
+        vis_t = [j for j, t in enumerate(ids_t) if t == self.image_token_t]
+        if vis_t and vis_t[-1] >= max_len:
+            raise ValueError(f"sample {sid}: the teacher's rendering puts visual tokens beyond --max-len {max_len}")
+        n_s = len(item["input_ids"])
+        pairs = [(a, b) for a, b in aligned_pairs(keys_s, keys_t) if a < n_s and b < max_len]
+        return dict(item, teacher_input_ids=torch.tensor(ids_t[:max_len]), teacher_labels=torch.tensor(labels_t[:max_len]),
+                    pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2))
+
+
+def collate_cross_vocab(batch, pad_token_id, teacher_pad_token_id):
+    """collate for CrossVocabDataset items: the student's batch, the teacher's "teacher_input_ids" /
+    "teacher_attention_mask" padded with its own pad id, and "pairs" (P, 3) = (sample, student position,
+    teacher position) of the aligned supervised tokens."""
+    out = collate(batch, pad_token_id)
+    teacher = collate([{"input_ids": b["teacher_input_ids"], "labels": b["teacher_labels"],
+                        "pixel_values": b["pixel_values"]} for b in batch], teacher_pad_token_id)
+    pairs = [torch.cat([torch.full((len(b["pairs"]), 1), k), b["pairs"]], 1) for k, b in enumerate(batch)]
+    return dict(out, teacher_input_ids=teacher["input_ids"], teacher_attention_mask=teacher["attention_mask"],
+                pairs=torch.cat(pairs) if pairs else torch.zeros(0, 3, dtype=torch.long))
 
 
 def collate(batch, pad_token_id):

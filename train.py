@@ -118,6 +118,56 @@ def kd_loss_reference(student_logits, teacher_logits, labels, num_tokens, temper
         * temperature ** 2 / num_tokens
 
 
+def _uld_chunk(h_s, w_s, h_t, w_t, temperature: float):
+    """Sum over the rows of one chunk of sum_i |sort(p_s)_i - sort(p_t)_i|, the shorter vector padded with
+    zeros; fp32 (see uld_loss)."""
+    with torch.autocast(h_s.device.type, enabled=False):
+        p_s = F.softmax((h_s.float() @ w_s.float().t()) / temperature, dim=-1)
+        with torch.no_grad():
+            p_t = F.softmax((h_t.float() @ w_t.float().t()) / temperature, dim=-1)
+    p_s = p_s.sort(dim=-1, descending=True).values
+    p_t = p_t.sort(dim=-1, descending=True).values
+    pad = p_s.shape[-1] - p_t.shape[-1]
+    p_s, p_t = (p_s, F.pad(p_t, (0, pad))) if pad > 0 else (F.pad(p_s, (0, -pad)), p_t)
+    return (p_s - p_t).abs().sum()
+
+
+def uld_loss(student_rows, teacher_rows, student_head_weight, teacher_head_weight, num_pairs,
+             temperature: float = 1.0, chunk_size: int = 512):
+    """L_KL across vocabularies: Universal Logit Distillation (Boizard et al., "Towards Cross-Tokenizer
+    Distillation: the Universal Logit Distillation Loss for LLMs", arXiv 2402.12030): per aligned position,
+    the Wasserstein-1 distance between the student's and the teacher's next-token distributions under a
+    cost that ignores token identity, which in closed form is sum_i |p_s^(i) - p_t^(i)| over the two
+    probability vectors sorted in decreasing order, the shorter padded with zeros:
+
+        L_ULD = (1/P) sum_pairs sum_i |sort(p_s)_i - sort(p_t)_i|,   p = softmax(logits / T)
+
+    over the P aligned (student, teacher) positions of the global batch (`num_pairs`). student_rows /
+    teacher_rows (P, D_s) / (P, D_t): the final hidden states that PREDICT the paired tokens. Chunked and
+    checkpointed like lm_and_kd_loss (only (chunk, V) logits at a time); the teacher side has no gradient.
+    What it preserves: the shape of the teacher's distribution (how sure, how the mass falls off over
+    the top candidates); what it does not: which token gets the mass, for there is no map between the
+    vocabularies; the answer itself comes from L_LM. The authors' code (and TRL's GOLD trainer) pairs the
+    i-th answer tokens of the two sequences; here positions are paired by text (data.aligned_pairs).
+    Unlike L_KL there is no T^2 factor (the authors use none)."""
+    total = student_rows.new_zeros((), dtype=torch.float32)
+    for i in range(0, student_rows.shape[0], chunk_size):
+        hs, ht = student_rows[i:i + chunk_size], teacher_rows[i:i + chunk_size]
+        if torch.is_grad_enabled() and hs.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(_uld_chunk, hs, student_head_weight, ht,
+                                                              teacher_head_weight, temperature, use_reentrant=False)
+        else:
+            total = total + _uld_chunk(hs, student_head_weight, ht, teacher_head_weight, temperature)
+    return total / num_pairs
+
+
+def pair_rows(student_hidden, teacher_hidden, pairs):
+    """The hidden states predicting each aligned pair's tokens: pairs (P, 3) = (sample, student position,
+    teacher position) of supervised tokens (data.collate_cross_vocab), so rows at positions - 1."""
+    b, i, j = pairs.to(student_hidden.device).unbind(1)
+    return student_hidden[b, i - 1], teacher_hidden[b, j - 1]
+
+
 # -----------------------------------------------------------------------------
 # Checks before training
 

@@ -1,0 +1,102 @@
+"""Distillation across vocabularies (train.py --cross-vocab): ULD against a float64 re-computation, the
+text-aligned positions on hand-made conversations, and a teacher with its own tokenizer distilling a
+student end to end."""
+import os
+
+import pytest
+import torch
+
+import data
+import shapes
+import train
+
+
+def test_uld_equals_a_float64_recomputation_values_and_gradients():
+    torch.manual_seed(0)
+    for V_s, V_t in ((53, 71), (80, 40)):  # the teacher's vocabulary larger, then smaller
+        P, D_s, D_t, T = 11, 8, 12, 1.7
+        hs = torch.randn(P, D_s, requires_grad=True)
+        ht = torch.randn(P, D_t)
+        ws, wt = torch.randn(V_s, D_s, requires_grad=True), torch.randn(V_t, D_t)
+        got = train.uld_loss(hs, ht, ws, wt, num_pairs=7, temperature=T, chunk_size=4)  # 3 chunks
+        g = torch.autograd.grad(got, (hs, ws))
+        hs64, ws64 = hs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()
+        total = 0.0
+        for r in range(P):  # one row at a time, by the definition: sorted, padded, L1
+            p = torch.softmax(hs64[r] @ ws64.t() / T, 0).sort(descending=True).values
+            q = torch.softmax(ht[r].double() @ wt.double().t() / T, 0).sort(descending=True).values
+            n = max(len(p), len(q))
+            p = torch.cat([p, p.new_zeros(n - len(p))])
+            q = torch.cat([q, q.new_zeros(n - len(q))])
+            total = total + (p - q).abs().sum()
+        ref = total / 7
+        g_ref = torch.autograd.grad(ref, (hs64, ws64))
+        assert abs(got.item() - ref.item()) < 1e-6
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-5)
+
+
+def test_uld_is_zero_for_a_relabelled_vocabulary():
+    """ULD ignores token identity: a teacher whose vocabulary is the student's permuted gives 0."""
+    torch.manual_seed(1)
+    h, w = torch.randn(5, 6), torch.randn(30, 6)
+    perm = torch.randperm(30)
+    assert train.uld_loss(h, h, w, w[perm], num_pairs=5).item() < 1e-6
+
+
+def _messages(answer="a red circle"):
+    return [{"role": "user", "content": "<image>\nWhat is on the left?"}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And the size?"}, {"role": "assistant", "content": "large"}]
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers(tmp_path_factory):
+    """A: BPE on the world's words (whole words are tokens); B: almost character-level (few merges)."""
+    root = tmp_path_factory.mktemp("toks")
+    a = shapes.train_tokenizer(shapes.world_vocabulary_corpus(), str(root / "a"), vocab_size=1024)
+    b = shapes.train_tokenizer(shapes.world_vocabulary_corpus(), str(root / "b"), vocab_size=262)
+    return a, b
+
+
+def test_aligned_pairs_end_at_the_same_character(two_tokenizers):
+    a, b = two_tokenizers
+    msgs = _messages()
+    nv = 4
+    ids_a, lab_a, keys_a = data.answer_char_keys(a, msgs, nv, data.image_token_id(a))
+    ids_b, lab_b, keys_b = data.answer_char_keys(b, msgs, nv, data.image_token_id(b))
+    assert (ids_a, lab_a) == tuple(data.render_conversation(a, msgs, nv, data.image_token_id(a)))
+    pairs = data.aligned_pairs(keys_a, keys_b)
+    sup_a = [i for i, x in enumerate(lab_a) if x != -100]
+    sup_b = [i for i, x in enumerate(lab_b) if x != -100]
+    assert len(sup_b) > len(sup_a)  # B splits the answers into more tokens
+    # by hand: A's supervised tokens are "a", " red", " circle", <|im_end|> and "large", <|im_end|>; B has a
+    # boundary at every character, so every one of A's six pairs, each with the B token ending there
+    assert [a.decode([ids_a[i]]) for i in sup_a] == ["a", " red", " circle", "<|im_end|>", "large", "<|im_end|>"]
+    assert [i for i, _ in pairs] == sup_a
+    for i, j in pairs:
+        assert j in sup_b
+        if a.decode([ids_a[i]]) == "<|im_end|>":
+            assert b.decode([ids_b[j]]) == "<|im_end|>"
+            continue
+        # the answer text up to token i (A) equals the answer text up to token j (B), within the same turn
+        turn_a = [k for k in sup_a if k <= i and (k == i or a.decode([ids_a[k]]) != "<|im_end|>")]
+        start_a = max([k for k in sup_a if k < i and a.decode([ids_a[k]]) == "<|im_end|>"] + [-1])
+        start_b = max([k for k in sup_b if k < j and b.decode([ids_b[k]]) == "<|im_end|>"] + [-1])
+        text_a = a.decode([ids_a[k] for k in sup_a if start_a < k <= i])
+        text_b = b.decode([ids_b[k] for k in sup_b if start_b < k <= j])
+        assert text_a == text_b and turn_a
+    # the other direction pairs the same boundaries
+    assert sorted((i, j) for j, i in data.aligned_pairs(keys_b, keys_a)) == sorted(pairs)
+
+
+def test_aligned_pairs_skip_boundaries_only_one_side_has(two_tokenizers):
+    """A word split differently: 'circle' as one token (A) vs 'c','i','r',... (B): only the end of 'circle'
+    pairs; B's inner boundaries have no partner, and a position is never paired twice."""
+    a, b = two_tokenizers
+    msgs = _messages("circle")[:2]
+    _, lab_b, keys_b = data.answer_char_keys(b, msgs, 4, data.image_token_id(b))
+    _, _, keys_a = data.answer_char_keys(a, msgs, 4, data.image_token_id(a))
+    pairs = data.aligned_pairs(keys_b, keys_a)
+    n_sup_b = sum(x != -100 for x in lab_b)
+    assert n_sup_b >= 4 and len(pairs) == 2  # "circle" ends at character 6, and the end-of-turn marker
+    assert len({i for i, _ in pairs}) == len({j for _, j in pairs}) == 2
