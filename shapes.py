@@ -375,6 +375,23 @@ def lookup_question(kind, o, objs):
     return None
 
 
+def layer_probe(scenes_json: str, split: str = "val", limit: int | None = None) -> list:
+    """Calibration requests for `python evaluate.py layers --requests`: for every object of every VQAv2-layout
+    image of `split` ("val" or "" for the held-out test split), "What color is the <shape>?" in the VQA
+    prompt, with "object_patches" = the one vision patch (row-major cell) the object is drawn in; image
+    paths relative to the scenes file's folder."""
+    with open(scenes_json, encoding="utf-8") as f:
+        scenes = json.load(f)
+    prefix = os.path.join(split, "vqav2", "images") if split else os.path.join("vqav2", "images")
+    out = []
+    for path in sorted(p for p in scenes if p.startswith(prefix + os.sep)):
+        for o in scenes[path]["objects"]:
+            q, _ = lookup_question("color", o, scenes[path]["objects"])
+            out.append({"image": path, "prompt": f"{IMAGE_TOKEN}\n{q}{VQA_SUFFIX}",
+                        "object_patches": [o["row"] * GRID + o["col"]]})
+    return out[:limit] if limit else out
+
+
 def vqa_question(rng, scene):
     """-> (question, answer, question_type, answer_type) about one scene."""
     objs = scene["objects"]

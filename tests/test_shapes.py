@@ -234,3 +234,19 @@ def test_hard_negatives_give_a_blind_model_nothing():
         assert 0.45 <= shorter_true / n <= 0.55, (subset, shorter_true / n)
         gap, word = max((abs(pos_words[w] - neg_words[w]) / n, w) for w in set(pos_words) | set(neg_words))
         assert gap < 0.06, (subset, word, gap)  # ~4.5 standard errors at n = 2000
+
+
+def test_layer_probe_names_the_patch_each_object_is_drawn_in(world):
+    """The named object's colour is drawn inside the probe's patch (the scene says which colour)."""
+    probe = shapes.layer_probe(os.path.join(world, "scenes.json"), "val")
+    scenes = read(os.path.join(world, "scenes.json"))
+    assert probe and all(r["image"].startswith(os.path.join("val", "vqav2")) for r in probe)
+    for r in probe:
+        shape = r["prompt"].split("What color is the ")[1].split("?")[0]
+        (obj,) = [o for o in scenes[r["image"]]["objects"] if o["shape"] == shape]
+        img = np.asarray(Image.open(os.path.join(world, r["image"])).convert("RGB")).astype(int)
+        (p,) = r["object_patches"]
+        row, col = divmod(p, shapes.GRID)
+        assert (row, col) == (obj["row"], obj["col"])
+        cell = img[row * shapes.CELL:(row + 1) * shapes.CELL, col * shapes.CELL:(col + 1) * shapes.CELL]
+        assert (np.abs(cell - np.array(shapes.COLORS[obj["color"]])).sum(-1) < 30).sum() >= 4
