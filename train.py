@@ -881,7 +881,7 @@ def run_stage(args) -> str:
         if args.save_every and step % args.save_every == 0 and step < total_steps and bad_in_a_row == 0:
             checkpoint_all_ranks(args, student, optimizer, scheduler, step, steps_per_epoch, meta, ddp, master)
             last_checkpoint = step
-        if stats[4] > 0:  # SIGTERM on some rank: this step is done; save it, stop
+        if stats[4] > 0 and step < total_steps:  # SIGTERM on some rank: this step is done; save it, stop
             pbar.close()
             sigterm_stop(args, step, bad_in_a_row, last_checkpoint,
                          lambda: checkpoint_all_ranks(args, student, optimizer, scheduler, step, steps_per_epoch,
