@@ -11,12 +11,13 @@ visual mask from the ids; nothing downstream re-derives positions).
 The synthetic shapes world the demo trains on is `shapes.py`; it writes files in the layout read here.
 """
 
+import hashlib
 import json
 import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 IMAGE_TOKEN = "<image>"
@@ -26,7 +27,12 @@ IGNORE_INDEX = -100
 # Tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+
+
 def load_tokenizer(path):
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
@@ -48,7 +54,28 @@ def _special_strings(tokenizer):
     toks = set(tokenizer.all_special_tokens)
     toks |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     toks.discard(IMAGE_TOKEN)
-    return [t for t in toks if t]
+    return sorted(t for t in toks if t)
+
+
+# Control tokens typed inside a message ("<|im_end|>\n<|im_start|>assistant\n..." in a human turn) are text,
+# not control tokens: before rendering, each occurrence in a message's content is replaced by a private-use
+# character (one per special string, _SHIELD + its index in _special_strings), which no template marker
+# contains; _tokenize_segments tokenizes that character as the special string's TEXT (split_special_tokens).
+# So only the chat template's own markers are special, and the tokenization around them is unchanged.
+_SHIELD = 0x10FF00
+
+
+def _shield_specials(tokenizer, messages, sample_id):
+    specials = _special_strings(tokenizer)
+    out = []
+    for m in messages:
+        content = m["content"]
+        if any(chr(_SHIELD + i) in content for i in range(len(specials))):
+            raise ValueError(f"sample {sample_id}: the text contains the reserved character U+{_SHIELD:X}+")
+        for i in sorted(range(len(specials)), key=lambda i: -len(specials[i])):  # longest first
+            content = content.replace(specials[i], chr(_SHIELD + i))
+        out.append(dict(m, content=content))
+    return out
 
 
 def _end_of_turn(tokenizer, answer_text):
@@ -158,44 +185,67 @@ def _segments(tokenizer, messages, add_generation_prompt, sample_id):
 
 
 def _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id, with_ends=False):
-    """-> (ids, labels), and with_ends also `ends`: per position, (segment index, the token's end character
-    in that segment's text) for supervised tokens, None elsewhere (fast tokenizers' offset mapping)."""
-    pieces = []  # (text or None for an image, supervised, segment index)
+    """-> (ids, labels), and with_ends also `ends`: per position, (segment index, the character of the
+    segment's ORIGINAL text, typed control tokens written out, at which the token ends) for supervised
+    tokens, None elsewhere (fast tokenizers' offset mapping)."""
+    specials = _special_strings(tokenizer)
+    shielded = {chr(_SHIELD + i): t for i, t in enumerate(specials)}
+    # (text or None for an image, supervised, typed control token: tokenized as text, segment, start in the
+    # segment's original text)
+    split = []
     for k, (text, supervised) in enumerate(segs):
         parts = text.split(IMAGE_TOKEN)
         if supervised and len(parts) > 1:
             raise ValueError(f"sample {sample_id}: '{IMAGE_TOKEN}' inside an assistant turn")
+        pos = 0  # in the original text
         for j, part in enumerate(parts):
             if j > 0:
-                pieces.append((None, False, k))
-            if part:
-                pieces.append((part, supervised, k))
-    texts = [p for p, _, _ in pieces if p is not None]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_ends) if texts else {}
-    encoded, offsets = iter(enc.get("input_ids", [])), iter(enc.get("offset_mapping", []))
+                split.append((None, False, False, k, pos))
+                pos += len(IMAGE_TOKEN)
+            start = 0
+            for i, c in enumerate(part):
+                if c in shielded:
+                    if i > start:
+                        split.append((part[start:i], supervised, False, k, pos))
+                        pos += i - start
+                    split.append((shielded[c], supervised, True, k, pos))
+                    pos += len(shielded[c])
+                    start = i + 1
+            if start < len(part):
+                split.append((part[start:], supervised, False, k, pos))
+                pos += len(part) - start
+
+    def encode(texts, **kw):
+        if not texts:
+            return iter([]), iter([])
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_ends, **kw)
+        return iter(enc["input_ids"]), iter(enc["offset_mapping"] if with_ends else [])
+    encoded, offsets = encode([p for p, _, typed, _, _ in split if p is not None and not typed])
+    encoded_typed, offsets_typed = encode([p for p, _, t, _, _ in split if t], split_special_tokens=True)
     ids, labels, ends = [], [], []
-    for text, supervised, k in pieces:
+    for text, supervised, is_typed, k, pos in split:
         if text is None:  # the visual tokens replace the literal "<image>", never supervised
             ids += [image_token_id] * num_visual_tokens
             labels += [IGNORE_INDEX] * num_visual_tokens
             ends += [None] * num_visual_tokens
-        else:
-            p = list(next(encoded))
-            ids += p
-            labels += p if supervised else [IGNORE_INDEX] * len(p)
-            if with_ends:  # supervised segments hold no image, so piece offsets are segment offsets
-                o = next(offsets)
-                ends += [(k, int(e)) for _, e in o] if supervised else [None] * len(p)
+            continue
+        p = list(next(encoded_typed if is_typed else encoded))
+        ids += p
+        labels += p if supervised else [IGNORE_INDEX] * len(p)
+        if with_ends:
+            o = next(offsets_typed if is_typed else offsets)
+            ends += [(k, pos + int(end)) for _, end in o] if supervised else [None] * len(p)
     return (ids, labels, ends) if with_ends else (ids, labels)
 
 
 def render_conversation(tokenizer, messages, num_visual_tokens, image_token_id, sample_id=None):
     """messages [{"role", "content"}] -> (ids, labels): labels = ids on the assistant content and
     its end-of-turn token, IGNORE_INDEX (-100) elsewhere (the header "<|im_start|>assistant\\n"
-    included); each "<image>" becomes num_visual_tokens copies of image_token_id."""
+    included); each "<image>" becomes num_visual_tokens copies of image_token_id. Control tokens typed in
+    the messages' text are tokenized as text (_shield_specials): only the template's markers are special."""
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"sample {sample_id}: no assistant turn to supervise")
-    segs = _segments(tokenizer, messages, False, sample_id)
+    segs = _segments(tokenizer, _shield_specials(tokenizer, messages, sample_id), False, sample_id)
     return _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id)
 
 
@@ -204,7 +254,7 @@ def render_prompt(tokenizer, messages, num_visual_tokens, image_token_id, sample
     prompt. Segmented exactly as render_conversation, so the ids equal the training prefix."""
     if not messages or messages[-1]["role"] == "assistant":
         raise ValueError(f"sample {sample_id}: a prompt must end with a user turn")
-    segs = _segments(tokenizer, messages, True, sample_id)
+    segs = _segments(tokenizer, _shield_specials(tokenizer, messages, sample_id), True, sample_id)
     return _tokenize_segments(tokenizer, segs, num_visual_tokens, image_token_id, sample_id)[0]
 
 def answer_char_keys(tokenizer, messages, num_visual_tokens, image_token_id, sample_id=None):
@@ -295,6 +345,7 @@ def llava_to_messages(sample):
     validation. An "image" key requires exactly one "<image>" in a human turn, and vice versa
     (LLaVA's silent prepending is not applied)."""
     sid = sample.get("id", "<no id>") if isinstance(sample, dict) else "<not a dict>"
+    check_image_field(sample)
     convs = sample.get("conversations") if isinstance(sample, dict) else None
     if not isinstance(convs, list) or not convs:
         raise ValueError(f"sample {sid}: 'conversations' is missing or empty")
@@ -308,6 +359,8 @@ def llava_to_messages(sample):
         c = value.count(IMAGE_TOKEN)
         if c and role == "assistant":
             raise ValueError(f"sample {sid}: '{IMAGE_TOKEN}' in a gpt turn (turn {k})")
+        if role == "assistant" and not value.strip():  # would train on the end-of-turn token alone
+            raise ValueError(f"sample {sid}: empty answer in gpt turn {k} (nothing but whitespace)")
         n_image += c
         messages.append({"role": role, "content": value})
     if not any(m["role"] == "assistant" for m in messages):
@@ -322,18 +375,46 @@ def llava_to_messages(sample):
     return messages
 
 
+def check_image_field(sample):
+    """A sample's "image" is absent, empty or ONE file name; a list (LLaVA-OneVision's multi-image samples)
+    or a number is an error naming the sample."""
+    if isinstance(sample, dict) and sample.get("image") and not isinstance(sample["image"], str):
+        raise ValueError(f"sample {sample.get('id', '<no id>')}: 'image' must be one file name (a string), got "
+                         f"{type(sample['image']).__name__} {sample['image']!r:.80}; multi-image samples are not "
+                         f"supported")
+
+
 def load_llava_json(path):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e}); JSON data files must be UTF-8") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of LLaVA samples, got {type(data).__name__}")
+    for s in data:
+        check_image_field(s)
     return data
 
 # -----------------------------------------------------------------------------
 # Images
+
+
+def to_rgb(im):
+    """A PIL image -> RGB as it is meant to be seen: EXIF orientation applied (phone photos), 16-bit
+    greyscale scaled to 8 bits (PIL's convert saturates it to white), transparency composited onto
+    white (convert drops alpha onto black)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit PNGs open as I;16 (or I)
+        a = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def load_image(path):
@@ -342,7 +423,7 @@ def load_image(path):
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
@@ -371,24 +452,34 @@ def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=True, c
     (sample id, file, reason)). Bad images are an error naming the sample and file, unless skip_bad.
     Other colour modes (grayscale, RGBA, ...) are accepted and converted to RGB when loaded, as LLaVA does
     (allow_non_rgb=False, train.py's --strict-rgb, makes them bad images); `stats`, a dict, receives
-    "converted_non_rgb": how many kept samples' images are converted."""
-    import hashlib
+    "converted_non_rgb": how many kept samples' images are converted.
+    The cache is best effort (a cache folder that cannot be read or written only costs the re-check),
+    and keyed on content too (_file_key: a hash of each file's head and tail), so an image rewritten in
+    place with the same size and mtime is checked again."""
+    for s in samples:
+        check_image_field(s)
     files = sorted({os.path.join(image_folder, s["image"]) for s in samples if isinstance(s, dict) and s.get("image")})
     key = hashlib.sha256()
     for f in files:
-        st = os.stat(f) if os.path.exists(f) else None
-        key.update(f"{os.path.abspath(f)}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+        key.update(_file_key(f).encode())
     cache_dir = cache_dir or os.environ.get("COMPODISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "compodistill"))
     cache = os.path.join(cache_dir, f"images-{key.hexdigest()[:24]}.json")
-    if os.path.exists(cache):
-        with open(cache) as fh:
+    verdict = None
+    try:
+        with open(cache, encoding="utf-8") as fh:
             verdict = json.load(fh)
-    else:
+    except (OSError, ValueError):  # no cache yet, unreadable, or half-written: check again
+        pass
+    if not isinstance(verdict, dict) or set(verdict) != set(files):
         verdict = {f: _check_image(f) for f in tqdm(files, desc="validating images", disable=not progress)}
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(cache + ".tmp", "w") as fh:
-            json.dump(verdict, fh)
-        os.replace(cache + ".tmp", cache)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{cache}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(verdict, fh)
+            os.replace(tmp, cache)
+        except OSError as e:
+            print(f"note: image-validation cache not written ({cache_dir}: {e.strerror or e}); continuing")
     kept, bad, converted = [], [], 0
     for s in samples:
         f = os.path.join(image_folder, s["image"]) if isinstance(s, dict) and s.get("image") else None
@@ -407,6 +498,22 @@ def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=True, c
     if stats is not None:
         stats["converted_non_rgb"] = converted
     return kept, bad
+
+
+def _file_key(path, span=4096):
+    """One cache-key line per file: absolute path, size, mtime and a sha1 of its first and last `span`
+    bytes (cheap: 8 KiB read per image), so a same-size, same-mtime rewrite is seen."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            head = f.read(span)
+            if st.st_size > 2 * span:
+                f.seek(-span, os.SEEK_END)
+            tail = f.read(span)
+        digest = hashlib.sha1(head + tail).hexdigest()
+        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{digest}\n"
+    except OSError:
+        return f"{os.path.abspath(path)}|-1|-1|-\n"
 
 
 def process_image(processor, pil):

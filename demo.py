@@ -60,20 +60,22 @@ def _demo_json(samples, path):
 
 
 def _finished(out: str) -> bool:
-    """A stage's output directory is complete: main writes trainer_summary.json after the model."""
-    return os.path.exists(os.path.join(out, "trainer_summary.json"))
+    """A stage's output directory is complete: main writes trainer_summary.json after the model, with the
+    run id of the args.json beside it (train.is_finished)."""
+    return train.is_finished(out)
 
 
 def _demo_stage(argv: list) -> str:
     """main(argv), unless its --out already holds that stage, finished (trainer_summary.json is written
-    last) with the same arguments (args.json), and resumed from its checkpoint if it has one. So an
-    interrupted demo picks up where it stopped, and demo processes started on one --out share what is
-    done (README: the --full run)."""
+    last) with the same arguments (args.json), and resumed from its checkpoint if it has one (started again
+    with --overwrite if it has none). So an interrupted demo picks up where it stopped, and demo processes
+    started on one --out share what is done (README: the --full run)."""
     parser = train.get_parser()
     args = parser.parse_args(argv)
     if _finished(args.out):
         with open(os.path.join(args.out, "args.json")) as f:
             saved = json.load(f)
+        saved.pop("run_id", None)  # which run wrote it, not how it trained
         now = json.loads(json.dumps(vars(args)))
         # an option added to train.py after that run, left at its default, changes nothing it did
         saved.update({k: v for k, v in now.items() if k not in saved and v == parser.get_default(k)})
@@ -81,7 +83,11 @@ def _demo_stage(argv: list) -> str:
             return args.out
         raise SystemExit(f"{args.out} holds a finished run made with other arguments (see its args.json); "
                          f"give the demo another --out")
-    return train.main(argv + (["--resume"] if train.find_checkpoint(args.out) else []))
+    if train.find_checkpoint(args.out):
+        return train.main(argv + ["--resume"])
+    # an unfinished stage without a checkpoint (or another run's leftovers) starts again
+    unfinished = any(os.path.exists(os.path.join(args.out, n)) for n in train.RUN_FILES)
+    return train.main(argv + (["--overwrite"] if unfinished else []))
 
 
 def caption_verification(instruct: list) -> list:

@@ -75,6 +75,8 @@ def load_json(path):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e})") from None
 
 
 def load_jsonl(path):
@@ -82,13 +84,16 @@ def load_jsonl(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e})") from None
     return rows
 
 
@@ -99,6 +104,23 @@ def field(record, key, path, rid):
     if key not in record:
         raise ValueError(f"{path}: record {rid}: missing field '{key}'")
     return record[key]
+
+
+def text_field(record, key, path, rid):
+    """record[key] that must be a string (answers, questions): an int or a list is an error naming the record."""
+    value = field(record, key, path, rid)
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: record {rid}: field '{key}' must be a string, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def unique_ids(ids, path):
+    """A question id twice would be scored twice (or, in annotations, silently keep the last): an error."""
+    seen = set()
+    for i in ids:
+        if i in seen:
+            raise ValueError(f"{path}: question_id {i} occurs twice")
+        seen.add(i)
 
 
 def image_file(image_path, path, rid):
@@ -138,7 +160,17 @@ def read_parquet_rows(path, columns):
 
 
 def take(items, limit):
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of items, got {limit}")
     return items if limit is None else items[:limit]
+
+
+def positive_int(text):
+    """argparse type for --limit: 0 would score nothing (0.0), -1 would drop the last item."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def pct(xs):
@@ -195,11 +227,13 @@ def read_sugarcrepe_json(path, image_dir, limit=None):
     data = load_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object keyed by item id, got a {type(data).__name__}")
+    if not data:  # it would count as 0% in the average
+        raise ValueError(f"{path}: no items (an empty SugarCrepe subset file)")
     items = []
     for key, rec in take(list(data.items()), limit):
         image = os.path.join(image_dir, field(rec, "filename", path, key))
         items.append({"id": key, "image": image_file(image, path, key),
-                      "pos": field(rec, "caption", path, key), "neg": field(rec, "negative_caption", path, key)})
+                      "pos": text_field(rec, "caption", path, key), "neg": text_field(rec, "negative_caption", path, key)})
     return items
 
 
@@ -234,7 +268,9 @@ def read_sugarcrepe(root, image_dir=None, limit=None):
         if os.path.isfile(jpath):
             subsets[name] = read_sugarcrepe_json(jpath, image_dir, limit)
         elif parquet:
-            subsets[name] = [it for p in parquet for it in read_sugarcrepe_parquet(p)][:limit]
+            subsets[name] = take([it for p in parquet for it in read_sugarcrepe_parquet(p)], limit)
+            if not subsets[name]:
+                raise ValueError(f"{parquet[0]}: no items (an empty SugarCrepe subset)")
     if not subsets:
         raise FileNotFoundError(f"{root}: no SugarCrepe subset found (expected data/{{subset}}.json for "
                                 f"subsets {list(SUGARCREPE_SUBSETS)}, or HF parquet files)")
@@ -532,18 +568,21 @@ def read_vqav2(root, image_pattern="COCO_val2014_%012d.jpg", limit=None):
         paths[kind] = found[0]
     qpath, apath = paths["questions"], paths["annotations"]
     questions = field(load_json(qpath), "questions", qpath, "top level")
+    unique_ids([field(q, "question_id", qpath, f"#{n}") for n, q in enumerate(questions)], qpath)
     annotations = {}
-    for n, a in enumerate(field(load_json(apath), "annotations", apath, "top level")):
-        annotations[field(a, "question_id", apath, f"#{n}")] = a
+    raw = field(load_json(apath), "annotations", apath, "top level")
+    unique_ids([field(a, "question_id", apath, f"#{n}") for n, a in enumerate(raw)], apath)
+    for a in raw:
+        annotations[a["question_id"]] = a
     items = []
     for n, q in enumerate(take(questions, limit)):
         qid = field(q, "question_id", qpath, f"#{n}")
         if qid not in annotations:
             raise ValueError(f"{apath}: no annotation for question_id {qid} of {qpath}")
         a = annotations[qid]
-        answers = [field(x, "answer", apath, qid) for x in ten_answers(field(a, "answers", apath, qid), apath, qid)]
+        answers = [text_field(x, "answer", apath, qid) for x in ten_answers(field(a, "answers", apath, qid), apath, qid)]
         image = os.path.join(root, "images", image_pattern % field(q, "image_id", qpath, qid))
-        items.append({"id": qid, "image": image_file(image, qpath, qid), "question": field(q, "question", qpath, qid),
+        items.append({"id": qid, "image": image_file(image, qpath, qid), "question": text_field(q, "question", qpath, qid),
                       "answers": answers, "answer_type": a.get("answer_type", ""),
                       "question_type": a.get("question_type", "")})
     return items
@@ -578,8 +617,8 @@ def read_gqa(path, limit=None):
         if not field(q, "isBalanced", qpath, qid):
             continue
         image = os.path.join(os.path.dirname(qpath), "images", f"{field(q, 'imageId', qpath, qid)}.jpg")
-        items.append({"id": qid, "image": image, "question": field(q, "question", qpath, qid),
-                      "answer": field(q, "answer", qpath, qid),
+        items.append({"id": qid, "image": image, "question": text_field(q, "question", qpath, qid),
+                      "answer": text_field(q, "answer", qpath, qid),
                       "structural": field(q, "types", qpath, qid).get("structural", "")})
     items = take(items, limit)
     for it in items:
@@ -614,6 +653,7 @@ def read_textvqa(path, ocr_path=None, limit=None):
     if ocr_path:
         for n, r in enumerate(field(load_json(ocr_path), "data", ocr_path, "top level")):
             ocr[field(r, "image_id", ocr_path, f"#{n}")] = field(r, "ocr_tokens", ocr_path, f"#{n}")
+    unique_ids([field(q, "question_id", jpath, f"#{n}") for n, q in enumerate(data)], jpath)
     items = []
     for n, q in enumerate(take(data, limit)):
         qid = field(q, "question_id", jpath, f"#{n}")
@@ -621,8 +661,11 @@ def read_textvqa(path, ocr_path=None, limit=None):
         if ocr_path and image_id not in ocr:
             raise ValueError(f"{ocr_path}: no OCR tokens for image_id {image_id} (question {qid} of {jpath})")
         image = os.path.join(os.path.dirname(jpath), "train_images", f"{image_id}.jpg")
-        items.append({"id": qid, "image": image_file(image, jpath, qid), "question": field(q, "question", jpath, qid),
-                      "answers": ten_answers(field(q, "answers", jpath, qid), jpath, qid),
+        answers = ten_answers(field(q, "answers", jpath, qid), jpath, qid)
+        if not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{jpath}: record {qid}: field 'answers' must hold strings, got {answers!r:.80}")
+        items.append({"id": qid, "image": image_file(image, jpath, qid), "question": text_field(q, "question", jpath, qid),
+                      "answers": answers,
                       "ocr": ocr.get(image_id) if ocr_path else None})
     return items
 
@@ -662,8 +705,8 @@ def read_vizwiz(path, limit=None):
         name = field(q, "image", jpath, f"#{n}")
         answers = ten_answers(field(q, "answers", jpath, name), jpath, name)
         items.append({"id": name, "image": image_file(os.path.join(root, "val", name), jpath, name),
-                      "question": field(q, "question", jpath, name),
-                      "answers": [field(a, "answer", jpath, name) for a in answers],
+                      "question": text_field(q, "question", jpath, name),
+                      "answers": [text_field(a, "answer", jpath, name) for a in answers],
                       "answer_type": q.get("answer_type", "")})
     return items
 
@@ -690,8 +733,11 @@ IMAGE_EXTS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 
 def read_mme_txt(path):
     """A `<stem>.txt`: exactly 2 non-empty lines `question<TAB>Yes|No`."""
-    with open(path, encoding="utf-8") as f:
-        lines = [l.rstrip("\r\n") for l in f if l.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [l.rstrip("\r\n") for l in f if l.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e}); convert it (e.g. iconv -f latin1 -t utf-8)") from None
     if len(lines) != 2:
         raise ValueError(f"{path}: expected 2 lines 'question<TAB>Yes|No', got {len(lines)}")
     qa = []
@@ -810,16 +856,30 @@ def markdown_table(results, title):
     return "\n".join(lines) + "\n"
 
 
+def check_writable(out_dir):
+    """The report's folder exists (made) and takes a file, checked BEFORE a benchmark runs: a read-only model
+    folder must not cost a whole evaluation. -> out_dir."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test{os.getpid()}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"{out_dir}: cannot write the report there ({e.strerror or e}); pass --out DIR") from None
+    return out_dir
+
+
 def write_report(results, records, out_dir, kind, title):
     """-> paths of {kind}_results.json, {kind}_results.md, {kind}_predictions.jsonl in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"{kind}_results.{e}") for e in ("json", "md")]
     paths.append(os.path.join(out_dir, f"{kind}_predictions.jsonl"))
-    with open(paths[0], "w") as f:
+    with open(paths[0], "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
-    with open(paths[1], "w") as f:
+    with open(paths[1], "w", encoding="utf-8") as f:
         f.write(markdown_table(results, title))
-    with open(paths[2], "w") as f:
+    with open(paths[2], "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return paths
 
@@ -932,7 +992,7 @@ def build_parser():
                         "llava:DIR or an HF LLaVA directory (model.load_any)")
         sp.add_argument("--suite", help="JSON file of benchmark paths/options (command-line options win)")
         sp.add_argument("--out", help="output folder (default: MODEL/eval)")
-        sp.add_argument("--limit", type=int, help="first N items per benchmark (per subset / subtask)")
+        sp.add_argument("--limit", type=positive_int, help="first N items per benchmark (per subset / subtask)")
         sp.add_argument("--device", help="default: cuda if available, else cpu")
         sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
         sp.add_argument("--batch-size", type=int, help="default 8")
@@ -1060,6 +1120,7 @@ def main(argv=None):
     if args.dtype:
         import torch
         dtype = getattr(torch, args.dtype)
+    out_dir = check_writable(args.out or _default_out(args.model, "eval"))  # before the benchmark, not after
     generate_fn, score_fn = make_model_fns(args.model, args.device, args.batch_size, args.max_new_tokens, dtype)
     if args.command == "cr":
         results, records = run_cr(data, generate_fn, score_fn, args.two_choice)
@@ -1067,7 +1128,7 @@ def main(argv=None):
         results, records = run_vqa(data, generate_fn)
     results["model"], results["limit"] = os.path.abspath(args.model), args.limit
     title = f"{'Compositional reasoning' if args.command == 'cr' else 'VQA'}: {args.model}"
-    paths = write_report(results, records, args.out or _default_out(args.model, "eval"), args.command, title)
+    paths = write_report(results, records, out_dir, args.command, title)
     print(markdown_table(results, title))
     print("wrote " + ", ".join(paths))
     return results
@@ -1499,7 +1560,7 @@ def add_attention_parser(sub):
     ap.add_argument("--layers", default="middle", help="student layers, a vat.select_layers spec (default middle)")
     ap.add_argument("--teacher-layers", help="teacher layers spec (default: --layers over the teacher's depth)")
     ap.add_argument("--matching", default="group", choices=["group", "uniform", "one_to_one"])
-    ap.add_argument("--limit", type=int, help="first N items per benchmark (per SugarCrepe subset)")
+    ap.add_argument("--limit", type=positive_int, help="first N items per benchmark (per SugarCrepe subset)")
     ap.add_argument("--out", help="output folder (default: FIRST_STUDENT/attention)")
     ap.add_argument("--heatmaps", type=int, default=0, help="write heatmap_{i}.png for the first N items")
     ap.add_argument("--device", help="default: cuda if available, else cpu")
@@ -1551,8 +1612,7 @@ def run_attention(args):
     requests = [it["request"] for it in items]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out_dir = args.out or _default_out(args.student[0], "attention")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = check_writable(args.out or _default_out(args.student[0], "attention"))
     names = _student_names(args.student)
     teacher, t_tok, processor = modeling.load_any(args.teacher, device=device, dtype=dtype)
     teacher.eval()
@@ -1597,7 +1657,7 @@ def run_attention(args):
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     paths = [os.path.join(out_dir, "attention.json"), os.path.join(out_dir, "attention_similarity.png")]
-    with open(paths[0], "w") as f:
+    with open(paths[0], "w", encoding="utf-8") as f:
         json.dump(_json_safe(report), f, indent=2)
     attention_plot(panels).save(paths[1])
     for i in range(min(args.heatmaps, len(items))):
@@ -1675,8 +1735,7 @@ def run_layers(args):
         raise SystemExit("evaluate.py layers: give at least one of --sugarcrepe, --vqav2, --requests")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out_dir = args.out or os.path.join(args.model[0], "layers")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = check_writable(args.out or _default_out(args.model[0], "layers"))
     report, panels = {"requests": len(requests), "models": {}}, []
     for name, mdir in zip(_student_names(args.model), args.model):
         mllm, tok, processor = modeling.load_any(mdir, device=device, dtype=dtype)

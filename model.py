@@ -366,7 +366,7 @@ def save_pretrained(model: MultimodalLM, path: str, tokenizer=None, image_proces
         tensors[k] = v.detach().contiguous().cpu()
     save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": FORMAT})
     _fsync_replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json.tmp"), "w") as f:
+    with open(os.path.join(path, "config.json.tmp"), "w", encoding="utf-8") as f:
         json.dump(model.config_dict(), f, indent=2, default=str)
     _fsync_replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
     if tokenizer is not None:
@@ -379,8 +379,11 @@ def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (not a compodistill model directory)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON, the file is truncated or corrupt ({e})") from None
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: format {cfg.get('format')!r}, expected {FORMAT!r}. For an HF LLaVA "
                          "checkpoint use model.from_llava(path).")
@@ -426,8 +429,14 @@ def load_pretrained(path: str, device="cpu", dtype=None, attn_implementation: st
     only (no pickle); remote code never runs unless the caller passes trust_remote_code=True."""
     cfg = read_config(path)
     model = model_from_config(cfg, attn_implementation)
-    state = load_file(os.path.join(path, "model.safetensors"))
-    load_state_strict(model, state, os.path.join(path, "model.safetensors"))
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{path}: no model.safetensors")
+    try:
+        state = load_file(weights)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, without the path
+        raise ValueError(f"{weights}: cannot be read, the file is truncated or corrupt ({e})") from None
+    load_state_strict(model, state, weights)
     model.language_model.tie_weights()
     if dtype is not None:
         model.to(dtype)
@@ -435,8 +444,14 @@ def load_pretrained(path: str, device="cpu", dtype=None, attn_implementation: st
     if model.num_visual_tokens != cfg["num_visual_tokens"]:
         raise ValueError(f"{path}: config says {cfg['num_visual_tokens']} visual tokens, the rebuilt encoder "
                          f"gives {model.num_visual_tokens}")
+    if not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                                "save_pretrained(model, path, tokenizer) writes them")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, tokenizer, image_processor_for(model, load_image_processor(path, model.vision_tower.config))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
 
 
 def make_image_processor(vision_config):

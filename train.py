@@ -30,12 +30,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
+import functools
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import socket
+import sys
+import threading
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -209,25 +217,53 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def save_checkpoint(out_dir: str, model, optimizer, scheduler, step: int, sampler_state: dict, meta: dict):
+def rng_state() -> dict:
+    """This process's RNG state (torch CPU, CUDA, python random), as a checkpoint stores it."""
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: dict):
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC however it arrives: an OSError, or safetensors' error text ("os error 28")."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e) or "No space left" in str(e)
+
+
+def save_checkpoint(out_dir: str, model, optimizer, scheduler, step: int, sampler_state: dict, meta: dict,
+                    rng_per_rank: list | None = None):
     """checkpoint/ = trainable weights (safetensors) + trainer_state.pt (optimizer, scheduler, step, data
-    position, RNG). Written to checkpoint.tmp/, fsynced, then swapped in by renames, so a crash at any
-    moment leaves either the old or the new checkpoint loadable (load_checkpoint falls back to .old)."""
+    position, RNG of every rank: `rng_per_rank`, gathered by checkpoint_all_ranks). Written to
+    checkpoint.tmp/, fsynced, then swapped in by renames, so a crash at any moment leaves either the old
+    or the new checkpoint loadable (load_checkpoint falls back to .old). A full disk is an OSError(ENOSPC)
+    naming the path (the previous checkpoint stays)."""
     from safetensors.torch import save_file
     final, tmp, old = (os.path.join(out_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "sampler": sampler_state, "meta": meta,
-             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                     "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    rng_per_rank = rng_per_rank or [rng_state()]
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "sampler": sampler_state, "meta": meta, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank}
+        with open(os.path.join(tmp, "trainer_state.pt"), "wb") as f:  # a file object: ENOSPC stays an OSError
+            torch.save(state, f)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(errno.ENOSPC, f"disk full (ENOSPC) while writing the checkpoint to {tmp}; the previous "
+                      f"checkpoint ({final}) is left as it was. Free space there and --resume") from None
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -244,17 +280,48 @@ def find_checkpoint(out_dir: str) -> str | None:
     return None
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict) -> dict:
-    """Restore trainable weights, optimizer, scheduler and RNG; returns the trainer state. Refuses a
-    checkpoint written for another model/stage (names the mismatching fields or keys)."""
+# meta fields recorded since a later version: a checkpoint without them is not refused for their absence
+LATER_META = ("lr", "w_lm", "w_kl", "w_vat", "kd_temperature", "max_len", "data_size", "data_sha256")
+
+
+def _corrupt(path: str, name: str, e: Exception) -> RuntimeError:
+    """The checkpoint file cannot be read: say so, name it and the fallback. (torch's own message advises
+    weights_only=False, i.e. unpickling arbitrary code: never.)"""
+    old = os.path.join(os.path.dirname(path), "checkpoint.old")
+    hint = (f" {old} holds the previous checkpoint: move it to {os.path.join(os.path.dirname(path), 'checkpoint')} "
+            f"to resume from there, or start again with --overwrite." if os.path.isdir(old) and path != old
+            else " Start again with --overwrite (without --resume).")
+    return RuntimeError(f"the checkpoint {os.path.join(path, name)} is corrupt or truncated and cannot be read "
+                        f"({type(e).__name__}).{hint}")
+
+
+def checkpoint_meta(path: str) -> dict:
+    """The meta dict a checkpoint was written with (what the run decided before its first step)."""
+    try:
+        return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")["meta"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file: the same clear message as load_checkpoint
+        raise _corrupt(path, "trainer_state.pt", e) from None
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict, rank: int = 0) -> dict:
+    """Restore trainable weights, optimizer, scheduler and this rank's RNG; returns the trainer state.
+    Refuses a checkpoint written for another model/stage/run setting (names the mismatching fields or
+    keys); a corrupt file is an error naming it."""
     from safetensors.torch import load_file
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
+        raise _corrupt(path, "trainer_state.pt", e) from None
     diff = {k: (state["meta"].get(k), meta.get(k)) for k in {**state["meta"], **meta}
-            if state["meta"].get(k) != meta.get(k)}
+            if state["meta"].get(k) != meta.get(k) and not (k in LATER_META and k not in state["meta"])}
     if diff:
         raise ValueError(f"{path} was written by another run: " +
-                         ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
-    weights = load_file(os.path.join(path, "trainable.safetensors"))
+                         ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()) +
+                         " (resume with the same settings and data)")
+    try:
+        weights = load_file(os.path.join(path, "trainable.safetensors"))
+    except Exception as e:  # noqa: BLE001
+        raise _corrupt(path, "trainable.safetensors", e) from None
     own = dict(model.named_parameters())
     expected = {k for k, p in own.items() if p.requires_grad}
     if set(weights) != expected:
@@ -267,12 +334,239 @@ def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict) -> dict:
             own[k].copy_(v)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    per_rank = state.get("rng_per_rank") or [state["rng"]]  # older checkpoints: rank 0's only
+    set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
     return state
+
+
+def checkpoint_all_ranks(args, student, optimizer, scheduler, step: int, steps_per_epoch: int, meta: dict,
+                         ddp: bool, master: bool):
+    """Every rank's RNG state is gathered (LoRA dropout draws differ per rank, so rank 0's state alone does
+    not resume the others exactly); rank 0 writes the checkpoint; all wait for it."""
+    states = [rng_state()]
+    if ddp:
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng_state())
+    if master:
+        save_checkpoint(args.out, student, optimizer, scheduler, step,
+                        {"epoch": step // steps_per_epoch, "step": step % steps_per_epoch}, meta, rng_per_rank=states)
+    if ddp:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# The run directory: what a previous run left, one run at a time, SIGTERM
+
+# what a run writes into --out (the tokenizer files are rewritten with the model; .lock is the lock)
+RUN_FILES = ("args.json", "log.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "model.safetensors",
+             "config.json", "trainer_summary.json")
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_finished(out: str) -> bool:
+    """OUT holds a finished run: trainer_summary.json (written last) comes from the run whose args.json is
+    there (the same run_id; runs saved before run ids existed have none in either file)."""
+    args, summary = _read_json(os.path.join(out, "args.json")), _read_json(os.path.join(out, "trainer_summary.json"))
+    return isinstance(args, dict) and isinstance(summary, dict) and args.get("run_id") == summary.get("run_id")
+
+
+def _nothing_to_resume(out: str, found: list) -> str:
+    why = []
+    if os.path.isdir(os.path.join(out, "checkpoint")) or os.path.isdir(os.path.join(out, "checkpoint.old")):
+        why.append("checkpoint/ has no trainer_state.pt (an incomplete checkpoint)")
+    if os.path.isdir(os.path.join(out, "checkpoint.tmp")):
+        why.append("only checkpoint.tmp/, a checkpoint whose write did not finish (if you know it is complete, "
+                   "rename it to checkpoint/)")
+    if not why:
+        why.append("no checkpoint (the run stopped before its first --save-every checkpoint, or ran without "
+                   "--save-every)" + ("; it finished" if is_finished(out) else ""))
+    return (f"nothing to resume in {out}: it holds a run ({', '.join(found)}) but {'; '.join(why)}. Nothing was "
+            f"changed (the log is kept). To start again: --overwrite without --resume.")
+
+
+def prepare_out_dir(args) -> str:
+    """Decide what this run does with --out, before anything loads (rank 0; --out is locked by then):
+    - `--resume` with a usable checkpoint: resume ("resume");
+    - `--resume` on an --out holding no run at all: start fresh (torchrun --max-restarts relaunches
+      the same command) ("fresh");
+    - `--resume` on a run without a usable checkpoint: an error saying so; nothing is touched;
+    - no `--resume`: an --out holding anything of a previous run (RUN_FILES) is refused, unless
+      `--overwrite`, which removes those files first (a run that then dies leaves no old model or
+      summary beside its own args.json and log) ("fresh")."""
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+    if args.resume:
+        if find_checkpoint(out):
+            return "resume"
+        if found:
+            raise ValueError(_nothing_to_resume(out, found))
+        return "fresh"
+    if found and not args.overwrite:
+        raise ValueError(f"{out} holds a previous run ({', '.join(found)}): pass --resume to continue it or "
+                         f"--overwrite to replace it")
+    for name in found:
+        p = os.path.join(out, name)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    return "fresh"
+
+
+def write_run_files(args):
+    """A fresh run's args.json (with a new run_id, which trainer_summary.json repeats: is_finished) and an
+    empty log. --overwrite is not recorded: it says what to do with the directory, not how to train."""
+    run = {k: v for k, v in vars(args).items() if k != "overwrite"}
+    run["run_id"] = uuid.uuid4().hex
+    with open(os.path.join(args.out, "args.json"), "w", encoding="utf-8") as f:
+        json.dump(run, f, indent=2)
+    open(os.path.join(args.out, "log.jsonl"), "w", encoding="utf-8").close()
+
+
+@contextlib.contextmanager
+def lock_out_dir(out: str, enabled: bool = True):
+    """An exclusive lock on OUT/.lock (fcntl.flock) for as long as the run lasts: a second training on the
+    same --out stops with a clear error instead of interleaving logs and leaving whichever model came last.
+    The OS drops the lock when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    if not enabled or fcntl is None or not out:
+        yield
+        return
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            raise RuntimeError(f"{out}: another training ({who}) holds the lock on this --out; wait for it to end "
+                               f"or give another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+_SIGTERM = {"received": False}
+
+
+@contextlib.contextmanager
+def sigterm_checkpoints():
+    """While a stage runs, SIGTERM (what schedulers send before a kill) only raises a flag; the loop ends the
+    step, saves a checkpoint and exits with 143 (128 + SIGTERM). The previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _SIGTERM["received"] = False
+    prev = signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.update(received=True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
+
+
+def guarded(run):
+    """run_stage with --out locked (lock_out_dir, rank 0 only) and SIGTERM handled (sigterm_checkpoints),
+    both released however the stage ends."""
+    @functools.wraps(run)
+    def stage(args):
+        with lock_out_dir(args.out, enabled=int(os.environ.get("RANK", "0")) == 0), sigterm_checkpoints():
+            return run(args)
+    return stage
+
+
+def file_fingerprint(path: str) -> dict:
+    """Size and sha256 of a data file, recorded in the checkpoint: --resume on a file whose content changed
+    under the same path is refused (the data position would point into other samples)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"data_size": os.path.getsize(path), "data_sha256": h.hexdigest()}
+
+
+def nonfinite_message(args, step: int, bad_in_a_row: int, stats, last_checkpoint: int | None) -> str:
+    """Why the run stops after --max-nonfinite bad steps: WHAT went non-finite (a NaN teacher is not the
+    student's --lr) and which checkpoint, if any, there is to resume from."""
+    lm, kd, vat_l, gnorm, teacher_bad = (stats[i].item() for i in (0, 1, 2, 3, 5))
+    what = []
+    if teacher_bad:
+        what.append(f"the teacher's hidden states ({args.teacher})")
+    if not math.isfinite(lm):
+        what.append("the student's L_LM")
+    if not math.isfinite(kd) and not teacher_bad:
+        what.append("L_KL")
+    if not math.isfinite(vat_l):
+        what.append("L_ADL")
+    if math.isfinite(lm) and math.isfinite(kd) and math.isfinite(vat_l) and not math.isfinite(gnorm):
+        what.append("the gradient norm")
+    advice = (f"The teacher itself is non-finite: check its weights (a forward pass of {args.teacher} alone) or "
+              f"its dtype; the student's settings do not cause this." if teacher_bad
+              else "Try a lower --lr, --grad-clip, or fp32.")
+    where = (f"The last checkpoint, {os.path.join(args.out, 'checkpoint')} (step {last_checkpoint}), was saved before "
+             f"the streak: --resume starts from it." if last_checkpoint is not None
+             else "There is no checkpoint to resume from (none was saved before the streak).")
+    return (f"{bad_in_a_row} consecutive non-finite steps at step {step} ({', '.join(what) or 'losses'}); "
+            f"stopping. {where} {advice}")
+
+
+# every size, count and rate on the command line: (flags, check, what it must be)
+_ARG_RULES = (
+    (("global_batch", "micro_batch", "log_every", "kd_chunk", "max_len", "lora_r", "max_nonfinite", "eval_limit"),
+     lambda v: v > 0, "a positive integer"),
+    (("max_steps", "save_every", "eval_every", "stop_after", "lora_alpha"), lambda v: v >= 0, "0 or more"),
+    (("epochs", "kd_temperature", "lr"), lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    (("min_lr", "weight_decay", "grad_clip", "w_lm", "w_kl", "w_vat"), lambda v: math.isfinite(v) and v >= 0,
+     "a number >= 0"),
+    (("warmup_ratio", "lora_dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
+)
+
+
+def _input_paths(args) -> dict:
+    """{flag: directory} of the models a run reads, to keep --out off them."""
+    paths = {"--teacher": args.teacher}
+    init = args.init or ""
+    if init.startswith("llava:"):
+        paths["--init"] = init.split(":", 1)[1]
+    elif init.startswith("parts:"):
+        for k, part in enumerate(init.split(":", 1)[1].split(",")):
+            paths[f"--init (part {k + 1})"] = part
+    elif init and not init.startswith("preset:"):
+        paths["--init"] = init
+    return {k: v for k, v in paths.items() if v}
+
+
+def check_args(args) -> list:
+    """Problems with the command line, each naming its flag, found before anything loads: sizes, counts and
+    rates in range (a negative --global-batch hung, 0 divided by zero, --epochs 0 saved an untrained model),
+    and an --out that is not one of the models the run reads (it would overwrite the teacher)."""
+    problems = []
+    for names, ok, what in _ARG_RULES:
+        for name in names:
+            v = getattr(args, name, None)
+            if v is not None and not ok(v):
+                problems.append(f"--{name.replace('_', '-')} must be {what}, got {v}")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        problems.append("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    if args.out:
+        outs = ([os.path.join(args.out, f"stage{k}") for k in "123"] if args.stage == "all" else [args.out])
+        for flag, path in _input_paths(args).items():
+            for out in outs:
+                if os.path.realpath(out) == os.path.realpath(path):
+                    problems.append(f"--out {out} is the model {flag} reads; the run would overwrite it")
+    return problems
 
 
 # -----------------------------------------------------------------------------
@@ -443,6 +737,7 @@ def trim_log(log_path: str, step: int):
     os.replace(log_path + ".tmp", log_path)
 
 
+@guarded
 def run_stage(args) -> str:
     if args.global_batch is None:
         key = "llava-adapter" if args.stage == "llava" and args.trainable == "adapter" else args.stage
@@ -465,6 +760,10 @@ def run_stage(args) -> str:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    if master:
+        prepare_out_dir(args)  # refuses a previous run's --out (or clears it with --overwrite), before loading
+    if ddp:
+        dist.barrier()
 
     # --- models ---------------------------------------------------------------------------------------
     student, tokenizer, base_processor = build_student(args)
@@ -509,13 +808,15 @@ def run_stage(args) -> str:
     if w_vat > 0:
         resumed = find_checkpoint(args.out) if args.resume else None
         vat_cfg = vat_layers(args, student, teacher, dataset, pad_id, micro_batch_size(args, world),
-                             torch.load(os.path.join(resumed, "trainer_state.pt"), weights_only=True,
-                                        map_location="cpu")["meta"] if resumed else {})
+                             checkpoint_meta(resumed) if resumed else {})
         if master:
             print(f"VAT: student layers {vat_cfg['s_layers']} <- teacher windows {vat_cfg['matching']}"
                   + (f" (auto, measured on {vat_cfg['auto']['samples']} samples)" if vat_cfg.get("auto") else ""))
     steps_per_epoch = len(dataset) // args.global_batch
     total_steps = args.max_steps or int(args.epochs * steps_per_epoch)
+    if total_steps < 1:
+        raise ValueError(f"--epochs {args.epochs} over {len(dataset)} samples at --global-batch {args.global_batch} "
+                         f"gives 0 optimizer steps ({steps_per_epoch} per epoch); raise --epochs or give --max-steps")
     sampler = data.GlobalBatchSampler(len(dataset), args.global_batch, rank, world, seed=args.seed,
                                       lengths=dataset.lengths if args.group_by_length else None)
     per_rank = args.global_batch // world
@@ -537,19 +838,18 @@ def run_stage(args) -> str:
             **({"group_by_length": True} if args.group_by_length else {}),  # absent when off: older checkpoints
             **({"vat_auto": vat_cfg["auto"]} if vat_cfg and vat_cfg.get("auto") else {}),  # the layers auto chose
             **{k: student.extra_config[k] for k in ("system_prompt", "image_aspect_ratio") if k in student.extra_config},
-            "n_trainable": sum(p.numel() for p in params)}
-    os.makedirs(args.out, exist_ok=True)
-    step = 0
+            "n_trainable": sum(p.numel() for p in params),
+            "lr": args.lr, "w_lm": args.w_lm, "w_kl": args.w_kl, "w_vat": args.w_vat,
+            "kd_temperature": args.kd_temperature, "max_len": args.max_len, **file_fingerprint(args.data)}
+    step, last_checkpoint = 0, None
     if args.resume and find_checkpoint(args.out):
-        state = load_checkpoint(find_checkpoint(args.out), student, optimizer, scheduler, meta)
-        step = state["step"]
+        state = load_checkpoint(find_checkpoint(args.out), student, optimizer, scheduler, meta, rank=rank)
+        step = last_checkpoint = state["step"]
         if master:
             print(f"resumed from {args.out} at step {step}")
             trim_log(os.path.join(args.out, "log.jsonl"), step)
     elif master:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        open(os.path.join(args.out, "log.jsonl"), "w").close()
+        write_run_files(args)
     sampler.load_state_dict({"epoch": step // steps_per_epoch, "step": step % steps_per_epoch})
     batches = iter(sampler)
 
@@ -569,7 +869,7 @@ def run_stage(args) -> str:
     # --- the loop -------------------------------------------------------------------------------------
     log_path = os.path.join(args.out, "log.jsonl")
     if master:  # one line per (re)start: what the data checks dropped, where the run starts
-        with open(log_path, "a") as f:
+        with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"event": "start", "from_step": step, "samples": len(dataset),
                                 "skipped_bad_images": len(bad_images), "dropped_overlong": len(dataset.dropped),
                                 "converted_non_rgb": image_stats.get("converted_non_rgb", 0)}) + "\n")
@@ -592,7 +892,7 @@ def run_stage(args) -> str:
             dist.all_reduce(counts)
         n_tok, n_vis = max(1.0, counts[0].item()), counts[1].item()
         lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
-        sums = {"lm": 0.0, "kd": 0.0, "vat": 0.0}
+        sums = {"lm": 0.0, "kd": 0.0, "vat": 0.0, "teacher_bad": 0}
         if step == args.fail_at_step and rank == args.fail_rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             os._exit(17)  # test hook: this rank dies (first attempt only) so that torchrun restarts the job
         try:
@@ -610,6 +910,7 @@ def run_stage(args) -> str:
                                    if vat_cfg else contextlib.nullcontext({}))
                             with cap as t_maps:
                                 t_out = teacher(b["input_ids"], b["attention_mask"], b["pixel_values"], return_hidden=True)
+                            sums["teacher_bad"] += int(not torch.isfinite(t_out["hidden"]).all())
                     cap = (vat.capture_visual_attention(student.language_model, vat_cfg["s_layers"],
                                                         b["input_ids"] == student.image_token_id, b["attention_mask"],
                                                         rows=vat_rows(args), headwise=args.vat_headwise)
@@ -643,8 +944,9 @@ def run_stage(args) -> str:
                 raise
             raise RuntimeError(out_of_memory_message(args, device)) from e
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        stats = torch.tensor([sums["lm"], sums["kd"], sums["vat"], float(grad_norm)], device=device, dtype=torch.float64)
-        if ddp:  # losses: partial sums of global means -> add; grad norm: identical on every rank
+        stats = torch.tensor([sums["lm"], sums["kd"], sums["vat"], float(grad_norm), float(_SIGTERM["received"]),
+                              sums["teacher_bad"]], device=device, dtype=torch.float64)
+        if ddp:  # losses: partial sums of global means -> add; grad norm: identical on every rank; flags: counts
             dist.all_reduce(stats)
             stats[3] /= world
         finite = bool(torch.isfinite(stats).all())
@@ -660,9 +962,7 @@ def run_stage(args) -> str:
         pbar.update(1)
         if not finite and bad_in_a_row >= args.max_nonfinite:
             pbar.close()
-            raise FloatingPointError(
-                f"{bad_in_a_row} consecutive non-finite losses/gradients at step {step}; stopping. The last good "
-                f"checkpoint in {args.out}/checkpoint is intact. Try a lower --lr, --grad-clip, or fp32.")
+            raise FloatingPointError(nonfinite_message(args, step, bad_in_a_row, stats, last_checkpoint))
         if master and (step % args.log_every == 0 or step == total_steps):
             dt = time.time() - t_last - paused
             rec = {"step": step, "loss": round(args.w_lm * stats[0].item() + args.w_kl * stats[1].item()
@@ -670,23 +970,26 @@ def run_stage(args) -> str:
                    "lm": stats[0].item(), "kd": stats[1].item(), "vat": stats[2].item(),
                    "lr": lr, "grad_norm": stats[3].item(), "tokens_per_s": tokens_since * world / max(dt, 1e-9),
                    "skipped": skipped}
-            with open(log_path, "a") as f:
+            with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
             pbar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.4f}")
             t_last, tokens_since, paused = time.time(), 0, 0.0
         t_pause = time.time()
         if val_items is not None and (step % args.eval_every == 0 or step == total_steps):
             rec = {"step": step, **validate_cr(student, tokenizer, image_processor, val_items, device)}
-            with open(log_path, "a") as f:
+            with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
             pbar.set_postfix(val_cr=f"{rec['val_cr']:.1f}")
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
-            if master:
-                save_checkpoint(args.out, student, optimizer, scheduler, step,
-                                {"epoch": step // steps_per_epoch, "step": step % steps_per_epoch}, meta)
-            if ddp:
-                dist.barrier()
+        # never while a non-finite streak is open: those weights are what the streak is about
+        if args.save_every and step % args.save_every == 0 and step < total_steps and bad_in_a_row == 0:
+            checkpoint_all_ranks(args, student, optimizer, scheduler, step, steps_per_epoch, meta, ddp, master)
+            last_checkpoint = step
         paused += time.time() - t_pause
+        if stats[4] > 0 and step < total_steps:  # SIGTERM on some rank: this step is done; save it, stop
+            pbar.close()
+            sigterm_stop(args, step, bad_in_a_row, last_checkpoint,
+                         lambda: checkpoint_all_ranks(args, student, optimizer, scheduler, step, steps_per_epoch,
+                                                      meta, ddp, master), master)
         if args.stop_after and step >= args.stop_after:  # for tests: simulate a kill after this step
             pbar.close()
             return args.out
@@ -701,14 +1004,29 @@ def run_stage(args) -> str:
             save_dtype = "float32"  # a checkpoint config naming another dtype: keep the master weights' fp32
         student.to(getattr(torch, save_dtype))  # the run is over: the in-memory model is not used again
         M.save_pretrained(student, args.out, tokenizer, image_processor)
-        with open(os.path.join(args.out, "trainer_summary.json"), "w") as f:
+        with open(os.path.join(args.out, "trainer_summary.json"), "w", encoding="utf-8") as f:
             json.dump({"steps": step, "skipped_nonfinite": skipped, "dropped_overlong": len(dataset.dropped),
                        "skipped_bad_images": len(bad_images),
                        "converted_non_rgb": image_stats.get("converted_non_rgb", 0), "save_dtype": save_dtype,
-                       **meta, "args": vars(args)}, f, indent=2)
+                       **meta, "args": vars(args),
+                       "run_id": (_read_json(os.path.join(args.out, "args.json")) or {}).get("run_id")},
+                      f, indent=2)
     if ddp:
         dist.barrier()
     return args.out
+
+
+def sigterm_stop(args, step: int, bad_in_a_row: int, last_checkpoint, save, master: bool):
+    """After SIGTERM: save a checkpoint of the finished step (unless a non-finite streak is open), say so on
+    stderr, exit 143."""
+    if bad_in_a_row == 0 and last_checkpoint != step:
+        save()
+        last_checkpoint = step
+    if master:
+        where = (f"checkpoint of step {last_checkpoint} in {os.path.join(args.out, 'checkpoint')}; continue with --resume"
+                 if last_checkpoint is not None else "no checkpoint (a non-finite streak was open)")
+        print(f"SIGTERM: stopped after step {step}: {where}", file=sys.stderr, flush=True)
+    raise SystemExit(143)
 
 
 def out_of_memory_message(args, device) -> str:
@@ -897,7 +1215,10 @@ def get_parser():
                    "elsewhere; default EVAL_SUGARCREPE/images)")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-limit", type=int, default=None, help="items per subset in the in-loop validation")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint (an --out holding no "
+                   "run starts fresh; a run without a usable checkpoint is an error)")
+    p.add_argument("--overwrite", action="store_true", help="a fresh run into an --out holding a previous run: "
+                   "remove that run's files first (without it, such an --out is refused)")
     p.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # test hook (rank death)
@@ -912,6 +1233,9 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.demo:
         raise SystemExit("the demo is its own script now: python demo.py (python demo.py --help for its options)")
+    problems = check_args(args)
+    if problems:
+        get_parser().error("; ".join(problems))
     if args.stage == "all":
         base = args.out
         for i, (stage, data_path) in enumerate((("1", args.data_pretrain or args.data),

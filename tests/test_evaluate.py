@@ -627,3 +627,46 @@ def test_model_glue_yes_must_be_one_token(tmp_path):
     M.save_pretrained(M.from_preset("student", tok), str(tmp_path / "m"), tok)
     with pytest.raises(ValueError, match="splits 'Yes' into"):
         ev.make_model_fns(str(tmp_path / "m"))
+
+
+# -----------------------------------------------------------------------------
+# Inputs that were silently wrong (issue 18, item 13)
+
+def test_repeated_ids_empty_subsets_bad_limits_odd_values_and_unwritable_out_are_errors(tmp_path, monkeypatch):
+    root = vqav2_fixture(tmp_path / "dq")  # a question_id twice in questions.json: it would be scored twice
+    qs = json.loads((root / "questions.json").read_text())
+    qs["questions"].append(dict(qs["questions"][0]))
+    write_json(root / "questions.json", qs)
+    with pytest.raises(ValueError, match=r"questions\.json: question_id 42001 occurs twice"):
+        ev.read_vqav2(str(root))
+    root = vqav2_fixture(tmp_path / "da")  # twice in the annotations: the last one silently won
+    an = json.loads((root / "annotations.json").read_text())
+    an["annotations"].append(dict(an["annotations"][0]))
+    write_json(root / "annotations.json", an)
+    with pytest.raises(ValueError, match=r"annotations\.json: question_id 42001 occurs twice"):
+        ev.read_vqav2(str(root))
+    root = vqav2_fixture(tmp_path / "ia")  # integer answers crashed in the metric without a record
+    an = json.loads((root / "annotations.json").read_text())
+    for a in an["annotations"][1]["answers"]:
+        a["answer"] = 2
+    write_json(root / "annotations.json", an)
+    with pytest.raises(ValueError, match=r"annotations\.json: record 43001: field 'answer' must be a string, got int"):
+        ev.read_vqav2(str(root))
+    mme = mme_fixture(tmp_path / "mme")  # a latin-1 file: a UnicodeDecodeError without the file
+    (mme / "existence" / "e2.txt").write_bytes("Is there a caf\xe9? Please answer yes or no.\tYes\nQ2\tNo\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"e2\.txt: not UTF-8"):
+        ev.read_mme(str(mme))
+    sc = sugarcrepe_fixture(tmp_path / "sc")  # an empty subset counted as 0% in the average
+    write_json(sc / "data" / "add_att.json", {})
+    with pytest.raises(ValueError, match=r"add_att\.json: no items"):
+        ev.read_sugarcrepe(str(sc))
+    # the CLI: --limit 0 / negative are errors; an unwritable output folder fails BEFORE the model loads
+    monkeypatch.setattr(ev, "make_model_fns", lambda *a: (_ for _ in ()).throw(AssertionError("model loaded")))
+    sc = sugarcrepe_fixture(tmp_path / "sc2")
+    for limit in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            ev.main(["cr", "--model", str(tmp_path), "--sugarcrepe", str(sc), "--limit", limit])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match=r"a_file.*cannot write the report"):
+        ev.main(["cr", "--model", str(tmp_path), "--sugarcrepe", str(sc), "--out", str(blocker / "eval")])
