@@ -53,7 +53,7 @@ def _demo_json(samples, path):
     """Written to a temporary file, then renamed: a second demo process on the same --out never reads a
     half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(samples, f)
     os.replace(tmp, path)
     return path
@@ -73,7 +73,7 @@ def _demo_stage(argv: list) -> str:
     parser = train.get_parser()
     args = parser.parse_args(argv)
     if _finished(args.out):
-        with open(os.path.join(args.out, "args.json")) as f:
+        with open(os.path.join(args.out, "args.json"), encoding="utf-8") as f:
             saved = json.load(f)
         saved.pop("run_id", None)  # which run wrote it, not how it trained
         now = json.loads(json.dumps(vars(args)))
@@ -107,7 +107,7 @@ def lookup_questions(scenes_json: str, images: set, seed: int = 0) -> list:
     (shapes.lookup_question, the wording of the VQA questions; all of them, shuffled).
     Every answer needs the one-hop grounding (find the cell the question names, read it out) that the
     compositional questions build on."""
-    with open(scenes_json) as f:
+    with open(scenes_json, encoding="utf-8") as f:
         scenes = json.load(f)
     rng, out = random.Random(seed), []
     for k in sorted(images):
@@ -136,7 +136,7 @@ def compositional_questions(scenes_json: str, images: set, seed: int = 0,
     (shapes.hard_negative), the true caption first or second at random. 4,000 images x 7 subsets is ~3.5x the
     compositional questions of the instruction mix: a tiny teacher leaves chance on CR only after
     thousands of such steps (README, "What is known about the miniature's teacher")."""
-    with open(scenes_json) as f:
+    with open(scenes_json, encoding="utf-8") as f:
         scenes = json.load(f)
     rng, out = random.Random(seed), []
     for k in sorted(images):
@@ -198,7 +198,7 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
     if n_scenes <= n_held_out:
         raise ValueError(f"pretrain_vision_encoder: n_scenes={n_scenes} leaves no training scenes after the "
                          f"{n_held_out} held out for the accuracy check")
-    with open(scenes_json) as f:
+    with open(scenes_json, encoding="utf-8") as f:
         benchmark = {shapes.scene_key(s) for k, s in json.load(f).items() if "sugarcrepe" in k or "vqav2" in k}
     rng, scenes = random.Random(seed), []
     while len(scenes) < n_scenes:
@@ -251,7 +251,7 @@ def demo_teacher(b: dict, paths, out: str) -> str:
                                       n_scenes=b["vision_scenes"])
         teacher.vision_feature_layer = -1  # the pre-trained encoder's output (the preset reads layer 0)
         M.save_pretrained(teacher, init, tok)
-        with open(os.path.join(init, "vision_pretraining.json"), "w") as f:
+        with open(os.path.join(init, "vision_pretraining.json"), "w", encoding="utf-8") as f:
             json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
     prev = init
     val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--save-every", "500", "--eval-every"]
@@ -324,7 +324,7 @@ def learning_curve(out: str) -> list[tuple[int, float]]:
     """(step after stage 1, validation CR) pairs of one demo student, read from its log.jsonl files."""
     curve, offset = [], 0
     for d in ([os.path.join(out, "..", "stage2"), out] if os.path.basename(out) == "stage3" else [out]):
-        with open(os.path.join(d, "log.jsonl")) as f:
+        with open(os.path.join(d, "log.jsonl"), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         curve += [(offset + r["step"], r["val_cr"]) for r in rows if "val_cr" in r]
         offset += max([r["step"] for r in rows if "step" in r], default=0)
@@ -474,7 +474,7 @@ def demo(args):
         out = demo_student(b, kind, paths, teacher, lm_init, run_dir, seed, extra)  # finished stages are reused
         cached, res = os.path.join(run_dir, "result.json"), None
         if os.path.exists(cached):  # evaluated by an earlier (interrupted or parallel) demo on this --out
-            with open(cached) as f:
+            with open(cached, encoding="utf-8") as f:
                 res = json.load(f)
             if res.get("teacher") != os.path.abspath(teacher):  # the attention distance is to another teacher
                 res = None
@@ -523,10 +523,10 @@ def demo(args):
             f"{sum(r['vqa_by_question_type'][q] for r in rs) / len(rs):.1f}" for q in qtypes) + " |")
     table = "\n".join(lines)
     print(table)
-    with open(os.path.join(root, "results.json"), "w") as f:
+    with open(os.path.join(root, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"results": results, "summary": summary, "seeds": seeds, "budget": b,
                    "total_seconds": total}, f, indent=2)
-    with open(os.path.join(root, "results.md"), "w") as f:
+    with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     bar_chart([(n, summary[n]["cr"][0], summary[n]["vqa"][0]) for n in ("sft", "kd", "compodistill", "teacher")],
               os.path.join(root, "results.png"), "shapes world: CR (SugarCrepe layout) and VQA accuracy")
@@ -538,7 +538,7 @@ def demo(args):
     if any(curves.values()):
         line_chart(curves, os.path.join(root, "learning_curve.png"),
                    "validation CR (SugarCrepe layout, paper protocol) during training")
-    with open(os.path.join(root, "learning_curves.json"), "w") as f:
+    with open(os.path.join(root, "learning_curves.json"), "w", encoding="utf-8") as f:
         json.dump(curves, f)
     demo_heatmaps(teacher, {"KD": results["kd"][0]["dir"], "CompoDistill": results["compodistill"][0]["dir"]},
                   attention_requests[::20][:6], os.path.join(root, "heatmaps"))

@@ -1751,7 +1751,7 @@ def run_layers(args):
         print(f"{name}: auto window {prof['auto']}, middle {prof['middle']}, {prof['n_items']} items")
         del mllm
     paths = [os.path.join(out_dir, "layers.json"), os.path.join(out_dir, "layers.png")]
-    with open(paths[0], "w") as f:
+    with open(paths[0], "w", encoding="utf-8") as f:
         json.dump(_json_safe(report), f, indent=2)
     attention_plot(panels, title="attention on the visual tokens, per layer", who="model", ylabel="fraction",
                    xlabel="layer").save(paths[1])

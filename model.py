@@ -259,7 +259,7 @@ def _checkpoint_dtype(path: str) -> str:
     """The dtype a HF checkpoint was saved in (its config.json's `dtype` / `torch_dtype`, else the text
     config's), as a name ("bfloat16"); "float32" when the config says nothing."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, ValueError):
         return "float32"
@@ -544,7 +544,7 @@ def _tokenizer_with_chat_template(path, trust_remote_code=False):
         for name in ("chat_template.jinja", "chat_template.json"):
             f = os.path.join(path, name)
             if os.path.isfile(f):
-                with open(f) as fh:
+                with open(f, encoding="utf-8") as fh:
                     text = fh.read()
                 tok.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
                 break
@@ -553,7 +553,7 @@ def _tokenizer_with_chat_template(path, trust_remote_code=False):
 
 def _is_hf_llava(path: str) -> bool:
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             return json.load(f).get("model_type") == "llava"
     except (OSError, ValueError):
         return False
@@ -625,7 +625,7 @@ def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code
     if not os.path.isfile(args_path):
         raise FileNotFoundError(f"{path}: a checkpoint needs its run's args.json beside it ({args_path}) to know "
                                 "the model it trains")
-    with open(args_path) as f:
+    with open(args_path, encoding="utf-8") as f:
         args = json.load(f)
     weights = _load(os.path.join(path, "trainable.safetensors"))
     model, tok, proc = load_any(args["init"], trust_remote_code=trust_remote_code,

@@ -470,7 +470,7 @@ def choice_sample(sid: str, image: str, subset: str, pair, pos_first: bool) -> d
 
 def _dump(obj, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
 
 

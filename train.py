@@ -556,8 +556,9 @@ def check_args(args) -> list:
     for names, ok, what in _ARG_RULES:
         for name in names:
             v = getattr(args, name, None)
-            if v is not None and not ok(v):
-                problems.append(f"--{name.replace('_', '-')} must be {what}, got {v}")
+            for x in (v if isinstance(v, tuple) else (v,)):  # per-stage options hold three values
+                if x is not None and not ok(x):
+                    problems.append(f"--{name.replace('_', '-')} must be {what}, got {x}")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         problems.append("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if args.out:
@@ -720,7 +721,7 @@ def trim_log(log_path: str, step: int):
     kill and run again now), so that each step is logged once. Rewritten atomically (tmp + rename)."""
     if not os.path.exists(log_path):
         return
-    with open(log_path) as f:
+    with open(log_path, encoding="utf-8") as f:
         lines = f.readlines()
     kept = []
     for line in lines:
@@ -730,7 +731,7 @@ def trim_log(log_path: str, step: int):
             continue  # a line cut by the kill
         if rec.get("step", 0) <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    with open(log_path + ".tmp", "w") as f:
+    with open(log_path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
         f.flush()
         os.fsync(f.fileno())
@@ -1120,7 +1121,7 @@ def stage_finished(sub) -> bool:
     path = os.path.join(sub.out, "trainer_summary.json")
     if not os.path.exists(path):
         return False
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         done = json.load(f).get("args")
     if done is None:
         print(f"{path} records no arguments (an older run): stage {sub.stage} is trained again")

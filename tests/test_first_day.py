@@ -239,8 +239,11 @@ def test_stage_all_resume_skips_the_finished_stages(world, teacher_dir, tmp_path
     monkeypatch.setattr(train, "run_stage", lambda a: (ran.append(a.stage), real(a)))
     train.main(_stage_all(world, teacher_dir, out, "--max-steps", "1,2,1", "--lr", "1e-3,2e-3,3e-3", "--resume"))
     assert ran == []  # every stage had finished
+    # a stage that left files but neither a summary nor a checkpoint: nothing to resume (issue 18's rule),
+    # stages 1 and 2 are still skipped, and the message names the stage's directory
     os.remove(os.path.join(out, "stage3", "trainer_summary.json"))
-    train.main(_stage_all(world, teacher_dir, out, "--max-steps", "1,2,1", "--lr", "1e-3,2e-3,3e-3", "--resume"))
+    with pytest.raises(ValueError, match=r"nothing to resume in .*stage3"):
+        train.main(_stage_all(world, teacher_dir, out, "--max-steps", "1,2,1", "--lr", "1e-3,2e-3,3e-3", "--resume"))
     assert ran == ["3"]
     with pytest.raises(ValueError, match=r"stage 1 .* finished with other arguments: --lr 0.001 then vs 0.005"):
         train.main(_stage_all(world, teacher_dir, out, "--max-steps", "1,2,1", "--lr", "5e-3", "--resume"))
