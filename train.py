@@ -13,7 +13,8 @@ Losses (weights `--w-lm --w-kl --w-vat`, default 1 each):
   L_LM  next-token cross-entropy on assistant tokens (`logits[:, :-1]` vs `labels[:, 1:]`).
   L_KL  forward KL(p_teacher || p_student) on the same shifted positions, fp32, temperature T
         (docs/method.md section 4), computed chunk by chunk from the final hidden states so that neither
-        model's full (B, T, V) logits ever exist (`kd_loss`).
+        model's full (B, T, V) logits ever exist (`kd_loss`). `--kd-divergence reverse|jsd` swaps in reverse KL
+        or GKD's generalized JSD (`--kd-jsd-beta`) on the same path (`divergence_rows`).
   L_ADL visual attention alignment, Eq. 3 (vat.py).
 Both token losses are normalised by the supervised-token count of the whole GLOBAL batch (all ranks,
 all micro-batches), so 1 process and N processes with the same global batch take the same step.
@@ -57,8 +58,38 @@ def _shifted(hidden: torch.Tensor, labels: torch.Tensor):
     return hidden[:, :-1][keep], target[keep], keep
 
 
-def _chunk_losses(h_s, w_s, targets, h_t, w_t, temperature: float):
-    """Sum over the rows of one chunk: (cross-entropy, KL). fp32 throughout (docs/method.md section 4)."""
+KD_DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+def divergence_rows(logits_s, logits_t, temperature: float, divergence: str = "forward", beta: float = 0.5):
+    """Sum over rows of the token-level divergence between teacher and student, fp32 in, p = softmax(z / T).
+
+    forward  KL(p_t || p_s) * T^2: the paper's L_KL (docs/method.md section 4; Hinton's T^2 scaling).
+    reverse  KL(p_s || p_t) * T^2: the mode-seeking direction, same scaling.
+    jsd      the generalized Jensen-Shannon divergence of GKD (Agarwal et al., arXiv 2306.13649, Eq. 1), exactly
+             as TRL's `GKDTrainer.generalized_jsd_loss` (huggingface/trl, trl/experimental/gkd/gkd_trainer.py):
+             logits divided by T and NO T^2 factor; the mixture m = beta * p_t + (1 - beta) * p_s (beta weights
+             the TEACHER), JSD_beta = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m); at the end points TRL's
+             special cases: beta = 0 is KL(p_t || p_s), beta = 1 is KL(p_s || p_t) (both without T^2)."""
+    logp_s = F.log_softmax(logits_s / temperature, dim=-1)
+    logp_t = F.log_softmax(logits_t / temperature, dim=-1)
+    if divergence == "forward":
+        return (logp_t.exp() * (logp_t - logp_s)).sum() * temperature ** 2
+    if divergence == "reverse":
+        return (logp_s.exp() * (logp_s - logp_t)).sum() * temperature ** 2
+    if divergence != "jsd":
+        raise ValueError(f"divergence must be one of {KD_DIVERGENCES}, got {divergence!r}")
+    if beta == 0:
+        return (logp_t.exp() * (logp_t - logp_s)).sum()
+    if beta == 1:
+        return (logp_s.exp() * (logp_s - logp_t)).sum()
+    b = torch.tensor(beta, dtype=logp_s.dtype, device=logp_s.device)
+    log_m = torch.logsumexp(torch.stack([logp_s + torch.log1p(-b), logp_t + torch.log(b)]), dim=0)
+    return beta * (logp_t.exp() * (logp_t - log_m)).sum() + (1 - beta) * (logp_s.exp() * (logp_s - log_m)).sum()
+
+
+def _chunk_losses(h_s, w_s, targets, h_t, w_t, temperature: float, divergence: str = "forward", beta: float = 0.5):
+    """Sum over the rows of one chunk: (cross-entropy, divergence). fp32 throughout (docs/method.md section 4)."""
     with torch.autocast(h_s.device.type, enabled=False):  # bf16 autocast would recast these matmuls
         logits_s = h_s.float() @ w_s.float().t()
         logits_t = None if h_t is None else h_t.float() @ w_t.float().t()
@@ -66,22 +97,25 @@ def _chunk_losses(h_s, w_s, targets, h_t, w_t, temperature: float):
     if h_t is None:
         return ce, ce.new_zeros(())
     logits_t = logits_t[:, :logits_s.shape[-1]]  # tokenizers checked equal: cut padded vocab rows
-    logp_s = F.log_softmax(logits_s / temperature, dim=-1)
-    logp_t = F.log_softmax(logits_t / temperature, dim=-1)
-    kl = (logp_t.exp() * (logp_t - logp_s)).sum() * temperature ** 2
-    return ce, kl
+    return ce, divergence_rows(logits_s, logits_t, temperature, divergence, beta)
 
 
 def lm_and_kd_loss(student_hidden, student_head_weight, labels, num_tokens, teacher_hidden=None,
-                   teacher_head_weight=None, temperature: float = 1.0, chunk_size: int = 512):
+                   teacher_head_weight=None, temperature: float = 1.0, chunk_size: int = 512,
+                   divergence: str = "forward", beta: float = 0.5):
     """L_LM and L_KL (docs/method.md section 4) from the final hidden states, chunk by chunk.
 
     L_LM = -(1/N) sum_t log p_s(y_{t+1} | y_<=t)
     L_KL = (T^2/N) sum_t sum_v p_t(v) (log p_t(v) - log p_s(v)),  p = softmax(logits / T)
     over the supervised shifted positions t (labels[:, 1:] != -100), N = `num_tokens`, the count over
-    the whole global batch. Each chunk's logits are rebuilt from the hidden states inside a
+    the whole global batch. `divergence` "reverse" / "jsd" (with `beta`) replace the forward KL by another
+    divergence on the same chunked path (`divergence_rows`: reverse KL, TRL's generalized JSD). Each chunk's logits are rebuilt from the hidden states inside a
     checkpoint, so only (chunk, V) logits exist at a time, forward or backward.
     Returns (lm_loss, kd_loss) as 0-dim tensors (kd is 0 without a teacher)."""
+    if divergence not in KD_DIVERGENCES:
+        raise ValueError(f"divergence must be one of {KD_DIVERGENCES}, got {divergence!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"the JSD beta must be in [0, 1], got {beta}")
     h_s, targets, keep = _shifted(student_hidden, labels)
     h_t = None if teacher_hidden is None else teacher_hidden[:, :-1][keep]
     lm = student_hidden.new_zeros((), dtype=torch.float32)
@@ -91,19 +125,21 @@ def lm_and_kd_loss(student_hidden, student_head_weight, labels, num_tokens, teac
         ht = None if h_t is None else h_t[i:i + chunk_size]
         if torch.is_grad_enabled() and hs.requires_grad:
             ce, kl = torch.utils.checkpoint.checkpoint(_chunk_losses, hs, student_head_weight, targets[i:i + chunk_size],
-                                                       ht, teacher_head_weight, temperature, use_reentrant=False)
+                                                       ht, teacher_head_weight, temperature, divergence, beta,
+                                                       use_reentrant=False)
         else:
-            ce, kl = _chunk_losses(hs, student_head_weight, targets[i:i + chunk_size], ht, teacher_head_weight, temperature)
+            ce, kl = _chunk_losses(hs, student_head_weight, targets[i:i + chunk_size], ht, teacher_head_weight,
+                                   temperature, divergence, beta)
         lm = lm + ce
         kd = kd + kl
     return lm / num_tokens, kd / num_tokens
 
 
 def kd_loss(student_hidden, teacher_hidden, student_head_weight, teacher_head_weight, labels, num_tokens,
-            temperature: float = 1.0, chunk_size: int = 512):
-    """L_KL alone (docs/method.md section 4), chunked; see lm_and_kd_loss."""
+            temperature: float = 1.0, chunk_size: int = 512, divergence: str = "forward", beta: float = 0.5):
+    """L_KL alone (docs/method.md section 4), chunked; see lm_and_kd_loss (`divergence`, `beta` there)."""
     return lm_and_kd_loss(student_hidden, student_head_weight, labels, num_tokens, teacher_hidden,
-                          teacher_head_weight, temperature, chunk_size)[1]
+                          teacher_head_weight, temperature, chunk_size, divergence, beta)[1]
 
 
 def kd_loss_reference(student_logits, teacher_logits, labels, num_tokens, temperature: float = 1.0):
@@ -445,6 +481,7 @@ def run_stage(args) -> str:
     meta = {"stage": args.stage, "init": args.init, "trainable": trainable_kind, "taf": bool(args.taf and distill),
             "global_batch": args.global_batch, "data": os.path.abspath(args.data), "seed": args.seed,
             **({"group_by_length": True} if args.group_by_length else {}),  # absent when off: older checkpoints
+            **kd_meta(args, distill),
             "n_trainable": sum(p.numel() for p in params)}
     os.makedirs(args.out, exist_ok=True)
     step = 0
@@ -524,7 +561,7 @@ def run_stage(args) -> str:
                     lm, kd = lm_and_kd_loss(out["hidden"], s_head.weight, b["labels"], n_tok,
                                             t_out["hidden"] if teacher is not None else None,
                                             t_head.weight if teacher is not None else None,
-                                            args.kd_temperature, args.kd_chunk)
+                                            args.kd_temperature, args.kd_chunk, args.kd_divergence, args.kd_jsd_beta)
                     loss = args.w_lm * lm + (args.w_kl * kd if teacher is not None else 0.0)
                     vat_l = torch.zeros((), device=device)
                     if vat_cfg:
@@ -616,6 +653,15 @@ def out_of_memory_message(args, device) -> str:
             f"--max-len (shorter: {args.max_len}; with --drop-overlong for the few long samples).")
 
 
+def kd_meta(args, distill: bool) -> dict:
+    """The checkpoint meta's record of L_KL's divergence: absent for the paper's forward KL (so checkpoints written
+    before the option resume), else {"kd_divergence", and for jsd "kd_jsd_beta"}; a resume with another is refused."""
+    div = getattr(args, "kd_divergence", "forward")
+    if not distill or div == "forward":
+        return {}
+    return {"kd_divergence": div, **({"kd_jsd_beta": args.kd_jsd_beta} if div == "jsd" else {})}
+
+
 def vat_rows(args) -> str:
     """Query rows the VAT variant needs: all rows (paper) or the visual rows (the authors' code)."""
     return "all" if args.vat_variant == "paper" else "visual"
@@ -646,6 +692,11 @@ def get_parser():
     p.add_argument("--w-vat", type=float, default=1.0, help="L_ADL weight in stage 2 (0 = the KD-only baseline)")
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--kd-chunk", type=int, default=512, help="rows of logits materialised at a time in L_LM/L_KL")
+    p.add_argument("--kd-divergence", choices=list(KD_DIVERGENCES), default="forward", help="L_KL's divergence: "
+                   "forward KL(p_t||p_s) (the paper), reverse KL(p_s||p_t), or jsd, the generalized JSD of GKD as TRL "
+                   "computes it (no T^2 factor; train.divergence_rows)")
+    p.add_argument("--kd-jsd-beta", type=float, default=0.5, help="--kd-divergence jsd: the teacher's weight in the "
+                   "mixture beta*p_t + (1-beta)*p_s, in [0, 1] (TRL's beta: 0 = forward KL, 1 = reverse KL)")
     p.add_argument("--vat-layers", default="middle", help="student layers: middle|early|late|all|authors|0.3-0.7|8,9,10")
     p.add_argument("--vat-teacher-layers", default=None, help="teacher layers (default: same rule as the student)")
     p.add_argument("--vat-matching", default="group", choices=["group", "uniform", "one_to_one"])
@@ -694,6 +745,8 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    if not 0.0 <= args.kd_jsd_beta <= 1.0:
+        get_parser().error(f"--kd-jsd-beta must be in [0, 1], got {args.kd_jsd_beta}")
     if args.demo:
         raise SystemExit("the demo is its own script now: python demo.py (python demo.py --help for its options)")
     if args.stage == "all":
