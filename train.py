@@ -183,6 +183,94 @@ def trainable_state(model: torch.nn.Module) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# Logging: log.jsonl is the record; Weights & Biases / TensorBoard receive the same records (`--report-to`)
+
+SINK_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("torch.utils.tensorboard", "tensorboard")}
+
+
+def parse_report_to(value: str | None) -> list:
+    """`--report-to none|wandb|tensorboard` (comma-separated) -> the sink names, [] for none. Each sink's package
+    is imported here, so a missing one is an error naming it before any model loads; none is a dependency."""
+    import importlib
+    names = [n.strip() for n in (value or "none").split(",") if n.strip()]
+    unknown = [n for n in names if n != "none" and n not in SINK_PACKAGES]
+    if unknown or ("none" in names and len(names) > 1):
+        raise ValueError(f"--report-to takes none, or one or more of {', '.join(SINK_PACKAGES)} separated by commas; "
+                         f"got {value!r}")
+    names = [n for n in names if n != "none"]
+    for n in names:
+        module, package = SINK_PACKAGES[n]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(f"--report-to {n} needs the '{package}' package, which is not installed "
+                              f"(pip install {package}); log.jsonl is written without it ({e})") from None
+    return names
+
+
+def open_sinks(names: list, out: str, run_name: str | None, config: dict, resume: bool) -> list:
+    """The sinks as (log(step, numbers), close) pairs, rank 0 only. wandb: project $WANDB_PROJECT (default
+    compodistill), files under `out`, the run id kept in `out`/wandb_id so that a --resume continues the same
+    run; TensorBoard: event files in `out`/tensorboard[/run_name]. Closed by close_sinks, or at exit."""
+    import atexit
+    sinks = []
+    for n in names:
+        if n == "wandb":
+            import uuid
+            import wandb
+            id_path = os.path.join(out, "wandb_id")
+            run_id = open(id_path).read().strip() if resume and os.path.exists(id_path) else uuid.uuid4().hex[:16]
+            with open(id_path, "w") as f:
+                f.write(run_id)
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "compodistill"), name=run_name, id=run_id,
+                             resume="allow", dir=out, config=config)
+            sinks.append((lambda step, nums, run=run: run.log(nums, step=step), run.finish))
+        else:
+            from torch.utils.tensorboard import SummaryWriter
+            w = SummaryWriter(log_dir=os.path.join(out, "tensorboard", *([run_name] if run_name else [])))
+
+            def log_tb(step, nums, w=w):
+                for k, v in nums.items():
+                    w.add_scalar(k, v, global_step=step)
+                w.flush()
+            sinks.append((log_tb, w.close))
+    for _, close in sinks:
+        atexit.register(close)  # a run that stops on an error still flushes what it logged
+    return sinks
+
+
+def sink_numbers(rec: dict) -> tuple:
+    """(x, numbers) of one log.jsonl record for a sink: x = its "step" ("from_step" for the start line); numbers
+    = every numeric field but "step", nested dicts flattened as "outer/inner"; strings are left out."""
+    nums = {}
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}/", v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and f"{prefix}{k}" != "step":
+                nums[f"{prefix}{k}"] = v
+    walk("", rec)
+    return int(rec.get("step", rec.get("from_step", 0))), nums
+
+
+def write_record(log_path: str, rec: dict, sinks=()):
+    """Append one record to log.jsonl (the source of truth), then hand the same record to every sink."""
+    with open(log_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    x, nums = sink_numbers(rec)
+    for log, _ in sinks:
+        log(x, nums)
+
+
+def close_sinks(sinks):
+    import atexit
+    for _, close in sinks:
+        close()
+        atexit.unregister(close)
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: atomic directory swap, exact resume
 
 def _fsync_dir(path):
@@ -512,10 +600,10 @@ def run_stage(args) -> str:
 
     # --- the loop -------------------------------------------------------------------------------------
     log_path = os.path.join(args.out, "log.jsonl")
+    sinks = open_sinks(parse_report_to(args.report_to), args.out, args.run_name, vars(args), step > 0) if master else []
     if master:  # one line per (re)start: what the data checks dropped, where the run starts
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"event": "start", "from_step": step, "samples": len(dataset),
-                                "skipped_bad_images": len(bad_images), "dropped_overlong": len(dataset.dropped)}) + "\n")
+        write_record(log_path, {"event": "start", "from_step": step, "samples": len(dataset),
+                                "skipped_bad_images": len(bad_images), "dropped_overlong": len(dataset.dropped)}, sinks)
     student.train()
     bad_in_a_row, skipped = 0, 0
     pbar = tqdm(total=total_steps, initial=step, desc=f"stage {args.stage}", disable=not master or args.quiet,
@@ -612,14 +700,12 @@ def run_stage(args) -> str:
                    "lm": stats[0].item(), "kd": stats[1].item(), "vat": stats[2].item(),
                    "lr": lr, "grad_norm": stats[3].item(), "tokens_per_s": tokens_since * world / max(dt, 1e-9),
                    "skipped": skipped}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            write_record(log_path, rec, sinks)
             pbar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.4f}")
             t_last, tokens_since = time.time(), 0
         if val_items is not None and (step % args.eval_every == 0 or step == total_steps):
             rec = {"step": step, **validate_cr(student, tokenizer, image_processor, val_items, device)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            write_record(log_path, rec, sinks)
             pbar.set_postfix(val_cr=f"{rec['val_cr']:.1f}")
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             if master:
@@ -629,8 +715,10 @@ def run_stage(args) -> str:
                 dist.barrier()
         if args.stop_after and step >= args.stop_after:  # for tests: simulate a kill after this step
             pbar.close()
+            close_sinks(sinks)
             return args.out
     pbar.close()
+    close_sinks(sinks)
 
     # --- the stage's output: the full model, LoRA merged ----------------------------------------------
     if master:
@@ -727,6 +815,10 @@ def get_parser():
     p.add_argument("--model-seed", type=int, default=0, help="init seed of preset models")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--report-to", default="none", help="none | wandb | tensorboard, comma-separated: sinks that receive "
+                   "the same records as log.jsonl (rank 0; step is the x axis; the packages are optional)")
+    p.add_argument("--run-name", default=None, help="the run's name in wandb / its TensorBoard subdirectory "
+                   "(--stage all: NAME-stage1, ...)")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--eval-sugarcrepe", help="validation set in the SugarCrepe layout: its CR accuracy (the paper's "
                    "2-choice protocol, greedy) is logged every --eval-every steps as {'step', 'val_cr'} lines")
@@ -745,6 +837,10 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    try:
+        parse_report_to(args.report_to)  # a missing sink package stops here, before any model loads
+    except ValueError as e:
+        get_parser().error(str(e))
     if not 0.0 <= args.kd_jsd_beta <= 1.0:
         get_parser().error(f"--kd-jsd-beta must be in [0, 1], got {args.kd_jsd_beta}")
     if args.demo:
@@ -756,6 +852,7 @@ def main(argv=None):
             sub = argparse.Namespace(**vars(args))
             sub.stage, sub.data, sub.out = stage, data_path, os.path.join(base, f"stage{stage}")
             sub.global_batch = args.global_batch or STAGE_GLOBAL_BATCH[stage]
+            sub.run_name = f"{args.run_name}-stage{stage}" if args.run_name else None
             if stage != "1":
                 sub.init = os.path.join(base, f"stage{int(stage) - 1}")
             run_stage(sub)
