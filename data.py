@@ -623,8 +623,13 @@ def collate(batch, pad_token_id):
         labels[i, :n] = b["labels"]
         attention_mask[i, :n] = 1
     pix = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
+    pixel_values = None
+    if pix:  # in a DataLoader worker, stacked straight into shared memory (as torch's default_collate does)
+        shared = torch.utils.data.get_worker_info() is not None
+        out = torch.empty((len(pix), *pix[0].shape), dtype=pix[0].dtype)
+        pixel_values = torch.stack(pix, out=out.share_memory_() if shared else out)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.stack(pix) if pix else None, "ids": [b.get("id") for b in batch]}
+            "pixel_values": pixel_values, "ids": [b.get("id") for b in batch]}
 
 # -----------------------------------------------------------------------------
 # Global-batch sampler (DDP: each rank takes a contiguous share of the same global batch)
