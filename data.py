@@ -11,6 +11,7 @@ visual mask from the ids; nothing downstream re-derives positions).
 The synthetic shapes world the demo trains on is `shapes.py`; it writes files in the layout read here.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -444,42 +445,84 @@ def _check_image(path):
     return None
 
 
+def default_cache_dir(cache_dir=None):
+    """Where verdicts and rendered data are cached: `cache_dir`, else $COMPODISTILL_CACHE, else
+    ~/.cache/compodistill. Ranks that share it share the work (one validation, one rendering)."""
+    return cache_dir or os.environ.get("COMPODISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "compodistill"))
+
+
+def _write_json_atomic(path, obj):
+    with open(path + f".tmp{os.getpid()}", "w", encoding="utf-8") as fh:
+        json.dump(obj, fh)
+    os.replace(path + f".tmp{os.getpid()}", path)
+
+
+def _read_json_or_none(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):  # absent, unreadable, or half-written
+        return None
+
+
 def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=True, cache_dir=None, progress=True,
-                    stats=None):
+                    stats=None, rank=0, world_size=1, barrier=None):
     """Check every sample's image BEFORE training (missing, unreadable, corrupt, not RGB), with a
-    progress bar. The verdict is cached (keyed by each file's path, size and mtime), so a second run
-    over the same files does not decode them again. Returns (kept samples, bad list of
-    (sample id, file, reason)). Bad images are an error naming the sample and file, unless skip_bad.
+    progress bar. The verdict is cached, so a second run over the same files does not decode them again.
+    Returns (kept samples, bad list of (sample id, file, reason)). Bad images are an error naming the
+    sample and file, unless skip_bad.
     Other colour modes (grayscale, RGBA, ...) are accepted and converted to RGB when loaded, as LLaVA does
     (allow_non_rgb=False, train.py's --strict-rgb, makes them bad images); `stats`, a dict, receives
     "converted_non_rgb": how many kept samples' images are converted.
     The cache is best effort (a cache folder that cannot be read or written only costs the re-check),
-    and keyed on content too (_file_key: a hash of each file's head and tail), so an image rewritten in
-    place with the same size and mtime is checked again."""
+    and keyed on content too (_file_key: path, size, mtime and a hash of each file's head and tail), so an
+    image rewritten in place with the same size and mtime is checked again.
+    Under DDP (`rank`, `world_size`, `barrier` = a callable that waits for every rank) each rank checks every
+    world_size-th file and writes its part of the verdict next to the cache; after the barrier every rank
+    merges all parts (checking itself any part it cannot see, e.g. without a shared file system), and rank 0
+    writes the merged cache. 1/world_size of the decoding per rank, and no rank idles at a barrier meanwhile."""
     for s in samples:
         check_image_field(s)
     files = sorted({os.path.join(image_folder, s["image"]) for s in samples if isinstance(s, dict) and s.get("image")})
     key = hashlib.sha256()
     for f in files:
         key.update(_file_key(f).encode())
-    cache_dir = cache_dir or os.environ.get("COMPODISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "compodistill"))
+    cache_dir = default_cache_dir(cache_dir)
     cache = os.path.join(cache_dir, f"images-{key.hexdigest()[:24]}.json")
-    verdict = None
-    try:
-        with open(cache, encoding="utf-8") as fh:
-            verdict = json.load(fh)
-    except (OSError, ValueError):  # no cache yet, unreadable, or half-written: check again
-        pass
-    if not isinstance(verdict, dict) or set(verdict) != set(files):
-        verdict = {f: _check_image(f) for f in tqdm(files, desc="validating images", disable=not progress)}
+
+    def part_path(r):
+        return f"{cache}.part-{r}-of-{world_size}"
+
+    def best_effort(write, what):
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{cache}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(verdict, fh)
-            os.replace(tmp, cache)
+            write()
         except OSError as e:
-            print(f"note: image-validation cache not written ({cache_dir}: {e.strerror or e}); continuing")
+            print(f"note: image-validation {what} not written ({cache_dir}: {e.strerror or e}); continuing")
+    verdict = _read_json_or_none(cache)
+    hit = isinstance(verdict, dict) and set(verdict) == set(files)
+    if not hit:
+        verdict = {f: _check_image(f) for f in tqdm(files[rank::world_size], desc="validating images",
+                                                     disable=not progress)}
+    if world_size > 1:  # every rank takes both barriers, cache hit or not, so that none waits forever
+        if not hit:
+            best_effort(lambda: _write_json_atomic(part_path(rank), verdict), "part")
+        barrier()
+        if not hit:
+            for r in range(world_size):
+                if r == rank:
+                    continue
+                part = _read_json_or_none(part_path(r))
+                if isinstance(part, dict):
+                    verdict.update(part)
+                else:  # a part this rank cannot see (another machine's disk, or that rank had the cache)
+                    verdict.update({f: _check_image(f) for f in files[r::world_size]})
+        barrier()  # every rank has read every part
+    if rank == 0 and not hit:
+        best_effort(lambda: _write_json_atomic(cache, verdict), "cache")
+        for r in range(world_size if world_size > 1 else 0):
+            with contextlib.suppress(OSError):
+                os.remove(part_path(r))
     kept, bad, converted = [], [], 0
     for s in samples:
         f = os.path.join(image_folder, s["image"]) if isinstance(s, dict) and s.get("image") else None
@@ -523,52 +566,226 @@ def process_image(processor, pil):
 # Dataset and collate
 
 
+def _render_one(tokenizer, s, num_visual_tokens, image_token_id, system_prompt=None):
+    """One sample -> (compact int32 ids, compact supervised mask, full length, need, n visual, error or None):
+    the visual run kept as ONE image token; need = positions that must fit in max_len (the visual tokens and the
+    first supervised token). A malformed sample gives its error message instead (raised by the dataset, in order)."""
+    sid = s.get("id", "<no id>") if isinstance(s, dict) else "<not a dict>"
+    try:
+        messages = with_system_prompt(tokenizer, llava_to_messages(s), system_prompt)
+        ids, labels = render_conversation(tokenizer, messages, num_visual_tokens, image_token_id, sid)
+    except ValueError as e:
+        return None, None, 0, 0, 0, str(e)
+    ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+    vis = np.flatnonzero(ids == image_token_id)
+    sup = np.flatnonzero(labels != IGNORE_INDEX)
+    if len(sup) == 0:
+        return None, None, 0, 0, 0, f"sample {sid}: renders to no supervised token"
+    need = max(int(sup[0]), int(vis[-1]) if len(vis) else -1) + 1
+    keep = np.ones(len(ids), dtype=bool)
+    keep[vis[1:]] = False  # the visual run (one image, contiguous) kept as one token
+    return ids[keep].astype(np.int32), (labels != IGNORE_INDEX)[keep], len(ids), need, len(vis), None
+
+
+_POOL_ARGS = None
+
+
+def _pool_init(*args):
+    global _POOL_ARGS
+    _POOL_ARGS = args
+
+
+def _pool_render(chunk):
+    tokenizer, nv, img, system_prompt = _POOL_ARGS
+    return [_render_one(tokenizer, s, nv, img, system_prompt) for s in chunk]
+
+
+def render_samples(samples, tokenizer, num_visual_tokens, image_token_id, processes=0, progress=False,
+                   system_prompt=None):
+    """Render `samples` into flat arrays: {"ids" int32, "sup" bool (concatenated compact rows), "offsets" int64
+    (N + 1), "full_len", "need", "n_vis" int64 (N)} and {index: error message}. `processes` > 1 renders in a
+    fork pool of that many processes (the tokenizer is inherited, not pickled)."""
+    if processes > 1 and len(samples) >= 4 * processes:
+        import multiprocessing as mp
+        step = max(1, min(1000, len(samples) // (4 * processes)))
+        chunks = [samples[i:i + step] for i in range(0, len(samples), step)]
+        with mp.get_context("fork").Pool(processes, _pool_init,
+                                         (tokenizer, num_visual_tokens, image_token_id, system_prompt)) as pool:
+            rows = [r for part in tqdm(pool.imap(_pool_render, chunks), total=len(chunks), desc="render",
+                                       disable=not progress) for r in part]
+    else:
+        rows = [_render_one(tokenizer, s, num_visual_tokens, image_token_id, system_prompt)
+                for s in tqdm(samples, desc="render", disable=not progress)]
+    lens = np.array([0 if r[0] is None else len(r[0]) for r in rows], np.int64)
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    out = {"ids": np.concatenate([r[0] for r in rows if r[0] is not None] or [np.zeros(0, np.int32)]),
+           "sup": np.concatenate([r[1] for r in rows if r[1] is not None] or [np.zeros(0, bool)]),
+           "offsets": offsets}
+    for k, col in (("full_len", 2), ("need", 3), ("n_vis", 4)):
+        out[k] = np.array([r[col] for r in rows], np.int64)
+    return out, {i: r[5] for i, r in enumerate(rows) if r[5] is not None}
+
+
+_RENDER_ARRAYS = ("ids", "sup", "offsets", "full_len", "need", "n_vis")
+
+
+def render_key(samples, tokenizer, num_visual_tokens, image_token_id, system_prompt=None) -> str:
+    """What the rendering depends on: the samples' content, the tokenizer (its full serialisation: vocabulary,
+    merges, normaliser, added tokens), its chat template and special tokens, the visual token count and id, and
+    the source of the rendering code itself (an edit to it re-renders)."""
+    import hashlib
+    import inspect
+    h = hashlib.sha256()
+    h.update(json.dumps(samples, sort_keys=True, ensure_ascii=False).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update(repr((type(tokenizer).__name__, tokenizer.chat_template, tokenizer.eos_token,
+                   sorted(_special_strings(tokenizer)), num_visual_tokens, image_token_id, system_prompt)).encode())
+    for fn in (_render_one, render_conversation, _segments, _tokenize_segments, _end_of_turn, _special_strings,
+               _content_style, _styled, _chat, llava_to_messages, with_system_prompt, _default_system_text,
+               _shield_specials, check_image_field):
+        h.update(inspect.getsource(fn).encode())
+    return h.hexdigest()[:24]
+
+
+def _save_render(path, arrays, errors):
+    tmp = f"{path}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    for k in _RENDER_ARRAYS:
+        np.save(os.path.join(tmp, f"{k}.npy"), arrays[k])
+    _write_json_atomic(os.path.join(tmp, "errors.json"), {str(i): e for i, e in errors.items()})
+    if os.path.exists(path):  # another process got there first: same key, same content
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, path)
+
+
+def _load_render(path, mmap=True):
+    arrays = {k: np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r" if mmap else None) for k in _RENDER_ARRAYS}
+    with open(os.path.join(path, "errors.json"), encoding="utf-8") as fh:
+        return arrays, {int(i): e for i, e in json.load(fh).items()}
+
+
+def _concat_renders(parts):
+    """Shards (in sample order) -> one rendering, offsets and error indices shifted."""
+    arrays, errors, base_rows, base_tok = {}, {}, 0, 0
+    for a, e in parts:
+        errors.update({i + base_rows: msg for i, msg in e.items()})
+        base_rows += len(a["full_len"])
+    arrays["ids"] = np.concatenate([a["ids"] for a, _ in parts])
+    arrays["sup"] = np.concatenate([a["sup"] for a, _ in parts])
+    offs = [np.zeros(1, np.int64)]
+    for a, _ in parts:
+        offs.append(np.asarray(a["offsets"][1:]) + base_tok)
+        base_tok += int(a["offsets"][-1])
+    arrays["offsets"] = np.concatenate(offs)
+    for k in ("full_len", "need", "n_vis"):
+        arrays[k] = np.concatenate([a[k] for a, _ in parts])
+    return arrays, errors
+
+
+def rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir=None, rank=0, world_size=1,
+             barrier=None, processes=0, progress=False, system_prompt=None):
+    """render_samples through a cache on disk, `cache_dir`/render-KEY/ (render_key: samples, tokenizer, template,
+    visual tokens, code), shared by ranks, stages and runs: a hit memory-maps the arrays (no rendering, and the
+    pages are shared by the ranks and the DataLoader workers of a machine). A miss under DDP: rank r renders the
+    r-th contiguous shard (in `processes` processes) and writes it; after `barrier` rank 0 concatenates the
+    shards into the cache (rendering any shard it cannot see) and every rank maps it (a rank that cannot see it,
+    without a shared file system, renders everything itself)."""
+    cache_dir = default_cache_dir(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, "render-" + render_key(samples, tokenizer, num_visual_tokens, image_token_id,
+                                                          system_prompt))
+    hit = os.path.exists(path)
+    n = len(samples)
+    bounds = [n * r // world_size for r in range(world_size + 1)]
+
+    def shard_path(r):
+        return f"{path}.shard-{r}-of-{world_size}"
+
+    def render_range(r):
+        return render_samples(samples[bounds[r]:bounds[r + 1]], tokenizer, num_visual_tokens, image_token_id,
+                              processes, progress, system_prompt)
+    if not hit:
+        mine = render_range(rank)
+        if world_size == 1:
+            _save_render(path, *mine)
+        else:
+            _save_render(shard_path(rank), *mine)
+    if world_size > 1:  # every rank takes both barriers, cache hit or not
+        barrier()
+        if rank == 0 and not hit and not os.path.exists(path):
+            parts = [mine if r == 0 else (_load_render(shard_path(r), mmap=False) if os.path.exists(shard_path(r))
+                                          else render_range(r)) for r in range(world_size)]
+            _save_render(path, *_concat_renders(parts))
+        barrier()
+        if rank == 0:
+            import shutil
+            for r in range(world_size):
+                shutil.rmtree(shard_path(r), ignore_errors=True)
+    if os.path.exists(path):
+        return _load_render(path)
+    return render_samples(samples, tokenizer, num_visual_tokens, image_token_id, processes, progress, system_prompt)
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """LLaVA samples -> {"id", "input_ids", "labels", "pixel_values" or None}. Token ids are rendered
-    in __init__ (images are loaded lazily). Truncation never cuts visual tokens: if the visual
-    tokens or the first supervised token do not fit in max_len the sample is an error, or with
-    drop_overlong=True it is left out (ids in self.dropped). Longer samples are cut at max_len.
-    Stored compactly, since every rank holds the whole set (665K samples x 729 visual tokens would be
-    ~10 GB as int64 ids + labels): int32 ids with the visual run kept as ONE image token, and a bool
-    "supervised" mask (labels are the ids there); __getitem__ expands them back."""
+    in __init__ (images are loaded lazily, per item: in the DataLoader's workers). Truncation never cuts
+    visual tokens: if the visual tokens or the first supervised token do not fit in max_len the sample is
+    an error, or with drop_overlong=True it is left out (ids in self.dropped). Longer samples are cut at
+    max_len. Stored compactly, since every rank holds the whole set (665K samples x 729 visual tokens would
+    be ~10 GB as int64 ids + labels): flat int32 ids with the visual run kept as ONE image token and a bool
+    "supervised" mask (labels are the ids there), rows cut by offsets; __getitem__ expands them back.
+    With `cache_dir` the rendering goes through `rendered` (a content-keyed cache on disk, shared by ranks,
+    stages and runs, memory-mapped; rendering sharded over `rank`/`world_size` and `processes`); without it,
+    rendered in memory here."""
 
     def __init__(self, samples, tokenizer, image_processor, image_folder, num_visual_tokens,
-                 image_token_id, max_len, drop_overlong=False, progress=False, system_prompt=None):
+                 image_token_id, max_len, drop_overlong=False, progress=False, system_prompt=None, cache_dir=None,
+                 rank=0, world_size=1, barrier=None, processes=0):
         self.image_processor, self.image_folder = image_processor, image_folder
         self.num_visual_tokens, self.image_token_id, self.max_len = num_visual_tokens, image_token_id, max_len
-        self.samples, self.ids, self.supervised, self.lengths, self.dropped = [], [], [], [], []
-        for s in tqdm(samples, desc="render", disable=not progress):
-            sid = s.get("id", "<no id>") if isinstance(s, dict) else "<not a dict>"
-            messages = with_system_prompt(tokenizer, llava_to_messages(s), system_prompt)
-            ids, labels = render_conversation(tokenizer, messages, num_visual_tokens, image_token_id, sid)
-            ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
-            vis = np.flatnonzero(ids == image_token_id)
-            sup = np.flatnonzero(labels != IGNORE_INDEX)
-            if len(sup) == 0:
-                raise ValueError(f"sample {sid}: renders to no supervised token")
-            first = int(sup[0])
-            need = max(first, int(vis[-1]) if len(vis) else -1) + 1
-            if need > max_len:
-                if drop_overlong:
-                    self.dropped.append(sid)
-                    continue
-                raise ValueError(f"sample {sid}: {len(vis)} visual tokens and the first answer token need "
-                                 f"{need} tokens > --max-len {max_len} (sample length {len(ids)}); raise --max-len "
-                                 f"or pass --drop-overlong to drop and count such samples "
-                                 f"(SupervisedDataset(drop_overlong=True) from Python)")
-            keep = np.ones(len(ids), dtype=bool)
-            keep[vis[1:]] = False  # the visual run (one image, contiguous) kept as one token
-            self.samples.append(s)
-            self.ids.append(ids[keep].astype(np.int32))
-            self.supervised.append((labels != IGNORE_INDEX)[keep])
-            self.lengths.append(min(len(ids), max_len))
+        if cache_dir is None:
+            arrays, errors = render_samples(samples, tokenizer, num_visual_tokens, image_token_id, processes, progress,
+                                            system_prompt)
+        else:
+            arrays, errors = rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir, rank,
+                                      world_size, barrier, processes, progress, system_prompt)
+        need, full_len, n_vis = (np.asarray(arrays[k]) for k in ("need", "full_len", "n_vis"))
+        over = np.flatnonzero((need > max_len) & (full_len > 0))  # full_len 0: an error row
+        first_over = int(over[0]) if len(over) and not drop_overlong else len(samples)
+        if errors and min(errors) < first_over:  # the first problem in sample order, as when rendered one by one
+            raise ValueError(errors[min(errors)])
+        if first_over < len(samples):
+            j = first_over
+            sid = samples[j].get("id", "<no id>")
+            raise ValueError(f"sample {sid}: {n_vis[j]} visual tokens and the first answer token need "
+                             f"{need[j]} tokens > --max-len {max_len} (sample length {full_len[j]}); raise --max-len "
+                             f"or pass --drop-overlong to drop and count such samples "
+                             f"(SupervisedDataset(drop_overlong=True) from Python)")
+        self.dropped = [samples[j].get("id", "<no id>") for j in over]
+        self.index = np.flatnonzero(need <= max_len)  # rows of the rendering that are in the dataset
+        self.samples = [samples[j] for j in self.index]
+        self._ids, self._sup, self._offsets = arrays["ids"], arrays["sup"], arrays["offsets"]
+        self._images = np.array([s.get("image") or "" for s in self.samples], dtype=str)  # no per-item objects
+        self._sample_ids = [s.get("id") for s in self.samples]
+        self.lengths = np.minimum(full_len[self.index], max_len).tolist()
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.index)
+
+    def compact(self, i):
+        """(ids int32, supervised bool) of sample i as stored: the visual run as one image token, not cut."""
+        j = int(self.index[i])
+        a, b = int(self._offsets[j]), int(self._offsets[j + 1])
+        return np.asarray(self._ids[a:b]), np.asarray(self._sup[a:b])
 
     def tokens(self, i):
         """(input_ids, labels) of sample i as int64 arrays: the visual run expanded, cut at max_len."""
-        ids, sup = self.ids[i].astype(np.int64), self.supervised[i]
+        ids, sup = self.compact(i)
+        ids = ids.astype(np.int64)
         at = np.flatnonzero(ids == self.image_token_id)
         if len(at):
             j, n = int(at[0]), self.num_visual_tokens
@@ -578,14 +795,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return ids, np.where(sup, ids, IGNORE_INDEX)
 
     def __getitem__(self, i):
-        s = self.samples[i]
+        image = str(self._images[i])
         pixel_values = None
-        if s.get("image"):
+        if image:
             if self.image_processor is None:
-                raise ValueError(f"sample {s.get('id')}: has an image but the dataset has no image processor")
-            pixel_values = process_image(self.image_processor, load_image(os.path.join(self.image_folder, s["image"])))
+                raise ValueError(f"sample {self._sample_ids[i]}: has an image but the dataset has no image processor")
+            pixel_values = process_image(self.image_processor, load_image(os.path.join(self.image_folder, image)))
         ids, labels = self.tokens(i)
-        return {"id": s.get("id"), "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+        return {"id": self._sample_ids[i], "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "pixel_values": pixel_values}
 
 
@@ -637,6 +854,21 @@ def collate_cross_vocab(batch, pad_token_id, teacher_pad_token_id):
                 pairs=torch.cat(pairs) if pairs else torch.zeros(0, 3, dtype=torch.long))
 
 
+class MicroBatchSampler:
+    """The DataLoader's batch sampler: each rank's share of every global batch (a GlobalBatchSampler, whose
+    state is still the data position) cut into micro-batches of `micro` indices, in order. The loader's workers
+    prefetch ahead of the loop; the trainer checkpoints the position of the steps it has TAKEN
+    (GlobalBatchSampler.state_after), so prefetching changes nothing on resume."""
+
+    def __init__(self, sampler, micro):
+        self.sampler, self.micro = sampler, micro
+
+    def __iter__(self):
+        for share in self.sampler:
+            for j in range(0, len(share), self.micro):
+                yield share[j:j + self.micro]
+
+
 def collate(batch, pad_token_id):
     """Right padding; labels padded with -100; pixel_values stacked for the samples that have an
     image, in batch order (None if none)."""
@@ -651,8 +883,13 @@ def collate(batch, pad_token_id):
         labels[i, :n] = b["labels"]
         attention_mask[i, :n] = 1
     pix = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
+    pixel_values = None
+    if pix:  # in a DataLoader worker, stacked straight into shared memory (as torch's default_collate does)
+        shared = torch.utils.data.get_worker_info() is not None
+        out = torch.empty((len(pix), *pix[0].shape), dtype=pix[0].dtype)
+        pixel_values = torch.stack(pix, out=out.share_memory_() if shared else out)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.stack(pix) if pix else None, "ids": [b.get("id") for b in batch]}
+            "pixel_values": pixel_values, "ids": [b.get("id") for b in batch]}
 
 # -----------------------------------------------------------------------------
 # Global-batch sampler (DDP: each rank takes a contiguous share of the same global batch)

@@ -1,8 +1,6 @@
 """Distillation across vocabularies (train.py --cross-vocab): ULD against a float64 re-computation, the
 text-aligned positions on hand-made conversations, and a teacher with its own tokenizer distilling a
 student end to end."""
-import os
-
 import pytest
 import torch
 

@@ -330,8 +330,9 @@ def test_dataset_items_equal_the_rendering(world, tok):
             ids, labels = data.render_conversation(tok, data.llava_to_messages(s), NV, img)
             got_ids, got_labels = ds.tokens(i)
             assert got_ids.tolist() == ids[:max_len] and got_labels.tolist() == labels[:max_len], s["id"]
-            assert ds.lengths[i] == len(got_ids) and ds.ids[i].dtype == np.int32
-            assert int((ds.ids[i] == img).sum()) == (1 if s.get("image") else 0)
+            stored = ds.compact(i)[0]
+            assert ds.lengths[i] == len(got_ids) and stored.dtype == np.int32
+            assert int((stored == img).sum()) == (1 if s.get("image") else 0)
 
 
 def test_collate():
@@ -516,3 +517,112 @@ def test_image_cache_is_best_effort_and_keyed_on_content(tmp_path):
     assert os.stat(folder / "a.png").st_size == size and os.stat(folder / "a.png").st_mtime_ns == st.st_mtime_ns
     with pytest.raises(ValueError, match="s1"):
         data.validate_images(samples, str(folder), cache_dir=cache, progress=False)
+
+
+# -----------------------------------------------------------------------------
+# the render cache and the split image checks (the data path for many ranks)
+
+
+def _as_ranks(world_size, fn):
+    """Run fn(rank, barrier) for every rank in its own thread (ranks meet at a threading.Barrier, as processes
+    meet at dist.barrier); returns the results in rank order, re-raising the first error."""
+    import threading
+    bar = threading.Barrier(world_size, timeout=120)
+    out, errs = [None] * world_size, []
+
+    def run(r):
+        try:
+            out[r] = fn(r, bar.wait)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errs.append(e)
+            bar.abort()
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errs:
+        raise errs[0]
+    return out
+
+
+def _same_dataset(a, b):
+    assert len(a) == len(b) and a.lengths == b.lengths and a.dropped == b.dropped
+    for i in range(len(a)):
+        for x, y in zip(a.tokens(i), b.tokens(i)):
+            assert np.array_equal(x, y), i
+        assert a.samples[i] == b.samples[i]
+
+
+def test_render_cache_is_keyed_by_content_shared_by_ranks_and_equal_to_rendering(world, tok, tmp_path, monkeypatch):
+    img = data.image_token_id(tok)
+    samples = read(os.path.join(world, "instruct.json"))[:60]
+    max_len = int(data.render_samples(samples, tok, NV, img)[0]["need"].max()) + 2  # some cut, none dropped
+    samples.append(sample("long", question=" ".join(["red"] * max_len)))
+    ref = data.SupervisedDataset(samples, tok, None, world, NV, img, max_len, drop_overlong=True)  # in memory
+    assert ref.dropped == ["long"]
+    cache = str(tmp_path / "cache")
+    _same_dataset(ref, data.SupervisedDataset(samples, tok, None, world, NV, img, max_len, drop_overlong=True,
+                                              cache_dir=cache))
+    assert len(glob.glob(os.path.join(cache, "render-*"))) == 1
+    # a hit renders nothing (another max_len reads the same cache: only the drop decisions differ)
+    real = data.render_samples
+    monkeypatch.setattr(data, "render_samples", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-rendered")))
+    _same_dataset(ref, data.SupervisedDataset(samples, tok, None, world, NV, img, max_len, drop_overlong=True,
+                                              cache_dir=cache))
+    wide = data.SupervisedDataset(samples, tok, None, world, NV, img, 1000, cache_dir=cache)
+    assert wide.dropped == [] and len(wide) == len(samples)
+    with pytest.raises(ValueError, match="sample long: .* > --max-len"):  # errors as when rendered in memory
+        data.SupervisedDataset(samples, tok, None, world, NV, img, max_len, cache_dir=cache)
+    monkeypatch.setattr(data, "render_samples", real)
+    # the key: the samples' content, the tokenizer's template, the visual token count
+    key = data.render_key(samples, tok, NV, img)
+    edited = [dict(samples[0], id="edited")] + samples[1:]
+    assert data.render_key(edited, tok, NV, img) != key and data.render_key(samples, tok, NV + 1, img) != key
+    other = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    assert data.render_key(samples, other, NV, img) == key
+    other.chat_template = other.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert data.render_key(samples, other, NV, img) != key
+    # two ranks: each renders its shard, the merged cache equals the rendering, no shard is left behind
+    cache2 = str(tmp_path / "cache2")
+    toks = [tok, data.load_tokenizer(os.path.join(world, "tokenizer"))]  # one per thread
+    ranks = _as_ranks(2, lambda r, barrier: data.SupervisedDataset(
+        samples, toks[r], None, world, NV, img, max_len, drop_overlong=True, cache_dir=cache2, rank=r,
+        world_size=2, barrier=barrier))
+    for ds in ranks:
+        _same_dataset(ref, ds)
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(cache2, "render-*"))] == [f"render-{key}"]
+    # a fork pool of 2 processes renders the same
+    _same_dataset(ref, data.SupervisedDataset(samples, tok, None, world, NV, img, max_len, drop_overlong=True,
+                                              processes=2))
+    bad = samples + [{"id": "bad", "conversations": [{"from": "human", "value": "hi"}]}]
+    with pytest.raises(ValueError, match="sample bad: no gpt"):
+        data.SupervisedDataset(bad, tok, None, world, NV, img, 1000, cache_dir=cache)
+
+
+def test_image_checks_are_split_across_ranks_and_merged(world, tmp_path, monkeypatch):
+    samples = [s for s in read(os.path.join(world, "instruct.json")) if s.get("image")][:40]
+    w = str(tmp_path / "w")
+    os.makedirs(os.path.join(w, "images"))
+    for s in samples:
+        Image.open(os.path.join(world, s["image"])).save(os.path.join(w, s["image"]))
+    # a grayscale image: bad under --strict-rgb (allow_non_rgb=False)
+    Image.open(os.path.join(w, samples[3]["image"])).convert("L").save(os.path.join(w, samples[3]["image"]))
+    os.remove(os.path.join(w, samples[5]["image"]))
+    ref_kept, ref_bad = data.validate_images(samples, w, skip_bad=True, allow_non_rgb=False, cache_dir=str(tmp_path / "c0"), progress=False)
+    assert len(ref_bad) == sum(s["image"] in (samples[3]["image"], samples[5]["image"]) for s in samples) >= 2
+    checked = []
+    real = data._check_image
+    monkeypatch.setattr(data, "_check_image", lambda f: checked.append(f) or real(f))
+    cache = str(tmp_path / "c")
+    got = _as_ranks(3, lambda r, barrier: data.validate_images(samples, w, skip_bad=True, allow_non_rgb=False, cache_dir=cache,
+                                                                progress=False, rank=r, world_size=3, barrier=barrier))
+    files = {os.path.join(w, s["image"]) for s in samples}
+    assert sorted(checked) == sorted(files)  # every file decoded once, by one of the ranks
+    for kept, bad in got:
+        assert kept == ref_kept and bad == ref_bad
+    assert len(os.listdir(cache)) == 1  # the merged verdict; the parts are gone
+    checked.clear()  # a cached verdict: no rank decodes anything, and the barriers still pair up
+    _as_ranks(3, lambda r, barrier: data.validate_images(samples, w, skip_bad=True, allow_non_rgb=False, cache_dir=cache, progress=False,
+                                                         rank=r, world_size=3, barrier=barrier))
+    assert checked == []

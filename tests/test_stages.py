@@ -66,6 +66,73 @@ def test_chunked_equals_unchunked_values_and_grads():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def _divergence_reference64(s_logits, t_logits, labels, num_tokens, temperature, divergence, beta):
+    """Independent float64 reference from FULL logits: F.kl_div for the two KLs (F.kl_div(log q, log p) =
+    KL(p || q)), the generalized JSD by explicit sums over the mixture built in probability space."""
+    keep = labels[:, 1:] != -100
+    V = s_logits.shape[-1]
+    s = s_logits[:, :-1][keep].double() / temperature
+    t = t_logits[:, :-1][keep][:, :V].double() / temperature
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    if divergence == "forward":  # KL(p_t || p_s) * T^2
+        return F.kl_div(ls, lt, log_target=True, reduction="sum") * temperature ** 2 / num_tokens
+    if divergence == "reverse":  # KL(p_s || p_t) * T^2
+        return F.kl_div(lt, ls, log_target=True, reduction="sum") * temperature ** 2 / num_tokens
+    ps, pt = ls.exp(), lt.exp()  # GKD / TRL: no T^2; beta weights the teacher in the mixture
+    if beta == 0:
+        return (pt * (lt - ls)).sum() / num_tokens
+    if beta == 1:
+        return (ps * (ls - lt)).sum() / num_tokens
+    m = beta * pt + (1 - beta) * ps
+    return (beta * (pt * (pt.log() - m.log())).sum() + (1 - beta) * (ps * (ps.log() - m.log())).sum()) / num_tokens
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.5), ("jsd", 0.1),
+                                             ("jsd", 0.9), ("jsd", 0.0), ("jsd", 1.0)])
+def test_kd_divergences_equal_a_float64_reference_in_value_and_gradient(divergence, beta):
+    """--kd-divergence on the chunked path (chunk 7 < rows, T = 1.7, a teacher head with padded rows) equals an
+    independent float64 computation from full logits, loss and gradients."""
+    torch.manual_seed(1)
+    B, T, D, Dt, V, Vt = 2, 29, 16, 24, 97, 103
+    hs = torch.randn(B, T, D, requires_grad=True)
+    ht = torch.randn(B, T, Dt)
+    ws = (torch.randn(V, D) / 2).requires_grad_(True)
+    wt = torch.randn(Vt, Dt) / 2
+    labels = torch.randint(0, V, (B, T))
+    labels[:, :4] = -100
+    labels[0, 22:] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    assert n > 7  # several chunks
+    got = train.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.7, chunk_size=7, divergence=divergence, beta=beta)
+    g_got = torch.autograd.grad(got, (hs, ws))
+    hs64, ws64 = hs.detach().double().requires_grad_(True), ws.detach().double().requires_grad_(True)
+    ref = _divergence_reference64(hs64 @ ws64.t(), ht.double() @ wt.double().t(), labels, n, 1.7, divergence, beta)
+    g_ref = torch.autograd.grad(ref, (hs64, ws64))
+    assert ref.item() > 0
+    assert abs(got.item() - ref.item()) <= 1e-6 * ref.item(), (got.item(), ref.item())
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * b.abs().max().item())  # fp32 rounding
+    if divergence == "forward":  # the default: the same numbers as before the option existed
+        assert torch.equal(got, train.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.7, chunk_size=7))
+
+
+def test_kd_divergence_is_recorded_and_a_resume_with_another_is_refused(setup):
+    world, teacher, root = setup
+    out = str(root / "jsd")
+    args = ["--stage", "1", "--max-steps", "2", "--save-every", "1", *_stage_args(world, teacher, out)]
+    train.main([*args, "--stop-after", "1", "--kd-divergence", "jsd", "--kd-jsd-beta", "0.3"])
+    state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=True)
+    assert state["meta"]["kd_divergence"] == "jsd" and state["meta"]["kd_jsd_beta"] == 0.3
+    with pytest.raises(ValueError, match="kd_divergence"):
+        train.main([*args, "--resume"])  # forward KL now
+    with pytest.raises(ValueError, match="kd_jsd_beta"):
+        train.main([*args, "--resume", "--kd-divergence", "jsd", "--kd-jsd-beta", "0.5"])
+    train.main([*args, "--resume", "--kd-divergence", "jsd", "--kd-jsd-beta", "0.3"])
+    assert [r["step"] for r in _log(out)] == [1, 2] and all(r["kd"] > 0 for r in _log(out))
+    with pytest.raises(SystemExit):
+        train.main([*args, "--kd-divergence", "jsd", "--kd-jsd-beta", "1.5"])
+
+
 def test_token_losses_stay_fp32_under_bf16_autocast():
     """Under the loop's bf16 autocast (CUDA; CPU autocast recasts matmuls the same way) L_LM and L_KL and
     their gradients still equal the fp32 computation: the chunk's logits must not be rebuilt in bf16."""
