@@ -746,19 +746,28 @@ def set_trainable(model: M.MultimodalLM, args):
 
 
 def load_teacher(args, device, student_tok, student: M.MultimodalLM):
-    """The teacher: frozen, eval mode, bf16 on CUDA, never wrapped in DDP."""
+    """The teacher: frozen, eval mode, bf16 on CUDA, never wrapped in DDP. -> (teacher, its tokenizer).
+    Its tokenizer must be the student's (logit KD compares token by token), unless --cross-vocab, where it
+    may be any: L_KL becomes ULD over text-aligned positions; the visual tokens must still correspond one
+    to one (the same vision encoder, the same count)."""
     dtype = torch.bfloat16 if device.type == "cuda" else None
     teacher, teacher_tok, _ = M.load_any(args.teacher, device=device, dtype=dtype,
                                          trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer,
                                          vision_feature_layer=getattr(args, "vision_feature_layer", None),
                                          vision_feature_select_strategy=getattr(args, "vision_feature_select_strategy", None))
     teacher.eval().requires_grad_(False)
+    if getattr(args, "cross_vocab", False):
+        if teacher.num_visual_tokens != student.num_visual_tokens:
+            raise ValueError(f"--cross-vocab: the teacher ({args.teacher}) gives {teacher.num_visual_tokens} visual "
+                             f"tokens per image, the student {student.num_visual_tokens}; they must share the vision "
+                             "encoder (and TAF needs it anyway)")
+        return teacher, teacher_tok
     check_tokenizers_agree(student_tok, teacher_tok)
     V = student.language_model.get_output_embeddings().weight.shape[0]
     Vt = teacher.language_model.get_output_embeddings().weight.shape[0]
     if Vt < V:
         raise ValueError(f"the teacher's LM head has {Vt} rows, fewer than the student's {V}")
-    return teacher
+    return teacher, teacher_tok
 
 
 def apply_taf(student: M.MultimodalLM, teacher: M.MultimodalLM):
@@ -898,7 +907,7 @@ def run_stage(args) -> str:
     if distill:
         if not args.teacher:
             raise ValueError(f"--stage {args.stage} needs --teacher DIR")
-        teacher = load_teacher(args, device, tokenizer, student)
+        teacher, teacher_tok = load_teacher(args, device, tokenizer, student)
         if args.taf and student.extra_config.get("projector") != "taf":
             apply_taf(student, teacher)
     trainable_kind = set_trainable(student, args)
@@ -923,6 +932,13 @@ def run_stage(args) -> str:
                                      system_prompt=student.extra_config.get("system_prompt"),
                                      cache_dir=data.default_cache_dir(), rank=rank, world_size=world,
                                      barrier=barrier, processes=num_workers)
+    cross = bool(getattr(args, "cross_vocab", False) and teacher is not None)
+    collate = None
+    if cross:  # the teacher reads the same conversation in its own tokens; L_KL pairs positions by text
+        dataset = data.CrossVocabDataset(dataset, tokenizer, teacher_tok, teacher.image_token_id,
+                                         student.extra_config.get("system_prompt"))
+        collate = functools.partial(data.collate_cross_vocab, pad_token_id=pad_id,
+                                    teacher_pad_token_id=data.pad_token_id(teacher_tok))
     if master and dataset.dropped:
         print(f"--drop-overlong: dropped {len(dataset.dropped)} of {len(dataset.dropped) + len(dataset)} samples of "
               f"{args.data} (image + first answer token longer than --max-len {args.max_len}; first ids "
@@ -933,7 +949,7 @@ def run_stage(args) -> str:
     if w_vat > 0:
         resumed = find_checkpoint(args.out) if args.resume else None
         vat_cfg = vat_layers(args, student, teacher, dataset, pad_id, micro_batch_size(args, world),
-                             checkpoint_meta(resumed) if resumed else {})
+                             checkpoint_meta(resumed) if resumed else {}, collate)
         if master:
             print(f"VAT: student layers {vat_cfg['s_layers']} <- teacher windows {vat_cfg['matching']}"
                   + (f" (auto, measured on {vat_cfg['auto']['samples']} samples)" if vat_cfg.get("auto") else ""))
@@ -964,6 +980,7 @@ def run_stage(args) -> str:
             **({"vat_auto": vat_cfg["auto"]} if vat_cfg and vat_cfg.get("auto") else {}),  # the layers auto chose
             **{k: student.extra_config[k] for k in ("system_prompt", "image_aspect_ratio") if k in student.extra_config},
             **kd_meta(args, distill),
+            **({"cross_vocab": True} if getattr(args, "cross_vocab", False) and distill else {}),
             "n_trainable": sum(p.numel() for p in params),
             "lr": args.lr, "w_lm": args.w_lm, "w_kl": args.w_kl, "w_vat": args.w_vat,
             "kd_temperature": args.kd_temperature, "max_len": args.max_len, **file_fingerprint(args.data)}
@@ -977,7 +994,7 @@ def run_stage(args) -> str:
     elif master:
         write_run_files(args)
     sampler.load_state_dict({"epoch": step // steps_per_epoch, "step": step % steps_per_epoch})
-    batches = data_loader(dataset, sampler, micro, pad_id, num_workers, device, args.seed)
+    batches = data_loader(dataset, sampler, micro, pad_id, num_workers, device, args.seed, collate)
 
     model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp else student
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -1010,11 +1027,12 @@ def run_stage(args) -> str:
         micro_batches = [next(batches) for _ in range(per_rank // micro)]  # this step's share, collated
         # global normalisers: supervised tokens and samples with visual tokens, over all ranks
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches),
-                               sum(int((b["input_ids"] == student.image_token_id).any(1).sum()) for b in micro_batches)],
+                               sum(int((b["input_ids"] == student.image_token_id).any(1).sum()) for b in micro_batches),
+                               sum(len(b["pairs"]) for b in micro_batches) if cross else 0],
                               dtype=torch.float64, device=device)
         if ddp:
             dist.all_reduce(counts)
-        n_tok, n_vis = max(1.0, counts[0].item()), counts[1].item()
+        n_tok, n_vis, n_pairs = max(1.0, counts[0].item()), counts[1].item(), counts[2].item()
         lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
         sums = {"lm": 0.0, "kd": 0.0, "vat": 0.0, "teacher_bad": 0}
         if step == args.fail_at_step and rank == args.fail_rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
@@ -1026,14 +1044,15 @@ def run_stage(args) -> str:
                 with sync, autocast:
                     t_maps, s_maps = {}, {}
                     if teacher is not None:
+                        t_ids, t_mask = ((b["teacher_input_ids"], b["teacher_attention_mask"]) if cross
+                                         else (b["input_ids"], b["attention_mask"]))
                         with torch.no_grad():
                             cap = (vat.capture_visual_attention(teacher.language_model, vat_cfg["t_layers"],
-                                                                b["input_ids"] == teacher.image_token_id,
-                                                                b["attention_mask"], rows=vat_rows(args),
-                                                                headwise=args.vat_headwise)
+                                                                t_ids == teacher.image_token_id, t_mask,
+                                                                rows=vat_rows(args), headwise=args.vat_headwise)
                                    if vat_cfg else contextlib.nullcontext({}))
                             with cap as t_maps:
-                                t_out = teacher(b["input_ids"], b["attention_mask"], b["pixel_values"], return_hidden=True)
+                                t_out = teacher(t_ids, t_mask, b["pixel_values"], return_hidden=True)
                             sums["teacher_bad"] += int(not torch.isfinite(t_out["hidden"]).all())
                     cap = (vat.capture_visual_attention(student.language_model, vat_cfg["s_layers"],
                                                         b["input_ids"] == student.image_token_id, b["attention_mask"],
@@ -1042,9 +1061,12 @@ def run_stage(args) -> str:
                     with cap as s_maps:
                         out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], return_hidden=True)
                     lm, kd = lm_and_kd_loss(out["hidden"], s_head.weight, b["labels"], n_tok,
-                                            t_out["hidden"] if teacher is not None else None,
+                                            t_out["hidden"] if teacher is not None and not cross else None,
                                             t_head.weight if teacher is not None else None,
                                             args.kd_temperature, args.kd_chunk, args.kd_divergence, args.kd_jsd_beta)
+                    if cross:  # L_KL across vocabularies: ULD on the text-aligned pairs (global count n_pairs)
+                        kd = uld_loss(*pair_rows(out["hidden"], t_out["hidden"], b["pairs"]), s_head.weight,
+                                      t_head.weight, max(1.0, n_pairs), args.kd_temperature, args.kd_chunk)
                     loss = args.w_lm * lm + (args.w_kl * kd if teacher is not None else 0.0)
                     vat_l = torch.zeros((), device=device)
                     if vat_cfg:
@@ -1093,7 +1115,7 @@ def run_stage(args) -> str:
                                                 + w_vat * stats[2].item(), 6),
                    "lm": stats[0].item(), "kd": stats[1].item(), "vat": stats[2].item(),
                    "lr": lr, "grad_norm": stats[3].item(), "tokens_per_s": tokens_since * world / max(dt, 1e-9),
-                   "skipped": skipped}
+                   "skipped": skipped, **({"kd_pairs": int(n_pairs)} if cross else {})}
             write_record(log_path, rec, sinks)
             pbar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.4f}")
             t_last, tokens_since, paused = time.time(), 0, 0.0
@@ -1169,7 +1191,7 @@ def resolve_num_workers(args, device) -> int:
     return max(1, min(4, per_rank - 1))
 
 
-def data_loader(dataset, sampler, micro, pad_id, num_workers, device, seed):
+def data_loader(dataset, sampler, micro, pad_id, num_workers, device, seed, collate=None):
     """An iterator over this rank's collated micro-batches, in the sampler's order: a torch DataLoader over
     data.MicroBatchSampler with `num_workers` worker processes (0: in this process), pinned memory on CUDA and
     4 micro-batches prefetched per worker. Items (image decode + processor, ids expanded) and collate run in
@@ -1183,7 +1205,7 @@ def data_loader(dataset, sampler, micro, pad_id, num_workers, device, seed):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers never tokenize
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=data.MicroBatchSampler(sampler, micro),
-        collate_fn=functools.partial(data.collate, pad_token_id=pad_id), num_workers=num_workers,
+        collate_fn=collate or functools.partial(data.collate, pad_token_id=pad_id), num_workers=num_workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
         generator=torch.Generator().manual_seed(seed),
         multiprocessing_context=("fork" if "fork" in mp.get_all_start_methods() else None) if num_workers else None)
@@ -1201,7 +1223,7 @@ def micro_batch_size(args, world: int) -> int:
     return min(args.micro_batch, args.global_batch // world)
 
 
-def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta: dict) -> dict:
+def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta: dict, collate=None) -> dict:
     """VAT's layers and their matching (docs/method.md section 3): `--vat-layers` / `--vat-teacher-layers`
     are vat.select_layers specs. "auto" measures the model's attention profile (evaluate.layer_profile_batches:
     per layer, the text's attention share on the image and its entropy there) on the first
@@ -1222,14 +1244,17 @@ def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta
                 raise ValueError(f"--vat-layers auto: {args.data} has no sample with an image to measure on")
             device = next(student.parameters()).device
 
-            def batches():
+            def batches(who):  # the teacher reads its own tokens under --cross-vocab
                 for j in range(0, len(idx), micro):
-                    b = data.collate([dataset[i] for i in idx[j:j + micro]], pad_id)
-                    yield b["input_ids"], b["attention_mask"], b["pixel_values"].to(device), None
+                    b = (collate or functools.partial(data.collate, pad_token_id=pad_id))(
+                        [dataset[i] for i in idx[j:j + micro]])
+                    ids, mask = ((b["teacher_input_ids"], b["teacher_attention_mask"]) if "pairs" in b and
+                                 who == "teacher" else (b["input_ids"], b["attention_mask"]))
+                    yield ids, mask, b["pixel_values"].to(device), None
             auto = {"samples": len(idx)}
             for who, mllm, spec in (("student", student, s_spec), ("teacher", teacher, t_spec)):
                 if spec == "auto":
-                    auto[who] = E.layer_profile_batches(mllm, batches())["auto"]
+                    auto[who] = E.layer_profile_batches(mllm, batches(who))["auto"]
     s_layers = auto["student"] if s_spec == "auto" else vat.select_layers(n_s, s_spec)
     t_layers = auto["teacher"] if t_spec == "auto" else vat.select_layers(n_t, t_spec, teacher=True)
     matching = vat.group_layer_matching(s_layers, t_layers, args.vat_matching)
@@ -1247,8 +1272,10 @@ def kd_meta(args, distill: bool) -> dict:
 
 
 def vat_rows(args) -> str:
-    """Query rows the VAT variant needs: all rows (paper) or the visual rows (the authors' code)."""
-    return "all" if args.vat_variant == "paper" else "visual"
+    """Query rows the VAT variant needs: all rows (paper) or the visual rows (the authors' code). Across
+    vocabularies (--cross-vocab) the visual rows only, whatever the variant: the text rows of the two
+    tokenizations do not correspond one to one, the visual ones do."""
+    return "all" if args.vat_variant == "paper" and not getattr(args, "cross_vocab", False) else "visual"
 
 
 # -----------------------------------------------------------------------------
@@ -1332,6 +1359,9 @@ def get_parser():
     p.add_argument("--w-vat", type=float, default=1.0, help="L_ADL weight in stage 2 (0 = the KD-only baseline)")
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--kd-chunk", type=int, default=512, help="rows of logits materialised at a time in L_LM/L_KL")
+    p.add_argument("--cross-vocab", action="store_true", help="a teacher with its own tokenizer: L_KL becomes ULD "
+                   "(train.uld_loss) over the positions whose tokens end at the same character of an answer "
+                   "(data.aligned_pairs, counted as kd_pairs in the log); VAT aligns the visual query rows only")
     p.add_argument("--kd-divergence", choices=list(KD_DIVERGENCES), default="forward", help="L_KL's divergence: "
                    "forward KL(p_t||p_s) (the paper), reverse KL(p_s||p_t), or jsd, the generalized JSD of GKD as TRL "
                    "computes it (no T^2 factor; train.divergence_rows)")

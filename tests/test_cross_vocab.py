@@ -98,3 +98,68 @@ def test_aligned_pairs_skip_boundaries_only_one_side_has(two_tokenizers):
     n_sup_b = sum(x != -100 for x in lab_b)
     assert n_sup_b >= 4 and len(pairs) == 2  # "circle" ends at character 6, and the end-of-turn marker
     assert len({i for i, _ in pairs}) == len({j for _, j in pairs}) == 2
+
+
+@pytest.fixture(scope="module")
+def cross_setup(tmp_path_factory):
+    """A world (its tokenizer: the student's) and a teacher with its OWN tokenizer: another BPE vocabulary
+    trained on the same corpus (600 tokens instead of 1,024, so words split differently)."""
+    import json
+    import os
+
+    import model as M
+    root = tmp_path_factory.mktemp("cross")
+    world = str(root / "world")
+    shapes.synthesize(world, seed=4, n_pretrain=32, n_instruct=64, n_images=32, n_sugarcrepe=2, n_vqa=4,
+                      n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
+    with open(os.path.join(world, "instruct.json")) as f:
+        samples = json.load(f)
+    tok_t = shapes.train_tokenizer(shapes.tokenizer_corpus(samples), str(root / "tok_t"), vocab_size=600)
+    teacher = M.from_preset("teacher", tok_t)  # seed 0: the same vision encoder as the student preset
+    M.save_pretrained(teacher, str(root / "teacher"), tok_t)
+    return world, str(root / "teacher"), root
+
+
+def _cross_args(world, teacher, out, *extra):
+    import os
+    return ["--init", "preset:student", "--tokenizer", os.path.join(world, "tokenizer"), "--teacher", teacher,
+            "--data", os.path.join(world, "instruct.json"), "--image-folder", world, "--out", out,
+            "--global-batch", "8", "--micro-batch", "4", "--max-len", "256", "--lora-r", "4", "--lora-alpha", "8",
+            "--lr", "1e-3", "--quiet", *extra]
+
+
+def test_a_teacher_with_its_own_tokenizer_distils_a_student_end_to_end(cross_setup):
+    import json
+    import os
+
+    world, teacher, root = cross_setup
+    with pytest.raises(ValueError, match="tokenizers disagree"):  # the paper's L_KL: refused, as before
+        train.main(["--stage", "2", "--max-steps", "1", *_cross_args(world, teacher, str(root / "refused"))])
+    out = str(root / "cd")
+    train.main(["--stage", "2", "--max-steps", "3", "--cross-vocab", "--save-every", "2",
+                *_cross_args(world, teacher, out)])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [r for r in map(json.loads, f) if "lm" in r]
+    assert len(log) == 3
+    assert all(r["kd"] > 0 and r["vat"] > 0 and r["kd_pairs"] > 0 for r in log)
+    # kd_pairs of step 1 = the aligned pairs of that step's 8 samples, counted here from the conversations
+    tok_s = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    tok_t = data.load_tokenizer(teacher)
+    with open(os.path.join(world, "instruct.json")) as f:
+        samples = json.load(f)
+    first = data.GlobalBatchSampler(len(samples), 8, 0, 1, seed=0)
+    idx = next(iter(first))
+    n = 0
+    for i in idx:
+        msgs = data.llava_to_messages(samples[i])
+        _, _, ks = data.answer_char_keys(tok_s, msgs, 16, data.image_token_id(tok_s))
+        _, _, kt = data.answer_char_keys(tok_t, msgs, 16, data.image_token_id(tok_t))
+        n += len([p for p in data.aligned_pairs(ks, kt) if p[0] < 256 and p[1] < 256])
+    assert log[0]["kd_pairs"] == n
+    state = train.checkpoint_meta(os.path.join(out, "checkpoint"))
+    assert state["cross_vocab"] is True
+    # stage 3 after it, and the model saved with the student's tokenizer
+    s3 = _cross_args(world, teacher, str(root / "s3"))
+    s3[s3.index("preset:student")] = out  # --init: the stage-2 output
+    train.main(["--stage", "3", "--max-steps", "1", *s3])
+    assert os.path.exists(os.path.join(root, "s3", "model.safetensors"))
