@@ -49,6 +49,15 @@ DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_st
 # near 0.08 against L_LM near 0.4; 10 was chosen over 1 and 3 on the validation split (README, "Demo results").
 
 
+def _demo_jsonl(rows, path):
+    """One JSON object a line (evaluate.py layers --requests), written like _demo_json."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path
+
+
 def _demo_json(samples, path):
     """Written to a temporary file, then renamed: a second demo process on the same --out never reads a
     half-written file."""
@@ -176,7 +185,8 @@ def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
             "teacher_cr": _demo_json(cr + lookup + instruct, os.path.join(d, "teacher_cr.json")),
             "teacher_focus": _demo_json(focus + lookup + instruct, os.path.join(d, "teacher_focus.json")),
             "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
-            "text": _demo_json(text, os.path.join(d, "text_only.json"))}
+            "text": _demo_json(text, os.path.join(d, "text_only.json")),
+            "layer_probe": _demo_jsonl(shapes.layer_probe(scenes_json, "val"), os.path.join(d, "val", "layer_probe.jsonl"))}
 
 
 def _common(b, paths, out, steps, seed, *extra, lr=None):
@@ -294,12 +304,13 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
     return s3
 
 
-def demo_student_lm(b: dict, paths, teacher: str, out: str) -> str:
+def demo_student_lm(b: dict, paths, teacher: str, out: str, tokenizer: str | None = None) -> str:
     """The student's "pretrained LLM": the student preset trained on text only (no image), sharing the
-    teacher's vision encoder (TAF needs the same one). Shared by every student."""
+    teacher's vision encoder (TAF needs the same one). Shared by every student. `tokenizer`: another
+    tokenizer than the teacher's (the cross-vocabulary row)."""
     init = os.path.join(out, "init")
     if not _finished(out):  # else _demo_stage below checks that it was made with these arguments
-        tok = data.load_tokenizer(teacher)
+        tok = data.load_tokenizer(tokenizer or teacher)
         student = M.from_preset("student", tok)
         te, _, _ = M.load_pretrained(teacher)
         student.vision_tower.load_state_dict(te.vision_tower.state_dict())
@@ -459,7 +470,25 @@ def demo(args):
                      ("matching_uniform_t_all", "compodistill", ("--vat-teacher-layers", "all",
                                                                  "--vat-matching", "uniform")),
                      ("variant_official", "compodistill", ("--vat-variant", "official")),
-                     ("headwise", "compodistill", ("--vat-headwise",))]
+                     ("headwise", "compodistill", ("--vat-headwise",)),
+                     # beyond the paper: the layer window found from the models, and a student with its own
+                     # tokenizer (ULD over text-aligned positions, VAT on the visual rows)
+                     ("layers_auto", "compodistill", ("--vat-layers", "auto")),
+                     ("cross_vocab", "compodistill", ("--cross-vocab",))]
+    if args.rows:  # run (and tabulate) only these rows, e.g. to add new rows to an --out that holds the rest
+        wanted = set(args.rows.split(","))
+        unknown = wanted - {n for n, _, _ in variants}
+        if unknown:
+            raise SystemExit(f"--rows: unknown rows {sorted(unknown)}; known: {[n for n, _, _ in variants]}")
+        variants = [v for v in variants if v[0] in wanted or v[0] in ("sft", "kd", "compodistill")]
+    xv_lm = None
+    if any(n == "cross_vocab" for n, _, _ in variants):  # its student LM reads another vocabulary
+        tok_dir = os.path.join(paths["dir"], "tokenizer_xv")
+        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            shapes.train_tokenizer(shapes.tokenizer_corpus(data.load_llava_json(paths["pretrain"]) +
+                                                           data.load_llava_json(paths["instruct"])),
+                                   tok_dir, vocab_size=XV_VOCAB)
+        xv_lm = demo_student_lm(b, paths, teacher, os.path.join(root, "student_lm_xv"), tokenizer=tok_dir)
     bench = paths["dir"]
     results = {"teacher": {**demo_evaluate(teacher, bench), "seconds": timings.get("teacher", 0.0)}}
     # the attention distance (1 - cos of the matched maps, as L_ADL defines it) on 20 items per subset
@@ -471,7 +500,8 @@ def demo(args):
         runs.set_postfix(run=f"{name}/seed{seed}")
         t = time.time()
         run_dir = os.path.join(root, f"{name}_seed{seed}")
-        out = demo_student(b, kind, paths, teacher, lm_init, run_dir, seed, extra)  # finished stages are reused
+        init = xv_lm if name == "cross_vocab" else lm_init
+        out = demo_student(b, kind, paths, teacher, init, run_dir, seed, extra)  # finished stages are reused
         cached, res = os.path.join(run_dir, "result.json"), None
         if os.path.exists(cached):  # evaluated by an earlier (interrupted or parallel) demo on this --out
             with open(cached, encoding="utf-8") as f:
@@ -481,7 +511,9 @@ def demo(args):
         if res is None:
             seconds = time.time() - t
             r = demo_evaluate(out, bench)
-            att = E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32)
+            # position by position: not defined across tokenizations (the prompt ids differ)
+            att = ({"attn_dist": float("nan")} if name == "cross_vocab" else
+                   E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32))
             res = {**r, "attn_dist": att["attn_dist"], "seconds": seconds, "seed": seed, "dir": out,
                    "teacher": os.path.abspath(teacher)}
             _demo_json(res, cached)
@@ -552,6 +584,9 @@ def demo(args):
     return results
 
 
+XV_VOCAB = 600  # the cross-vocabulary student's tokenizer: BPE on the same corpus, 600 tokens instead of 1,024
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -567,6 +602,8 @@ def get_parser():
     p.add_argument("--teacher", help="a teacher model directory instead of the shipped assets/demo_teacher")
     p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of loading the "
                    "shipped assets/demo_teacher (about 2 hours on one core)")
+    p.add_argument("--rows", help="with --full: only these comma-separated rows (plus sft, kd, compodistill), "
+                   "e.g. layers_auto,cross_vocab")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # CI's end-to-end run: a few steps
     return p
 
