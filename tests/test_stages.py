@@ -299,3 +299,17 @@ def test_vat_layers_auto_measures_before_training_and_resume_keeps_them(setup, c
     monkeypatch.setattr(E, "layer_profile_batches", lambda *a, **k: pytest.fail("measured again on resume"))
     train.main(["--max-steps", "2", "--resume", *args])
     assert f"VAT: student layers {auto['student']}" in capsys.readouterr().out
+
+
+def test_vat_layers_auto_without_image_samples_is_an_error(setup, tmp_path):
+    world, teacher, root = setup
+    text_only = [s for s in json.load(open(os.path.join(world, "instruct.json"), encoding="utf-8"))
+                 if not s.get("image")][:8]
+    assert len(text_only) == 8
+    path = str(tmp_path / "text_only.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(text_only, f)
+    args = _stage_args(world, teacher, str(tmp_path / "out"))
+    args[args.index("--data") + 1] = path
+    with pytest.raises(ValueError, match=r"--vat-layers auto: .*text_only.json has no sample with an image"):
+        train.main(["--stage", "2", "--max-steps", "1", "--vat-layers", "auto", *args])
