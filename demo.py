@@ -186,7 +186,7 @@ def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
             "teacher_focus": _demo_json(focus + lookup + instruct, os.path.join(d, "teacher_focus.json")),
             "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
             "text": _demo_json(text, os.path.join(d, "text_only.json")),
-            "layer_probe": _demo_jsonl(shapes.layer_probe(scenes_json, "val"), os.path.join(d, "val", "layer_probe.jsonl"))}
+            "layer_probe": _demo_jsonl(shapes.layer_probe(scenes_json, "val"), os.path.join(d, "layer_probe_val.jsonl"))}
 
 
 def _common(b, paths, out, steps, seed, *extra, lr=None):
