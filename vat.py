@@ -294,30 +294,33 @@ def _row_plan(visual_mask, attention_mask, rows: str):
 _CUDA_OUT_DTYPE = [True]  # whether this torch has bmm(..., out_dtype=float32) for half inputs on CUDA
 
 
-def _bmm_fp32(a, b):
-    """a (n, i, j) @ b (n, j, k) -> fp32, accumulated in fp32, never under autocast. On CUDA with bf16 / fp16
-    inputs the product runs on tensor cores with an fp32 output (`torch.bmm(..., out_dtype=torch.float32)`):
-    a product of two bf16 (or fp16) numbers is exact in fp32, so this equals the fp32 matmul of the upcast
-    inputs up to the order of summation. Elsewhere (CPU, fp32 inputs, a torch without that overload) the
-    inputs are upcast and multiplied in fp32."""
-    with torch.autocast(a.device.type, enabled=False):  # under bf16 autocast the matmul would run in bf16
-        if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype and _CUDA_OUT_DTYPE[0]:
-            try:
-                return torch.bmm(a, b, out_dtype=torch.float32)
-            except (TypeError, RuntimeError, NotImplementedError):
-                _CUDA_OUT_DTYPE[0] = False  # older torch: the upcast path below, from now on
-        dtype = torch.promote_types(a.dtype, torch.float32)  # fp32 (fp64 stays fp64: the gradient checks)
-        return torch.bmm(a.to(dtype), b.to(dtype))
+def _half_cuda(q, k) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and _CUDA_OUT_DTYPE[0]
 
 
 def _scores(q, k, bias, scaling: float):
     """q (B, H, c, D), k (B, H_kv, n, D) in the model's dtype, bias (B, 1|H, c, n) -> (B, H, c, n) fp32
-    scores q k^T * scaling + bias. The key heads are broadcast over their query group (GQA): the group's
-    c query rows are stacked against the one key head, never copied."""
+    scores q k^T * scaling + bias, accumulated in fp32, never under autocast (it would recast to bf16). The
+    key heads are broadcast over their query group (GQA), never copied.
+    On CUDA with bf16 / fp16 inputs the product runs on tensor cores with an fp32 output
+    (`torch.bmm(..., out_dtype=torch.float32)`): a product of two bf16 (or fp16) numbers is exact in fp32, so
+    this equals the fp32 matmul of the upcast inputs up to the order of summation; the scaling is applied to
+    the fp32 scores. Elsewhere (CPU, fp32 inputs, a torch without that overload) q and k are upcast to fp32
+    (fp64 stays fp64) and q is scaled before the product, the small side."""
     B, H, c, D = q.shape
     H_kv, n = k.shape[1], k.shape[2]
-    s = _bmm_fp32(q.reshape(B * H_kv, (H // H_kv) * c, D), k.reshape(B * H_kv, n, D).transpose(1, 2))
-    return s.view(B, H, c, n).mul_(scaling).add_(bias)
+    with torch.autocast(q.device.type, enabled=False):
+        if _half_cuda(q, k):
+            try:
+                s = torch.bmm(q.reshape(B * H_kv, (H // H_kv) * c, D), k.reshape(B * H_kv, n, D).transpose(1, 2),
+                              out_dtype=torch.float32)
+                return s.view(B, H, c, n).mul_(scaling).add_(bias)
+            except (TypeError, RuntimeError, NotImplementedError):
+                _CUDA_OUT_DTYPE[0] = False  # older torch: the upcast path below, from now on
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        qs = (q.to(dtype) * scaling).view(B, H_kv, H // H_kv, c, D)
+        s = torch.matmul(qs, k.to(dtype)[:, :, None].transpose(-1, -2)).view(B, H, c, n)
+    return s.add_(bias)
 
 
 class _VisualKeyProbs(torch.autograd.Function):
@@ -345,12 +348,11 @@ class _VisualKeyProbs(torch.autograd.Function):
         probs = _scores(q, k, bias, ctx.scaling).softmax(dim=-1)
         ga = torch.where(inside, grad * probs.gather(3, index), 0.0)  # g * a, (B, H, c, N)
         ds = probs.mul_(-ga.sum(-1, keepdim=True)).scatter_add_(3, index, ga)  # in place: P is not needed again
-        ds = ds.view(B * H_kv, (H // H_kv) * c, n)
+        ds = ds.view(B, H_kv, H // H_kv, c, n)
         with torch.autocast(q.device.type, enabled=False):  # fp32, like the forward (backward may run under autocast)
-            kf = k.reshape(B * H_kv, n, D).to(ds.dtype)
-            qf = q.reshape(B * H_kv, (H // H_kv) * c, D).to(ds.dtype)
-            dq = torch.bmm(ds, kf).mul_(ctx.scaling).view(B, H, c, D)
-            dk = torch.bmm(ds.transpose(1, 2), qf).mul_(ctx.scaling).view(B, H_kv, n, D)
+            kf, qf = k.to(ds.dtype), q.to(ds.dtype)
+            dq = torch.matmul(ds, kf[:, :, None]).view(B, H, c, D).mul_(ctx.scaling)
+            dk = torch.matmul(ds.transpose(-1, -2), qf.view(B, H_kv, H // H_kv, c, D)).sum(2).mul_(ctx.scaling)
         return dq.to(q.dtype), dk.to(k.dtype), None, None, None, None
 
 
