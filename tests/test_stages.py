@@ -303,9 +303,9 @@ def test_vat_layers_auto_measures_before_training_and_resume_keeps_them(setup, c
 
 def test_vat_layers_auto_without_image_samples_is_an_error(setup, tmp_path):
     world, teacher, root = setup
-    text_only = [s for s in json.load(open(os.path.join(world, "instruct.json"), encoding="utf-8"))
-                 if not s.get("image")][:8]
-    assert len(text_only) == 8
+    text = [s for s in json.load(open(os.path.join(world, "instruct.json"), encoding="utf-8")) if not s.get("image")]
+    assert text
+    text_only = [dict(text[k % len(text)], id=f"text_{k}") for k in range(8)]  # a global batch of them
     path = str(tmp_path / "text_only.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(text_only, f)
