@@ -307,7 +307,6 @@ def _bench_kl(a, measured):
 
 
 def _bench_args(argv=None):
-
     p = argparse.ArgumentParser(description="VAT capture vs output_attentions, and chunked vs unchunked L_KL")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

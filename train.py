@@ -1198,9 +1198,7 @@ def data_loader(dataset, sampler, micro, pad_id, num_workers, device, seed, coll
     the workers; the order, hence every loss, is the same for any number of workers. Its own seeded generator,
     so that the global RNG (dropout) does not depend on the loader. Workers are forked (where the platform
     can), so they share the dataset's memory-mapped arrays instead of pickling them."""
-    import functools
     import multiprocessing as mp
-    import data
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers never tokenize
     loader = torch.utils.data.DataLoader(
