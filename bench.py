@@ -339,6 +339,9 @@ def _bench_args(argv=None):
     p.add_argument("--kl-chunk", type=int, default=256)
     p.add_argument("--skip-kl", action="store_true")
     p.add_argument("--data", action="store_true", help="the data-path benchmark only (bench_data)")
+    p.add_argument("--memory", action="store_true", help="the per-GPU memory table of model pairs, DDP and --fsdp "
+                   "(memory_table; computed, not measured)")
+    p.add_argument("--memory-world", type=int, default=8, help="GPUs the --memory table shards over")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "compodistill-bench-data"))
     p.add_argument("--data-n", type=int, default=665_000)
     p.add_argument("--data-distinct", type=int, default=4000)
@@ -548,10 +551,129 @@ def bench_data(a):
     return before, cold, warm, rate0, rate_w
 
 
+# -----------------------------------------------------------------------------
+# Memory per GPU for a model pair, DDP and --fsdp (README, "Memory per model pair"): computed from the
+# parameter counts of meta-device models built from the real configs, the optimizer's state and an
+# activation count; not measured (no GPU here).
+
+# the public config.json values of each LLM: hidden, intermediate, layers, attention heads, KV heads, vocabulary,
+# tied embeddings (Qwen1.5 is model_type qwen2 in transformers, with as many KV heads as heads)
+LLMS = {
+    "Qwen2.5-0.5B": (896, 4864, 24, 14, 2, 151936, True),
+    "Qwen2.5-1.5B": (1536, 8960, 28, 12, 2, 151936, True),
+    "Qwen2.5-3B": (2048, 11008, 36, 16, 2, 151936, True),
+    "Qwen2.5-7B": (3584, 18944, 28, 28, 4, 152064, False),
+    "Qwen2.5-14B": (5120, 13824, 48, 40, 8, 152064, False),
+    "Qwen2.5-32B": (5120, 27648, 64, 40, 8, 152064, False),
+    "Qwen1.5-1.8B": (2048, 5504, 24, 16, 16, 151936, False),
+    "Qwen1.5-4B": (2560, 6912, 40, 20, 20, 151936, False),
+}
+SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                         image_size=384, patch_size=14)
+PAIRS = [("Qwen2.5-0.5B", "Qwen2.5-1.5B"), ("Qwen1.5-1.8B", "Qwen1.5-4B"), ("Qwen1.5-1.8B", "Qwen2.5-7B"),
+         ("Qwen2.5-1.5B", "Qwen2.5-7B"), ("Qwen2.5-3B", "Qwen2.5-14B"), ("Qwen2.5-7B", "Qwen2.5-32B")]
+GIB = 2 ** 30
+
+
+def llm_config(name_or_tuple) -> Qwen2Config:
+    d, i, n, h, kv, v, tied = LLMS[name_or_tuple] if isinstance(name_or_tuple, str) else name_or_tuple
+    return Qwen2Config(hidden_size=d, intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
+                       num_key_value_heads=kv, vocab_size=v, tie_word_embeddings=tied)
+
+
+def model_sizes(cfg: Qwen2Config, vision: dict | None = None, lora_r: int = 0) -> dict:
+    """Parameter counts of the multimodal model with this LLM, from a meta-device build (no memory):
+    total, llm, vision, block (one decoder layer), vision_block, root (what FSDP2's root unit holds: embeddings,
+    LM head counted once when tied, final norm, the vision tower outside its layers, the 2-layer projector),
+    lora (LoRA r on model.LORA_TARGETS of every layer: r x (in + out) each)."""
+    from transformers import AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(cfg)
+        vis = SiglipVisionModel(SiglipVisionConfig(**(vision or SIGLIP_SO400M_384)))
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())  # named once: tied weights count once
+    d_v, d = vis.config.hidden_size, cfg.hidden_size
+    proj = d_v * d + d + d * d + d
+    v_layers = [m for m in vis.modules() if type(m).__name__.endswith("EncoderLayer")]
+    block, v_block = count(lm.model.layers[0]), count(v_layers[0])
+    llm, vision = count(lm), count(vis)
+    lora = sum(lora_r * (m.in_features + m.out_features) for name, m in lm.model.layers.named_modules()
+               if name.rsplit(".", 1)[-1] in train.LORA_TARGETS)
+    root_llm = llm - block * cfg.num_hidden_layers
+    return {"total": llm + vision + proj, "llm": llm, "vision": vision, "projector": proj, "block": block,
+            "vision_block": v_block, "root_llm": root_llm,
+            "root": root_llm + vision - v_block * len(v_layers) + proj, "lora": lora}
+
+
+def activation_bytes(cfg: Qwen2Config, tokens: int, grad_ckpt: bool = False) -> int:
+    """Saved activations of the student's LLM for `tokens` tokens (micro-batch x T), bf16 autocast over fp32
+    weights (train.py on CUDA), SDPA's fused kernel (no T x T matrix). Per layer and token, counted from
+    Qwen2's decoder layer: the two RMSNorms save their fp32 input and output (2 x 8d), the bf16 casts of
+    the inputs of q/k/v and gate/up (5 x 2d), q and its rotated copy (2 x 2d), k, v and rotated k
+    (3 x 2 d_kv), the attention output (2d) and the o_proj input (2d), the MLP's gate, up, SiLU and product
+    (4 x 2I): 34d + 6 d_kv + 8I bytes. With --grad-checkpointing: each layer's fp32 input (4d) plus one
+    layer's full set during its recomputation."""
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    d_kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    per_layer = 34 * d + 6 * d_kv + 8 * i
+    n = cfg.num_hidden_layers
+    return tokens * ((4 * d * n + per_layer) if grad_ckpt else per_layer * n)
+
+
+def memory_plan(student: Qwen2Config, teacher: Qwen2Config, world: int = 8, micro: int = 1, seq: int = 2048,
+                full_llm: bool = False, lora_r: int = 128, grad_ckpt: bool = False, kd_chunk: int = 512,
+                vision: dict | None = None) -> dict:
+    """Bytes per GPU in stage 2 (the largest: both models, L_KL, VAT) under DDP and under --fsdp on `world`
+    GPUs. The student keeps fp32 weights (frozen vision tower included), the teacher bf16; AdamW holds two
+    fp32 moments per trainable parameter; DDP adds its fp32 gradient buckets (a copy of the gradients).
+    FSDP2 shards weights, gradients and moments over the ranks and gathers, at a time, the root unit
+    (kept whole, with its gradients in the backward), two blocks (the running one and the prefetched
+    next, with the running block's gradients) and, for the teacher, its root unit and two blocks. Both
+    add the activations (activation_bytes) and the chunked L_LM/L_KL logits: kd_chunk rows x vocabulary
+    x fp32, four arrays (student and teacher logits, the two softmaxes). The VAT maps (a few MB) are left
+    out. -> {"ddp", "fsdp", "params_student", "params_teacher", "trainable", "activations"} in bytes."""
+    s, t = model_sizes(student, vision, lora_r), model_sizes(teacher, vision)
+    d_t = teacher.hidden_size
+    taf_extra = (SIGLIP_SO400M_384["hidden_size"] * d_t + d_t + d_t * d_t + d_t  # the fetched teacher adapter
+                 + d_t * student.hidden_size + student.hidden_size - s["projector"])  # + P_s instead of P_s's own
+    p_s = s["total"] + taf_extra
+    p_tr = (s["llm"] if full_llm else s["lora"]) + d_t * student.hidden_size + student.hidden_size
+    act = activation_bytes(student, micro * seq, grad_ckpt)
+    logits = 4 * 4 * min(kd_chunk, micro * seq) * student.vocab_size
+    ddp = 4 * p_s + (4 + 4 + 8) * p_tr + 2 * t["total"] + act + logits
+    root_tr = s["root_llm"] if full_llm else 0  # trainable weights of the root unit (P_s aside, small)
+    fsdp = ((4 * p_s + (4 + 8) * p_tr + 2 * t["total"]) / world
+            + 4 * (s["root"] + taf_extra) + 4 * root_tr + 2 * 4 * s["block"] + 4 * (s["block"] if full_llm else 0)
+            + 2 * t["root"] + 2 * 2 * t["block"] + act + logits)
+    return {"ddp": ddp, "fsdp": fsdp, "params_student": p_s, "params_teacher": t["total"], "trainable": p_tr,
+            "activations": act}
+
+
+def memory_table(world: int = 8, seq: int = 2048, budget_gib: float = 80.0) -> str:
+    """The README table: GiB per GPU in stage 2 for each pair of PAIRS, LoRA r128 (the paper's) and full LLM,
+    micro-batch 1 and 4 at T = `seq`, DDP and --fsdp on `world` GPUs; "ok" where it stays under 90% of
+    `budget_gib` (room for the CUDA context, the allocator's fragmentation and the VAT maps)."""
+    rows = ["| student <- teacher | trained | DDP, mb 1 | DDP, mb 4 | FSDP2 x%d, mb 1 | FSDP2 x%d, mb 4 |" % (world, world),
+            "|---|---|---|---|---|---|"]
+    for st, te in PAIRS:
+        for full in (False, True):
+            cells = []
+            for mode in ("ddp", "fsdp"):
+                for micro in (1, 4):
+                    b = memory_plan(llm_config(st), llm_config(te), world, micro, seq, full_llm=full)[mode] / GIB
+                    cells.append(f"{b:.0f}" + (" ok" if b <= 0.9 * budget_gib else ""))
+            rows.append(f"| {st} <- {te} | {'full LLM' if full else 'LoRA r128'} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def bench(argv=None):
     """`python bench.py`: prints the tables and, last, the RESULT line."""
     a = vars(_bench_args(argv))
     torch.manual_seed(0)
+    if a["memory"]:
+        print(memory_table(a["memory_world"], a["seq"] if a["preset"] else 2048))
+        return
     if a["data"]:
         before, cold, warm, rate0, rate_w = bench_data(a)
         print(f"RESULT data_first_batch_before_s={before:.0f} data_first_batch_cold_s={cold:.0f} "

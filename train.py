@@ -18,6 +18,8 @@ Losses (weights `--w-lm --w-kl --w-vat`, default 1 each):
   L_ADL visual attention alignment, Eq. 3 (vat.py).
 Both token losses are normalised by the supervised-token count of the whole GLOBAL batch (all ranks,
 all micro-batches), so 1 process and N processes with the same global batch take the same step.
+Under torchrun the student is wrapped in DDP; `--fsdp` shards the student and the teacher with PyTorch
+FSDP2 instead (section "--fsdp" below), the same step within float rounding.
 
 Run directory `--out` (one per stage): model.safetensors + config.json + tokenizer (the stage's output,
 LoRA merged), `checkpoint/` (trainable weights, optimizer, scheduler, step, data position, RNG; written
@@ -25,11 +27,13 @@ atomically), `log.jsonl` (one JSON line per logged step, each loss separately), 
 
   python train.py --stage llava --init preset:teacher --data D/instruct.json --image-folder D/images --out runs/t
   torchrun --nproc_per_node=8 train.py --stage 2 --init runs/x/stage1 --teacher runs/t ...
+  torchrun --nproc_per_node=8 train.py --stage 2 --fsdp ...     # teachers of 7B+ next to a 2B+ student
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import errno
 import functools
@@ -239,7 +243,9 @@ def check_tokenizers_agree(student_tok, teacher_tok):
 
 
 def trainable_state(model: torch.nn.Module) -> dict:
-    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+    """The trainable weights, whole, on the CPU. Under --fsdp each is gathered from its shards (a collective:
+    every rank calls this, in the same order)."""
+    return {k: full_tensor(p.detach()).cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 # -----------------------------------------------------------------------------
@@ -360,10 +366,11 @@ def _disk_full(e: BaseException) -> bool:
     return getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e) or "No space left" in str(e)
 
 
-def save_checkpoint(out_dir: str, model, optimizer, scheduler, step: int, sampler_state: dict, meta: dict,
-                    rng_per_rank: list | None = None):
-    """checkpoint/ = trainable weights (safetensors) + trainer_state.pt (optimizer, scheduler, step, data
-    position, RNG of every rank: `rng_per_rank`, gathered by checkpoint_all_ranks). Written to
+def save_checkpoint(out_dir: str, weights: dict, optimizer_state: dict, scheduler, step: int, sampler_state: dict,
+                    meta: dict, rng_per_rank: list | None = None):
+    """checkpoint/ = trainable weights (safetensors; `weights`, trainable_state) + trainer_state.pt (optimizer
+    (`optimizer_state`, optimizer_state), scheduler, step, data position, RNG of every rank: `rng_per_rank`,
+    gathered by checkpoint_all_ranks). Whole tensors, whether the run was DDP or --fsdp. Written to
     checkpoint.tmp/, fsynced, then swapped in by renames, so a crash at any moment leaves either the old
     or the new checkpoint loadable (load_checkpoint falls back to .old). A full disk is an OSError(ENOSPC)
     naming the path (the previous checkpoint stays)."""
@@ -373,8 +380,8 @@ def save_checkpoint(out_dir: str, model, optimizer, scheduler, step: int, sample
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+        state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                  "sampler": sampler_state, "meta": meta, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank}
         with open(os.path.join(tmp, "trainer_state.pt"), "wb") as f:  # a file object: ENOSPC stays an OSError
             torch.save(state, f)
@@ -453,10 +460,10 @@ def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict, rank: in
                          f"{sorted(expected - set(weights))[:6]}, unexpected {sorted(set(weights) - expected)[:6]}")
     with torch.no_grad():
         for k, v in weights.items():
-            if own[k].shape != v.shape:
+            if own[k].shape != v.shape:  # a DTensor's shape is the whole tensor's
                 raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
-            own[k].copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
+            own[k].copy_(shard_like(v.to(own[k].dtype), own[k]))
+    optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     per_rank = state.get("rng_per_rank") or [state["rng"]]  # older checkpoints: rank 0's only
     set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
@@ -471,8 +478,11 @@ def checkpoint_all_ranks(args, student, optimizer, scheduler, step: int, steps_p
     if ddp:
         states = [None] * dist.get_world_size()
         dist.all_gather_object(states, rng_state())
+    sharded = getattr(args, "fsdp", False)  # the shards are gathered by every rank; rank 0 writes
+    weights = trainable_state(student) if master or sharded else None
+    opt_state = optimizer_state(optimizer) if master or sharded else None
     if master:
-        save_checkpoint(args.out, student, optimizer, scheduler, step,
+        save_checkpoint(args.out, weights, opt_state, scheduler, step,
                         {"epoch": step // steps_per_epoch, "step": step % steps_per_epoch}, meta, rng_per_rank=states)
     if ddp:
         dist.barrier()
@@ -683,6 +693,9 @@ def check_args(args) -> list:
             for x in (v if isinstance(v, tuple) else (v,)):  # per-stage options hold three values
                 if x is not None and not ok(x):
                     problems.append(f"--{name.replace('_', '-')} must be {what}, got {x}")
+    if getattr(args, "fsdp", False) and "WORLD_SIZE" not in os.environ:
+        problems.append("--fsdp shards over the processes torchrun starts: run it under torchrun "
+                        "(torchrun --nproc_per_node N train.py ...; N = 1 works too)")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         problems.append("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if args.out:
@@ -745,12 +758,13 @@ def set_trainable(model: M.MultimodalLM, args):
     return what
 
 
-def load_teacher(args, device, student_tok, student: M.MultimodalLM):
-    """The teacher: frozen, eval mode, bf16 on CUDA, never wrapped in DDP. -> (teacher, its tokenizer).
+def load_teacher(args, device, student_tok, student: M.MultimodalLM, dtype=None):
+    """The teacher: frozen, eval mode, bf16 on CUDA (`dtype`, default: bf16 when `device` is CUDA), never
+    wrapped in DDP (sharded like the student under --fsdp). -> (teacher, its tokenizer).
     Its tokenizer must be the student's (logit KD compares token by token), unless --cross-vocab, where it
     may be any: L_KL becomes ULD over text-aligned positions; the visual tokens must still correspond one
     to one (the same vision encoder, the same count)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else None)
     teacher, teacher_tok, _ = M.load_any(args.teacher, device=device, dtype=dtype,
                                          trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer,
                                          vision_feature_layer=getattr(args, "vision_feature_layer", None),
@@ -821,6 +835,100 @@ def init_distributed(backend: str):
                             rank=rank, world_size=world)
 
 
+# -----------------------------------------------------------------------------
+# --fsdp: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`) in place of DDP, for models past one GPU's
+# memory. Each transformer block is its own unit; parameters, gradients and AdamW state are split over the
+# ranks (ZeRO-3) and a block's weights are gathered only while it runs. The losses, the VAT capture and the
+# checkpoint format are the DDP run's (the tests compare the two runs step by step).
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a sharded (DTensor) tensor, gathered from every rank (a collective); else `t`."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor, the same on every rank) split like the DTensor `like`; else unchanged.
+    No communication: each rank keeps its own piece."""
+    if not hasattr(like, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with every sharded state tensor gathered whole onto the CPU (collective under
+    --fsdp), so a checkpoint reads the same whether it was written by DDP or FSDP2."""
+    sd = optimizer.state_dict()
+    return {**sd, "state": {i: {k: (full_tensor(v).cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
+                            for i, st in sd["state"].items()}}
+
+
+def shard_optimizer_state(sd: dict, optimizer) -> dict:
+    """The inverse of optimizer_state for this optimizer's parameters (index i = i-th parameter, as torch
+    numbers them): whole state tensors become DTensors split like their parameter."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not any(hasattr(p, "device_mesh") for p in params):
+        return sd
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    by_id = dict(zip(ids, params))
+    return {**sd, "state": {i: {k: (shard_like(v, by_id[i]) if torch.is_tensor(v) and v.shape == by_id[i].shape
+                                    and v.dim() else v) for k, v in st.items()} for i, st in sd["state"].items()}}
+
+
+def fsdp_shard(mllm: M.MultimodalLM, mesh) -> M.MultimodalLM:
+    """Shard a model in place with FSDP2: every decoder layer of the LLM and every encoder layer of the vision
+    tower is one unit, the root unit holds the rest (embeddings and LM head, tied or not, the final norms, the
+    projector). Parameters move to the mesh's device as they are split. The root's weights stay gathered
+    from its forward to its backward, so the chunked loss may read the LM head's weight after the forward
+    (and the teacher's, which has no backward, stay gathered)."""
+    from torch.distributed.fsdp import fully_shard
+    blocks = [m for m in mllm.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer"))]
+    if not blocks:
+        raise ValueError(f"--fsdp: no *DecoderLayer / *EncoderLayer module in {type(mllm.language_model).__name__}"
+                         " to shard")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(mllm, mesh=mesh)
+    return mllm
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The module's structure with its parameters on the meta device (no storage) and its buffers copied:
+    under --fsdp, rank 0 keeps one, and the gathered weights are loaded into it to save the stage's output."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def gather_state_dict(model: torch.nn.Module, keep: bool) -> dict:
+    """model.state_dict() whole, gathered tensor by tensor (a collective: every rank calls it); the CPU
+    copies are kept where `keep` (rank 0), dropped elsewhere. A tensor shared by two names (tied embeddings)
+    is gathered once and stays shared."""
+    state = model.state_dict()  # (state_dict() makes a new tensor per name: identity is the parameter's)
+    owner = {k: id(t) for k, t in [*model.named_parameters(remove_duplicate=False),
+                                   *model.named_buffers(remove_duplicate=False)]}
+    out, seen = {}, {}
+    for k, v in state.items():
+        key = owner.get(k, id(v))
+        if key not in seen:
+            whole = full_tensor(v.detach())
+            seen[key] = whole.cpu() if keep else None
+        if keep:
+            out[k] = seen[key]
+    return out
+
+
+def validate_cr_sharded(student, *args) -> dict:
+    """validate_cr under --fsdp, on every rank (each block's weights are gathered from all ranks, so every
+    rank runs the same forwards, on the same items): the root unit is gathered for the duration, since
+    generation calls the LLM and the encoder past the root's forward."""
+    student.unshard()
+    try:
+        return validate_cr(student, *args)
+    finally:
+        student.reshard()
+
+
 def validate_cr(student, tokenizer, image_processor, items: dict, device) -> dict:
     """In-loop validation: CR accuracy of the model being trained on a SugarCrepe-layout set, by the
     paper's protocol (docs/method.md section 6; evaluate.eval_sugarcrepe: 2-choice, both orders, greedy). The
@@ -877,7 +985,8 @@ def run_stage(args) -> str:
         key = "llava-adapter" if args.stage == "llava" and args.trainable == "adapter" else args.stage
         args.global_batch = STAGE_GLOBAL_BATCH[key]
     # --- distributed setup (torchrun sets RANK/WORLD_SIZE; plain python is one process) ---------------
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fsdp = bool(getattr(args, "fsdp", False))
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp  # distributed (DDP, or FSDP2 with --fsdp)
     if ddp:
         if not dist.is_initialized():
             init_distributed("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
@@ -907,13 +1016,24 @@ def run_stage(args) -> str:
     if distill:
         if not args.teacher:
             raise ValueError(f"--stage {args.stage} needs --teacher DIR")
-        teacher, teacher_tok = load_teacher(args, device, tokenizer, student)
+        # under --fsdp the teacher is read into CPU memory and only its shards go to the device
+        teacher, teacher_tok = load_teacher(args, torch.device("cpu") if fsdp else device, tokenizer, student,
+                                            dtype=torch.bfloat16 if device.type == "cuda" else None)
         if args.taf and student.extra_config.get("projector") != "taf":
             apply_taf(student, teacher)
     trainable_kind = set_trainable(student, args)
-    student.to(device)
     if args.grad_checkpointing:
         student.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    skeleton = None
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (world,))
+        skeleton = meta_copy(student) if master else None  # what the gathered weights are saved through
+        fsdp_shard(student, mesh)
+        if teacher is not None:
+            fsdp_shard(teacher, mesh)
+    else:
+        student.to(device)
     w_vat = args.w_vat if args.stage == "2" else 0.0
 
     # --- data -----------------------------------------------------------------------------------------
@@ -996,7 +1116,7 @@ def run_stage(args) -> str:
     sampler.load_state_dict({"epoch": step // steps_per_epoch, "step": step % steps_per_epoch})
     batches = data_loader(dataset, sampler, micro, pad_id, num_workers, device, args.seed, collate)
 
-    model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp else student
+    model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not fsdp else student
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     s_head = student.language_model.get_output_embeddings()
     t_head = teacher.language_model.get_output_embeddings() if teacher is not None else None
@@ -1005,7 +1125,7 @@ def run_stage(args) -> str:
             raise ValueError("LM heads with a bias are not supported by the chunked loss")
 
     val_items = None
-    if args.eval_sugarcrepe and args.eval_every and master:
+    if args.eval_sugarcrepe and args.eval_every and (master or fsdp):  # --fsdp: every rank runs it
         import evaluate as E
         val_items = E.read_sugarcrepe(args.eval_sugarcrepe, args.eval_coco_images, limit=args.eval_limit)
 
@@ -1040,7 +1160,10 @@ def run_stage(args) -> str:
         try:
             for k, b in enumerate(micro_batches):
                 b = {key: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for key, v in b.items()}
-                sync = contextlib.nullcontext() if (not ddp or k == len(micro_batches) - 1) else model.no_sync()
+                last = k == len(micro_batches) - 1
+                if fsdp:  # gradients reduce-scattered after the last micro-batch only, like DDP's no_sync
+                    student.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext() if (not ddp or fsdp or last) else model.no_sync()
                 with sync, autocast:
                     t_maps, s_maps = {}, {}
                     if teacher is not None:
@@ -1089,7 +1212,8 @@ def run_stage(args) -> str:
             if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
                 raise
             raise RuntimeError(out_of_memory_message(args, device)) from e
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0
+                                                               else float("inf")))  # --fsdp: the global norm
         stats = torch.tensor([sums["lm"], sums["kd"], sums["vat"], float(grad_norm), float(_SIGTERM["received"]),
                               sums["teacher_bad"]], device=device, dtype=torch.float64)
         if ddp:  # losses: partial sums of global means -> add; grad norm: identical on every rank; flags: counts
@@ -1121,9 +1245,11 @@ def run_stage(args) -> str:
             t_last, tokens_since, paused = time.time(), 0, 0.0
         t_pause = time.time()
         if val_items is not None and (step % args.eval_every == 0 or step == total_steps):
-            rec = {"step": step, **validate_cr(student, tokenizer, image_processor, val_items, device)}
-            write_record(log_path, rec, sinks)
-            pbar.set_postfix(val_cr=f"{rec['val_cr']:.1f}")
+            rec = {"step": step, **(validate_cr_sharded if fsdp else validate_cr)(student, tokenizer, image_processor,
+                                                                                   val_items, device)}
+            if master:
+                write_record(log_path, rec, sinks)
+                pbar.set_postfix(val_cr=f"{rec['val_cr']:.1f}")
         # never while a non-finite streak is open: those weights are what the streak is about
         if args.save_every and step % args.save_every == 0 and step < total_steps and bad_in_a_row == 0:
             checkpoint_all_ranks(args, student, optimizer, scheduler, step, steps_per_epoch, meta, ddp, master)
@@ -1142,6 +1268,11 @@ def run_stage(args) -> str:
     close_sinks(sinks)
 
     # --- the stage's output: the full model, LoRA merged ----------------------------------------------
+    if fsdp:  # every rank gathers; rank 0 loads the whole weights into its unsharded copy
+        whole = gather_state_dict(student, keep=master)
+        if master:
+            skeleton.load_state_dict(whole, assign=True)
+            student = skeleton
     if master:
         merge_lora(student)
         student.language_model.config.use_cache = True
@@ -1408,6 +1539,9 @@ def get_parser():
                    "template's default (Qwen2.5 adds a 21-token one); 'none' for no system turn where the "
                    "template allows. Recorded in the saved config, so evaluate.py prompts the same way")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="shard the student and the teacher with PyTorch FSDP2 "
+                   "(fully_shard; parameters, gradients and optimizer state split over the ranks) instead of DDP; "
+                   "under torchrun. Same losses, VAT capture and checkpoints (README, 'Memory per model pair')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-seed", type=int, default=0, help="init seed of preset models")
     p.add_argument("--device", default="auto")

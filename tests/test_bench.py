@@ -49,3 +49,25 @@ def test_step_flops_worked_by_hand():
     per_head = 2 * 100 * 20 * 16  # 2 R N d
     assert floor == 3 * 2 * (2 * 4 * per_head) + 2 * (2 * 4 * per_head)
     assert today > floor
+
+
+def test_memory_plan_counts_worked_by_hand():
+    """Parameter counts from the meta-device build against Qwen2's layer worked by hand, Qwen2.5-0.5B's
+    published total, and the activation count of bench.activation_bytes's docstring by hand."""
+    tiny = bench.llm_config((8, 16, 2, 2, 1, 10, True))  # d 8, I 16, 2 layers, 2 heads, 1 KV head (d_kv 4), V 10
+    vision = dict(hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, image_size=8,
+                  patch_size=4)
+    s = bench.model_sizes(tiny, vision, lora_r=2)
+    layer = (8 * 8 + 8) + 2 * (8 * 4 + 4) + 8 * 8 + 3 * 8 * 16 + 2 * 8  # q, k, v (biased), o, MLP, two norms
+    assert s["block"] == layer == 608
+    assert s["llm"] == 10 * 8 + 2 * layer + 8  # tied: the embedding once, + final norm
+    assert s["lora"] == 2 * 2 * ((8 + 8) + 2 * (8 + 4) + (8 + 8) + 2 * (8 + 16) + (16 + 8))
+    assert s["projector"] == 4 * 8 + 8 + 8 * 8 + 8
+    assert bench.model_sizes(bench.llm_config("Qwen2.5-0.5B"))["llm"] == 494_032_768
+    # 34d + 6 d_kv + 8I per layer and token: 272 + 24 + 128 = 424; 2 layers, 3 tokens
+    assert bench.activation_bytes(tiny, 3) == 3 * 2 * 424
+    assert bench.activation_bytes(tiny, 3, grad_ckpt=True) == 3 * (4 * 8 * 2 + 424)
+    # FSDP2's share falls with the ranks, DDP's does not
+    one, eight = (bench.memory_plan(bench.llm_config("Qwen2.5-0.5B"), bench.llm_config("Qwen2.5-1.5B"), world=w)
+                  for w in (1, 8))
+    assert one["ddp"] == eight["ddp"] and eight["fsdp"] < one["fsdp"]
