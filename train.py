@@ -1087,9 +1087,13 @@ def run_stage(args) -> str:
                          f"--micro-batch {micro}")
 
     # --- optimizer, schedule, resume ------------------------------------------------------------------
+    if fsdp:  # a no-grad forward (--vat-layers auto) leaves the root unit gathered: its registered
+        student.reshard()  # parameters would be the gathered copies, and AdamW would hold those, not the shards
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
+    if fsdp and not all(hasattr(p, "device_mesh") for p in params):
+        raise RuntimeError("--fsdp: some trainable parameters are not sharded (DTensor) when the optimizer is built")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     warmup = max(1, int(args.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -75,11 +75,13 @@ def test_fsdp_outside_torchrun_is_refused_before_loading(setup, monkeypatch, cap
 @pytest.mark.slow
 def test_fsdp_equals_ddp_training_the_whole_llm(setup):
     """--full-llm: the LM head trains, and the chunked loss reads its weight after the forward (the root
-    unit's gathered weight); the preset's embeddings are tied."""
+    unit's gathered weight); the preset's embeddings are tied. --vat-layers auto: its no-grad measuring
+    forwards before step 1 leave the root unit gathered (AdamW must still get the shards)."""
     world, teacher, root = setup
     ddp, fsdp = str(root / "full_ddp"), str(root / "full_fsdp")
-    _torchrun(_args(world, teacher, ddp, "--max-steps", "3", "--full-llm"), 29641)
-    _torchrun(_args(world, teacher, fsdp, "--max-steps", "3", "--full-llm", "--fsdp"), 29642)
+    args = ["--max-steps", "3", "--full-llm", "--vat-layers", "auto", "--vat-auto-samples", "8"]
+    _torchrun(_args(world, teacher, ddp, *args), 29641)
+    _torchrun(_args(world, teacher, fsdp, *args, "--fsdp"), 29642)
     _same_run(ddp, fsdp)
     assert all(r["vat"] > 0 and r["kd"] > 0 for r in _records(fsdp) if "lm" in r)
 
