@@ -322,12 +322,17 @@ def demo_student_lm(b: dict, paths, teacher: str, out: str, tokenizer: str | Non
 
 
 def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
-    """CR (SugarCrepe layout, 7 subsets, both orders) and VQA accuracy (VQAv2 layout) of one model."""
-    gen, _ = E.make_model_fns(model_dir, batch_size=64, max_new_tokens=8)
-    cr, _ = E.eval_sugarcrepe(gen, E.read_sugarcrepe(os.path.join(bench_dir, "sugarcrepe")))
+    """CR under both protocols (SugarCrepe layout, 7 subsets): the paper's 2-choice generation, both orders
+    (`cr`, the goal row's), and SugarCrepe's own, the match score of the positive above the negative's
+    (`cr_match`); VQA accuracy (VQAv2 layout) of one model."""
+    gen, score = E.make_model_fns(model_dir, batch_size=64, max_new_tokens=8)
+    items = E.read_sugarcrepe(os.path.join(bench_dir, "sugarcrepe"))
+    cr, _ = E.eval_sugarcrepe(gen, items)
+    match, _ = E.eval_sugarcrepe_match(score, items)
     vqa, _ = E.eval_vqav2(gen, E.read_vqav2(os.path.join(bench_dir, "vqav2"), shapes.VQAV2_IMAGE_PATTERN.replace(
         "{image_id:012d}", "%012d")))
     return {"cr": cr["average"], "cr_subsets": {k: v["average"] for k, v in cr["subsets"].items()},
+            "cr_match": match["average"], "cr_match_subsets": {k: v["acc"] for k, v in match["subsets"].items()},
             "vqa": vqa["accuracy"], "vqa_by_question_type": vqa["by_question_type"]}
 
 
@@ -525,7 +530,7 @@ def demo(args):
         return results[name] if isinstance(results[name], list) else [results[name]]
 
     def agg(name, key):
-        vals = [r[key] for r in runs_of(name)]
+        vals = [r.get(key, float("nan")) for r in runs_of(name)]  # (results cached before a key existed: NaN)
         mean = sum(vals) / len(vals)
         std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
         return mean, std
@@ -533,18 +538,18 @@ def demo(args):
     names = [n for n, _, _ in variants] + ["teacher"]
     subsets = list(results["teacher"]["cr_subsets"])
     fmt = (lambda m, s: f"{m:.1f} ± {s:.1f}") if len(seeds) > 1 else (lambda m, s: f"{m:.1f}")
-    lines = ["| model | " + " | ".join(subsets) + " | CR avg | VQA | attn dist (1-cos) | time (s) |",
-             "|---" * (len(subsets) + 5) + "|"]
+    lines = ["| model | " + " | ".join(subsets) + " | CR avg | CR match | VQA | attn dist (1-cos) | time (s) |",
+             "|---" * (len(subsets) + 6) + "|"]
     summary = {}
     for name in names:
         rs = runs_of(name)
         sub = [sum(r["cr_subsets"][k] for r in rs) / len(rs) for k in subsets]
-        cr, vqa = agg(name, "cr"), agg(name, "vqa")
+        cr, vqa, cr_match = agg(name, "cr"), agg(name, "vqa"), agg(name, "cr_match")
         dist = agg(name, "attn_dist") if name != "teacher" else None  # to itself: not measured
         secs = sum(r["seconds"] for r in rs) / len(rs)
-        summary[name] = {"cr": cr, "vqa": vqa, "attn_dist": dist}
-        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in sub) +
-                     f" | {fmt(*cr)} | {fmt(*vqa)} | {'-' if dist is None else f'{dist[0]:.4f}'} | {secs:.0f} |")
+        summary[name] = {"cr": cr, "cr_match": cr_match, "vqa": vqa, "attn_dist": dist}
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in sub) + f" | {fmt(*cr)} | {fmt(*cr_match)} | "
+                     f"{fmt(*vqa)} | {'-' if dist is None else f'{dist[0]:.4f}'} | {secs:.0f} |")
     # VQA per question type: which recognition skills each model has (a "What color is the X?" answered
     # by one fixed colour shows up here, not in the average)
     qtypes = list(results["teacher"]["vqa_by_question_type"])
@@ -578,6 +583,7 @@ def demo(args):
     v = summary
     print(f"RESULT sft_cr={v['sft']['cr'][0]:.1f} kd_cr={v['kd']['cr'][0]:.1f} "
           f"compodistill_cr={v['compodistill']['cr'][0]:.1f} teacher_cr={v['teacher']['cr'][0]:.1f} "
+          f"kd_cr_match={v['kd']['cr_match'][0]:.1f} compodistill_cr_match={v['compodistill']['cr_match'][0]:.1f} "
           f"sft_vqa={v['sft']['vqa'][0]:.1f} kd_vqa={v['kd']['vqa'][0]:.1f} "
           f"compodistill_vqa={v['compodistill']['vqa'][0]:.1f} kd_attn_dist={v['kd']['attn_dist'][0]:.4f} "
           f"compodistill_attn_dist={v['compodistill']['attn_dist'][0]:.4f}")

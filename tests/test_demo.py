@@ -27,7 +27,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     last = printed[-1]
     assert re.fullmatch(r"RESULT sft_cr=[\d.]+ kd_cr=[\d.]+ compodistill_cr=[\d.]+ teacher_cr=[\d.]+ "
-                        r"sft_vqa=[\d.]+ kd_vqa=[\d.]+ compodistill_vqa=[\d.]+ kd_attn_dist=[\d.]+ "
+                        r"kd_cr_match=[\d.]+ compodistill_cr_match=[\d.]+ sft_vqa=[\d.]+ kd_vqa=[\d.]+ compodistill_vqa=[\d.]+ kd_attn_dist=[\d.]+ "
                         r"compodistill_attn_dist=[\d.]+", last), last
     assert any(line.startswith("| model | ") for line in printed)
     res = _json(os.path.join(out, "results.json"))
@@ -35,10 +35,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for name in ("sft", "kd", "compodistill"):
         r = res["results"][name][0]
         assert 0 <= r["cr"] <= 100 and 0 <= r["vqa"] <= 100 and 0 <= r["attn_dist"] <= 2
-        assert len(r["cr_subsets"]) == 7
+        assert len(r["cr_subsets"]) == 7 and len(r["cr_match_subsets"]) == 7 and 0 <= r["cr_match"] <= 100
     # the RESULT line reports the same numbers as results.json
     vals = dict(kv.split("=") for kv in last.split()[1:])
     assert abs(float(vals["kd_cr"]) - res["summary"]["kd"]["cr"][0]) < 0.06
+    assert abs(float(vals["compodistill_cr_match"]) - res["summary"]["compodistill"]["cr_match"][0]) < 0.06
     assert _width(os.path.join(out, "results.png")) > 100
     maps = os.listdir(os.path.join(out, "heatmaps"))
     assert maps and all(_width(os.path.join(out, "heatmaps", m)) > 100 for m in maps)

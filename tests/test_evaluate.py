@@ -339,6 +339,29 @@ def test_sugarcrepe_protocol_and_metric(tmp_path):
                           "neg_first": "A"}
 
 
+def test_sugarcrepe_original_protocol_is_pos_score_strictly_above_neg(tmp_path):
+    """SugarCrepe's own metric, s(pos) > s(neg) strictly (main_eval.py): worked by hand on fixed scores,
+    a tie counting as wrong; the requests are match_request's prompt per caption."""
+    root = sugarcrepe_fixture(tmp_path / "sc")
+    subsets = ev.read_sugarcrepe(str(root))
+    table = {"cat on mat": 0.9, "mat on cat": 0.2,      # swap_obj 0: right
+             "dog near car": 0.4, "car near dog": 0.4,  # swap_obj 2: a tie, wrong
+             "a cat": 0.1, "a red cat": 0.7}            # add_att 0: wrong
+    seen = []
+
+    by_prompt = {ev.MATCH_PROMPT.format(caption=c): v for c, v in table.items()}
+
+    def score(reqs):
+        seen.extend(reqs)
+        return [by_prompt[r["prompt"]] for r in reqs]
+    m, records = ev.eval_sugarcrepe_match(score, subsets)
+    assert [r["prompt"] for r in seen[:2]] == [ev.MATCH_PROMPT.format(caption="cat on mat"),
+                                               ev.MATCH_PROMPT.format(caption="mat on cat")]
+    assert m["subsets"]["swap_obj"] == {"n": 2, "acc": 50.0} and m["subsets"]["add_att"] == {"n": 1, "acc": 0.0}
+    assert m["average"] == 25.0 and m["complete"] is False
+    assert records[1] == {"benchmark": "sugarcrepe_match", "subset": "swap_obj", "id": "2", "s_pos": 0.4, "s_neg": 0.4}
+
+
 def test_parse_choice():
     assert ev.parse_choice("a cat") == "A"            # the pitfall: .upper() then \bA\b
     assert ev.parse_choice(" (B) ") == "B"
