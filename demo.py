@@ -403,6 +403,87 @@ def bar_chart(rows: list[tuple[str, float, float]], path: str, title: str):
     img.save(path)
 
 
+PROBE_ATTRIBUTES = (("shape", shapes.SHAPES), ("colour", list(shapes.COLORS)), ("size", list(shapes.SIZES)))
+
+
+def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, steps: int = 200, seed: int = 0) -> float:
+    """Held-out accuracy (%) of a multinomial logistic regression (features standardised on the training
+    set, full-batch L-BFGS, a small L2 penalty) fitted on (train_x (n, d), train_y (n,))."""
+    torch.manual_seed(seed)
+    mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    xtr, xte = (train_x - mu) / sd, (test_x - mu) / sd
+    head = nn.Linear(xtr.shape[1], n_classes)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(xtr), train_y) + 1e-4 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return round(100 * float((head(xte).argmax(-1) == test_y).float().mean()), 1)
+
+
+def probe_requests(scenes_json: str, split_prefix: str, limit: int) -> tuple[list, torch.Tensor]:
+    """(requests with the caption prompt, patch labels (n, patches, 3)) for the first `limit` images under
+    `split_prefix` of scenes.json (shapes.patch_labels: 1-based shape / colour / size, 0 = empty cell)."""
+    with open(scenes_json, encoding="utf-8") as f:
+        scenes = json.load(f)
+    root = os.path.dirname(scenes_json)
+    keys = sorted(k for k in scenes if k.startswith(split_prefix))[:limit]
+    reqs = [{"image": os.path.join(root, k), "prompt": shapes.CAPTION_PROMPT} for k in keys]
+    return reqs, torch.tensor([shapes.patch_labels(scenes[k]) for k in keys])
+
+
+def demo_probes(models: dict, scenes_json: str, layer_probe_jsonl: str, n_train: int = 600) -> dict:
+    """Where a student fails, measured (issue: an honest negative, located), per model {name: model dir}:
+      probe   can each object's shape / colour / size be read linearly from the LLM's hidden state at its
+              patch? Per layer (0 = the projector's output), held-out accuracy over the object patches of
+              the validation images (demo.linear_probe fitted on `n_train` training images);
+      object  the answer position's attention share on the patch of the object the question names
+              ("What color is the <shape>?", shapes.layer_probe; evaluate.layer_profile), per layer.
+    -> {name: {"probe": {attribute: [acc per layer]}, "object": [share per layer], "chance": {attribute: %}}}"""
+    train_reqs, train_lab = probe_requests(scenes_json, "images" + os.sep, n_train)
+    test_reqs, test_lab = probe_requests(scenes_json, os.path.join("val", "vqav2", "images") + os.sep, 10 ** 9)
+    with open(layer_probe_jsonl, encoding="utf-8") as f:
+        calib = [json.loads(line) for line in f if line.strip()]
+    calib = [dict(r, image=os.path.join(os.path.dirname(scenes_json), r["image"])) for r in calib]
+    out = {}
+    for name, path in models.items():
+        mllm, tok, proc = M.load_any(path)
+        feats = {}
+        for split, reqs in (("train", train_reqs), ("test", test_reqs)):
+            feats[split] = E.visual_token_states(mllm, tok, proc, reqs)  # (L+1, n, patches, d)
+        res = {"probe": {}, "chance": {}}
+        for k, (attr, _) in enumerate(PROBE_ATTRIBUTES):
+            obj_tr, obj_te = train_lab[..., 0] > 0, test_lab[..., 0] > 0
+            ytr, yte = train_lab[..., k][obj_tr] - 1, test_lab[..., k][obj_te] - 1
+            n_cls = len(PROBE_ATTRIBUTES[k][1])
+            res["probe"][attr] = [linear_probe(feats["train"][l][obj_tr], ytr, feats["test"][l][obj_te], yte, n_cls)
+                                  for l in range(feats["train"].shape[0])]
+            res["chance"][attr] = round(100 * float((yte == torch.bincount(ytr, minlength=n_cls).argmax()).float().mean()), 1)
+        prof = E.layer_profile(mllm, tok, proc, calib, batch_size=32)
+        res["object"] = [round(prof["layers"][l]["object"], 4) for l in sorted(prof["layers"])]
+        out[name] = res
+    return out
+
+
+def probe_table(probes: dict) -> str:
+    """The probes as markdown: per model the best layer's probe accuracy per attribute (and that layer),
+    and the object-attention share per layer."""
+    lines = ["| model | " + " | ".join(f"{a} probe (best layer)" for a, _ in PROBE_ATTRIBUTES) +
+             " | object attention share per layer |", "|---" * (len(PROBE_ATTRIBUTES) + 2) + "|"]
+    for name, r in probes.items():
+        cells = []
+        for a, _ in PROBE_ATTRIBUTES:
+            accs = r["probe"][a]
+            best = max(range(len(accs)), key=accs.__getitem__)
+            cells.append(f"{accs[best]:.1f} (L{best}; chance {r['chance'][a]:.1f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " ".join(f"{x:.2f}" for x in r["object"]) + " |")
+    return "\n".join(lines)
+
+
 def demo_heatmaps(teacher: str, students: dict, requests: list, out_dir: str):
     """Attention heat maps: for each request, the image and the answer position's attention over the
     visual tokens (mean over the matched layers) of the teacher and of each student, side by side."""
@@ -577,6 +658,12 @@ def demo(args):
                    "validation CR (SugarCrepe layout, paper protocol) during training")
     with open(os.path.join(root, "learning_curves.json"), "w", encoding="utf-8") as f:
         json.dump(curves, f)
+    # where the students fail: attributes readable at the patches? attention on the named object? (seed 0)
+    probe_models = {"teacher": teacher, "student_lm": lm_init,
+                    **{f"{n}_stage2": os.path.join(root, f"{n}_seed{seeds[0]}", "stage2") for n in ("kd", "compodistill")}}
+    probes = demo_probes(probe_models, os.path.join(paths["dir"], "scenes.json"), paths["layer_probe"])
+    print(probe_table(probes))
+    _demo_json(probes, os.path.join(root, "probes.json"))
     demo_heatmaps(teacher, {"KD": results["kd"][0]["dir"], "CompoDistill": results["compodistill"][0]["dir"]},
                   attention_requests[::20][:6], os.path.join(root, "heatmaps"))
     print(f"total time {total / 60:.1f} min; results in {root}")

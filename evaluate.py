@@ -1373,6 +1373,35 @@ def layer_profile(mllm, tokenizer, processor, requests, batch_size=8) -> dict:
     return layer_profile_batches(mllm, batches())
 
 
+def visual_token_states(mllm, tokenizer, processor, requests, batch_size=32):
+    """What the LLM holds at the image: the hidden states of every layer at the visual tokens, for
+    `requests` ({"image", "prompt"} with one <image>), no grad. -> (layers + 1, n_requests, N, d) fp32 on the
+    CPU (index 0 = the input embeddings, i.e. the projector's output; N = the visual tokens of one image).
+    In a causal LM these states depend only on what precedes them (the image and the template's opening),
+    never on the question after it. For a linear probe: can an object's attributes be read at its patch?"""
+    import torch
+
+    import data
+    import vat
+    pad_id = data.pad_token_id(tokenizer)
+    dev = next(mllm.parameters()).device
+    mode = mllm.training
+    mllm.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(requests), batch_size):
+            ids, mask, pixels = _attention_batch([mllm], tokenizer, processor, requests[i:i + batch_size], pad_id)
+            ids, mask = ids.to(dev), mask.to(dev)
+            embeds, vmask = mllm.embed(ids, pixels.to(dev))
+            hs = mllm.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True,
+                                     return_dict=True).hidden_states
+            index, _ = vat.visual_positions(vmask)  # (B, N): every request has the same N
+            idx = index[:, :, None].expand(-1, -1, hs[0].shape[-1])
+            out.append(torch.stack([h.gather(1, idx).float().cpu() for h in hs]))
+    mllm.train(mode)
+    return torch.cat(out, dim=1)
+
+
 def _nanmean(xs):
     xs = [x for x in xs if x == x]
     return statistics.mean(xs) if xs else float("nan")

@@ -274,3 +274,26 @@ def test_layers_cli_writes_json_and_plot(world, models, tokenizer_dir, tmp_path)
     assert report["models"]["student"]["auto"] == saved["models"]["student"]["auto"]
     with Image.open(out / "layers.png") as im:
         assert im.size == (2 * ev.PLOT_W, ev.PLOT_H)
+
+
+def test_visual_token_states_are_the_layers_hidden_states_at_the_image(models, tokenizer, requests_):
+    """Each request alone and unpadded through an eager copy of the LM (output_hidden_states): layer l's
+    rows at the visual positions; layer 0 is the projector's output (encode_images). Batched with padding."""
+    _, student, proc = models
+    got = ev.visual_token_states(student, tokenizer, proc, requests_, batch_size=2)
+    assert got.shape == (student.language_model.config.num_hidden_layers + 1, len(requests_),
+                         student.num_visual_tokens, student.d_llm)
+    for i, r in enumerate(requests_):
+        ids = torch.tensor([data.render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}],
+                                               student.num_visual_tokens, student.image_token_id)])
+        pixels = proc(images=[ev.open_image(r["image"])], return_tensors="pt")["pixel_values"]
+        lm = copy.deepcopy(student.language_model)
+        lm.set_attn_implementation("eager")
+        with torch.no_grad():
+            embeds, vmask = student.embed(ids, pixels)
+            hs = lm(inputs_embeds=embeds, output_hidden_states=True, return_dict=True).hidden_states
+            feats = student.encode_images(pixels)[0]
+        vis = vmask[0].nonzero()[:, 0]
+        assert torch.allclose(got[0, i], feats, atol=1e-6)
+        for l, h in enumerate(hs):
+            assert torch.allclose(got[l, i], h[0, vis], atol=1e-5), l

@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+import torch
 from PIL import Image
 
 import demo
@@ -52,6 +53,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert [x for x, _ in curves["sft"]] == [1, 2, 3, 4]
     assert all(0 <= y <= 100 for c in curves.values() for _, y in c)
     assert _width(os.path.join(out, "learning_curve.png")) > 100
+    # the probes: per model, a probe accuracy per layer and attribute, an object-attention share per layer
+    probes = _json(os.path.join(out, "probes.json"))
+    assert set(probes) == {"teacher", "student_lm", "kd_stage2", "compodistill_stage2"}
+    assert all(len(p["probe"]["colour"]) == len(p["object"]) + 1 for p in probes.values())
+    assert any(line.startswith("| model | shape probe") for line in printed)
 
     # run again on the same --out: every finished stage and evaluation is reused (nothing retrains)
     weights = [os.path.join(out, d, "model.safetensors") for d in
@@ -179,3 +185,15 @@ def test_compositional_questions_point_to_the_true_caption(tmp_path):
         assert true_of == {a_text: a == "A", b_text: a == "B"}, (x["subset"], q, a)
         letters.append(a)
     assert 0.3 < letters.count("A") / len(letters) < 0.7
+
+
+def test_linear_probe_reads_a_linear_code_and_not_noise():
+    """Separable classes (each a direction plus noise) are read back; labels independent of the features
+    stay near chance (1/4) on held-out rows."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 3
+    y = torch.randint(0, 4, (800,), generator=g)
+    x = centers[y] + torch.randn(800, 16, generator=g)
+    assert demo.linear_probe(x[:600], y[:600], x[600:], y[600:], 4) > 95
+    noise = torch.randint(0, 4, (800,), generator=g)
+    assert demo.linear_probe(x[:600], noise[:600], x[600:], noise[600:], 4) < 40
