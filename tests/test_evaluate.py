@@ -550,7 +550,10 @@ def test_cli_cr_and_suite(tmp_path, monkeypatch):
 
     def fake_make_model_fns(model, device, batch_size, max_new_tokens, dtype):
         seen.update(model=model, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        return Recorder(sugarcrepe_answer), table_score_fn(winoground_table(), [])
+        match = {("cat on mat", "000000000001.jpg"): 0.9, ("mat on cat", "000000000001.jpg"): 0.1,   # right
+                 ("dog near car", "000000000002.jpg"): 0.2, ("car near dog", "000000000002.jpg"): 0.3,  # wrong
+                 ("a cat", "000000000001.jpg"): 0.5, ("a red cat", "000000000001.jpg"): 0.4}  # right
+        return Recorder(sugarcrepe_answer), table_score_fn({**winoground_table(), **match}, [])
     monkeypatch.setattr(ev, "make_model_fns", fake_make_model_fns)
     suite = write_json(tmp_path / "suite.json", {"winoground": "wg", "two_choice": False})
     results = ev.main(["cr", "--model", str(model_dir), "--sugarcrepe", str(sc), "--suite", suite,
@@ -558,12 +561,14 @@ def test_cli_cr_and_suite(tmp_path, monkeypatch):
     assert seen == {"model": str(model_dir), "device": "cpu", "batch_size": 8, "max_new_tokens": 32}
     out = model_dir / "eval"
     saved = json.loads((out / "cr_results.json").read_text())
-    assert saved["benchmarks"]["sugarcrepe"]["average"] == 62.5
+    assert saved["benchmarks"]["sugarcrepe"]["average"] == 62.5  # the headline: the 2-choice protocol
+    match = saved["benchmarks"]["sugarcrepe"]["match_protocol"]  # SugarCrepe's own, beside it
+    assert match["subsets"]["swap_obj"]["acc"] == 50.0 and match["average"] == 75.0
     assert saved["headline"]["winoground"] == ["group", pytest.approx(100 / 3)]
     assert saved["average"] == pytest.approx((62.5 + 100 / 3) / 2) == results["average"]
     md = (out / "cr_results.md").read_text()
     assert "| sugarcrepe | swap_obj | average | 75.00 |" in md and "| winoground | - | group | 33.33 |" in md
-    assert len((out / "cr_predictions.jsonl").read_text().splitlines()) == 3 + 3
+    assert len((out / "cr_predictions.jsonl").read_text().splitlines()) == 3 + 3 + 3  # + the match records
     assert wg.exists()
 
 
