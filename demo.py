@@ -2,7 +2,7 @@
 
 From an empty `--out` (default runs/demo): the shapes world (shapes.py), the tiny teacher (shipped as
 assets/demo_teacher; `--train-teacher` trains it by the curriculum in `demo_teacher`), the student's
-"pretrained LLM" (the student preset trained on text), then three students with the same data, steps and
+"pretrained LLM" (the student preset pre-trained on the text world, shapes.text_world), then three students with the same data, steps and
 seed, each evaluated on the held-out benchmarks:
   sft           the LLaVA recipe on the student preset, no teacher (`train.py --stage llava`);
   kd            stages 1-3 with L_LM + L_KL (no VAT, no TAF, like LLaVA-KD);
@@ -14,6 +14,7 @@ adds no training code of its own. The same command on the same --out resumes.
 
   python demo.py                     # about 10 minutes on 2 CPU cores
   python demo.py --full --out runs/full
+  python demo.py --text-world        # only both LMs' text-world pre-training and their text-world accuracy
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ import train
 
 DEMO_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_teacher")
 # One budget for every student (same data, steps, seed). Micro-batch = global batch on one CPU.
-DEMO = dict(batch=16, lr=2e-3, text_steps=400, s1_steps=200, s2_steps=900, s3_steps=300,
+DEMO = dict(batch=16, lr=2e-3, text_batch=32, text_lr=3e-3, text_max_len=320, student_text_steps=2000,
+            teacher_text_steps=2500, s1_steps=200, s2_steps=900, s3_steps=300,
             teacher_lr=2e-3, vision_steps=1500, vision_scenes=8000, teacher_lookup_steps=1000,
             teacher_mix_steps=3000, teacher_cr_steps=3000, teacher_cr_batch=32, teacher_focus_steps=4000,
             teacher_focus_lr=1.5e-3, max_len=256,
@@ -157,23 +159,19 @@ def compositional_questions(scenes_json: str, images: set, seed: int = 0,
     return out
 
 
-def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
+def demo_data(root: str, seed: int = 0, sizes: dict | None = None, text_sizes: dict | None = None) -> dict:
     """Synthesise the shapes world once and derive the demo's data files from it: the teacher's curriculum
     (one-hop lookup questions, then the instruction mix + caption verification + the lookup questions, then
     fresh 2-choice compositional questions + the lookups + the instruction mix, then three fresh draws of
-    the 2-choice questions of the subsets the teacher learns + the lookups + the instruction mix) and
-    text-only data (the student LM's pre-training: captions and questions without images, so the student
-    starts as a *language* model like the paper's)."""
+    the 2-choice questions of the subsets the teacher learns + the lookups + the instruction mix) and the
+    text world (text_world_data, `text_sizes` its n_train / n_val: both LMs' pre-training before any image,
+    so each starts as a *language* model like the paper's)."""
     d = os.path.join(root, "data")
     if not os.path.exists(os.path.join(d, "instruct.json")):
         shapes.synthesize(d, seed=seed, **(sizes or {}))
     instruct = data.load_llava_json(os.path.join(d, "instruct.json"))
     pretrain = data.load_llava_json(os.path.join(d, "pretrain.json"))
     verify = caption_verification(instruct)
-    text = []
-    for x in pretrain + instruct:
-        conv = [dict(c, value=c["value"].replace("<image>\n", "").replace("<image>", "")) for c in x["conversations"]]
-        text.append({"id": "text_" + x["id"], "task": "text", "conversations": conv})
     scenes_json, images = os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}
     lookup = lookup_questions(scenes_json, images, seed)
     cr = compositional_questions(scenes_json, images, seed)
@@ -185,8 +183,24 @@ def demo_data(root: str, seed: int = 0, sizes: dict | None = None) -> dict:
             "teacher_cr": _demo_json(cr + lookup + instruct, os.path.join(d, "teacher_cr.json")),
             "teacher_focus": _demo_json(focus + lookup + instruct, os.path.join(d, "teacher_focus.json")),
             "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
-            "text": _demo_json(text, os.path.join(d, "text_only.json")),
+            **{f"text_{k}": p for k, p in text_world_data(scenes_json, seed, **(text_sizes or {})).items()},
             "layer_probe": _demo_jsonl(shapes.layer_probe(scenes_json, "val"), os.path.join(d, "layer_probe_val.jsonl"))}
+
+
+def text_world_data(scenes_json: str, seed: int = 0, n_train: int = 5000, n_val: int = 150,
+                    tasks=shapes.TEXT_TASKS) -> dict:
+    """The text world (shapes.text_world) of the demo's LMs, on scenes that exclude every scene of the image
+    world (its scenes.json: training, validation and benchmark scenes). Writes DIR/text_world_{train,val}.json
+    beside scenes.json (val: held-out text scenes, the LMs' model selection; never a benchmark)."""
+    d = os.path.dirname(scenes_json)
+    out = {k: os.path.join(d, f"text_world_{k}.json") for k in ("train", "val")}
+    if not all(os.path.exists(p) for p in out.values()):
+        with open(scenes_json, encoding="utf-8") as f:
+            exclude = {shapes.scene_key(s) for s in json.load(f).values()}
+        world = shapes.text_world(n_train=n_train, n_val=n_val, seed=seed, exclude=exclude, tasks=tasks)
+        for k, p in out.items():
+            _demo_json(world[k], p)
+    return out
 
 
 def _common(b, paths, out, steps, seed, *extra, lr=None):
@@ -263,7 +277,7 @@ def demo_teacher(b: dict, paths, out: str) -> str:
         M.save_pretrained(teacher, init, tok)
         with open(os.path.join(init, "vision_pretraining.json"), "w", encoding="utf-8") as f:
             json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
-    prev = init
+    prev = pretrain_text_lm(b, paths, init, os.path.join(out, "text"), b["teacher_text_steps"])
     val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--save-every", "500", "--eval-every"]
     lr, focus_lr = b["teacher_lr"], b["teacher_focus_lr"]
     for name, data_key, steps, batch, phase_lr, extra in (
@@ -304,10 +318,22 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
     return s3
 
 
+def pretrain_text_lm(b: dict, paths, init: str, out: str, steps: int, lr: float | None = None) -> str:
+    """Pre-train an LM (any model dir, e.g. a preset saved by M.save_pretrained) on the text world
+    (shapes.text_world via text_world_data: every task mixed, the scene text where the image would be) with
+    train.py's LLaVA recipe on text-only samples: `train.py --stage llava --trainable adapter+llm`, batch
+    b["text_batch"], grouped by length. The LMs of the paper are pretrained before they see an image
+    (docs/method.md section 1); ours learn the world's language here. Returns `out`."""
+    _demo_stage(["--stage", "llava", "--init", init, "--data", paths["text_train"], "--trainable", "adapter+llm",
+                 *_common(dict(b, batch=b["text_batch"], max_len=b["text_max_len"]), paths, out, steps, 0,
+                          lr=lr or b["text_lr"]), "--group-by-length"])
+    return out
+
+
 def demo_student_lm(b: dict, paths, teacher: str, out: str, tokenizer: str | None = None) -> str:
-    """The student's "pretrained LLM": the student preset trained on text only (no image), sharing the
-    teacher's vision encoder (TAF needs the same one). Shared by every student. `tokenizer`: another
-    tokenizer than the teacher's (the cross-vocabulary row)."""
+    """The student's "pretrained LLM": the student preset pre-trained on the text world (pretrain_text_lm,
+    b["student_text_steps"]), sharing the teacher's vision encoder (TAF needs the same one). Shared by every
+    student. `tokenizer`: another tokenizer than the teacher's (the cross-vocabulary row)."""
     init = os.path.join(out, "init")
     if not _finished(out):  # else _demo_stage below checks that it was made with these arguments
         tok = data.load_tokenizer(tokenizer or teacher)
@@ -316,9 +342,28 @@ def demo_student_lm(b: dict, paths, teacher: str, out: str, tokenizer: str | Non
         student.vision_tower.load_state_dict(te.vision_tower.state_dict())
         student.vision_feature_layer = te.vision_feature_layer
         M.save_pretrained(student, init, tok)
-    _demo_stage(["--stage", "llava", "--init", init, "--data", paths["text"], "--trainable", "adapter+llm",
-                 *_common(b, paths, out, b["text_steps"], 0)])
-    return out
+    return pretrain_text_lm(b, paths, init, out, b["student_text_steps"])
+
+
+def text_world_evaluate(model_dir: str, val_json: str, limit: int | None = None, batch_size: int = 64) -> dict:
+    """An LM's accuracy on the held-out text world (shapes.text_world's "val" samples): CR per SugarCrepe
+    subset (both orders, evaluate.eval_sugarcrepe, the scene text in place of the image) and VQA per question
+    type (evaluate.eval_vqav2 on the 10 answers). `limit`: items per subset and VQA questions."""
+    val = data.load_llava_json(val_json)
+    subsets = {}
+    for x in val:
+        if x["task"] == "text_compositional":
+            subsets.setdefault(x["subset"], []).append(
+                {"id": x["id"], "image": None, "pos": x["caption"], "neg": x["negative_caption"], "context": x["scene_text"]})
+    subsets = {k: E.take(subsets[k], limit) for k in E.SUGARCREPE_SUBSETS if k in subsets}
+    vqa_items = E.take([{"id": x["id"], "image": None, "question": x["question"], "answers": x["answers"],
+                         "answer_type": x["answer_type"], "question_type": x["question_type"], "context": x["scene_text"]}
+                        for x in val if x["task"] == "text_vqa"], limit)
+    gen, _ = E.make_model_fns(model_dir, batch_size=batch_size, max_new_tokens=8)
+    cr, _ = E.eval_sugarcrepe(gen, subsets)
+    vqa, _ = E.eval_vqav2(gen, vqa_items)
+    return {"cr": cr["average"], "cr_subsets": {k: v["average"] for k, v in cr["subsets"].items()},
+            "vqa": vqa["accuracy"], "vqa_by_question_type": vqa["by_question_type"]}
 
 
 def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
@@ -499,6 +544,32 @@ def demo_heatmaps(teacher: str, students: dict, requests: list, out_dir: str):
         img.save(os.path.join(out_dir, f"heatmap_{i}.png"))
 
 
+def demo_text_world(args):
+    """`python demo.py --text-world`: only the LMs' text-world pre-training, both presets, then each LM's
+    accuracy on the held-out text world (text_world_evaluate), printed and written to --out/text_world.json.
+    The student LM is the demo's (demo_student_lm, reused by a later `python demo.py` on this --out); the
+    teacher preset gets the pre-training demo_teacher gives it (pretrain_text_lm, b["teacher_text_steps"]),
+    here from the preset itself (the text phase does not touch the vision encoder that demo_teacher trains
+    first)."""
+    b = dict(DEMO)
+    root = args.out
+    paths = demo_data(root, seed=0)
+    tok = data.load_tokenizer(paths["tokenizer"])
+    results, t = {}, time.time()
+    student = demo_student_lm(b, paths, args.teacher or DEMO_TEACHER, os.path.join(root, "student_lm"))
+    results["student"] = {"seconds": time.time() - t, **text_world_evaluate(student, paths["text_val"])}
+    print("student LM:", json.dumps(results["student"]), flush=True)
+    init = os.path.join(root, "teacher_text_init")
+    if not os.path.exists(os.path.join(init, "config.json")):
+        M.save_pretrained(M.from_preset("teacher", tok), init, tok)
+    t = time.time()
+    teacher = pretrain_text_lm(b, paths, init, os.path.join(root, "teacher_text"), b["teacher_text_steps"])
+    results["teacher"] = {"seconds": time.time() - t, **text_world_evaluate(teacher, paths["text_val"])}
+    print("teacher LM:", json.dumps(results["teacher"]), flush=True)
+    _demo_json(results, os.path.join(root, "text_world.json"))
+    return results
+
+
 def demo(args):
     """`python demo.py [--full]`: the whole pipeline on the synthetic shapes world, then the table.
     Prints a markdown table, writes results.json, a bar chart and attention heat maps under --out
@@ -508,19 +579,20 @@ def demo(args):
     root = args.out
     os.makedirs(root, exist_ok=True)
     b = dict(DEMO)
-    sizes = None
+    sizes, text_sizes, text_limit = None, None, None
     if args.steps_x != 1:  # a longer (or shorter) student budget: stages 2-3 and the validation interval
         b.update({k: max(1, round(b[k] * args.steps_x)) for k in ("s2_steps", "s3_steps", "eval_every")})
     if args.quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
-        b.update(batch=4, text_steps=2, s1_steps=2, s2_steps=2, s3_steps=2, teacher_mix_steps=2,
-                 teacher_cr_steps=2, teacher_cr_batch=4, teacher_focus_steps=2, vision_steps=2, vision_scenes=600,
+        b.update(batch=4, text_batch=4, student_text_steps=2, teacher_text_steps=2, s1_steps=2, s2_steps=2,
+                 s3_steps=2, teacher_mix_steps=2, teacher_cr_steps=2, teacher_cr_batch=4, teacher_focus_steps=2, vision_steps=2, vision_scenes=600,
                  teacher_lookup_steps=2, eval_every=1, eval_limit=1)
         sizes = dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
                      n_val_vqa=2, progress=False)
+        text_sizes, text_limit = dict(n_train=20, n_val=2), 2
     timings = {}
     t0 = time.time()
     phases = tqdm(total=3, desc="demo: data, teacher, student LM", dynamic_ncols=True)
-    paths = demo_data(root, seed=0, sizes=sizes)
+    paths = demo_data(root, seed=0, sizes=sizes, text_sizes=text_sizes)
     phases.update(1)
     teacher = args.teacher or (DEMO_TEACHER if os.path.exists(os.path.join(DEMO_TEACHER, "config.json"))
                                and not args.train_teacher else None)
@@ -531,6 +603,8 @@ def demo(args):
     train.check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(teacher))
     phases.update(1)
     lm_init = demo_student_lm(b, paths, teacher, os.path.join(root, "student_lm"))
+    text_world = {"student_lm": text_world_evaluate(lm_init, paths["text_val"], limit=text_limit)}
+    print("student LM on the held-out text world:", json.dumps(text_world["student_lm"]))
     phases.update(1)
     phases.close()
 
@@ -642,7 +716,7 @@ def demo(args):
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(root, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"results": results, "summary": summary, "seeds": seeds, "budget": b,
+        json.dump({"results": results, "summary": summary, "text_world": text_world, "seeds": seeds, "budget": b,
                    "total_seconds": total}, f, indent=2)
     with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
@@ -697,12 +771,15 @@ def get_parser():
                    "shipped assets/demo_teacher (about 2 hours on one core)")
     p.add_argument("--rows", help="with --full: only these comma-separated rows (plus sft, kd, compodistill), "
                    "e.g. layers_auto,cross_vocab")
+    p.add_argument("--text-world", action="store_true", help="only pre-train both LM presets on the text world "
+                   "and print their held-out text-world accuracy per SugarCrepe subset and VQA question type")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # CI's end-to-end run: a few steps
     return p
 
 
 def main(argv=None):
-    return demo(get_parser().parse_args(argv))
+    args = get_parser().parse_args(argv)
+    return demo_text_world(args) if args.text_world else demo(args)
 
 
 if __name__ == "__main__":

@@ -186,8 +186,16 @@ def parse_choice(response):
     return m.group(1) if m else None
 
 
-def choice_request(image, caption_a, caption_b):
-    return {"image": image, "prompt": CHOICE_PROMPT.format(a=caption_a, b=caption_b)}
+def in_words(request, context):
+    """A request about a scene given in words instead of an image (the text world, shapes.scene_text):
+    `context` replaces "<image>" in the prompt and the request has no image. None leaves it as it is."""
+    if context is None:
+        return request
+    return {"image": None, "prompt": request["prompt"].replace("<image>", context, 1)}
+
+
+def choice_request(image, caption_a, caption_b, context=None):
+    return in_words({"image": image, "prompt": CHOICE_PROMPT.format(a=caption_a, b=caption_b)}, context)
 
 
 def match_request(image, caption):
@@ -196,11 +204,13 @@ def match_request(image, caption):
 
 
 def two_order_choices(generate_fn, pairs):
-    """Ask each (image, right, wrong) twice, right caption as (A) then as (B) (docs/method.md section 6).
+    """Ask each (image, right, wrong) twice, right caption as (A) then as (B) (docs/method.md section 6);
+    a 4th element, a text context, stands in for the image (in_words).
     Returns [(right_first_correct, right_second_correct, response1, response2)] per pair."""
     reqs = []
-    for image, right, wrong in pairs:
-        reqs += [choice_request(image, right, wrong), choice_request(image, wrong, right)]
+    for image, right, wrong, *context in pairs:
+        c = context[0] if context else None
+        reqs += [choice_request(image, right, wrong, c), choice_request(image, wrong, right, c)]
     out = generate_fn(reqs)
     if len(out) != len(reqs):
         raise RuntimeError(f"generate_fn returned {len(out)} answers for {len(reqs)} requests")
@@ -282,8 +292,8 @@ def eval_sugarcrepe(generate_fn, subsets):
     item asked twice with CHOICE_PROMPT, positive as (A) ("pos_first", answer A) and as (B)
     ("neg_first", answer B), greedy; per subset acc = mean of the two orders' accuracies (in %);
     `average` = unweighted mean over the subsets PRESENT (listed in `subsets_present`; `complete` says
-    whether all 7 were)."""
-    pairs = [(it["image"], it["pos"], it["neg"]) for items in subsets.values() for it in items]
+    whether all 7 were). An item with a "context" (text in place of its image, in_words) is asked about it."""
+    pairs = [(it["image"], it["pos"], it["neg"], it.get("context")) for items in subsets.values() for it in items]
     results = two_order_choices(generate_fn, pairs)
     metrics, records, k = {"subsets": {}}, [], 0
     for name, items in subsets.items():
@@ -555,9 +565,11 @@ def vizwiz_accuracy(pred, gt_answers):
     return leave_one_out(process_digit_article(process_punctuation(pred)), list(gt_answers))
 
 
-def vqa_request(image, question, *extra_lines):
-    """The LLaVA-1.5 short-answer prompt: question, optional extra lines, VQA_INSTRUCTION, one per line."""
-    return {"image": image, "prompt": "\n".join(["<image>", question, *extra_lines, VQA_INSTRUCTION])}
+def vqa_request(image, question, *extra_lines, context=None):
+    """The LLaVA-1.5 short-answer prompt: question, optional extra lines, VQA_INSTRUCTION, one per line
+    (`context`: text in place of the image, in_words)."""
+    return in_words({"image": image, "prompt": "\n".join(["<image>", question, *extra_lines, VQA_INSTRUCTION])},
+                    context)
 
 
 def ask(generate_fn, reqs):
@@ -612,8 +624,9 @@ def read_vqav2(root, image_pattern="COCO_val2014_%012d.jpg", limit=None):
 def eval_vqav2(generate_fn, items):
     """LLaVA-1.5 prompt; each prediction goes through EvalAIAnswerProcessor (LLaVA's submission step),
     then the official accuracy. `accuracy` = round(100 * mean, 2), also per answer type and per question
-    type (the official evaluation's perAnswerType / perQuestionType)."""
-    preds = ask(generate_fn, [vqa_request(it["image"], it["question"]) for it in items])
+    type (the official evaluation's perAnswerType / perQuestionType). An item with a "context" is asked
+    about that text instead of its image (in_words)."""
+    preds = ask(generate_fn, [vqa_request(it["image"], it["question"], context=it.get("context")) for it in items])
     accs = [vqa_accuracy(evalai_answer_processor(p), it["answers"]) for p, it in zip(preds, items)]
     metrics = {"n": len(items), "accuracy": round(pct(accs), 2),
                "by_answer_type": {k: round(v, 2) for k, v in grouped(accs, [it["answer_type"] for it in items]).items()},

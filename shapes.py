@@ -31,6 +31,10 @@ File layout written by `python shapes.py --out DIR --seed S`:
     DIR/vqav2/images/COCO_val2014_XXXXXXXXXXXX.png   (VQAV2_IMAGE_PATTERN)
     DIR/val/sugarcrepe/..., DIR/val/vqav2/...         validation split (choose settings here)
     DIR/tokenizer/                        a small byte-level BPE tokenizer with a ChatML template
+The text world (issue #16), built in memory by `text_world` (demo.text_world_data writes it beside
+scenes.json): every scene in words (`scene_text`, e.g. "a small red circle 1 2; a large blue square 3 1."),
+the image world's tasks and answer formats with that text where "<image>" is, on scenes disjoint from
+every image-world scene; the LMs are pre-trained on it before they see an image.
 Image paths in the LLaVA JSON are relative to DIR (use image_folder=DIR). Held-out benchmark scenes
 come from their own RNG streams and never coincide with a training scene (checked while writing).
 A tokenizer for other LLaVA JSON: `python shapes.py --tokenizer-for A.json B.json --out TOKDIR`.
@@ -104,8 +108,8 @@ RELATIONS = {"left": "is to the left of", "right": "is to the right of", "above"
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
-def random_scene(rng):
-    n = rng.choice([2, 3])
+def random_scene(rng, n_objects=(2, 3)):
+    n = rng.choice(list(n_objects))
     cells = rng.sample(range(GRID * GRID), n)
     shapes = rng.sample(SHAPES, n)
     objects = [{"shape": sh, "color": rng.choice(list(COLORS)), "size": rng.choice(list(SIZES)),
@@ -474,11 +478,11 @@ def _dump(obj, path):
         json.dump(obj, f, indent=1)
 
 
-def _fresh_scenes(rng, n, taken):
+def _fresh_scenes(rng, n, taken, n_objects=(2, 3)):
     """n scenes whose keys are not in `taken` (updated), so splits never share a scene."""
     out = []
     while len(out) < n:
-        s = random_scene(rng)
+        s = random_scene(rng, n_objects)
         if scene_key(s) not in taken:
             taken.add(scene_key(s))
             out.append(s)
@@ -597,6 +601,151 @@ def synthesize(out_dir, seed=0, n_pretrain=4000, n_instruct=8000, n_images=None,
     if tokenizer:
         train_tokenizer(tokenizer_corpus(pretrain + instruct), os.path.join(out_dir, "tokenizer"), vocab_size)
     return out_dir
+
+
+# -----------------------------------------------------------------------------
+# The text world: every scene in words, the image world's tasks with the scene text where "<image>" is
+# (issue #16). The LMs learn to reason about scenes in language before they see an image, as the paper's
+# pretrained LLMs already do (docs/method.md section 1: the student starts from a pretrained LLM).
+
+
+def scene_text(scene):
+    """The scene in words, everything its image shows: one noun phrase with every attribute per object,
+    followed by its row and column (1-4, top to bottom and left to right), objects in row-major order (the
+    order of the vision patches), e.g. "a small red circle 1 2; a large blue square 3 1." Every relation of
+    a caption follows from the rows and columns (rel_holds); the background, which no caption or question
+    mentions, is left out. Only words the world's tokenizer already has (world_texts)."""
+    objs = sorted(scene["objects"], key=lambda o: (o["row"], o["col"]))
+    return "; ".join(f"{np_text(full_np(o))} {o['row'] + 1} {o['col'] + 1}" for o in objs) + "."
+
+
+def with_scene(prompt, scene):
+    """An image-world prompt with the scene text where "<image>" is."""
+    if IMAGE_TOKEN not in prompt:
+        raise ValueError(f"no {IMAGE_TOKEN!r} in {prompt!r}")
+    return prompt.replace(IMAGE_TOKEN, scene_text(scene), 1)
+
+
+TEXT_TASKS = ("describe", "lookup", "verify", "choice")
+
+
+def _text_describe(rng, sid, scene):
+    """Dense supervision, every answer token: the image world's caption of the scene (its pretraining
+    caption, CAPTION_PROMPT: every object with all its attributes, in a random order, then one true relation)
+    from the scene text. Naming each object's colour after its size, and its shape after both, is binding."""
+    objs = rng.sample(scene["objects"], len(scene["objects"]))
+    cap = [{"kind": "and", "nps": [full_np(o) for o in objs]}, _pos_rel(rng, scene)[0]]
+    return {"id": sid, "task": "text_describe", "scene_text": scene_text(scene), "conversations": [
+        {"from": "human", "value": with_scene(CAPTION_PROMPT, scene)}, {"from": "gpt", "value": caption_text(cap)}]}
+
+
+def _text_lookup(rng, sid, scene):
+    """Dense one-hop supervision, one conversation a scene: colour and size of every object by its shape,
+    the shape of every object whose colour is unique, a yes/no relation question for every ordered pair,
+    the counts and an existence question (the VQA question types, shapes.vqa_question's wording), shuffled;
+    the scene text opens the first turn."""
+    objs = scene["objects"]
+    qa = [lookup_question(kind, o, objs) for kind in ("color", "size", "shape") for o in objs]
+    qa = [x for x in qa if x is not None]
+    for a, b in itertools.permutations(objs, 2):
+        rels = [r for r in RELATIONS if rel_holds(r, a, b) or rel_holds(r, b, a)]
+        r = rng.choice(rels)
+        qa.append((f"Is the {a['shape']} {RELATIONS[r].replace('is ', '', 1)} the {b['shape']}?",
+                   "yes" if rel_holds(r, a, b) else "no"))
+    for _ in range(2):
+        qa.append(vqa_question(rng, scene)[:2])
+    rng.shuffle(qa)
+    conv, asked = [], set()
+    for q, a in qa:
+        if q in asked:
+            continue
+        asked.add(q)
+        conv += [{"from": "human", "value": (scene_text(scene) + "\n" if not conv else "") + q + VQA_SUFFIX},
+                 {"from": "gpt", "value": a}]
+    return {"id": sid, "task": "text_lookup", "scene_text": scene_text(scene), "conversations": conv}
+
+
+def _text_verify(rng, sid, scene, n_kinds=3):
+    """Caption verification (evaluate.MATCH_PROMPT, yes/no), one conversation a scene: for `n_kinds` random
+    SugarCrepe kinds the scene allows, the true caption and its hard negative, shuffled."""
+    turns = []
+    for subset in rng.sample(SUGARCREPE_SUBSETS, len(SUGARCREPE_SUBSETS))[:n_kinds]:
+        pair = hard_negative(rng, scene, subset)
+        if pair is not None:
+            turns += [(clause_text(pair[0]), "yes"), (clause_text(pair[1]), "no")]
+    rng.shuffle(turns)
+    conv = []
+    for cap, a in turns:
+        prompt = E.MATCH_PROMPT.format(caption=cap)
+        conv += [{"from": "human", "value": with_scene(prompt, scene) if not conv else
+                  prompt.replace(IMAGE_TOKEN + "\n", "")}, {"from": "gpt", "value": a}]
+    return {"id": sid, "task": "text_verify", "scene_text": scene_text(scene), "conversations": conv}
+
+
+def text_choice_sample(sid, scene, subset, pair, pos_first):
+    """choice_sample with the scene text where the image is (no "image" key)."""
+    s = choice_sample(sid, None, subset, pair, pos_first)
+    del s["image"]
+    s["conversations"][0]["value"] = with_scene(s["conversations"][0]["value"], scene)
+    return dict(s, task="text_compositional", scene_text=scene_text(scene))
+
+
+def text_vqa_sample(sid, scene, rng):
+    """One VQA question (vqa_question) on the scene text, with the 10 answers of the VQAv2 layout."""
+    q, a, qtype, atype = vqa_question(rng, scene)
+    return {"id": sid, "task": "text_vqa", "scene_text": scene_text(scene), "question": q,
+            "question_type": qtype, "answer_type": atype, "answers": [x["answer"] for x in vqa_answers(rng, a, atype)],
+            "conversations": [{"from": "human", "value": scene_text(scene) + "\n" + q + VQA_SUFFIX},
+                              {"from": "gpt", "value": a}]}
+
+
+def text_world(n_train=6000, n_val=150, seed=0, exclude=(), tasks=TEXT_TASKS, choices_per_scene=2,
+               train_objects=(2, 3)):
+    """The text world (issue #16): -> {"train": [...], "val": [...]} LLaVA-format samples without images,
+    the scene text (scene_text) where "<image>" would be. Scenes are fresh (their own RNG stream), distinct
+    from each other and from every scene key in `exclude` (the image world's scenes, scenes.json), so no
+    benchmark or validation scene is ever described in text. Per training scene, the tasks in `tasks`:
+      "lookup"  one dense conversation of one-hop questions (_text_lookup);
+      "verify"  one conversation of yes/no caption verifications, all seven hard-negative kinds (_text_verify);
+      "choice"  `choices_per_scene` 2-choice questions in the official SugarCrepe prompt, subsets and answer
+                letters balanced (text_choice_sample).
+    Validation, on n_val other scenes per subset: one 2-choice item per scene and subset ("text_compositional",
+    with caption / negative_caption / subset as in SugarCrepe; evaluate both orders) and one VQA question per
+    scene ("text_vqa", question_type and 10 answers as in the VQAv2 layout)."""
+    unknown = set(tasks) - set(TEXT_TASKS)
+    if unknown:
+        raise ValueError(f"unknown text-world tasks {sorted(unknown)}; known: {TEXT_TASKS}")
+    taken = set(exclude)
+    rng = random.Random(f"{seed}-text-val")
+    val = []
+    for subset in SUGARCREPE_SUBSETS:
+        while sum(x["subset"] == subset for x in val) < n_val:
+            scene = _fresh_scenes(rng, 1, taken)[0]
+            pair = hard_negative(rng, scene, subset)
+            if pair is not None:
+                val.append(text_choice_sample(f"text_val_cr_{len(val):06d}", scene, subset, pair, True))
+    for i, scene in enumerate(_fresh_scenes(rng, 7 * n_val, taken)):
+        val.append(text_vqa_sample(f"text_val_vqa_{i:06d}", scene, rng))
+    rng = random.Random(f"{seed}-text-train")
+    train, k = [], 0
+    for i, scene in enumerate(_fresh_scenes(rng, n_train, taken, train_objects)):
+        if "describe" in tasks:
+            train.append(_text_describe(rng, f"text_describe_{i:06d}", scene))
+        if "lookup" in tasks:
+            train.append(_text_lookup(rng, f"text_lookup_{i:06d}", scene))
+        if "verify" in tasks:
+            train.append(_text_verify(rng, f"text_verify_{i:06d}", scene))
+        if "choice" in tasks:
+            for _ in range(choices_per_scene):
+                pair = None
+                while pair is None:
+                    subset = SUGARCREPE_SUBSETS[k % len(SUGARCREPE_SUBSETS)]
+                    pair = hard_negative(rng, scene, subset)
+                    k += 1
+                train.append(text_choice_sample(f"text_choice_{len(train):06d}", scene, subset, pair,
+                                                pos_first=(k // len(SUGARCREPE_SUBSETS)) % 2 == 0))
+    rng.shuffle(train)
+    return {"train": train, "val": val}
 
 
 def world_texts():

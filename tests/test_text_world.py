@@ -1,0 +1,245 @@
+"""Tests for the text world (issue #16): shapes.scene_text says everything the image shows (a reference
+parser written here recovers every object from the text alone, so every caption's truth can be decided
+from it), text-world scenes are disjoint from the scenes they must exclude, the answers have the image
+world's formats and are true of the scene, and evaluate.py asks text-only benchmark items about their text."""
+
+import random
+import re
+
+import pytest
+
+import evaluate as E
+import shapes
+
+OBJECT = re.compile(r"^an? (small|large) (\w+) (\w+) ([1-4]) ([1-4])$")
+
+
+def parse_scene_text(text):
+    """A reference reader of the scene text, independent of shapes.scene_text's code: "a SIZE COLOR SHAPE
+    ROW COL" items separated by "; ", a final ".", rows and columns counted from 1."""
+    assert text.endswith("."), text
+    objects = []
+    for part in text[:-1].split("; "):
+        m = OBJECT.match(part)
+        assert m, f"not an object: {part!r}"
+        size, color, shape, row, col = m.groups()
+        assert color in shapes.COLORS and shape in shapes.SHAPES, part
+        objects.append({"shape": shape, "color": color, "size": size, "row": int(row) - 1, "col": int(col) - 1})
+    return {"objects": objects}
+
+
+def random_scenes(n, seed=0):
+    rng = random.Random(seed)
+    return [shapes.random_scene(rng) for _ in range(n)]
+
+
+def test_scene_text_names_every_object_with_all_its_attributes_and_cell():
+    for scene in random_scenes(300):
+        parsed = parse_scene_text(shapes.scene_text(scene))
+        assert shapes.scene_key(parsed) == shapes.scene_key(scene)
+
+
+def test_every_caption_can_be_decided_from_the_scene_text_alone():
+    """Positives and hard negatives of all seven kinds, and the relation of every ordered pair: the truth
+    function on the scene read back from its text agrees with the truth on the scene itself."""
+    rng = random.Random(1)
+    checked = {False: 0, True: 0}
+    for scene in random_scenes(300, seed=2):
+        parsed = parse_scene_text(shapes.scene_text(scene))
+        for subset in shapes.SUGARCREPE_SUBSETS:
+            pair = shapes.hard_negative(rng, scene, subset)
+            for cap in pair or ():
+                truth = shapes.caption_is_true(scene, cap)
+                assert shapes.caption_is_true(parsed, cap) == truth
+                checked[truth] += 1
+        for a, b in zip(scene["objects"], scene["objects"][1:]):
+            for rel in shapes.RELATIONS:
+                cl = {"kind": "rel", "a": shapes.full_np(a), "rel": rel, "b": shapes.full_np(b)}
+                assert shapes.caption_is_true(parsed, cl) == shapes.caption_is_true(scene, cl)
+    assert min(checked.values()) > 500
+
+
+def test_scene_text_is_deterministic_row_major_and_ignores_what_no_caption_mentions():
+    scene = {"objects": [{"shape": "square", "color": "blue", "size": "large", "row": 2, "col": 0},
+                         {"shape": "circle", "color": "red", "size": "small", "row": 0, "col": 1}],
+             "bg": 0, "jitter": [[0.1, 0.2], [0.3, 0.4]]}
+    assert shapes.scene_text(scene) == "a small red circle 1 2; a large blue square 3 1."
+    moved = dict(scene, objects=scene["objects"][::-1], bg=1, jitter=[[0.9, 0.9], [0.0, 0.0]])
+    assert shapes.scene_text(moved) == shapes.scene_text(scene)
+
+
+def test_scene_text_words_are_single_tokens_of_the_world_tokenizer(tokenizer):
+    for scene in random_scenes(50, seed=4):
+        for word in re.findall(r"\w+", shapes.scene_text(scene)):
+            assert len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1, word
+
+
+@pytest.fixture(scope="module")
+def world():
+    return shapes.text_world(n_train=60, n_val=8, seed=5)
+
+
+def scene_of(sample):
+    return parse_scene_text(sample["scene_text"])
+
+
+def test_text_world_scenes_are_distinct_and_avoid_the_excluded_ones(world):
+    keys = [shapes.scene_key(scene_of(x)) for x in world["val"]]
+    assert len(set(keys)) == len(keys)  # one scene per validation item
+    train_keys = {shapes.scene_key(scene_of(x)) for x in world["train"]}
+    assert not train_keys & set(keys)
+    # the same streams with those scenes excluded draw none of them (and so none of an image world's)
+    again = shapes.text_world(n_train=60, n_val=8, seed=5, exclude=set(keys) | train_keys)
+    again_keys = {shapes.scene_key(scene_of(x)) for split in again.values() for x in split}
+    assert not again_keys & (set(keys) | train_keys)
+
+
+def test_text_world_has_no_images_and_the_scene_text_where_the_image_would_be(world):
+    for x in world["train"] + world["val"]:
+        assert "image" not in x
+        first = x["conversations"][0]["value"]
+        assert shapes.IMAGE_TOKEN not in first and first.startswith(x["scene_text"] + "\n")
+        assert all(shapes.IMAGE_TOKEN not in t["value"] for t in x["conversations"])
+
+
+def test_text_world_choice_answers_are_the_image_worlds_letters_and_point_to_the_true_caption(world):
+    choices = [x for x in world["train"] + world["val"] if x["task"] == "text_compositional"]
+    assert {x["subset"] for x in choices} == set(shapes.SUGARCREPE_SUBSETS)
+    letters = [x["conversations"][1]["value"] for x in choices if x["id"].startswith("text_choice")]
+    assert set(letters) == {"A", "B"} and abs(letters.count("A") - letters.count("B")) <= len(letters) // 4
+    for x in choices:
+        scene, (human, gpt) = scene_of(x), x["conversations"]
+        first, second = (x["caption"], x["negative_caption"])[::1 if gpt["value"] == "A" else -1]
+        assert human["value"] == shapes.SUGARCREPE_PROMPT.format(a=first, b=second).replace(
+            shapes.IMAGE_TOKEN, x["scene_text"])
+        assert shapes.caption_is_true(scene, shapes.parse_caption(x["caption"]))
+        assert not shapes.caption_is_true(scene, shapes.parse_caption(x["negative_caption"]))
+
+
+def test_text_world_questions_are_answered_truly_in_the_vqa_format(world):
+    """Lookups, relations and counts checked against the scene read back from the text; verification
+    answers yes exactly for true captions; every answer is one word of the VQA answer format."""
+    seen = set()
+    for x in world["train"] + world["val"]:
+        if x["task"] == "text_compositional":
+            continue
+        scene, conv = scene_of(x), x["conversations"]
+        objs = {o["shape"]: o for o in scene["objects"]}
+        if x["task"] == "text_describe":  # the image world's pretraining caption: every object, one relation
+            assert conv[0]["value"] == shapes.CAPTION_PROMPT.replace(shapes.IMAGE_TOKEN, x["scene_text"])
+            clauses = shapes.parse_caption(conv[1]["value"])
+            assert shapes.caption_is_true(scene, clauses) and len(clauses[0]["nps"]) == len(scene["objects"])
+            seen.add(x["task"])
+            continue
+        for q, a in zip(conv[::2], conv[1::2]):
+            q, a = q["value"], a["value"]
+            assert re.fullmatch(r"[a-z0-9]+", a), a
+            if x["task"] == "text_verify":
+                cap = re.search(r"show '(.*)'\?", q).group(1)
+                assert a == ("yes" if shapes.caption_is_true(scene, shapes.parse_caption(cap)) else "no")
+                seen.add("verify")
+                continue
+            assert q.endswith(shapes.VQA_SUFFIX)
+            if m := re.search(r"What (color|size) is the (\w+)\?", q):
+                assert a == objs[m.group(2)][m.group(1)]
+            elif m := re.search(r"What shape is the (\w+) object\?", q):
+                assert [o["shape"] for o in scene["objects"] if o["color"] == m.group(1)] == [a]
+            elif m := re.search(r"Is the (\w+) (to the left of|to the right of|above|below) the (\w+)\?", q):
+                rel = {v.replace("is ", "", 1): k for k, v in shapes.RELATIONS.items()}[m.group(2)]
+                assert a == ("yes" if shapes.rel_holds(rel, objs[m.group(1)], objs[m.group(3)]) else "no")
+            elif m := re.search(r"How many (\w+ )?objects are there\?", q):
+                color = (m.group(1) or "").strip()
+                assert a == str(sum(color in ("", o["color"]) for o in scene["objects"]))
+            else:
+                m = re.search(r"Is there (an? .*)\?", q)
+                assert m, q
+                cl = shapes.parse_caption(m.group(1))
+                assert a == ("yes" if shapes.caption_is_true(scene, cl) else "no")
+            seen.add(x["task"])
+    assert seen == {"verify", "text_lookup", "text_vqa", "text_describe"}
+    vqa = [x for x in world["val"] if x["task"] == "text_vqa"]
+    assert {x["question_type"] for x in vqa} >= {"what color is the", "how many", "is there a", "is the"}
+    assert all(len(x["answers"]) == 10 for x in vqa)
+
+
+def test_evaluator_asks_text_only_items_about_their_text():
+    """eval_sugarcrepe / eval_vqav2 on items with a "context": no image, the context where "<image>" was;
+    an oracle that reads the scene text from the prompt scores 100, one that answers blindly does not."""
+    world = shapes.text_world(n_train=1, n_val=4, seed=6)["val"]
+    subsets = {}
+    for x in world:
+        if x["task"] == "text_compositional":
+            subsets.setdefault(x["subset"], []).append(
+                {"id": x["id"], "image": None, "pos": x["caption"], "neg": x["negative_caption"],
+                 "context": x["scene_text"]})
+    vqa = [{"id": x["id"], "image": None, "question": x["question"], "answers": x["answers"],
+            "answer_type": x["answer_type"], "question_type": x["question_type"], "context": x["scene_text"]}
+           for x in world if x["task"] == "text_vqa"]
+    answer = {(x["scene_text"], x["question"]): x["conversations"][1]["value"] for x in world if x["task"] == "text_vqa"}
+
+    def oracle(reqs):
+        out = []
+        for r in reqs:
+            assert r["image"] is None and shapes.IMAGE_TOKEN not in r["prompt"]
+            text, rest = r["prompt"].split("\n", 1)
+            scene = parse_scene_text(text)
+            if rest.startswith("Which caption"):
+                a = re.search(r"\(A\) (.*)\n", rest).group(1)
+                out.append("A" if shapes.caption_is_true(scene, shapes.parse_caption(a)) else "B")
+            else:
+                out.append(answer[(text, rest.split("\n")[0])])
+        return out
+    cr, _ = E.eval_sugarcrepe(oracle, subsets)
+    assert cr["average"] == 100.0 and cr["complete"]
+    metrics, _ = E.eval_vqav2(oracle, vqa)
+    assert metrics["accuracy"] > 90  # a few of the 10 answers disagree with the majority
+    blind, _ = E.eval_sugarcrepe(lambda reqs: ["A"] * len(reqs), subsets)
+    assert blind["average"] == 50.0
+    # without a context the request still carries its image and the <image> placeholder
+    assert E.choice_request("x.png", "a", "b") == {"image": "x.png", "prompt": E.CHOICE_PROMPT.format(a="a", b="b")}
+
+
+def test_demo_text_world_excludes_every_image_world_scene(tmp_path, monkeypatch):
+    """demo.text_world_data hands shapes.text_world the key of every scene in scenes.json (training,
+    validation and benchmark scenes alike) and writes the train / val files it returns."""
+    import json
+    import demo
+    scenes = {f"x/{i}.png": s for i, s in enumerate(random_scenes(20, seed=7))}
+    path = tmp_path / "scenes.json"
+    path.write_text(json.dumps(scenes))
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw)
+        return {"train": [{"id": "t"}], "val": [{"id": "v"}]}
+    monkeypatch.setattr(shapes, "text_world", fake)
+    out = demo.text_world_data(str(path), seed=3, n_train=5, n_val=2)
+    assert seen["exclude"] == {shapes.scene_key(s) for s in scenes.values()} and seen["seed"] == 3
+    assert json.loads(open(out["train"]).read()) == [{"id": "t"}] and json.loads(open(out["val"]).read()) == [{"id": "v"}]
+
+
+def test_demo_text_world_evaluate_asks_every_validation_item_about_its_scene_text(tmp_path, monkeypatch):
+    """demo.text_world_evaluate with an oracle in place of a model: 100 on every subset, both orders, and on
+    every VQA question type, so items, contexts and answers reach the evaluator intact."""
+    import json
+    import demo
+    val = shapes.text_world(n_train=1, n_val=3, seed=8)["val"]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(val))
+    answer = {(x["scene_text"], x["question"]): x["conversations"][1]["value"] for x in val if x["task"] == "text_vqa"}
+
+    def oracle(reqs):
+        out = []
+        for r in reqs:
+            text, rest = r["prompt"].split("\n", 1)
+            if rest.startswith("Which caption"):
+                a = re.search(r"\(A\) (.*)\n", rest).group(1)
+                out.append("A" if shapes.caption_is_true(parse_scene_text(text), shapes.parse_caption(a)) else "B")
+            else:
+                out.append(answer[(text, rest.split("\n")[0])])
+        return out
+    monkeypatch.setattr(E, "make_model_fns", lambda *a, **k: (oracle, None))
+    r = demo.text_world_evaluate("unused", str(path))
+    assert set(r["cr_subsets"]) == set(shapes.SUGARCREPE_SUBSETS) and r["cr"] == 100.0
+    assert set(r["vqa_by_question_type"]) >= {"what color is the", "how many", "is there a", "is the"}
+    assert min(r["vqa_by_question_type"].values()) >= 90
