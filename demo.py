@@ -277,7 +277,11 @@ def demo_teacher(b: dict, paths, out: str) -> str:
         M.save_pretrained(teacher, init, tok)
         with open(os.path.join(init, "vision_pretraining.json"), "w", encoding="utf-8") as f:
             json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
-    prev = pretrain_text_lm(b, paths, init, os.path.join(out, "text"), b["teacher_text_steps"])
+    # Not yet here: the text-world pre-training (pretrain_text_lm) issue 16 asks for before the image phases. It
+    # is measured (`python demo.py --text-world`: 50.1 text-world CR, at chance) but buys no reasoning yet, and
+    # the shipped teacher was made without it; it joins this recipe with a text recipe that binds (RESULTS.md
+    # section 10), and the teacher is then retrained.
+    prev = init
     val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--save-every", "500", "--eval-every"]
     lr, focus_lr = b["teacher_lr"], b["teacher_focus_lr"]
     for name, data_key, steps, batch, phase_lr, extra in (
@@ -548,9 +552,8 @@ def demo_text_world(args):
     """`python demo.py --text-world`: only the LMs' text-world pre-training, both presets, then each LM's
     accuracy on the held-out text world (text_world_evaluate), printed and written to --out/text_world.json.
     The student LM is the demo's (demo_student_lm, reused by a later `python demo.py` on this --out); the
-    teacher preset gets the pre-training demo_teacher gives it (pretrain_text_lm, b["teacher_text_steps"]),
-    here from the preset itself (the text phase does not touch the vision encoder that demo_teacher trains
-    first)."""
+    teacher preset gets the same pre-training (pretrain_text_lm, b["teacher_text_steps"]) from the preset
+    itself; it is not (yet) part of demo_teacher's recipe, see there."""
     b = dict(DEMO)
     root = args.out
     paths = demo_data(root, seed=0)
