@@ -986,8 +986,8 @@ def run_stage(args) -> str:
         args.global_batch = STAGE_GLOBAL_BATCH[key]
     # --- distributed setup (torchrun sets RANK/WORLD_SIZE; plain python is one process) ---------------
     fsdp = bool(getattr(args, "fsdp", False))
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp  # distributed (DDP, or FSDP2 with --fsdp)
-    if ddp:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp  # DDP, or FSDP2 with --fsdp
+    if distributed:
         if not dist.is_initialized():
             init_distributed("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -1005,7 +1005,7 @@ def run_stage(args) -> str:
     random.seed(args.seed)
     if master:
         prepare_out_dir(args)  # refuses a previous run's --out (or clears it with --overwrite), before loading
-    if ddp:
+    if distributed:
         dist.barrier()
 
     # --- models ---------------------------------------------------------------------------------------
@@ -1038,7 +1038,7 @@ def run_stage(args) -> str:
 
     # --- data -----------------------------------------------------------------------------------------
     samples = data.load_llava_json(args.data)
-    barrier = dist.barrier if ddp else None  # the image checks and the rendering are split over the ranks
+    barrier = dist.barrier if distributed else None  # the image checks and the rendering are split over the ranks
     image_stats = {}
     samples, bad_images = data.validate_images(samples, args.image_folder, skip_bad=args.skip_bad_images,
                                                allow_non_rgb=not args.strict_rgb, progress=master and not args.quiet,
@@ -1120,7 +1120,8 @@ def run_stage(args) -> str:
     sampler.load_state_dict({"epoch": step // steps_per_epoch, "step": step % steps_per_epoch})
     batches = data_loader(dataset, sampler, micro, pad_id, num_workers, device, args.seed, collate)
 
-    model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not fsdp else student
+    model = (DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
+             if distributed and not fsdp else student)  # FSDP2's sharded student is called as it is
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     s_head = student.language_model.get_output_embeddings()
     t_head = teacher.language_model.get_output_embeddings() if teacher is not None else None
@@ -1154,7 +1155,7 @@ def run_stage(args) -> str:
                                sum(int((b["input_ids"] == student.image_token_id).any(1).sum()) for b in micro_batches),
                                sum(len(b["pairs"]) for b in micro_batches) if cross else 0],
                               dtype=torch.float64, device=device)
-        if ddp:
+        if distributed:
             dist.all_reduce(counts)
         n_tok, n_vis, n_pairs = max(1.0, counts[0].item()), counts[1].item(), counts[2].item()
         lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
@@ -1167,7 +1168,7 @@ def run_stage(args) -> str:
                 last = k == len(micro_batches) - 1
                 if fsdp:  # gradients reduce-scattered after the last micro-batch only, like DDP's no_sync
                     student.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext() if (not ddp or fsdp or last) else model.no_sync()
+                sync = contextlib.nullcontext() if (not distributed or fsdp or last) else model.no_sync()
                 with sync, autocast:
                     t_maps, s_maps = {}, {}
                     if teacher is not None:
@@ -1220,7 +1221,7 @@ def run_stage(args) -> str:
                                                                else float("inf")))  # --fsdp: the global norm
         stats = torch.tensor([sums["lm"], sums["kd"], sums["vat"], float(grad_norm), float(_SIGTERM["received"]),
                               sums["teacher_bad"]], device=device, dtype=torch.float64)
-        if ddp:  # losses: partial sums of global means -> add; grad norm: identical on every rank; flags: counts
+        if distributed:  # losses: partial sums of global means -> add; grad norm: the same on every rank; flags: counts
             dist.all_reduce(stats)
             stats[3] /= world
         finite = bool(torch.isfinite(stats).all())
@@ -1256,14 +1257,14 @@ def run_stage(args) -> str:
                 pbar.set_postfix(val_cr=f"{rec['val_cr']:.1f}")
         # never while a non-finite streak is open: those weights are what the streak is about
         if args.save_every and step % args.save_every == 0 and step < total_steps and bad_in_a_row == 0:
-            checkpoint_all_ranks(args, student, optimizer, scheduler, step, steps_per_epoch, meta, ddp, master)
+            checkpoint_all_ranks(args, student, optimizer, scheduler, step, steps_per_epoch, meta, distributed, master)
             last_checkpoint = step
         paused += time.time() - t_pause
         if stats[4] > 0 and step < total_steps:  # SIGTERM on some rank: this step is done; save it, stop
             pbar.close()
             sigterm_stop(args, step, bad_in_a_row, last_checkpoint,
                          lambda: checkpoint_all_ranks(args, student, optimizer, scheduler, step, steps_per_epoch,
-                                                      meta, ddp, master), master)
+                                                      meta, distributed, master), master)
         if args.stop_after and step >= args.stop_after:  # for tests: simulate a kill after this step
             pbar.close()
             close_sinks(sinks)
@@ -1292,7 +1293,7 @@ def run_stage(args) -> str:
                        **meta, "args": vars(args),
                        "run_id": (_read_json(os.path.join(args.out, "args.json")) or {}).get("run_id")},
                       f, indent=2)
-    if ddp:
+    if distributed:
         dist.barrier()
     return args.out
 

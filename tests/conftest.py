@@ -24,3 +24,16 @@ def tokenizer_dir(tmp_path_factory):
 def tokenizer(tokenizer_dir):
     import data
     return data.load_tokenizer(tokenizer_dir)
+
+
+def world_and_teacher(root, seed, **sizes):
+    """A synthesised shapes world under root/world and a random teacher preset saved at root/teacher, on the
+    world's tokenizer: what the stage tests train against. -> (world dir, teacher dir)."""
+    import data
+    import model as M
+    import shapes
+    world = os.path.join(str(root), "world")
+    shapes.synthesize(world, seed=seed, progress=False, **sizes)
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    M.save_pretrained(M.from_preset("teacher", tok), os.path.join(str(root), "teacher"), tok)
+    return world, os.path.join(str(root), "teacher")

@@ -11,10 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
-import model as M
-import shapes
 import train
+from conftest import world_and_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,12 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    world = str(root / "world")
-    shapes.synthesize(world, seed=2, n_pretrain=32, n_instruct=64, n_images=32, n_sugarcrepe=4, n_vqa=4,
-                      n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
-    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
-    M.save_pretrained(M.from_preset("teacher", tok), str(root / "teacher"), tok)
-    return world, str(root / "teacher"), root
+    world, teacher = world_and_teacher(root, seed=2, n_pretrain=32, n_instruct=64, n_images=32, n_sugarcrepe=4,
+                                       n_vqa=4, n_val_sugarcrepe=2, n_val_vqa=2)
+    return world, teacher, root
 
 
 def _args(world, teacher, out, *extra):

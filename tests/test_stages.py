@@ -12,6 +12,7 @@ import data
 import shapes
 import model as M
 import train
+from conftest import world_and_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,13 +180,9 @@ def test_taf_from_a_bias_free_teacher_adapter_saves_and_loads(tokenizer, tmp_pat
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
-    world = str(root / "world")
-    shapes.synthesize(world, seed=1, n_pretrain=64, n_instruct=128, n_images=64, n_sugarcrepe=4, n_vqa=8,
-                    n_val_sugarcrepe=2, n_val_vqa=4, progress=False)
-    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
-    teacher = M.from_preset("teacher", tok)
-    M.save_pretrained(teacher, str(root / "teacher"), tok)
-    return world, str(root / "teacher"), root
+    world, teacher = world_and_teacher(root, seed=1, n_pretrain=64, n_instruct=128, n_images=64, n_sugarcrepe=4,
+                                       n_vqa=8, n_val_sugarcrepe=2, n_val_vqa=4)
+    return world, teacher, root
 
 
 def _stage_args(world, teacher, out, *extra):
