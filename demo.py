@@ -474,12 +474,10 @@ def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, steps: int = 
         return round(100 * float((head(xte).argmax(-1) == test_y).float().mean()), 1)
 
 
-def probe_requests(scenes_json: str, split_prefix: str, limit: int) -> tuple[list, torch.Tensor]:
+def probe_requests(scenes: dict, root: str, split_prefix: str, limit: int) -> tuple[list, torch.Tensor]:
     """(requests with the caption prompt, patch labels (n, patches, 3)) for the first `limit` images under
-    `split_prefix` of scenes.json (shapes.patch_labels: 1-based shape / colour / size, 0 = empty cell)."""
-    with open(scenes_json, encoding="utf-8") as f:
-        scenes = json.load(f)
-    root = os.path.dirname(scenes_json)
+    `split_prefix` of `scenes` (scenes.json, read from `root`; shapes.patch_labels: 1-based shape / colour /
+    size, 0 = empty cell)."""
     keys = sorted(k for k in scenes if k.startswith(split_prefix))[:limit]
     reqs = [{"image": os.path.join(root, k), "prompt": shapes.CAPTION_PROMPT} for k in keys]
     return reqs, torch.tensor([shapes.patch_labels(scenes[k]) for k in keys])
@@ -493,8 +491,11 @@ def demo_probes(models: dict, scenes_json: str, layer_probe_jsonl: str, n_train:
       object  the answer position's attention share on the patch of the object the question names
               ("What color is the <shape>?", shapes.layer_probe; evaluate.layer_profile), per layer.
     -> {name: {"probe": {attribute: [acc per layer]}, "object": [share per layer], "chance": {attribute: %}}}"""
-    train_reqs, train_lab = probe_requests(scenes_json, "images" + os.sep, n_train)
-    test_reqs, test_lab = probe_requests(scenes_json, os.path.join("val", "vqav2", "images") + os.sep, 10 ** 9)
+    with open(scenes_json, encoding="utf-8") as f:
+        scenes = json.load(f)
+    root = os.path.dirname(scenes_json)
+    train_reqs, train_lab = probe_requests(scenes, root, "images" + os.sep, n_train)
+    test_reqs, test_lab = probe_requests(scenes, root, os.path.join("val", "vqav2", "images") + os.sep, 10 ** 9)
     with open(layer_probe_jsonl, encoding="utf-8") as f:
         calib = [json.loads(line) for line in f if line.strip()]
     calib = [dict(r, image=os.path.join(os.path.dirname(scenes_json), r["image"])) for r in calib]

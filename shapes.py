@@ -422,10 +422,15 @@ def vqa_question(rng, scene):
         ans = "yes" if not _matches_none(scene, np_) else "no"
         return f"Is there {np_text(np_)}?", ans, "is there a", "yes/no"
     a, b = rng.sample(objs, 2)  # where: a yes/no spatial question with an unambiguous answer
-    rels = [r for r in RELATIONS if rel_holds(r, a, b) or rel_holds(r, b, a)]
-    r = rng.choice(rels)
-    phrase = RELATIONS[r].replace("is ", "", 1)
-    return f"Is the {a['shape']} {phrase} the {b['shape']}?", "yes" if rel_holds(r, a, b) else "no", "is the", "yes/no"
+    return *relation_question(rng, a, b), "is the", "yes/no"
+
+
+def relation_question(rng, a, b):
+    """"Is the <a> <relation> the <b>?" for a relation that holds one way or the other between the two
+    objects (so "no" means the reverse holds) -> (question, "yes" | "no")."""
+    r = rng.choice([r for r in RELATIONS if rel_holds(r, a, b) or rel_holds(r, b, a)])
+    return f"Is the {a['shape']} {RELATIONS[r].replace('is ', '', 1)} the {b['shape']}?", \
+        "yes" if rel_holds(r, a, b) else "no"
 
 
 SIDES = {"triangle": 3, "square": 4, "diamond": 4, "circle": 0, "cross": 12}
@@ -648,10 +653,7 @@ def _text_lookup(rng, sid, scene):
     qa = [lookup_question(kind, o, objs) for kind in ("color", "size", "shape") for o in objs]
     qa = [x for x in qa if x is not None]
     for a, b in itertools.permutations(objs, 2):
-        rels = [r for r in RELATIONS if rel_holds(r, a, b) or rel_holds(r, b, a)]
-        r = rng.choice(rels)
-        qa.append((f"Is the {a['shape']} {RELATIONS[r].replace('is ', '', 1)} the {b['shape']}?",
-                   "yes" if rel_holds(r, a, b) else "no"))
+        qa.append(relation_question(rng, a, b))
     for _ in range(2):
         qa.append(vqa_question(rng, scene)[:2])
     rng.shuffle(qa)
@@ -705,6 +707,7 @@ def text_world(n_train=6000, n_val=150, seed=0, exclude=(), tasks=TEXT_TASKS, ch
     the scene text (scene_text) where "<image>" would be. Scenes are fresh (their own RNG stream), distinct
     from each other and from every scene key in `exclude` (the image world's scenes, scenes.json), so no
     benchmark or validation scene is ever described in text. Per training scene, the tasks in `tasks`:
+      "describe" the image world's full caption of the scene, every token supervised (_text_describe);
       "lookup"  one dense conversation of one-hop questions (_text_lookup);
       "verify"  one conversation of yes/no caption verifications, all seven hard-negative kinds (_text_verify);
       "choice"  `choices_per_scene` 2-choice questions in the official SugarCrepe prompt, subsets and answer
