@@ -188,7 +188,7 @@ def demo_data(root: str, seed: int = 0, sizes: dict | None = None, text_sizes: d
 
 
 def text_world_data(scenes_json: str, seed: int = 0, n_train: int = 5000, n_val: int = 150,
-                    tasks=shapes.TEXT_TASKS) -> dict:
+                    tasks=shapes.WORDS_TEXT_TASKS) -> dict:
     """The text world (shapes.text_world) of the demo's LMs, on scenes that exclude every scene of the image
     world (its scenes.json: training, validation and benchmark scenes). Writes DIR/text_world_{train,val}.json
     beside scenes.json (val: held-out text scenes, the LMs' model selection; never a benchmark)."""

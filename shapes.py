@@ -73,9 +73,10 @@ VQAV2_IMAGE_PATTERN = "COCO_val2014_{image_id:012d}.png"  # under DIR/[val/]vqav
 # A tokenizer for the world (the tiny models' vocabulary)
 
 
-def train_tokenizer(texts, out_dir, vocab_size=1024):
+def train_tokenizer(texts, out_dir, vocab_size=1024, extra_tokens=()):
     """Train a byte-level BPE tokenizer (no unknown tokens possible) on `texts` and save it with
-    save_pretrained, ChatML chat template, eos = <|im_end|>, pad = <pad>."""
+    save_pretrained, ChatML chat template, eos = <|im_end|>, pad = <pad>. `extra_tokens` (e.g. SCENE_TOKENS)
+    are added after the BPE vocabulary as whole, non-special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -87,6 +88,7 @@ def train_tokenizer(texts, out_dir, vocab_size=1024):
     tok.train_from_iterator(list(texts), trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
                                  additional_special_tokens=["<|im_start|>", IMAGE_TOKEN])
+    hf.add_tokens(list(extra_tokens))
     hf.chat_template = CHATML_TEMPLATE
     hf.model_max_length = 1 << 20
     os.makedirs(out_dir, exist_ok=True)
@@ -614,37 +616,61 @@ def synthesize(out_dir, seed=0, n_pretrain=4000, n_instruct=8000, n_images=None,
 # pretrained LLMs already do (docs/method.md section 1: the student starts from a pretrained LLM).
 
 
-def scene_text(scene):
+def object_token(o):
+    """The scene-token text world's object unit: one token for everything the object's patch shows,
+    e.g. "[small red circle]" (SCENE_TOKENS)."""
+    return f"[{o['size']} {o['color']} {o['shape']}]"
+
+
+def position_token(o):
+    """Its cell, as one token keyed by the shape (shapes are distinct in a scene, so the shape names the
+    object): "[circle at 1 2]", row then column, 1-4 top to bottom and left to right."""
+    return f"[{o['shape']} at {o['row'] + 1} {o['col'] + 1}]"
+
+
+# Every object and position token: added to a tokenizer (train_tokenizer's extra_tokens) they are single
+# tokens, so nothing has to be bound across tokens (RESULTS.md section 10: binding across neighbouring tokens
+# is what the tiny LMs do not learn in their budget).
+SCENE_TOKENS = [object_token({"size": si, "color": c, "shape": sh}) for sh in SHAPES for c in COLORS for si in SIZES] + \
+    [position_token({"shape": sh, "row": r, "col": k}) for sh in SHAPES for r in range(GRID) for k in range(GRID)]
+
+
+def scene_text(scene, tokens=False):
     """The scene in words, everything its image shows: one noun phrase with every attribute per object,
     followed by its row and column (1-4, top to bottom and left to right), objects in row-major order (the
     order of the vision patches), e.g. "a small red circle 1 2; a large blue square 3 1." Every relation of
     a caption follows from the rows and columns (rel_holds); the background, which no caption or question
-    mentions, is left out. Only words the world's tokenizer already has (world_texts)."""
+    mentions, is left out. Only words the world's tokenizer already has (world_texts).
+    tokens=True: the same in SCENE_TOKENS, an object token and its position token per object,
+    "[small red circle][circle at 1 2]; [large blue square][square at 3 1]." (needs a tokenizer that has them)."""
     objs = sorted(scene["objects"], key=lambda o: (o["row"], o["col"]))
+    if tokens:
+        return "; ".join(object_token(o) + position_token(o) for o in objs) + "."
     return "; ".join(f"{np_text(full_np(o))} {o['row'] + 1} {o['col'] + 1}" for o in objs) + "."
 
 
-def with_scene(prompt, scene):
+def with_scene(prompt, scene, tokens=False):
     """An image-world prompt with the scene text where "<image>" is."""
     if IMAGE_TOKEN not in prompt:
         raise ValueError(f"no {IMAGE_TOKEN!r} in {prompt!r}")
-    return prompt.replace(IMAGE_TOKEN, scene_text(scene), 1)
+    return prompt.replace(IMAGE_TOKEN, scene_text(scene, tokens), 1)
 
 
-TEXT_TASKS = ("describe", "lookup", "verify", "choice")
+TEXT_TASKS = ("describe", "lookup", "where", "verify", "choice")  # every task text_world knows
+WORDS_TEXT_TASKS = ("describe", "lookup", "verify", "choice")  # the demo's student LM (scene in words)
 
 
-def _text_describe(rng, sid, scene):
+def _text_describe(rng, sid, scene, tokens=False):
     """Dense supervision, every answer token: the image world's caption of the scene (its pretraining
     caption, CAPTION_PROMPT: every object with all its attributes, in a random order, then one true relation)
     from the scene text. Naming each object's colour after its size, and its shape after both, is binding."""
     objs = rng.sample(scene["objects"], len(scene["objects"]))
     cap = [{"kind": "and", "nps": [full_np(o) for o in objs]}, _pos_rel(rng, scene)[0]]
-    return {"id": sid, "task": "text_describe", "scene_text": scene_text(scene), "conversations": [
-        {"from": "human", "value": with_scene(CAPTION_PROMPT, scene)}, {"from": "gpt", "value": caption_text(cap)}]}
+    return {"id": sid, "task": "text_describe", "scene_text": scene_text(scene, tokens), "conversations": [
+        {"from": "human", "value": with_scene(CAPTION_PROMPT, scene, tokens)}, {"from": "gpt", "value": caption_text(cap)}]}
 
 
-def _text_lookup(rng, sid, scene):
+def _text_lookup(rng, sid, scene, tokens=False):
     """Dense one-hop supervision, one conversation a scene: colour and size of every object by its shape,
     the shape of every object whose colour is unique, a yes/no relation question for every ordered pair,
     the counts and an existence question (the VQA question types, shapes.vqa_question's wording), shuffled;
@@ -656,18 +682,37 @@ def _text_lookup(rng, sid, scene):
         qa.append(relation_question(rng, a, b))
     for _ in range(2):
         qa.append(vqa_question(rng, scene)[:2])
+    return _qa_conversation(rng, sid, "text_lookup", scene, qa, tokens)
+
+
+def _qa_conversation(rng, sid, task, scene, qa, tokens):
+    """One conversation of (question, answer) turns in the VQA prompt, shuffled, repeats dropped; the scene
+    text opens the first turn."""
     rng.shuffle(qa)
     conv, asked = [], set()
     for q, a in qa:
         if q in asked:
             continue
         asked.add(q)
-        conv += [{"from": "human", "value": (scene_text(scene) + "\n" if not conv else "") + q + VQA_SUFFIX},
+        conv += [{"from": "human", "value": (scene_text(scene, tokens) + "\n" if not conv else "") + q + VQA_SUFFIX},
                  {"from": "gpt", "value": a}]
-    return {"id": sid, "task": "text_lookup", "scene_text": scene_text(scene), "conversations": conv}
+    return {"id": sid, "task": task, "scene_text": scene_text(scene, tokens), "conversations": conv}
 
 
-def _text_verify(rng, sid, scene, n_kinds=3):
+def where_questions(o):
+    """"What row / column is the <shape> in?" -> the digit, 1-4 (top to bottom, left to right): the one-hop
+    position lookups, the dense supervision under every relation (a relation compares two of these)."""
+    return [(f"What row is the {o['shape']} in?", str(o["row"] + 1)),
+            (f"What column is the {o['shape']} in?", str(o["col"] + 1))]
+
+
+def _text_where(rng, sid, scene, tokens=False):
+    """Dense one-hop position supervision, one conversation a scene: row and column of every object."""
+    return _qa_conversation(rng, sid, "text_where", scene, [x for o in scene["objects"] for x in where_questions(o)],
+                            tokens)
+
+
+def _text_verify(rng, sid, scene, n_kinds=3, tokens=False):
     """Caption verification (evaluate.MATCH_PROMPT, yes/no), one conversation a scene: for `n_kinds` random
     SugarCrepe kinds the scene allows, the true caption and its hard negative, shuffled."""
     turns = []
@@ -679,42 +724,44 @@ def _text_verify(rng, sid, scene, n_kinds=3):
     conv = []
     for cap, a in turns:
         prompt = E.MATCH_PROMPT.format(caption=cap)
-        conv += [{"from": "human", "value": with_scene(prompt, scene) if not conv else
+        conv += [{"from": "human", "value": with_scene(prompt, scene, tokens) if not conv else
                   prompt.replace(IMAGE_TOKEN + "\n", "")}, {"from": "gpt", "value": a}]
-    return {"id": sid, "task": "text_verify", "scene_text": scene_text(scene), "conversations": conv}
+    return {"id": sid, "task": "text_verify", "scene_text": scene_text(scene, tokens), "conversations": conv}
 
 
-def text_choice_sample(sid, scene, subset, pair, pos_first):
+def text_choice_sample(sid, scene, subset, pair, pos_first, tokens=False):
     """choice_sample with the scene text where the image is (no "image" key)."""
     s = choice_sample(sid, None, subset, pair, pos_first)
     del s["image"]
-    s["conversations"][0]["value"] = with_scene(s["conversations"][0]["value"], scene)
-    return dict(s, task="text_compositional", scene_text=scene_text(scene))
+    s["conversations"][0]["value"] = with_scene(s["conversations"][0]["value"], scene, tokens)
+    return dict(s, task="text_compositional", scene_text=scene_text(scene, tokens))
 
 
-def text_vqa_sample(sid, scene, rng):
+def text_vqa_sample(sid, scene, rng, tokens=False):
     """One VQA question (vqa_question) on the scene text, with the 10 answers of the VQAv2 layout."""
     q, a, qtype, atype = vqa_question(rng, scene)
-    return {"id": sid, "task": "text_vqa", "scene_text": scene_text(scene), "question": q,
+    return {"id": sid, "task": "text_vqa", "scene_text": scene_text(scene, tokens), "question": q,
             "question_type": qtype, "answer_type": atype, "answers": [x["answer"] for x in vqa_answers(rng, a, atype)],
-            "conversations": [{"from": "human", "value": scene_text(scene) + "\n" + q + VQA_SUFFIX},
+            "conversations": [{"from": "human", "value": scene_text(scene, tokens) + "\n" + q + VQA_SUFFIX},
                               {"from": "gpt", "value": a}]}
 
 
-def text_world(n_train=6000, n_val=150, seed=0, exclude=(), tasks=TEXT_TASKS, choices_per_scene=2,
-               train_objects=(2, 3)):
+def text_world(n_train=6000, n_val=150, seed=0, exclude=(), tasks=WORDS_TEXT_TASKS, choices_per_scene=2,
+               train_objects=(2, 3), tokens=False):
     """The text world (issue #16): -> {"train": [...], "val": [...]} LLaVA-format samples without images,
     the scene text (scene_text) where "<image>" would be. Scenes are fresh (their own RNG stream), distinct
     from each other and from every scene key in `exclude` (the image world's scenes, scenes.json), so no
     benchmark or validation scene is ever described in text. Per training scene, the tasks in `tasks`:
       "describe" the image world's full caption of the scene, every token supervised (_text_describe);
       "lookup"  one dense conversation of one-hop questions (_text_lookup);
+      "where"   one conversation of row / column questions, every object (_text_where);
       "verify"  one conversation of yes/no caption verifications, all seven hard-negative kinds (_text_verify);
       "choice"  `choices_per_scene` 2-choice questions in the official SugarCrepe prompt, subsets and answer
                 letters balanced (text_choice_sample).
     Validation, on n_val other scenes per subset: one 2-choice item per scene and subset ("text_compositional",
     with caption / negative_caption / subset as in SugarCrepe; evaluate both orders) and one VQA question per
-    scene ("text_vqa", question_type and 10 answers as in the VQAv2 layout)."""
+    scene ("text_vqa", question_type and 10 answers as in the VQAv2 layout). tokens=True: every scene text in
+    SCENE_TOKENS (scene_text). The validation split depends on seed, n_val and exclude only (not on the tasks)."""
     unknown = set(tasks) - set(TEXT_TASKS)
     if unknown:
         raise ValueError(f"unknown text-world tasks {sorted(unknown)}; known: {TEXT_TASKS}")
@@ -726,18 +773,20 @@ def text_world(n_train=6000, n_val=150, seed=0, exclude=(), tasks=TEXT_TASKS, ch
             scene = _fresh_scenes(rng, 1, taken)[0]
             pair = hard_negative(rng, scene, subset)
             if pair is not None:
-                val.append(text_choice_sample(f"text_val_cr_{len(val):06d}", scene, subset, pair, True))
+                val.append(text_choice_sample(f"text_val_cr_{len(val):06d}", scene, subset, pair, True, tokens))
     for i, scene in enumerate(_fresh_scenes(rng, 7 * n_val, taken)):
-        val.append(text_vqa_sample(f"text_val_vqa_{i:06d}", scene, rng))
+        val.append(text_vqa_sample(f"text_val_vqa_{i:06d}", scene, rng, tokens))
     rng = random.Random(f"{seed}-text-train")
     train, k = [], 0
     for i, scene in enumerate(_fresh_scenes(rng, n_train, taken, train_objects)):
         if "describe" in tasks:
-            train.append(_text_describe(rng, f"text_describe_{i:06d}", scene))
+            train.append(_text_describe(rng, f"text_describe_{i:06d}", scene, tokens))
         if "lookup" in tasks:
-            train.append(_text_lookup(rng, f"text_lookup_{i:06d}", scene))
+            train.append(_text_lookup(rng, f"text_lookup_{i:06d}", scene, tokens))
+        if "where" in tasks:
+            train.append(_text_where(rng, f"text_where_{i:06d}", scene, tokens))
         if "verify" in tasks:
-            train.append(_text_verify(rng, f"text_verify_{i:06d}", scene))
+            train.append(_text_verify(rng, f"text_verify_{i:06d}", scene, tokens=tokens))
         if "choice" in tasks:
             for _ in range(choices_per_scene):
                 pair = None
@@ -746,7 +795,7 @@ def text_world(n_train=6000, n_val=150, seed=0, exclude=(), tasks=TEXT_TASKS, ch
                     pair = hard_negative(rng, scene, subset)
                     k += 1
                 train.append(text_choice_sample(f"text_choice_{len(train):06d}", scene, subset, pair,
-                                                pos_first=(k // len(SUGARCREPE_SUBSETS)) % 2 == 0))
+                                                pos_first=(k // len(SUGARCREPE_SUBSETS)) % 2 == 0, tokens=tokens))
     rng.shuffle(train)
     return {"train": train, "val": val}
 

@@ -12,16 +12,21 @@ import evaluate as E
 import shapes
 
 OBJECT = re.compile(r"^an? (small|large) (\w+) (\w+) ([1-4]) ([1-4])$")
+TOKENS = re.compile(r"^\[(small|large) (\w+) (\w+)\]\[(\w+) at ([1-4]) ([1-4])\]$")  # the scene-token style
 
 
 def parse_scene_text(text):
     """A reference reader of the scene text, independent of shapes.scene_text's code: "a SIZE COLOR SHAPE
-    ROW COL" items separated by "; ", a final ".", rows and columns counted from 1."""
+    ROW COL" items (or, in the scene-token style, "[SIZE COLOR SHAPE][SHAPE at ROW COL]") separated by "; ",
+    a final ".", rows and columns counted from 1."""
     assert text.endswith("."), text
     objects = []
     for part in text[:-1].split("; "):
-        m = OBJECT.match(part)
+        m = OBJECT.match(part) or TOKENS.match(part)
         assert m, f"not an object: {part!r}"
+        if m.re is TOKENS:
+            assert m.group(3) == m.group(4), f"position token of another shape: {part!r}"
+            m = OBJECT.match(f"a {m.group(1)} {m.group(2)} {m.group(3)} {m.group(5)} {m.group(6)}")
         size, color, shape, row, col = m.groups()
         assert color in shapes.COLORS and shape in shapes.SHAPES, part
         objects.append({"shape": shape, "color": color, "size": size, "row": int(row) - 1, "col": int(col) - 1})
@@ -33,9 +38,10 @@ def random_scenes(n, seed=0):
     return [shapes.random_scene(rng) for _ in range(n)]
 
 
-def test_scene_text_names_every_object_with_all_its_attributes_and_cell():
+@pytest.mark.parametrize("tokens", [False, True])
+def test_scene_text_names_every_object_with_all_its_attributes_and_cell(tokens):
     for scene in random_scenes(300):
-        parsed = parse_scene_text(shapes.scene_text(scene))
+        parsed = parse_scene_text(shapes.scene_text(scene, tokens))
         assert shapes.scene_key(parsed) == shapes.scene_key(scene)
 
 
@@ -64,8 +70,10 @@ def test_scene_text_is_deterministic_row_major_and_ignores_what_no_caption_menti
                          {"shape": "circle", "color": "red", "size": "small", "row": 0, "col": 1}],
              "bg": 0, "jitter": [[0.1, 0.2], [0.3, 0.4]]}
     assert shapes.scene_text(scene) == "a small red circle 1 2; a large blue square 3 1."
+    assert shapes.scene_text(scene, tokens=True) == "[small red circle][circle at 1 2]; [large blue square][square at 3 1]."
     moved = dict(scene, objects=scene["objects"][::-1], bg=1, jitter=[[0.9, 0.9], [0.0, 0.0]])
     assert shapes.scene_text(moved) == shapes.scene_text(scene)
+    assert shapes.scene_text(moved, tokens=True) == shapes.scene_text(scene, tokens=True)
 
 
 def test_scene_text_words_are_single_tokens_of_the_world_tokenizer(tokenizer):
@@ -74,9 +82,28 @@ def test_scene_text_words_are_single_tokens_of_the_world_tokenizer(tokenizer):
             assert len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1, word
 
 
-@pytest.fixture(scope="module")
-def world():
-    return shapes.text_world(n_train=60, n_val=8, seed=5)
+def test_scene_tokens_are_single_tokens_of_a_tokenizer_that_adds_them(tmp_path):
+    """train_tokenizer(extra_tokens=SCENE_TOKENS): every object and position token of a scene text is one id,
+    the rest of the text tokenizes as before, and the text decodes back unchanged."""
+    assert len(shapes.SCENE_TOKENS) == len(set(shapes.SCENE_TOKENS)) == \
+        len(shapes.SHAPES) * len(shapes.COLORS) * len(shapes.SIZES) + len(shapes.SHAPES) * 16
+    tok = shapes.train_tokenizer(shapes.world_vocabulary_corpus(50), str(tmp_path / "tok"), 600,
+                                 extra_tokens=shapes.SCENE_TOKENS)
+    plain = shapes.train_tokenizer(shapes.world_vocabulary_corpus(50), str(tmp_path / "plain"), 600)
+    assert len(tok) == len(plain) + len(shapes.SCENE_TOKENS)
+    for scene in random_scenes(40, seed=9):
+        text = shapes.scene_text(scene, tokens=True)
+        ids = tok.encode(text, add_special_tokens=False)
+        units = re.findall(r"\[[^\]]+\]", text)
+        assert [tok.convert_ids_to_tokens(i) for i in ids if tok.convert_ids_to_tokens(i) in units] == units
+        assert tok.decode(ids) == text
+        q = "What color is the circle?"
+        assert tok.encode(q, add_special_tokens=False) == plain.encode(q, add_special_tokens=False)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["words", "tokens"])
+def world(request):
+    return shapes.text_world(n_train=60, n_val=8, seed=5, tasks=shapes.TEXT_TASKS, tokens=request.param)
 
 
 def scene_of(sample):
@@ -147,6 +174,8 @@ def test_text_world_questions_are_answered_truly_in_the_vqa_format(world):
             elif m := re.search(r"Is the (\w+) (to the left of|to the right of|above|below) the (\w+)\?", q):
                 rel = {v.replace("is ", "", 1): k for k, v in shapes.RELATIONS.items()}[m.group(2)]
                 assert a == ("yes" if shapes.rel_holds(rel, objs[m.group(1)], objs[m.group(3)]) else "no")
+            elif m := re.search(r"What (row|column) is the (\w+) in\?", q):
+                assert a == str(objs[m.group(2)]["row" if m.group(1) == "row" else "col"] + 1)
             elif m := re.search(r"How many (\w+ )?objects are there\?", q):
                 color = (m.group(1) or "").strip()
                 assert a == str(sum(color in ("", o["color"]) for o in scene["objects"]))
@@ -156,7 +185,7 @@ def test_text_world_questions_are_answered_truly_in_the_vqa_format(world):
                 cl = shapes.parse_caption(m.group(1))
                 assert a == ("yes" if shapes.caption_is_true(scene, cl) else "no")
             seen.add(x["task"])
-    assert seen == {"verify", "text_lookup", "text_vqa", "text_describe"}
+    assert seen == {"verify", "text_lookup", "text_where", "text_vqa", "text_describe"}
     vqa = [x for x in world["val"] if x["task"] == "text_vqa"]
     assert {x["question_type"] for x in vqa} >= {"what color is the", "how many", "is there a", "is the"}
     assert all(len(x["answers"]) == 10 for x in vqa)
