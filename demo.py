@@ -370,6 +370,60 @@ def text_world_evaluate(model_dir: str, val_json: str, limit: int | None = None,
             "vqa": vqa["accuracy"], "vqa_by_question_type": vqa["by_question_type"]}
 
 
+# The scene-token text world (issue 16, RESULTS.md section 10): the scene in SCENE_TOKENS, a curriculum that
+# opens with the densely supervised one-hop tasks, and each phase a train.py run from the last. Phases are
+# cumulative: each mixes its tasks with every earlier phase's (one sample per task and scene).
+SCENE_TOKEN_TEXT = dict(batch=64, lr=2e-3, n_train=20000, n_val=100, max_len=320,
+                        phases=((("lookup", "where"), 1500), (("lookup", "where", "verify"), 1000),
+                                (("lookup", "where", "verify", "choice"), 2500)))
+
+
+def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
+    """Files of the scene-token text world beside scenes.json: a tokenizer (the world tokenizer's corpus, the
+    image world's training text included, plus shapes.SCENE_TOKENS as whole tokens), one training file per
+    phase of `recipe` (fresh scenes per phase) and the held-out validation file. Scenes exclude every scene
+    of the image world (text_world_data's rule)."""
+    d = paths["dir"]
+    out = {"tokenizer": os.path.join(d, "scene_tokenizer"), "val": os.path.join(d, "text_tokens_val.json"),
+           "phases": [os.path.join(d, f"text_tokens_phase{i}.json") for i in range(len(recipe["phases"]))]}
+    if not os.path.exists(os.path.join(out["tokenizer"], "tokenizer.json")):
+        samples = data.load_llava_json(paths["pretrain"]) + data.load_llava_json(paths["instruct"])
+        shapes.train_tokenizer(shapes.tokenizer_corpus(samples), out["tokenizer"], extra_tokens=shapes.SCENE_TOKENS)
+    if not all(os.path.exists(p) for p in [out["val"], *out["phases"]]):
+        with open(os.path.join(d, "scenes.json"), encoding="utf-8") as f:
+            exclude = {shapes.scene_key(s) for s in json.load(f).values()}
+        for i, ((tasks, _), path) in enumerate(zip(recipe["phases"], out["phases"])):
+            world = shapes.text_world(n_train=recipe["n_train"], n_val=recipe["n_val"], seed=seed + 100 * i,
+                                      exclude=exclude, tasks=tasks, tokens=True)
+            _demo_json(world["train"], path)
+            if i == 0:
+                _demo_json(world["val"], out["val"])
+                exclude |= {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"])) for x in world["val"]}
+    return out
+
+
+def pretrain_text_lm_phases(paths: dict, recipe: dict, files: list, init: str, out: str, val: str | None = None,
+                            eval_limit: int = 40) -> str:
+    """pretrain_text_lm through the phases of `recipe`, each a `train.py --stage llava --trainable adapter+llm`
+    run from the previous one's model (out/phase0, out/phase1, ..., the last is `out`). `val`: a text-world
+    validation file evaluated after every phase (text_world_evaluate, `eval_limit` items per subset), the
+    curve written to out/phases.json. Returns `out`."""
+    prev, curve = init, []
+    for i, ((tasks, steps), path) in enumerate(zip(recipe["phases"], files)):
+        phase_out = out if i == len(files) - 1 else os.path.join(out, f"phase{i}")
+        _demo_stage(["--stage", "llava", "--init", prev, "--data", path, "--trainable", "adapter+llm",
+                     *_common(dict(batch=recipe["batch"], max_len=recipe["max_len"]), paths, phase_out, steps, 0,
+                              lr=recipe["lr"]), "--group-by-length"])
+        prev = phase_out
+        if val:
+            curve.append({"phase": i, "tasks": list(tasks), "steps": steps,
+                          **text_world_evaluate(phase_out, val, limit=eval_limit)})
+            print(f"phase {i} ({'+'.join(tasks)}, {steps} steps):", json.dumps(curve[-1]), flush=True)
+    if val:
+        _demo_json(curve, os.path.join(out, "phases.json"))
+    return out
+
+
 def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
     """CR under both protocols (SugarCrepe layout, 7 subsets): the paper's 2-choice generation, both orders
     (`cr`, the goal row's), and SugarCrepe's own, the match score of the positive above the negative's
@@ -554,10 +608,15 @@ def demo_text_world(args):
     accuracy on the held-out text world (text_world_evaluate), printed and written to --out/text_world.json.
     The student LM is the demo's (demo_student_lm, reused by a later `python demo.py` on this --out); the
     teacher preset gets the same pre-training (pretrain_text_lm, b["teacher_text_steps"]) from the preset
-    itself; it is not (yet) part of demo_teacher's recipe, see there."""
+    itself; it is not (yet) part of demo_teacher's recipe, see there.
+    With --scene-tokens: the scene-token text world instead (SCENE_TOKEN_TEXT, scene_token_data), both presets
+    from scratch with its tokenizer through the phases (pretrain_text_lm_phases), validation after each phase,
+    --out/text_world_tokens.json."""
     b = dict(DEMO)
     root = args.out
     paths = demo_data(root, seed=0)
+    if args.scene_tokens:
+        return scene_token_text_world(paths, root, args.presets.split(","))
     tok = data.load_tokenizer(paths["tokenizer"])
     results, t = {}, time.time()
     student = demo_student_lm(b, paths, args.teacher or DEMO_TEACHER, os.path.join(root, "student_lm"))
@@ -571,6 +630,29 @@ def demo_text_world(args):
     results["teacher"] = {"seconds": time.time() - t, **text_world_evaluate(teacher, paths["text_val"])}
     print("teacher LM:", json.dumps(results["teacher"]), flush=True)
     _demo_json(results, os.path.join(root, "text_world.json"))
+    return results
+
+
+def scene_token_text_world(paths: dict, root: str, presets=("student", "teacher"), recipe: dict | None = None) -> dict:
+    """Each preset (model.PRESETS) from scratch, its vocabulary the scene tokenizer's, pre-trained on the
+    scene-token text world (pretrain_text_lm_phases), then evaluated on all of its held-out validation
+    (text_world_evaluate). -> {preset: {"seconds", "phases", "cr", "cr_subsets", "vqa", ...}}."""
+    recipe = recipe or SCENE_TOKEN_TEXT
+    files = scene_token_data(paths, recipe)
+    tok = data.load_tokenizer(files["tokenizer"])
+    results = {}
+    for name in presets:
+        init = os.path.join(root, f"{name}_tokens_init")
+        if not os.path.exists(os.path.join(init, "config.json")):
+            M.save_pretrained(M.from_preset(name, tok), init, tok)
+        t, out = time.time(), os.path.join(root, f"{name}_tokens_lm")
+        pretrain_text_lm_phases(paths, recipe, files["phases"], init, out, val=files["val"])
+        with open(os.path.join(out, "phases.json"), encoding="utf-8") as f:
+            phases = json.load(f)
+        results[name] = {"seconds": round(time.time() - t), "phases": phases, **text_world_evaluate(out, files["val"])}
+        print(f"{name} LM, scene tokens:", json.dumps({k: v for k, v in results[name].items() if k != "phases"}),
+              flush=True)
+    _demo_json(results, os.path.join(root, "text_world_tokens.json"))
     return results
 
 
@@ -777,6 +859,9 @@ def get_parser():
                    "e.g. layers_auto,cross_vocab")
     p.add_argument("--text-world", action="store_true", help="only pre-train both LM presets on the text world "
                    "and print their held-out text-world accuracy per SugarCrepe subset and VQA question type")
+    p.add_argument("--scene-tokens", action="store_true", help="with --text-world: the scene-token text world "
+                   "(one token per object and per position, a dense-first curriculum; SCENE_TOKEN_TEXT)")
+    p.add_argument("--presets", default="student,teacher", help="with --text-world --scene-tokens: which presets")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # CI's end-to-end run: a few steps
     return p
 

@@ -649,6 +649,19 @@ def scene_text(scene, tokens=False):
     return "; ".join(f"{np_text(full_np(o))} {o['row'] + 1} {o['col'] + 1}" for o in objs) + "."
 
 
+def parse_scene_tokens(text):
+    """Inverse of scene_text(scene, tokens=True) -> {"objects": [...]} (raises ValueError on other text)."""
+    objects = []
+    for part in text.removesuffix(".").split("; "):
+        head, sep, pos = part.partition("][")
+        obj, where = head.removeprefix("[").split(), pos.removesuffix("]").split()
+        if not sep or len(obj) != 3 or len(where) != 4 or where[0] != obj[2] or where[1] != "at":
+            raise ValueError(f"not an object and its position token: {part!r}")
+        objects.append({"shape": obj[2], "color": obj[1], "size": obj[0], "row": int(where[2]) - 1,
+                        "col": int(where[3]) - 1})
+    return {"objects": objects}
+
+
 def with_scene(prompt, scene, tokens=False):
     """An image-world prompt with the scene text where "<image>" is."""
     if IMAGE_TOKEN not in prompt:

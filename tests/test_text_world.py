@@ -272,3 +272,45 @@ def test_demo_text_world_evaluate_asks_every_validation_item_about_its_scene_tex
     assert set(r["cr_subsets"]) == set(shapes.SUGARCREPE_SUBSETS) and r["cr"] == 100.0
     assert set(r["vqa_by_question_type"]) >= {"what color is the", "how many", "is there a", "is the"}
     assert min(r["vqa_by_question_type"].values()) >= 90
+
+
+def test_parse_scene_tokens_inverts_scene_text_and_refuses_other_text():
+    for scene in random_scenes(200, seed=10):
+        assert shapes.scene_key(shapes.parse_scene_tokens(shapes.scene_text(scene, tokens=True))) == shapes.scene_key(scene)
+    for bad in ("a small red circle 1 2.", "[small red circle][square at 1 2].", "[small red circle]."):
+        with pytest.raises(ValueError, match="not an object"):
+            shapes.parse_scene_tokens(bad)
+
+
+@pytest.mark.slow
+def test_scene_token_text_world_runs_its_phases_on_its_own_tokenizer(tmp_path):
+    """demo.scene_token_text_world end to end at a few steps: a tokenizer with every scene token, one training
+    file per phase with that phase's tasks (cumulative) on scenes none of which is an image-world scene, each
+    phase a train.py run from the last, validation after each, the last phase's model the preset's LM."""
+    import json
+    import demo
+    import model as M
+    root = tmp_path / "w"
+    shapes.synthesize(str(root), seed=0, n_pretrain=8, n_instruct=8, n_images=8, n_sugarcrepe=3, n_vqa=3,
+                      n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
+    paths = {"dir": str(root), "images": str(root), "pretrain": str(root / "pretrain.json"),
+             "instruct": str(root / "instruct.json")}
+    recipe = dict(demo.SCENE_TOKEN_TEXT, batch=4, n_train=12, n_val=2,
+                  phases=((("lookup", "where"), 2), (("lookup", "where", "choice"), 3)))
+    out = demo.scene_token_text_world(paths, str(tmp_path), presets=("student",), recipe=recipe)
+    files = demo.scene_token_data(paths, recipe)
+    image_world = {shapes.scene_key(s) for s in json.loads((root / "scenes.json").read_text()).values()}
+    tasks = []
+    for path in files["phases"] + [files["val"]]:
+        samples = json.loads(open(path).read())
+        assert not {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"])) for x in samples} & image_world
+        tasks.append({x["task"] for x in samples})
+    assert tasks[0] == {"text_lookup", "text_where"}
+    assert tasks[1] == {"text_lookup", "text_where", "text_compositional"}
+    lm, tok, _ = M.load_pretrained(str(tmp_path / "student_tokens_lm"))
+    assert lm.language_model.get_input_embeddings().weight.shape[0] >= len(tok) and all(
+        len(tok.encode(t, add_special_tokens=False)) == 1 for t in shapes.SCENE_TOKENS)
+    phases = json.loads((tmp_path / "student_tokens_lm" / "phases.json").read_text())
+    assert [p["steps"] for p in phases] == [2, 3] and set(out["student"]["cr_subsets"]) == set(shapes.SUGARCREPE_SUBSETS)
+    summary = json.loads((tmp_path / "student_tokens_lm" / "trainer_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["init"] == str(tmp_path / "student_tokens_lm" / "phase0")
