@@ -279,8 +279,9 @@ def demo_teacher(b: dict, paths, out: str) -> str:
             json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
     # Not yet here: the text-world pre-training (pretrain_text_lm) issue 16 asks for before the image phases. It
     # is measured (`python demo.py --text-world`: 50.1 text-world CR, at chance) but buys no reasoning yet, and
-    # the shipped teacher was made without it; it joins this recipe with a text recipe that binds (RESULTS.md
-    # section 10), and the teacher is then retrained.
+    # the shipped teacher was made without it; it joins this recipe with a text recipe that reasons (RESULTS.md
+    # sections 10-11: the scene-token text world, `--text-world --scene-tokens`, binds but does not compare yet),
+    # and the teacher is then retrained.
     prev = init
     val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--save-every", "500", "--eval-every"]
     lr, focus_lr = b["teacher_lr"], b["teacher_focus_lr"]
@@ -370,7 +371,7 @@ def text_world_evaluate(model_dir: str, val_json: str, limit: int | None = None,
             "vqa": vqa["accuracy"], "vqa_by_question_type": vqa["by_question_type"]}
 
 
-# The scene-token text world (issue 16, RESULTS.md section 10): the scene in SCENE_TOKENS, a curriculum that
+# The scene-token text world (issue 16, RESULTS.md section 11): the scene in SCENE_TOKENS, a curriculum that
 # opens with the densely supervised one-hop tasks, and each phase a train.py run from the last. Phases are
 # cumulative: each mixes its tasks with every earlier phase's (one sample per task and scene).
 SCENE_TOKEN_TEXT = dict(batch=64, lr=2e-3, n_train=20000, n_val=100, max_len=320,
@@ -389,6 +390,13 @@ def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
     if not os.path.exists(os.path.join(out["tokenizer"], "tokenizer.json")):
         samples = data.load_llava_json(paths["pretrain"]) + data.load_llava_json(paths["instruct"])
         shapes.train_tokenizer(shapes.tokenizer_corpus(samples), out["tokenizer"], extra_tokens=shapes.SCENE_TOKENS)
+    made_with = os.path.join(d, "text_tokens_recipe.json")
+    wanted = {k: recipe[k] for k in ("n_train", "n_val", "phases")} | {"seed": seed}
+    if os.path.exists(made_with):
+        with open(made_with, encoding="utf-8") as f:
+            if json.load(f) != json.loads(json.dumps(wanted)):
+                raise SystemExit(f"{d} holds a scene-token text world made with another recipe ({made_with}); "
+                                 f"give the demo another --out")
     if not all(os.path.exists(p) for p in [out["val"], *out["phases"]]):
         with open(os.path.join(d, "scenes.json"), encoding="utf-8") as f:
             exclude = {shapes.scene_key(s) for s in json.load(f).values()}
@@ -399,6 +407,7 @@ def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
             if i == 0:
                 _demo_json(world["val"], out["val"])
                 exclude |= {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"])) for x in world["val"]}
+        _demo_json(wanted, made_with)  # last: the files above are complete
     return out
 
 

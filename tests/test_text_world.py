@@ -314,3 +314,5 @@ def test_scene_token_text_world_runs_its_phases_on_its_own_tokenizer(tmp_path):
     assert [p["steps"] for p in phases] == [2, 3] and set(out["student"]["cr_subsets"]) == set(shapes.SUGARCREPE_SUBSETS)
     summary = json.loads((tmp_path / "student_tokens_lm" / "trainer_summary.json").read_text())
     assert summary["steps"] == 3 and summary["init"] == str(tmp_path / "student_tokens_lm" / "phase0")
+    with pytest.raises(SystemExit, match="another recipe"):  # never a stale world taken for another recipe
+        demo.scene_token_data(paths, dict(recipe, n_train=13))
