@@ -323,13 +323,16 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
     return s3
 
 
-def pretrain_text_lm(b: dict, paths, init: str, out: str, steps: int, lr: float | None = None) -> str:
+def pretrain_text_lm(b: dict, paths, init: str, out: str, steps: int, lr: float | None = None,
+                     data_json: str | None = None) -> str:
     """Pre-train an LM (any model dir, e.g. a preset saved by M.save_pretrained) on the text world
     (shapes.text_world via text_world_data: every task mixed, the scene text where the image would be) with
     train.py's LLaVA recipe on text-only samples: `train.py --stage llava --trainable adapter+llm`, batch
     b["text_batch"], grouped by length. The LMs of the paper are pretrained before they see an image
-    (docs/method.md section 1); ours learn the world's language here. Returns `out`."""
-    _demo_stage(["--stage", "llava", "--init", init, "--data", paths["text_train"], "--trainable", "adapter+llm",
+    (docs/method.md section 1); ours learn the world's language here. `data_json`: another text-world file
+    than paths["text_train"] (a phase of pretrain_text_lm_phases). Returns `out`."""
+    _demo_stage(["--stage", "llava", "--init", init, "--data", data_json or paths["text_train"],
+                 "--trainable", "adapter+llm",
                  *_common(dict(b, batch=b["text_batch"], max_len=b["text_max_len"]), paths, out, steps, 0,
                           lr=lr or b["text_lr"]), "--group-by-length"])
     return out
@@ -412,25 +415,23 @@ def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
 
 
 def pretrain_text_lm_phases(paths: dict, recipe: dict, files: list, init: str, out: str, val: str | None = None,
-                            eval_limit: int = 40) -> str:
-    """pretrain_text_lm through the phases of `recipe`, each a `train.py --stage llava --trainable adapter+llm`
-    run from the previous one's model (out/phase0, out/phase1, ..., the last is `out`). `val`: a text-world
-    validation file evaluated after every phase (text_world_evaluate, `eval_limit` items per subset), the
-    curve written to out/phases.json. Returns `out`."""
+                            eval_limit: int = 40) -> list:
+    """pretrain_text_lm through the phases of `recipe` (its batch, max_len and lr), each phase's file in
+    `files` and each phase run from the previous one's model (out/phase0, out/phase1, ..., the last is `out`).
+    `val`: a text-world validation file evaluated after every phase (text_world_evaluate, `eval_limit` items
+    per subset); that curve is returned and written to out/phases.json."""
+    b = dict(text_batch=recipe["batch"], text_max_len=recipe["max_len"], text_lr=recipe["lr"])
     prev, curve = init, []
     for i, ((tasks, steps), path) in enumerate(zip(recipe["phases"], files)):
-        phase_out = out if i == len(files) - 1 else os.path.join(out, f"phase{i}")
-        _demo_stage(["--stage", "llava", "--init", prev, "--data", path, "--trainable", "adapter+llm",
-                     *_common(dict(batch=recipe["batch"], max_len=recipe["max_len"]), paths, phase_out, steps, 0,
-                              lr=recipe["lr"]), "--group-by-length"])
-        prev = phase_out
+        prev = pretrain_text_lm(b, paths, prev, out if i == len(files) - 1 else os.path.join(out, f"phase{i}"),
+                                steps, data_json=path)
         if val:
             curve.append({"phase": i, "tasks": list(tasks), "steps": steps,
-                          **text_world_evaluate(phase_out, val, limit=eval_limit)})
+                          **text_world_evaluate(prev, val, limit=eval_limit)})
             print(f"phase {i} ({'+'.join(tasks)}, {steps} steps):", json.dumps(curve[-1]), flush=True)
     if val:
         _demo_json(curve, os.path.join(out, "phases.json"))
-    return out
+    return curve
 
 
 def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
@@ -655,9 +656,7 @@ def scene_token_text_world(paths: dict, root: str, presets=("student", "teacher"
         if not os.path.exists(os.path.join(init, "config.json")):
             M.save_pretrained(M.from_preset(name, tok), init, tok)
         t, out = time.time(), os.path.join(root, f"{name}_tokens_lm")
-        pretrain_text_lm_phases(paths, recipe, files["phases"], init, out, val=files["val"])
-        with open(os.path.join(out, "phases.json"), encoding="utf-8") as f:
-            phases = json.load(f)
+        phases = pretrain_text_lm_phases(paths, recipe, files["phases"], init, out, val=files["val"])
         results[name] = {"seconds": round(time.time() - t), "phases": phases, **text_world_evaluate(out, files["val"])}
         print(f"{name} LM, scene tokens:", json.dumps({k: v for k, v in results[name].items() if k != "phases"}),
               flush=True)

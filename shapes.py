@@ -702,14 +702,14 @@ def _qa_conversation(rng, sid, task, scene, qa, tokens):
     """One conversation of (question, answer) turns in the VQA prompt, shuffled, repeats dropped; the scene
     text opens the first turn."""
     rng.shuffle(qa)
-    conv, asked = [], set()
+    text, conv, asked = scene_text(scene, tokens), [], set()
     for q, a in qa:
         if q in asked:
             continue
         asked.add(q)
-        conv += [{"from": "human", "value": (scene_text(scene, tokens) + "\n" if not conv else "") + q + VQA_SUFFIX},
+        conv += [{"from": "human", "value": (text + "\n" if not conv else "") + q + VQA_SUFFIX},
                  {"from": "gpt", "value": a}]
-    return {"id": sid, "task": task, "scene_text": scene_text(scene, tokens), "conversations": conv}
+    return {"id": sid, "task": task, "scene_text": text, "conversations": conv}
 
 
 def where_questions(o):
