@@ -198,9 +198,10 @@ def choice_request(image, caption_a, caption_b, context=None):
     return in_words({"image": image, "prompt": CHOICE_PROMPT.format(a=caption_a, b=caption_b)}, context)
 
 
-def match_request(image, caption):
-    """The request whose score_fn value is s(caption, image), the one match score of this file."""
-    return {"image": image, "prompt": MATCH_PROMPT.format(caption=caption)}
+def match_request(image, caption, context=None):
+    """The request whose score_fn value is s(caption, image), the one match score of this file
+    (`context`: text in place of the image, in_words)."""
+    return in_words({"image": image, "prompt": MATCH_PROMPT.format(caption=caption)}, context)
 
 
 def two_order_choices(generate_fn, pairs):
@@ -312,8 +313,10 @@ def eval_sugarcrepe_match(score_fn, subsets):
     """SugarCrepe's original protocol (docs/benchmarks.md section 1, "Official metric"): an item is right when
     the match score of its positive caption is strictly above its negative's, s(pos) > s(neg) (ties are
     wrong); per subset the mean in %, `average` the unweighted mean over the subsets present. s is this
-    file's one match score (match_request). Reported beside the 2-choice protocol, never instead of it."""
-    reqs = [match_request(it["image"], c) for items in subsets.values() for it in items for c in (it["pos"], it["neg"])]
+    file's one match score (match_request). Reported beside the 2-choice protocol, never instead of it. An item
+    with a "context" is scored on it (in_words)."""
+    reqs = [match_request(it["image"], c, it.get("context")) for items in subsets.values() for it in items
+            for c in (it["pos"], it["neg"])]
     scores = call_scores(score_fn, reqs)
     metrics, records, k = {"subsets": {}}, [], 0
     for name, items in subsets.items():

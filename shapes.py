@@ -413,10 +413,9 @@ def vqa_question(rng, scene):
     if kind == "size":
         return *lookup_question("size", o, objs), "what", "other"
     if kind == "count":
-        return "How many objects are there?", str(len(objs)), "how many", "number"
+        return *count_question(scene), "how many", "number"
     if kind == "count_color":
-        c = rng.choice(list(COLORS))
-        return f"How many {c} objects are there?", str(sum(p["color"] == c for p in objs)), "how many", "number"
+        return *count_question(scene, rng.choice(list(COLORS))), "how many", "number"
     if kind == "exist":
         np_ = describe(rng, o, p_color=1.0, p_size=0.3)
         if rng.random() < 0.5:  # a false one: change colour or shape
@@ -425,6 +424,13 @@ def vqa_question(rng, scene):
         return f"Is there {np_text(np_)}?", ans, "is there a", "yes/no"
     a, b = rng.sample(objs, 2)  # where: a yes/no spatial question with an unambiguous answer
     return *relation_question(rng, a, b), "is the", "yes/no"
+
+
+def count_question(scene, color=None):
+    """"How many objects are there?", or of one colour -> (question, the count as a digit)."""
+    if color is None:
+        return "How many objects are there?", str(len(scene["objects"]))
+    return f"How many {color} objects are there?", str(sum(p["color"] == color for p in scene["objects"]))
 
 
 def relation_question(rng, a, b):
@@ -742,6 +748,95 @@ def _text_verify(rng, sid, scene, n_kinds=3, tokens=False):
     return {"id": sid, "task": "text_verify", "scene_text": scene_text(scene, tokens), "conversations": conv}
 
 
+def _wrong_value(rng, o, att, objs):
+    """A value of `att` that `o` does not have: half the time (when there is one) another object's value, so
+    that a check must bind the value to `o` (the swap_att kind of error), else any other value."""
+    others = [p[att] for p in objs if p[att] != o[att]]
+    if others and rng.random() < 0.5:
+        return rng.choice(others)
+    return rng.choice([v for v in {"color": list(COLORS), "size": list(SIZES), "shape": SHAPES}[att] if v != o[att]])
+
+
+def attribute_question(rng, o, objs):
+    """"Is the <shape> <colour | size>?" -> (question, "yes" | "no"), true half the time (the wrong value is
+    _wrong_value's): one object's attribute checked against a word of the question, the step every *_att
+    caption needs."""
+    att = "color" if rng.random() < 0.7 else "size"
+    value = o[att] if rng.random() < 0.5 else _wrong_value(rng, o, att, objs)
+    return f"Is the {o['shape']} {value}?", "yes" if value == o[att] else "no"
+
+
+def noun_phrase_question(rng, scene):
+    """"Is there <noun phrase>?" with a caption's noun phrase (describe: the words before the shape, as in
+    every caption), false about half the time (its colour, size or shape changed, _wrong_value) -> (question,
+    "yes" | "no"). Matching a caption's noun phrase against the scene is what add_att, replace_att and swap_att
+    ask; a wrong value taken from another object is what only binding rejects."""
+    o = rng.choice(scene["objects"])
+    np_ = describe(rng, o)
+    if rng.random() < 0.5:
+        att = rng.choices(["color", "size", "shape"], [0.6, 0.2, 0.2])[0]
+        np_[att] = _wrong_value(rng, o, att, scene["objects"])
+    return f"Is there {np_text(np_)}?", "no" if _matches_none(scene, np_) else "yes"
+
+
+# The tasks of text_questions, each one question about one scene: the one-hop lookups, the row / column
+# lookups, a relation yes/no, the two noun-phrase checks above, a count (the VQA questions' wording), a caption
+# verification (evaluate.MATCH_PROMPT) and a 2-choice question in the official SugarCrepe prompt.
+QUESTION_TASKS = ("lookup", "where", "relation", "attribute", "exist", "count", "verify", "choice")
+
+
+def text_question_sample(rng, sid, scene, task, tokens=True):
+    """One training conversation, one question about `scene` for `task` (QUESTION_TASKS), the scene text
+    first (with_scene); None when the scene does not allow the task (a hard negative of the drawn kind)."""
+    objs = scene["objects"]
+    o = rng.choice(objs)
+    if task == "lookup":
+        qa = lookup_question(rng.choice(["color", "size", "shape"]), o, objs) or lookup_question("color", o, objs)
+    elif task == "where":
+        qa = rng.choice(where_questions(o))
+    elif task == "relation":
+        qa = relation_question(rng, *rng.sample(objs, 2))
+    elif task == "attribute":
+        qa = attribute_question(rng, o, objs)
+    elif task == "exist":
+        qa = noun_phrase_question(rng, scene)
+    elif task == "count":
+        qa = count_question(scene, rng.choice(list(COLORS)) if rng.random() < 0.5 else None)
+    elif task in ("verify", "choice"):
+        subset = rng.choice(SUGARCREPE_SUBSETS)
+        pair = hard_negative(rng, scene, subset)
+        if pair is None:
+            return None
+        if task == "choice":
+            return text_choice_sample(sid, scene, subset, pair, rng.random() < 0.5, tokens)
+        true = rng.random() < 0.5
+        prompt = with_scene(E.MATCH_PROMPT.format(caption=clause_text(pair[0 if true else 1])), scene, tokens)
+        return {"id": sid, "task": "text_verify", "subset": subset, "scene_text": scene_text(scene, tokens),
+                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "yes" if true else "no"}]}
+    else:
+        raise ValueError(f"unknown text-question task {task!r}; known: {QUESTION_TASKS}")
+    return _qa_conversation(rng, sid, f"text_{task}", scene, [qa], tokens)
+
+
+def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True):
+    """n training samples of the text world, each ONE question (text_question_sample, its task drawn uniformly
+    from `tasks`) about its own newly drawn scene, none of them a scene in `exclude`. RESULTS.md section 12:
+    with a new scene per question (nothing to memorise) and enough steps, the teacher preset learns relations
+    and the 2-choice comparisons that it never learnt from a few passes over one conversation per scene."""
+    unknown = set(tasks) - set(QUESTION_TASKS)
+    if unknown:
+        raise ValueError(f"unknown text-question tasks {sorted(unknown)}; known: {QUESTION_TASKS}")
+    rng, out, taken = random.Random(f"{seed}-text-questions"), [], set(exclude)
+    while len(out) < n:
+        scene = random_scene(rng)
+        if scene_key(scene) in taken:
+            continue
+        s = text_question_sample(rng, f"text_q_{len(out):07d}", scene, rng.choice(tasks), tokens)
+        if s is not None:
+            out.append(s)
+    return out
+
+
 def text_choice_sample(sid, scene, subset, pair, pos_first, tokens=False):
     """choice_sample with the scene text where the image is (no "image" key)."""
     s = choice_sample(sid, None, subset, pair, pos_first)
@@ -843,10 +938,6 @@ def tokenizer_corpus(samples):
     for s in samples:
         texts += [t["value"] for t in s["conversations"]]
     return texts
-
-
-# -----------------------------------------------------------------------------
-# CLI
 
 
 # -----------------------------------------------------------------------------

@@ -143,6 +143,37 @@ def test_text_world_choice_answers_are_the_image_worlds_letters_and_point_to_the
         assert not shapes.caption_is_true(scene, shapes.parse_caption(x["negative_caption"]))
 
 
+def assert_true_answer(scene, q, a):
+    """One question about `scene` and its answer, checked against the scene itself (not by the code that
+    wrote it): verification answers yes exactly for true captions; every answer one word of the VQA format."""
+    objs = {o["shape"]: o for o in scene["objects"]}
+    assert re.fullmatch(r"[a-z0-9]+", a), a
+    if m := re.search(r"show '(.*)'\? Answer yes or no\.$", q):
+        assert a == ("yes" if shapes.caption_is_true(scene, shapes.parse_caption(m.group(1))) else "no")
+        return
+    assert q.endswith(shapes.VQA_SUFFIX)
+    if m := re.search(r"What (color|size) is the (\w+)\?", q):
+        assert a == objs[m.group(2)][m.group(1)]
+    elif m := re.search(r"What shape is the (\w+) object\?", q):
+        assert [o["shape"] for o in scene["objects"] if o["color"] == m.group(1)] == [a]
+    elif m := re.search(r"Is the (\w+) (to the left of|to the right of|above|below) the (\w+)\?", q):
+        rel = {v.replace("is ", "", 1): k for k, v in shapes.RELATIONS.items()}[m.group(2)]
+        assert a == ("yes" if shapes.rel_holds(rel, objs[m.group(1)], objs[m.group(3)]) else "no")
+    elif m := re.search(r"Is the (\w+) (\w+)\?", q):  # an attribute of the object with that shape
+        value = m.group(2)
+        assert value in shapes.COLORS or value in shapes.SIZES, q
+        assert a == ("yes" if value in (objs[m.group(1)]["color"], objs[m.group(1)]["size"]) else "no")
+    elif m := re.search(r"What (row|column) is the (\w+) in\?", q):
+        assert a == str(objs[m.group(2)]["row" if m.group(1) == "row" else "col"] + 1)
+    elif m := re.search(r"How many (\w+ )?objects are there\?", q):
+        color = (m.group(1) or "").strip()
+        assert a == str(sum(color in ("", o["color"]) for o in scene["objects"]))
+    else:
+        m = re.search(r"Is there (an? .*)\?", q)
+        assert m, q
+        assert a == ("yes" if shapes.caption_is_true(scene, shapes.parse_caption(m.group(1))) else "no")
+
+
 def test_text_world_questions_are_answered_truly_in_the_vqa_format(world):
     """Lookups, relations and counts checked against the scene read back from the text; verification
     answers yes exactly for true captions; every answer is one word of the VQA answer format."""
@@ -151,7 +182,6 @@ def test_text_world_questions_are_answered_truly_in_the_vqa_format(world):
         if x["task"] == "text_compositional":
             continue
         scene, conv = scene_of(x), x["conversations"]
-        objs = {o["shape"]: o for o in scene["objects"]}
         if x["task"] == "text_describe":  # the image world's pretraining caption: every object, one relation
             assert conv[0]["value"] == shapes.CAPTION_PROMPT.replace(shapes.IMAGE_TOKEN, x["scene_text"])
             clauses = shapes.parse_caption(conv[1]["value"])
@@ -159,36 +189,52 @@ def test_text_world_questions_are_answered_truly_in_the_vqa_format(world):
             seen.add(x["task"])
             continue
         for q, a in zip(conv[::2], conv[1::2]):
-            q, a = q["value"], a["value"]
-            assert re.fullmatch(r"[a-z0-9]+", a), a
-            if x["task"] == "text_verify":
-                cap = re.search(r"show '(.*)'\?", q).group(1)
-                assert a == ("yes" if shapes.caption_is_true(scene, shapes.parse_caption(cap)) else "no")
-                seen.add("verify")
-                continue
-            assert q.endswith(shapes.VQA_SUFFIX)
-            if m := re.search(r"What (color|size) is the (\w+)\?", q):
-                assert a == objs[m.group(2)][m.group(1)]
-            elif m := re.search(r"What shape is the (\w+) object\?", q):
-                assert [o["shape"] for o in scene["objects"] if o["color"] == m.group(1)] == [a]
-            elif m := re.search(r"Is the (\w+) (to the left of|to the right of|above|below) the (\w+)\?", q):
-                rel = {v.replace("is ", "", 1): k for k, v in shapes.RELATIONS.items()}[m.group(2)]
-                assert a == ("yes" if shapes.rel_holds(rel, objs[m.group(1)], objs[m.group(3)]) else "no")
-            elif m := re.search(r"What (row|column) is the (\w+) in\?", q):
-                assert a == str(objs[m.group(2)]["row" if m.group(1) == "row" else "col"] + 1)
-            elif m := re.search(r"How many (\w+ )?objects are there\?", q):
-                color = (m.group(1) or "").strip()
-                assert a == str(sum(color in ("", o["color"]) for o in scene["objects"]))
-            else:
-                m = re.search(r"Is there (an? .*)\?", q)
-                assert m, q
-                cl = shapes.parse_caption(m.group(1))
-                assert a == ("yes" if shapes.caption_is_true(scene, cl) else "no")
-            seen.add(x["task"])
+            assert_true_answer(scene, q["value"], a["value"])
+            seen.add("verify" if x["task"] == "text_verify" else x["task"])
     assert seen == {"verify", "text_lookup", "text_where", "text_vqa", "text_describe"}
     vqa = [x for x in world["val"] if x["task"] == "text_vqa"]
     assert {x["question_type"] for x in vqa} >= {"what color is the", "how many", "is there a", "is the"}
     assert all(len(x["answers"]) == 10 for x in vqa)
+
+
+def test_text_questions_ask_one_true_question_about_each_new_scene():
+    """shapes.text_questions: one question a sample, every task asked with balanced answers, each answer true of
+    the scene read back from its text, no scene from `exclude`, the same samples for the same seed."""
+    import collections
+    exclude = {shapes.scene_key(s) for s in random_scenes(3000, seed=9)}
+    samples = shapes.text_questions(3500, seed=2, exclude=exclude)
+    assert samples == shapes.text_questions(3500, seed=2, exclude=exclude)
+    answers, bound = collections.defaultdict(list), []
+    for x in samples:
+        scene = parse_scene_text(x["scene_text"])
+        assert shapes.scene_key(scene) not in exclude and "image" not in x
+        human, gpt = x["conversations"]
+        assert human["value"].startswith(x["scene_text"] + "\n")
+        if x["task"] == "text_compositional":
+            first, second = (x["caption"], x["negative_caption"])[::1 if gpt["value"] == "A" else -1]
+            assert human["value"] == shapes.SUGARCREPE_PROMPT.format(a=first, b=second).replace(
+                shapes.IMAGE_TOKEN, x["scene_text"])
+            assert shapes.caption_is_true(scene, shapes.parse_caption(x["caption"]))
+            assert not shapes.caption_is_true(scene, shapes.parse_caption(x["negative_caption"]))
+        else:
+            assert_true_answer(scene, human["value"], gpt["value"])
+        answers[x["task"]].append(gpt["value"])
+        if x["task"] == "text_attribute" and gpt["value"] == "no":  # is the wrong value another object's?
+            shape, value = re.search(r"Is the (\w+) (\w+)\?", human["value"]).groups()
+            bound.append(any(value in (o["color"], o["size"]) for o in scene["objects"] if o["shape"] != shape))
+    assert set(answers) == {"text_" + t for t in shapes.QUESTION_TASKS if t != "choice"} | {"text_compositional"}
+    share = len(samples) / len(shapes.QUESTION_TASKS)
+    assert all(abs(len(v) - share) < 0.2 * share for v in answers.values())  # tasks drawn uniformly
+    for task, yes in (("text_relation", "yes"), ("text_attribute", "yes"), ("text_exist", "yes"),
+                      ("text_verify", "yes"), ("text_compositional", "A")):
+        assert 0.35 < answers[task].count(yes) / len(answers[task]) < 0.65, task
+    assert 0.55 < sum(bound) / len(bound) < 0.9  # many a false attribute is another object's: binding, not presence
+    assert {x["subset"] for x in samples if x["task"] in ("text_verify", "text_compositional")} == \
+        set(shapes.SUGARCREPE_SUBSETS)
+    only = shapes.text_questions(50, seed=3, tasks=("where",))
+    assert {x["task"] for x in only} == {"text_where"}
+    with pytest.raises(ValueError, match="unknown text-question tasks"):
+        shapes.text_questions(5, tasks=("where", "describe"))
 
 
 def test_evaluator_asks_text_only_items_about_their_text():
@@ -248,8 +294,8 @@ def test_demo_text_world_excludes_every_image_world_scene(tmp_path, monkeypatch)
 
 
 def test_demo_text_world_evaluate_asks_every_validation_item_about_its_scene_text(tmp_path, monkeypatch):
-    """demo.text_world_evaluate with an oracle in place of a model: 100 on every subset, both orders, and on
-    every VQA question type, so items, contexts and answers reach the evaluator intact."""
+    """demo.text_world_evaluate with an oracle in place of a model: 100 on every subset, both orders and by the
+    match score, and on every VQA question type, so items, contexts and answers reach the evaluator intact."""
     import json
     import demo
     val = shapes.text_world(n_train=1, n_val=3, seed=8)["val"]
@@ -267,9 +313,18 @@ def test_demo_text_world_evaluate_asks_every_validation_item_about_its_scene_tex
             else:
                 out.append(answer[(text, rest.split("\n")[0])])
         return out
-    monkeypatch.setattr(E, "make_model_fns", lambda *a, **k: (oracle, None))
+
+    def oracle_score(reqs):  # SugarCrepe's protocol: 1 for a true caption of the scene in the prompt, else 0
+        out = []
+        for r in reqs:
+            text, rest = r["prompt"].split("\n", 1)
+            cap = re.search(r"show '(.*)'\?", rest).group(1)
+            out.append(float(shapes.caption_is_true(parse_scene_text(text), shapes.parse_caption(cap))))
+        return out
+    monkeypatch.setattr(E, "make_model_fns", lambda *a, **k: (oracle, oracle_score))
     r = demo.text_world_evaluate("unused", str(path))
     assert set(r["cr_subsets"]) == set(shapes.SUGARCREPE_SUBSETS) and r["cr"] == 100.0
+    assert set(r["cr_match_subsets"]) == set(shapes.SUGARCREPE_SUBSETS) and r["cr_match"] == 100.0
     assert set(r["vqa_by_question_type"]) >= {"what color is the", "how many", "is there a", "is the"}
     assert min(r["vqa_by_question_type"].values()) >= 90
 
@@ -285,8 +340,9 @@ def test_parse_scene_tokens_inverts_scene_text_and_refuses_other_text():
 @pytest.mark.slow
 def test_scene_token_text_world_runs_its_phases_on_its_own_tokenizer(tmp_path):
     """demo.scene_token_text_world end to end at a few steps: a tokenizer with every scene token, one training
-    file per phase with that phase's tasks (cumulative) on scenes none of which is an image-world scene, each
-    phase a train.py run from the last, validation after each, the last phase's model the preset's LM."""
+    file per phase holding steps x batch one-question samples of that phase's tasks (cumulative), on scenes none
+    of which is an image-world or validation scene, each phase a train.py run from the last at a constant lr
+    after warmup, validation (both CR protocols) after each, the last phase's model the preset's LM."""
     import json
     import demo
     import model as M
@@ -295,24 +351,31 @@ def test_scene_token_text_world_runs_its_phases_on_its_own_tokenizer(tmp_path):
                       n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
     paths = {"dir": str(root), "images": str(root), "pretrain": str(root / "pretrain.json"),
              "instruct": str(root / "instruct.json")}
-    recipe = dict(demo.SCENE_TOKEN_TEXT, batch=4, n_train=12, n_val=2,
+    recipe = dict(demo.SCENE_TOKEN_TEXT, batch=4, n_val=2,
                   phases=((("lookup", "where"), 2), (("lookup", "where", "choice"), 3)))
     out = demo.scene_token_text_world(paths, str(tmp_path), presets=("student",), recipe=recipe)
     files = demo.scene_token_data(paths, recipe)
     image_world = {shapes.scene_key(s) for s in json.loads((root / "scenes.json").read_text()).values()}
+    val = json.loads(open(files["val"]).read())
+    val_scenes = {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"])) for x in val}
+    assert not val_scenes & image_world
     tasks = []
-    for path in files["phases"] + [files["val"]]:
+    for path, n in zip(files["phases"], (8, 12)):
         samples = json.loads(open(path).read())
-        assert not {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"])) for x in samples} & image_world
+        assert len(samples) == n and all(len(x["conversations"]) == 2 for x in samples)
+        assert not {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"])) for x in samples} & (image_world | val_scenes)
         tasks.append({x["task"] for x in samples})
-    assert tasks[0] == {"text_lookup", "text_where"}
-    assert tasks[1] == {"text_lookup", "text_where", "text_compositional"}
+    assert tasks[0] <= {"text_lookup", "text_where"} and "text_compositional" in tasks[1] <= \
+        {"text_lookup", "text_where", "text_compositional"}
     lm, tok, _ = M.load_pretrained(str(tmp_path / "student_tokens_lm"))
     assert lm.language_model.get_input_embeddings().weight.shape[0] >= len(tok) and all(
         len(tok.encode(t, add_special_tokens=False)) == 1 for t in shapes.SCENE_TOKENS)
     phases = json.loads((tmp_path / "student_tokens_lm" / "phases.json").read_text())
     assert [p["steps"] for p in phases] == [2, 3] and set(out["student"]["cr_subsets"]) == set(shapes.SUGARCREPE_SUBSETS)
+    assert set(out["student"]["cr_match_subsets"]) == set(shapes.SUGARCREPE_SUBSETS)
     summary = json.loads((tmp_path / "student_tokens_lm" / "trainer_summary.json").read_text())
     assert summary["steps"] == 3 and summary["init"] == str(tmp_path / "student_tokens_lm" / "phase0")
+    args = json.loads((tmp_path / "student_tokens_lm" / "args.json").read_text())
+    assert args["min_lr"] == args["lr"] == recipe["lr"] and not args["group_by_length"]
     with pytest.raises(SystemExit, match="another recipe"):  # never a stale world taken for another recipe
-        demo.scene_token_data(paths, dict(recipe, n_train=13))
+        demo.scene_token_data(paths, dict(recipe, batch=5))
