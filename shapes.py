@@ -809,10 +809,12 @@ def text_question_sample(rng, sid, scene, task, tokens=True):
             return None
         if task == "choice":
             return text_choice_sample(sid, scene, subset, pair, rng.random() < 0.5, tokens)
+        # "Yes" / "No", capitalised: the match score (evaluate.match_request, SugarCrepe's own protocol) reads
+        # log P("Yes") on this prompt, as for LLaVA models (the VQA answers stay lowercase, VQAv2's format)
         true = rng.random() < 0.5
         prompt = with_scene(E.MATCH_PROMPT.format(caption=clause_text(pair[0 if true else 1])), scene, tokens)
         return {"id": sid, "task": "text_verify", "subset": subset, "scene_text": scene_text(scene, tokens),
-                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "yes" if true else "no"}]}
+                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "Yes" if true else "No"}]}
     else:
         raise ValueError(f"unknown text-question task {task!r}; known: {QUESTION_TASKS}")
     return _qa_conversation(rng, sid, f"text_{task}", scene, [qa], tokens)
@@ -821,8 +823,9 @@ def text_question_sample(rng, sid, scene, task, tokens=True):
 def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True):
     """n training samples of the text world, each ONE question (text_question_sample, its task drawn uniformly
     from `tasks`) about its own newly drawn scene, none of them a scene in `exclude`. RESULTS.md section 12:
-    with a new scene per question (nothing to memorise) and enough steps, the teacher preset learns relations
-    and the 2-choice comparisons that it never learnt from a few passes over one conversation per scene."""
+    with a new scene per question (nothing to memorise) and enough steps, both presets learn the 2-choice
+    comparisons of attributes and objects (and, trained alone, relations) that they never learnt from a few
+    passes over one conversation per scene."""
     unknown = set(tasks) - set(QUESTION_TASKS)
     if unknown:
         raise ValueError(f"unknown text-question tasks {sorted(unknown)}; known: {QUESTION_TASKS}")

@@ -147,10 +147,10 @@ def assert_true_answer(scene, q, a):
     """One question about `scene` and its answer, checked against the scene itself (not by the code that
     wrote it): verification answers yes exactly for true captions; every answer one word of the VQA format."""
     objs = {o["shape"]: o for o in scene["objects"]}
-    assert re.fullmatch(r"[a-z0-9]+", a), a
-    if m := re.search(r"show '(.*)'\? Answer yes or no\.$", q):
-        assert a == ("yes" if shapes.caption_is_true(scene, shapes.parse_caption(m.group(1))) else "no")
+    if m := re.search(r"show '(.*)'\? Answer yes or no\.$", q):  # either case: a match-prompt answer
+        assert a.lower() == ("yes" if shapes.caption_is_true(scene, shapes.parse_caption(m.group(1))) else "no"), a
         return
+    assert re.fullmatch(r"[a-z0-9]+", a), a
     assert q.endswith(shapes.VQA_SUFFIX)
     if m := re.search(r"What (color|size) is the (\w+)\?", q):
         assert a == objs[m.group(2)][m.group(1)]
@@ -226,8 +226,9 @@ def test_text_questions_ask_one_true_question_about_each_new_scene():
     share = len(samples) / len(shapes.QUESTION_TASKS)
     assert all(abs(len(v) - share) < 0.2 * share for v in answers.values())  # tasks drawn uniformly
     for task, yes in (("text_relation", "yes"), ("text_attribute", "yes"), ("text_exist", "yes"),
-                      ("text_verify", "yes"), ("text_compositional", "A")):
+                      ("text_verify", "Yes"), ("text_compositional", "A")):
         assert 0.35 < answers[task].count(yes) / len(answers[task]) < 0.65, task
+    assert set(answers["text_verify"]) == {"Yes", "No"}  # what the match score reads (evaluate.match_request)
     assert 0.55 < sum(bound) / len(bound) < 0.9  # many a false attribute is another object's: binding, not presence
     assert {x["subset"] for x in samples if x["task"] in ("text_verify", "text_compositional")} == \
         set(shapes.SUGARCREPE_SUBSETS)
