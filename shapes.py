@@ -824,15 +824,15 @@ def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True):
     """n training samples of the text world, each ONE question (text_question_sample, its task drawn uniformly
     from `tasks`) about its own newly drawn scene, none of them a scene in `exclude`. RESULTS.md section 12:
     with a new scene per question (nothing to memorise) and enough steps, both presets learn the 2-choice
-    comparisons of attributes and objects (and, trained alone, relations) that they never learnt from a few
-    passes over one conversation per scene."""
+    comparisons of attributes and objects that they never learnt from a few passes over one conversation per
+    scene (relations only in a throwaway loop that trained them alone first; not kept by SCENE_TOKEN_TEXT)."""
     unknown = set(tasks) - set(QUESTION_TASKS)
     if unknown:
         raise ValueError(f"unknown text-question tasks {sorted(unknown)}; known: {QUESTION_TASKS}")
-    rng, out, taken = random.Random(f"{seed}-text-questions"), [], set(exclude)
+    rng, out, exclude = random.Random(f"{seed}-text-questions"), [], set(exclude)
     while len(out) < n:
         scene = random_scene(rng)
-        if scene_key(scene) in taken:
+        if scene_key(scene) in exclude:
             continue
         s = text_question_sample(rng, f"text_q_{len(out):07d}", scene, rng.choice(tasks), tokens)
         if s is not None:
