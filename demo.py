@@ -212,12 +212,15 @@ def _common(b, paths, out, steps, seed, *extra, lr=None):
 
 
 def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, steps: int = 1500, batch: int = 64,
-                            n_scenes: int = 8000, lr: float = 2e-3, seed: int = 0) -> dict:
+                            n_scenes: int = 8000, lr: float = 2e-3, seed: int = 0, cells: bool = False) -> dict:
     """The tiny encoder's stand-in for SigLIP's pre-training: a linear read-out of every patch's last hidden
     state is trained to name that cell's shape (or "empty"), colour and size (shapes.patch_labels), on freshly
     drawn scenes that exclude every benchmark scene in `scenes_json`. Updates `vision` in place and leaves it
     frozen; returns the held-out per-object accuracies. (The paper's students and teacher share a pretrained
-    encoder; a random one hands the LLM raw pixels and makes grounding far slower to learn.)"""
+    encoder; a random one hands the LLM raw pixels and makes grounding far slower to learn.)
+    cells=True: the read-out also names every patch's own cell (16-way), so that where each object is stays
+    readable from its feature, as position is from SigLIP's; without it a linear probe reads an object's cell
+    from the last layer 68% of the time (RESULTS.md section 13)."""
     n_held_out = 500
     if n_scenes <= n_held_out:
         raise ValueError(f"pretrain_vision_encoder: n_scenes={n_scenes} leaves no training scenes after the "
@@ -232,6 +235,11 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
     pixels = torch.stack([data.process_image(processor, shapes.draw_scene(s)) for s in scenes])
     labels = torch.tensor([shapes.patch_labels(s) for s in scenes])  # (N, patches, 3)
     sizes = (len(shapes.SHAPES) + 1, len(shapes.COLORS) + 1, len(shapes.SIZES) + 1)
+    names = ("shape", "colour", "size")
+    if cells:  # a fourth label, the patch's own index (patches are the GRID x GRID cells, row-major)
+        n_cells = labels.shape[1]
+        labels = torch.cat([labels, torch.arange(n_cells).expand(len(scenes), n_cells)[..., None]], dim=-1)
+        sizes, names = sizes + (n_cells,), names + ("cell",)
     torch.manual_seed(seed)
     head = nn.Linear(vision.config.hidden_size, sum(sizes))
     vision.requires_grad_(True).train()
@@ -252,7 +260,7 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
     y = labels[n_train:]
     obj = y[..., 0] > 0
     return {k: round(100 * float((lg.argmax(-1)[obj] == y[..., i][obj]).float().mean()), 1)
-            for i, (k, lg) in enumerate(zip(("shape", "colour", "size"), logits))}
+            for i, (k, lg) in enumerate(zip(names, logits))}
 
 
 def demo_teacher(b: dict, paths, out: str) -> str:
@@ -392,7 +400,7 @@ def text_world_evaluate(model_dir: str, val_json: str, limit: int | None = None,
 _POSITIONS = ("lookup", "where", "relation", "count")
 _BINDING = _POSITIONS + ("attribute", "exist", "verify")
 SCENE_TOKEN_TEXT = dict(batch=64, lr=2e-3, n_val=100, max_len=320,
-                        phases=((_POSITIONS, 3000), (_BINDING, 3000), (_BINDING + ("choice",), 6000)))
+                        phases=((_POSITIONS, 4000), (_BINDING, 3000), (_BINDING + ("relation", "choice", "choice"), 6000)))
 
 
 def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
@@ -446,6 +454,70 @@ def pretrain_text_lm_phases(paths: dict, recipe: dict, files: list, init: str, o
     if val:
         _demo_json(curve, os.path.join(out, "phases.json"))
     return curve
+
+
+# An image model from a scene-token text LM (issue 16, RESULTS.md section 13): the LLaVA recipe on an LM that
+# already answers every question about a scene from its text, so that what is left to learn is reading the scene
+# from the visual tokens. The questions are the text world's (shapes.image_questions) on the image world's
+# training images; the adapter is trained alone first, then with the LM, each at a constant lr after warmup.
+IMAGE_FROM_TEXT = dict(batch=64, max_len=320, adapter_steps=1000, adapter_lr=2e-3, steps=3000, lr=1e-3,
+                       vision_steps=3000, vision_scenes=8000, vision_cells=True, tasks=SCENE_TOKEN_TEXT["phases"][-1][0], seed=7)
+
+
+def image_question_data(paths: dict, recipe: dict) -> str:
+    """shapes.image_questions on the image world's training images ((adapter_steps + steps) x batch samples,
+    the recipe's tasks and seed), written once beside scenes.json; a file made with another recipe is refused."""
+    d = paths["dir"]
+    path, made_with = os.path.join(d, "image_questions.json"), os.path.join(d, "image_questions_recipe.json")
+    wanted = {k: recipe[k] for k in ("batch", "adapter_steps", "steps", "tasks", "seed")}
+    if os.path.exists(made_with):
+        with open(made_with, encoding="utf-8") as f:
+            if json.load(f) != json.loads(json.dumps(wanted)):
+                raise SystemExit(f"{made_with}: the image questions there were made with another recipe; "
+                                 f"give the demo another --out")
+        return path
+    with open(os.path.join(d, "scenes.json"), encoding="utf-8") as f:
+        scenes = {k: v for k, v in json.load(f).items() if k.startswith("images/train_")}
+    n = (recipe["adapter_steps"] + recipe["steps"]) * recipe["batch"]
+    _demo_json(shapes.image_questions(scenes, n, seed=recipe["seed"], tasks=recipe["tasks"]), path)
+    _demo_json(wanted, made_with)  # last: the file above is complete
+    return path
+
+
+def image_from_text_lm(paths: dict, text_lm: str, out: str, recipe: dict | None = None,
+                       vision_from: str | None = None) -> str:
+    """The LLaVA recipe (docs/method.md section 1) on a text-pretrained LM (scene_token_text_world): its vision
+    encoder pre-trained here (pretrain_vision_encoder, cells=True: each patch keeps where it is, which the
+    LM read from the position tokens) or copied from the model at `vision_from` (a teacher's: TAF needs the
+    same encoder); then train.py on image_question_data, the adapter alone (out/adapter), then adapter + LM
+    (`out`), validation CR logged every 500 steps. Returns `out`."""
+    recipe = recipe or IMAGE_FROM_TEXT
+    qa = image_question_data(paths, recipe)
+    init = os.path.join(out, "init")
+    if not os.path.exists(os.path.join(init, "vision_pretraining.json")):  # written last: init is complete
+        m, tok, _ = M.load_pretrained(text_lm)
+        if vision_from is None:
+            info = {"steps": recipe["vision_steps"], "cells": recipe["vision_cells"],
+                    "held_out_accuracy": pretrain_vision_encoder(
+                        m.vision_tower, M.make_image_processor(m.vision_tower.config),
+                        os.path.join(paths["dir"], "scenes.json"), steps=recipe["vision_steps"],
+                        n_scenes=recipe["vision_scenes"], cells=recipe["vision_cells"])}
+            m.vision_feature_layer = -1  # the pre-trained encoder's output (the preset reads layer 0)
+        else:
+            src, _, _ = M.load_pretrained(vision_from)
+            m.vision_tower.load_state_dict(src.vision_tower.state_dict())
+            m.vision_feature_layer, info = src.vision_feature_layer, {"copied_from": os.path.abspath(vision_from)}
+        M.save_pretrained(m, init, tok)
+        _demo_json(info, os.path.join(init, "vision_pretraining.json"))
+    b = dict(DEMO, batch=recipe["batch"], max_len=recipe["max_len"])
+    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every", "500",
+           "--eval-limit", "20"]
+    adapter = os.path.join(out, "adapter")
+    for src, dst, trainable, steps, lr in ((init, adapter, "adapter", recipe["adapter_steps"], recipe["adapter_lr"]),
+                                           (adapter, out, "adapter+llm", recipe["steps"], recipe["lr"])):
+        _demo_stage(["--stage", "llava", "--init", src, "--data", qa, "--trainable", trainable,
+                     *_common(b, paths, dst, steps, 0, lr=lr), "--min-lr", str(lr), *val])
+    return out
 
 
 def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
@@ -674,7 +746,11 @@ def scene_token_text_world(paths: dict, root: str, presets=("student", "teacher"
         results[name] = {"seconds": round(time.time() - t), "phases": phases, **text_world_evaluate(out, files["val"])}
         print(f"{name} LM, scene tokens:", json.dumps({k: v for k, v in results[name].items() if k != "phases"}),
               flush=True)
-    _demo_json(results, os.path.join(root, "text_world_tokens.json"))
+    path = os.path.join(root, "text_world_tokens.json")  # presets run by other processes on this --out are kept
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f) | results
+    _demo_json(results, path)
     return results
 
 

@@ -785,9 +785,10 @@ def noun_phrase_question(rng, scene):
 QUESTION_TASKS = ("lookup", "where", "relation", "attribute", "exist", "count", "verify", "choice")
 
 
-def text_question_sample(rng, sid, scene, task, tokens=True):
+def text_question_sample(rng, sid, scene, task, tokens=True, subsets=SUGARCREPE_SUBSETS):
     """One training conversation, one question about `scene` for `task` (QUESTION_TASKS), the scene text
-    first (with_scene); None when the scene does not allow the task (a hard negative of the drawn kind)."""
+    first (with_scene); None when the scene does not allow the task (a hard negative of the drawn kind).
+    `subsets`: the hard-negative kinds that "verify" and "choice" draw from."""
     objs = scene["objects"]
     o = rng.choice(objs)
     if task == "lookup":
@@ -803,7 +804,7 @@ def text_question_sample(rng, sid, scene, task, tokens=True):
     elif task == "count":
         qa = count_question(scene, rng.choice(list(COLORS)) if rng.random() < 0.5 else None)
     elif task in ("verify", "choice"):
-        subset = rng.choice(SUGARCREPE_SUBSETS)
+        subset = rng.choice(subsets)
         pair = hard_negative(rng, scene, subset)
         if pair is None:
             return None
@@ -820,7 +821,7 @@ def text_question_sample(rng, sid, scene, task, tokens=True):
     return _qa_conversation(rng, sid, f"text_{task}", scene, [qa], tokens)
 
 
-def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True):
+def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True, subsets=SUGARCREPE_SUBSETS):
     """n training samples of the text world, each ONE question (text_question_sample, its task drawn uniformly
     from `tasks`) about its own newly drawn scene, none of them a scene in `exclude`. RESULTS.md section 12:
     with a new scene per question (nothing to memorise) and enough steps, both presets learn the 2-choice
@@ -829,14 +830,41 @@ def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True):
     unknown = set(tasks) - set(QUESTION_TASKS)
     if unknown:
         raise ValueError(f"unknown text-question tasks {sorted(unknown)}; known: {QUESTION_TASKS}")
+    if not subsets or set(subsets) - set(SUGARCREPE_SUBSETS):
+        raise ValueError(f"subsets must be SugarCrepe subsets {SUGARCREPE_SUBSETS}, got {subsets}")
     rng, out, exclude = random.Random(f"{seed}-text-questions"), [], set(exclude)
     while len(out) < n:
         scene = random_scene(rng)
         if scene_key(scene) in exclude:
             continue
-        s = text_question_sample(rng, f"text_q_{len(out):07d}", scene, rng.choice(tasks), tokens)
+        s = text_question_sample(rng, f"text_q_{len(out):07d}", scene, rng.choice(tasks), tokens, subsets)
         if s is not None:
             out.append(s)
+    return out
+
+
+def image_questions(scenes, n, seed=0, tasks=QUESTION_TASKS):
+    """text_questions on images: n training samples, each ONE question (text_question_sample) about an image
+    drawn uniformly from `scenes` ({image path: scene}, e.g. the image world's training images), "<image>"
+    where the scene text was. The same questions, prompts and answers as the text world, so an LM pre-trained
+    on it (SCENE_TOKEN_TEXT in demo.py) has only to learn to read the scene from the visual tokens."""
+    unknown = set(tasks) - set(QUESTION_TASKS)
+    if unknown:
+        raise ValueError(f"unknown text-question tasks {sorted(unknown)}; known: {QUESTION_TASKS}")
+    if not scenes:
+        raise ValueError("image_questions: no scenes to ask about")
+    rng, names, out = random.Random(f"{seed}-image-questions"), sorted(scenes), []
+    while len(out) < n:
+        name = rng.choice(names)
+        s = text_question_sample(rng, f"image_q_{len(out):07d}", scenes[name], rng.choice(tasks), tokens=True)
+        if s is None:
+            continue
+        text = s.pop("scene_text")
+        first = s["conversations"][0]["value"]
+        if not first.startswith(text):
+            raise AssertionError(f"the scene text does not open {s['id']}: {first[:80]!r}")
+        s["conversations"][0] = {"from": "human", "value": IMAGE_TOKEN + first[len(text):]}
+        out.append(dict(s, image=name, task=s["task"].removeprefix("text_")))
     return out
 
 

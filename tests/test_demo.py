@@ -126,11 +126,12 @@ def test_vision_encoder_pretraining_reads_each_patch_and_never_sees_a_benchmark_
     shapes.random_scene = benchmark_scenes_first
     try:
         acc = demo.pretrain_vision_encoder(m.vision_tower, M.make_image_processor(m.vision_tower.config),
-                                            str(world / "scenes.json"), steps=200, n_scenes=2500)
+                                            str(world / "scenes.json"), steps=200, n_scenes=2500, cells=True)
     finally:
         shapes.random_scene = real_random_scene
     assert len(bench) >= 10 and len(drawn) == len(bench) + 2500
     assert acc["colour"] > 90 and acc["size"] > 90, acc
+    assert set(acc) == {"shape", "colour", "size", "cell"} and acc["cell"] > 90, acc  # cells=True: where it is
     assert any(not torch.equal(before[k], v) for k, v in m.vision_tower.state_dict().items())
     assert not any(p.requires_grad for p in m.vision_tower.parameters())
 

@@ -238,6 +238,35 @@ def test_text_questions_ask_one_true_question_about_each_new_scene():
         shapes.text_questions(5, tasks=("where", "describe"))
 
 
+def test_image_questions_ask_the_text_world_questions_about_images():
+    """shapes.image_questions: the text world's one-question samples with "<image>" where the scene text was,
+    each answer true of that image's own scene (checked against the scene, not by the code that wrote it),
+    every image and task drawn, deterministic, bad arguments refused."""
+    import collections
+    scenes = {f"images/train_{i:06d}.png": s for i, s in enumerate(random_scenes(40, seed=4))}
+    samples = shapes.image_questions(scenes, 1600, seed=5)
+    assert samples == shapes.image_questions(scenes, 1600, seed=5)
+    tasks = collections.Counter()
+    for x in samples:
+        scene, (human, gpt) = scenes[x["image"]], x["conversations"]
+        assert "scene_text" not in x and human["value"].startswith(shapes.IMAGE_TOKEN + "\n")
+        assert human["value"].count(shapes.IMAGE_TOKEN) == 1 and "[" not in human["value"]  # no scene token left
+        if x["task"] == "compositional":
+            assert shapes.caption_is_true(scene, shapes.parse_caption(x["caption"]))
+            assert not shapes.caption_is_true(scene, shapes.parse_caption(x["negative_caption"]))
+            first, second = (x["caption"], x["negative_caption"])[::1 if gpt["value"] == "A" else -1]
+            assert human["value"] == shapes.SUGARCREPE_PROMPT.format(a=first, b=second)
+        else:
+            assert_true_answer(scene, human["value"], gpt["value"])
+        tasks[x["task"]] += 1
+    assert set(tasks) == {t for t in shapes.QUESTION_TASKS if t != "choice"} | {"compositional"}
+    assert {x["image"] for x in samples} == set(scenes)
+    with pytest.raises(ValueError, match="unknown text-question tasks"):
+        shapes.image_questions(scenes, 5, tasks=("describe",))
+    with pytest.raises(ValueError, match="no scenes"):
+        shapes.image_questions({}, 5)
+
+
 def test_evaluator_asks_text_only_items_about_their_text():
     """eval_sugarcrepe / eval_vqav2 on items with a "context": no image, the context where "<image>" was;
     an oracle that reads the scene text from the prompt scores 100, one that answers blindly does not."""
@@ -380,3 +409,27 @@ def test_scene_token_text_world_runs_its_phases_on_its_own_tokenizer(tmp_path):
     assert args["min_lr"] == args["lr"] == recipe["lr"] and not args["group_by_length"]
     with pytest.raises(SystemExit, match="another recipe"):  # never a stale world taken for another recipe
         demo.scene_token_data(paths, dict(recipe, batch=5))
+    # then the image model from that LM (demo.image_from_text_lm): the LM's weights carried over, the vision
+    # encoder pre-trained, the adapter trained alone (the LM untouched), then both
+    import torch
+    text_lm = str(tmp_path / "student_tokens_lm")
+    img = dict(demo.IMAGE_FROM_TEXT, batch=4, adapter_steps=2, steps=2, vision_steps=2, vision_scenes=520)
+    demo.image_from_text_lm(paths, text_lm, str(tmp_path / "img"), img)
+    qa = json.loads((root / "image_questions.json").read_text())
+    train_images = {k for k in json.loads((root / "scenes.json").read_text()) if k.startswith("images/train_")}
+    assert len(qa) == 4 * 4 and {x["image"] for x in qa} <= train_images
+    sd = {n: {k: v for k, v in M.load_pretrained(str(tmp_path / "img" / n if n else tmp_path / "img"))[0]
+              .state_dict().items()} for n in ("init", "adapter", "")}
+    lm_sd = lm.state_dict()
+    part = lambda d, key: {k: v for k, v in d.items() if key in k}  # noqa: E731
+    assert all(torch.equal(v, part(sd["init"], "language_model")[k]) for k, v in part(lm_sd, "language_model").items())
+    assert any(not torch.equal(v, sd["init"][k]) for k, v in part(lm_sd, "vision_tower").items())
+    assert all(torch.equal(v, sd["adapter"][k]) for k, v in part(sd["init"], "language_model").items())
+    assert any(not torch.equal(v, sd["adapter"][k]) for k, v in part(sd["init"], "projector").items())
+    assert any(not torch.equal(v, sd[""][k]) for k, v in part(sd["adapter"], "language_model").items())
+    assert M.read_config(str(tmp_path / "img" / "init"))["vision_feature_layer"] == -1
+    demo.image_from_text_lm(paths, text_lm, str(tmp_path / "img2"), img, vision_from=str(tmp_path / "img"))
+    copied = M.load_pretrained(str(tmp_path / "img2" / "init"))[0].state_dict()
+    assert all(torch.equal(v, copied[k]) for k, v in part(sd[""], "vision_tower").items())
+    with pytest.raises(SystemExit, match="another recipe"):
+        demo.image_question_data(paths, dict(img, steps=3))
