@@ -826,7 +826,8 @@ def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True, sub
     from `tasks`) about its own newly drawn scene, none of them a scene in `exclude`. RESULTS.md section 12:
     with a new scene per question (nothing to memorise) and enough steps, both presets learn the 2-choice
     comparisons of attributes and objects that they never learnt from a few passes over one conversation per
-    scene (relations only in a throwaway loop that trained them alone first; not kept by SCENE_TOKEN_TEXT)."""
+    scene. Relations: the yes / no relation questions are learnt (RESULTS.md section 13), the captions that need
+    a relation (swap_obj, replace_rel) not yet. `subsets`: the hard-negative kinds of "verify" and "choice"."""
     unknown = set(tasks) - set(QUESTION_TASKS)
     if unknown:
         raise ValueError(f"unknown text-question tasks {sorted(unknown)}; known: {QUESTION_TASKS}")
