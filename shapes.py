@@ -821,6 +821,12 @@ def text_question_sample(rng, sid, scene, task, tokens=True, subsets=SUGARCREPE_
     return _qa_conversation(rng, sid, f"text_{task}", scene, [qa], tokens)
 
 
+def _check_question_tasks(tasks):
+    unknown = set(tasks) - set(QUESTION_TASKS)
+    if unknown:
+        raise ValueError(f"unknown text-question tasks {sorted(unknown)}; known: {QUESTION_TASKS}")
+
+
 def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True, subsets=SUGARCREPE_SUBSETS):
     """n training samples of the text world, each ONE question (text_question_sample, its task drawn uniformly
     from `tasks`) about its own newly drawn scene, none of them a scene in `exclude`. RESULTS.md section 12:
@@ -828,9 +834,7 @@ def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True, sub
     comparisons of attributes and objects that they never learnt from a few passes over one conversation per
     scene. Relations: the yes / no relation questions are learnt (RESULTS.md section 13), the captions that need
     a relation (swap_obj, replace_rel) not yet. `subsets`: the hard-negative kinds of "verify" and "choice"."""
-    unknown = set(tasks) - set(QUESTION_TASKS)
-    if unknown:
-        raise ValueError(f"unknown text-question tasks {sorted(unknown)}; known: {QUESTION_TASKS}")
+    _check_question_tasks(tasks)
     if not subsets or set(subsets) - set(SUGARCREPE_SUBSETS):
         raise ValueError(f"subsets must be SugarCrepe subsets {SUGARCREPE_SUBSETS}, got {subsets}")
     rng, out, exclude = random.Random(f"{seed}-text-questions"), [], set(exclude)
@@ -849,9 +853,7 @@ def image_questions(scenes, n, seed=0, tasks=QUESTION_TASKS):
     drawn uniformly from `scenes` ({image path: scene}, e.g. the image world's training images), "<image>"
     where the scene text was. The same questions, prompts and answers as the text world, so an LM pre-trained
     on it (SCENE_TOKEN_TEXT in demo.py) has only to learn to read the scene from the visual tokens."""
-    unknown = set(tasks) - set(QUESTION_TASKS)
-    if unknown:
-        raise ValueError(f"unknown text-question tasks {sorted(unknown)}; known: {QUESTION_TASKS}")
+    _check_question_tasks(tasks)
     if not scenes:
         raise ValueError("image_questions: no scenes to ask about")
     rng, names, out = random.Random(f"{seed}-image-questions"), sorted(scenes), []

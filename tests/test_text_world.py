@@ -418,8 +418,7 @@ def test_scene_token_text_world_runs_its_phases_on_its_own_tokenizer(tmp_path):
     qa = json.loads((root / "image_questions.json").read_text())
     train_images = {k for k in json.loads((root / "scenes.json").read_text()) if k.startswith("images/train_")}
     assert len(qa) == 4 * 4 and {x["image"] for x in qa} <= train_images
-    sd = {n: {k: v for k, v in M.load_pretrained(str(tmp_path / "img" / n if n else tmp_path / "img"))[0]
-              .state_dict().items()} for n in ("init", "adapter", "")}
+    sd = {n: M.load_pretrained(str(tmp_path / "img" / n))[0].state_dict() for n in ("init", "adapter", "")}
     lm_sd = lm.state_dict()
     part = lambda d, key: {k: v for k, v in d.items() if key in k}  # noqa: E731
     assert all(torch.equal(v, part(sd["init"], "language_model")[k]) for k, v in part(lm_sd, "language_model").items())
