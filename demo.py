@@ -1,10 +1,14 @@
-"""The demo: the paper's table in miniature, from nothing, on a CPU (`python demo.py`).
+"""The demo: the paper's table in miniature, on a CPU (`python demo.py`).
 
-From an empty `--out` (default runs/demo): the shapes world (shapes.py), the tiny teacher (shipped as
-assets/demo_teacher; `--train-teacher` trains it by the curriculum in `demo_teacher`), the student's
-"pretrained LLM" (the student preset pre-trained on the text world, shapes.text_world), then three students with the same data, steps and
-seed, each evaluated on the held-out benchmarks:
-  sft           the LLaVA recipe on the student preset, no teacher (`train.py --stage llava`);
+The paper's premise (issue 16, RESULTS.md sections 12-14): teacher and student are *pretrained* LMs that
+already reason about a scene in language; what distillation has to transfer is where to look in the image.
+From an empty `--out` (default runs/demo): the shapes world (shapes.py); the teacher, the teacher preset's
+image model (shipped as assets/demo_teacher); the student's pretrained LLM, the student preset's text LM
+(assets/demo_student_lm); both LMs were pre-trained on the scene-token text world before any image, and
+`--train-teacher` remakes all of it (demo_lms). Then three students from that LM with the teacher's vision
+encoder, the same data (the teacher's image questions), steps and seed, each evaluated on the held-out
+benchmarks:
+  sft           the LLaVA recipe on the student, no teacher (`train.py --stage llava`);
   kd            stages 1-3 with L_LM + L_KL (no VAT, no TAF, like LLaVA-KD);
   compodistill  stages 1-3 with VAT (L_ADL, Eq. 3 of arXiv 2510.12184) and TAF.
 Prints the table and ends with the RESULT line; writes results.json / results.md / results.png,
@@ -14,7 +18,7 @@ adds no training code of its own. The same command on the same --out resumes.
 
   python demo.py                     # about 10 minutes on 2 CPU cores
   python demo.py --full --out runs/full
-  python demo.py --text-world        # only both LMs' text-world pre-training and their text-world accuracy
+  python demo.py --text-world --scene-tokens   # only both LMs' text-world pre-training and their accuracy
 """
 from __future__ import annotations
 
@@ -39,16 +43,12 @@ import train
 # -----------------------------------------------------------------------------
 # Budget
 
-DEMO_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_teacher")
-# One budget for every student (same data, steps, seed). Micro-batch = global batch on one CPU.
-DEMO = dict(batch=16, lr=2e-3, text_batch=32, text_lr=3e-3, text_max_len=320, student_text_steps=2000,
-            teacher_text_steps=2500, s1_steps=200, s2_steps=900, s3_steps=300,
-            teacher_lr=2e-3, vision_steps=1500, vision_scenes=8000, teacher_lookup_steps=1000,
-            teacher_mix_steps=3000, teacher_cr_steps=3000, teacher_cr_batch=32, teacher_focus_steps=4000,
-            teacher_focus_lr=1.5e-3, max_len=256,
-            eval_every=150, eval_limit=20, w_vat=10.0)
-# w_vat: the L_ADL weight of the CompoDistill students (the paper's is 1, the CLI default). Here L_ADL ends stage 2
-# near 0.08 against L_LM near 0.4; 10 was chosen over 1 and 3 on the validation split (README, "Demo results").
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEMO_TEACHER = os.path.join(ASSETS, "demo_teacher")        # the teacher preset's image model (demo_lms)
+DEMO_STUDENT_LM = os.path.join(ASSETS, "demo_student_lm")  # the student preset's text LM (demo_lms)
+# The text world in words (`--text-world` without --scene-tokens, RESULTS.md section 10): its LMs' budget.
+DEMO = dict(batch=16, lr=2e-3, max_len=256, text_batch=32, text_lr=3e-3, text_max_len=320, student_text_steps=2000,
+            teacher_text_steps=2500)
 
 
 def _demo_jsonl(rows, path):
@@ -101,87 +101,15 @@ def _demo_stage(argv: list) -> str:
     return train.main(argv + (["--overwrite"] if unfinished else []))
 
 
-def caption_verification(instruct: list) -> list:
-    """A stepping stone for tiny models: each 2-choice compositional sample becomes two yes/no questions
-    about ONE caption (evaluate.MATCH_PROMPT -> yes for the true caption, no for the hard negative),
-    so binding can be learnt before comparing two captions."""
-    return [{"id": f"{x['id']}_verify_{ans}", "image": x["image"], "task": "verification",
-             "conversations": [{"from": "human", "value": E.MATCH_PROMPT.format(caption=x[key])},
-                               {"from": "gpt", "value": ans}]}
-            for x in instruct if x["task"] == "compositional"
-            for key, ans in (("caption", "yes"), ("negative_caption", "no"))]
-
-
-def lookup_questions(scenes_json: str, images: set, seed: int = 0) -> list:
-    """The teacher's first curriculum step: for every training image, one conversation that asks the colour
-    and the size of each object by its shape, and the shape of each object whose colour is unique
-    (shapes.lookup_question, the wording of the VQA questions; all of them, shuffled).
-    Every answer needs the one-hop grounding (find the cell the question names, read it out) that the
-    compositional questions build on."""
-    with open(scenes_json, encoding="utf-8") as f:
-        scenes = json.load(f)
-    rng, out = random.Random(seed), []
-    for k in sorted(images):
-        objs = scenes[k]["objects"]
-        qa = [q for kind in ("color", "size", "shape") for o in objs
-              if (q := shapes.lookup_question(kind, o, objs)) is not None]
-        rng.shuffle(qa)
-        conv = []
-        for i, (q, a) in enumerate(qa):
-            conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q + shapes.VQA_SUFFIX},
-                     {"from": "gpt", "value": a}]
-        out.append({"id": f"lookup_{len(out):06d}", "image": k, "task": "recognition", "conversations": conv})
-    return out
-
-
-TEACHER_CR_SUBSETS = ("replace_att", "swap_att", "replace_obj", "swap_obj", "replace_rel", "add_att", "add_obj")
-# The subsets the tiny teacher learns (its last phase trains on these only): attributes and objects replaced or
-# added. Swapped bindings and relations stay at chance after 3,000 steps on every subset (README).
-TEACHER_FOCUS_SUBSETS = ("replace_att", "replace_obj", "add_obj", "add_att")
-
-
-def compositional_questions(scenes_json: str, images: set, seed: int = 0,
-                            subsets=TEACHER_CR_SUBSETS) -> list:
-    """The teacher's last curriculum step: for every training image, one 2-choice question per SugarCrepe
-    subset (the official prompt, shapes.SUGARCREPE_PROMPT) with a fresh hard negative of that subset's kind
-    (shapes.hard_negative), the true caption first or second at random. 4,000 images x 7 subsets is ~3.5x the
-    compositional questions of the instruction mix: a tiny teacher leaves chance on CR only after
-    thousands of such steps (README, "What is known about the miniature's teacher")."""
-    with open(scenes_json, encoding="utf-8") as f:
-        scenes = json.load(f)
-    rng, out = random.Random(seed), []
-    for k in sorted(images):
-        for subset in subsets:
-            pair = shapes.hard_negative(rng, scenes[k], subset)
-            if pair is None:  # this scene has no negative of that kind (e.g. no attribute to swap)
-                continue
-            out.append(shapes.choice_sample(f"cr_{len(out):06d}", k, subset, pair, pos_first=rng.random() < 0.5))
-    return out
-
-
 def demo_data(root: str, seed: int = 0, sizes: dict | None = None, text_sizes: dict | None = None) -> dict:
-    """Synthesise the shapes world once and derive the demo's data files from it: the teacher's curriculum
-    (one-hop lookup questions, then the instruction mix + caption verification + the lookup questions, then
-    fresh 2-choice compositional questions + the lookups + the instruction mix, then three fresh draws of
-    the 2-choice questions of the subsets the teacher learns + the lookups + the instruction mix) and the
-    text world (text_world_data, `text_sizes` its n_train / n_val: both LMs' pre-training before any image,
-    so each starts as a *language* model like the paper's)."""
+    """Synthesise the shapes world once (shapes.synthesize under root/data) and return its paths, with the
+    text world in words (text_world_data, `text_sizes` its n_train / n_val; `--text-world` without
+    --scene-tokens) and the layer-probe requests (shapes.layer_probe on the validation images)."""
     d = os.path.join(root, "data")
     if not os.path.exists(os.path.join(d, "instruct.json")):
         shapes.synthesize(d, seed=seed, **(sizes or {}))
-    instruct = data.load_llava_json(os.path.join(d, "instruct.json"))
-    pretrain = data.load_llava_json(os.path.join(d, "pretrain.json"))
-    verify = caption_verification(instruct)
-    scenes_json, images = os.path.join(d, "scenes.json"), {x["image"] for x in pretrain}
-    lookup = lookup_questions(scenes_json, images, seed)
-    cr = compositional_questions(scenes_json, images, seed)
-    focus = [dict(x, id=f"cr5_{i:06d}") for i, x in enumerate(
-        q for k in (11, 12, 13) for q in compositional_questions(scenes_json, images, seed + k, TEACHER_FOCUS_SUBSETS))]
+    scenes_json = os.path.join(d, "scenes.json")
     return {"dir": d, "images": d, "tokenizer": os.path.join(d, "tokenizer"),
-            "lookup": _demo_json(lookup, os.path.join(d, "lookup.json")),
-            "teacher_mix": _demo_json(instruct + verify + lookup, os.path.join(d, "teacher_mix.json")),
-            "teacher_cr": _demo_json(cr + lookup + instruct, os.path.join(d, "teacher_cr.json")),
-            "teacher_focus": _demo_json(focus + lookup + instruct, os.path.join(d, "teacher_focus.json")),
             "pretrain": os.path.join(d, "pretrain.json"), "instruct": os.path.join(d, "instruct.json"),
             **{f"text_{k}": p for k, p in text_world_data(scenes_json, seed, **(text_sizes or {})).items()},
             "layer_probe": _demo_jsonl(shapes.layer_probe(scenes_json, "val"), os.path.join(d, "layer_probe_val.jsonl"))}
@@ -263,70 +191,34 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
             for i, (k, lg) in enumerate(zip(names, logits))}
 
 
-def demo_teacher(b: dict, paths, out: str) -> str:
-    """The tiny teacher. Its vision encoder is first pre-trained (pretrain_vision_encoder) and read at its
-    last layer; then the standard LLaVA recipe with a grounding-first curriculum: the one-hop lookup
-    questions alone (lookup_questions), then the full instruction mix (2-choice compositional questions
-    included) plus yes/no caption-verification questions (caption_verification) and the lookup questions,
-    then a long compositional phase: fresh 2-choice questions of every subset for every training image
-    (compositional_questions) + the lookups + the instruction mix, at batch 32, its validation CR logged
-    every 250 steps; last a focus phase on the subsets it learns (TEACHER_FOCUS_SUBSETS: three fresh draws
-    of their 2-choice questions + the lookups + the instruction mix, batch 32, lr 1.5e-3, grouped by length),
-    its validation CR logged every 500 steps. This is how the shipped assets/demo_teacher was made
-    (`python demo.py --train-teacher`)."""
-    tok = data.load_tokenizer(paths["tokenizer"])
-    init = os.path.join(out, "init")
-    if not os.path.exists(os.path.join(init, "vision_pretraining.json")):  # written last: init is complete
-        teacher = M.from_preset("teacher", tok)
-        acc = pretrain_vision_encoder(teacher.vision_tower, M.make_image_processor(teacher.vision_tower.config),
-                                      os.path.join(paths["dir"], "scenes.json"), steps=b["vision_steps"],
-                                      n_scenes=b["vision_scenes"])
-        teacher.vision_feature_layer = -1  # the pre-trained encoder's output (the preset reads layer 0)
-        M.save_pretrained(teacher, init, tok)
-        with open(os.path.join(init, "vision_pretraining.json"), "w", encoding="utf-8") as f:
-            json.dump({"steps": b["vision_steps"], "held_out_accuracy": acc}, f)
-    # Not yet here: the text-world pre-training issue 16 asks for before the image phases. The shipped teacher was
-    # made without it. Its replacement is built and measured on the student preset only (RESULTS.md section 13:
-    # image_from_text_lm on the scene-token text LM, held-out CR 67.9, VQA 87.7); the teacher preset's text LM
-    # (about 45 minutes alone on both cores) is the next run, then this recipe is replaced.
-    prev = init
-    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--save-every", "500", "--eval-every"]
-    lr, focus_lr = b["teacher_lr"], b["teacher_focus_lr"]
-    for name, data_key, steps, batch, phase_lr, extra in (
-            ("lookup", "lookup", b["teacher_lookup_steps"], b["batch"], lr, ()),
-            ("mix", "teacher_mix", b["teacher_mix_steps"], b["batch"], lr, ()),
-            ("cr", "teacher_cr", b["teacher_cr_steps"], b["teacher_cr_batch"], lr, (*val, "250")),
-            (None, "teacher_focus", b["teacher_focus_steps"], b["teacher_cr_batch"], focus_lr,
-             (*val, "500", "--group-by-length"))):
-        phase_out = os.path.join(out, name) if name else out
-        _demo_stage(["--stage", "llava", "--init", prev, "--data", paths[data_key], "--trainable", "adapter+llm",
-                     *_common(dict(b, batch=batch), paths, phase_out, steps, 0, lr=phase_lr), *extra])
-        prev = phase_out
-    return out
-
-
-def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str, seed: int, extra=()) -> str:
-    """One student. `sft`: the LLaVA recipe without a teacher (adapter pre-training on captions, then
-    fine-tuning); `kd` / `compodistill`: stages 1 -> 2 -> 3, L_ADL weight 0 for kd, b["w_vat"] for
-    compodistill. Same data, steps, seed.
+def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str, seed: int, extra=(),
+                 data_files: tuple[str, str] | None = None) -> str:
+    """One student. `sft`: the LLaVA recipe without a teacher (adapter pre-training, then fine-tuning);
+    `kd` / `compodistill`: stages 1 -> 2 -> 3, L_ADL weight 0 for kd, b["w_vat"] for compodistill. Same data,
+    steps, seed. `data_files`: (stage-1 data, stage-2/3 data), default (captions, the instruction mix);
+    sft's adapter phase reads the first, its fine-tuning the second.
     After stage 1 every student logs its validation CR every b["eval_every"] steps (the learning curve)."""
+    s1_data, s23_data = data_files or (paths["pretrain"], paths["instruct"])
     val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every",
            str(b["eval_every"]), "--eval-limit", str(b["eval_limit"])] if b["eval_every"] else []
+    # b["s1_lr"]: stage 1's (the adapter's) lr, default b["lr"]; b["constant_lr"]: constant after warmup
+    lr1, lr = b.get("s1_lr", b["lr"]), b["lr"]
+    const = lambda x: ["--min-lr", str(x)] if b.get("constant_lr") else []
     if kind == "sft":
         a = os.path.join(out, "adapter")
-        _demo_stage(["--stage", "llava", "--init", lm_init, "--data", paths["pretrain"], "--trainable", "adapter",
-                     *_common(b, paths, a, b["s1_steps"], seed)])
-        _demo_stage(["--stage", "llava", "--init", a, "--data", paths["instruct"], "--trainable", "adapter+llm",
-                     *_common(b, paths, out, b["s2_steps"] + b["s3_steps"], seed), *val])
+        _demo_stage(["--stage", "llava", "--init", lm_init, "--data", s1_data, "--trainable", "adapter",
+                     *_common(b, paths, a, b["s1_steps"], seed, lr=lr1), *const(lr1)])
+        _demo_stage(["--stage", "llava", "--init", a, "--data", s23_data, "--trainable", "adapter+llm",
+                     *_common(b, paths, out, b["s2_steps"] + b["s3_steps"], seed), *const(lr), *val])
         return out
     w_vat = ["--w-vat", "0" if kind == "kd" else str(b["w_vat"])]
     s1, s2, s3 = (os.path.join(out, f"stage{k}") for k in (1, 2, 3))
-    _demo_stage(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", paths["pretrain"],
-                 *_common(b, paths, s1, b["s1_steps"], seed), *extra])
-    _demo_stage(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", paths["instruct"], "--full-llm",
-                 *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *val, *extra])
-    _demo_stage(["--stage", "3", "--init", s2, "--data", paths["instruct"], "--trainable", "adapter+llm",
-                 *_common(b, paths, s3, b["s3_steps"], seed), *val, *extra])
+    _demo_stage(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", s1_data,
+                 *_common(b, paths, s1, b["s1_steps"], seed, lr=lr1), *const(lr1), *extra])
+    _demo_stage(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", s23_data, "--full-llm",
+                 *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *const(lr), *val, *extra])
+    _demo_stage(["--stage", "3", "--init", s2, "--data", s23_data, "--trainable", "adapter+llm",
+                 *_common(b, paths, s3, b["s3_steps"], seed), *const(lr), *val, *extra])
     return s3
 
 
@@ -424,6 +316,32 @@ def _made_with(made_with: str, wanted: dict, what: str) -> bool:
     return True
 
 
+def _image_world_scenes(paths: dict) -> set:
+    with open(os.path.join(paths["dir"], "scenes.json"), encoding="utf-8") as f:
+        return {shapes.scene_key(s) for s in json.load(f).values()}
+
+
+def scene_token_val(paths: dict, n_val: int, seed: int = 0) -> str:
+    """The scene-token text world's held-out validation file beside scenes.json (shapes.text_world's validation
+    split, tokens=True, on scenes that are no image-world scene), written each call (a second or so): the same
+    items for the same world, n_val and seed, so the demo scores a shipped LM on the items it was validated on
+    when it was made."""
+    path = os.path.join(paths["dir"], "text_tokens_val.json")
+    _demo_json(shapes.text_world(n_train=0, n_val=n_val, seed=seed, exclude=_image_world_scenes(paths),
+                                 tokens=True)["val"], path)
+    return path
+
+
+def scene_tokenizer(paths: dict) -> str:
+    """DIR/scene_tokenizer beside scenes.json, made once: BPE on the world tokenizer's corpus (the image
+    world's training text) plus shapes.SCENE_TOKENS as whole tokens. Both text LMs read it."""
+    path = os.path.join(paths["dir"], "scene_tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        samples = data.load_llava_json(paths["pretrain"]) + data.load_llava_json(paths["instruct"])
+        shapes.train_tokenizer(shapes.tokenizer_corpus(samples), path, extra_tokens=shapes.SCENE_TOKENS)
+    return path
+
+
 def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
     """Files of the scene-token text world beside scenes.json: a tokenizer (the world tokenizer's corpus, the
     image world's training text included, plus shapes.SCENE_TOKENS as whole tokens), the held-out validation
@@ -433,17 +351,13 @@ def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
     d = paths["dir"]
     out = {"tokenizer": os.path.join(d, "scene_tokenizer"), "val": os.path.join(d, "text_tokens_val.json"),
            "phases": [os.path.join(d, f"text_tokens_phase{i}.json") for i in range(len(recipe["phases"]))]}
-    if not os.path.exists(os.path.join(out["tokenizer"], "tokenizer.json")):
-        samples = data.load_llava_json(paths["pretrain"]) + data.load_llava_json(paths["instruct"])
-        shapes.train_tokenizer(shapes.tokenizer_corpus(samples), out["tokenizer"], extra_tokens=shapes.SCENE_TOKENS)
+    scene_tokenizer(paths)
     made_with = os.path.join(d, "text_tokens_recipe.json")
     wanted = {k: recipe[k] for k in ("batch", "n_val", "phases")} | {"seed": seed, "samples": "text_questions"}
     if not _made_with(made_with, wanted, "the scene-token text world") or \
             not all(os.path.exists(p) for p in [out["val"], *out["phases"]]):
-        with open(os.path.join(d, "scenes.json"), encoding="utf-8") as f:
-            exclude = {shapes.scene_key(s) for s in json.load(f).values()}
-        val = shapes.text_world(n_train=0, n_val=recipe["n_val"], seed=seed, exclude=exclude, tokens=True)["val"]
-        _demo_json(val, out["val"])
+        exclude = _image_world_scenes(paths)
+        val = data.load_llava_json(scene_token_val(paths, recipe["n_val"], seed))
         exclude |= {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"])) for x in val}
         for i, ((tasks, steps), path) in enumerate(zip(recipe["phases"], out["phases"])):
             _demo_json(shapes.text_questions(steps * recipe["batch"], seed=seed + 100 * i, tasks=tasks,
@@ -498,17 +412,15 @@ def image_question_data(paths: dict, recipe: dict) -> str:
     return path
 
 
-def image_from_text_lm(paths: dict, text_lm: str, out: str, recipe: dict | None = None,
-                       vision_from: str | None = None) -> str:
-    """The LLaVA recipe (docs/method.md section 1) on a text-pretrained LM (scene_token_text_world): its vision
-    encoder pre-trained here (pretrain_vision_encoder, cells=True: each patch keeps where it is, which the
-    LM read from the position tokens) or copied from the model at `vision_from` (a teacher's: TAF needs the
-    same encoder); then train.py on image_question_data, the adapter alone (out/adapter), then adapter + LM
-    (`out`), validation CR logged every 500 steps. Returns `out`."""
+def image_init(paths: dict, text_lm: str, out: str, recipe: dict | None = None,
+               vision_from: str | None = None) -> str:
+    """A text-pretrained LM (scene_token_text_world) with a vision encoder, saved at `out`: the encoder
+    pre-trained here (pretrain_vision_encoder, cells=True: each patch keeps where it is, which the LM read from
+    the position tokens; read at its last layer) or copied from the model at `vision_from` (a teacher's: TAF
+    needs the same encoder, docs/method.md section 2). out/vision_pretraining.json, written last, says which.
+    Returns `out`."""
     recipe = recipe or IMAGE_FROM_TEXT
-    qa = image_question_data(paths, recipe)
-    init = os.path.join(out, "init")
-    if not os.path.exists(os.path.join(init, "vision_pretraining.json")):  # written last: init is complete
+    if not os.path.exists(os.path.join(out, "vision_pretraining.json")):  # written last: `out` is complete
         m, tok, _ = M.load_pretrained(text_lm)
         if vision_from is None:
             info = {"steps": recipe["vision_steps"], "cells": recipe["vision_cells"],
@@ -520,8 +432,19 @@ def image_from_text_lm(paths: dict, text_lm: str, out: str, recipe: dict | None 
         else:
             copy_vision_encoder(m, vision_from)
             info = {"copied_from": os.path.abspath(vision_from)}
-        M.save_pretrained(m, init, tok)
-        _demo_json(info, os.path.join(init, "vision_pretraining.json"))
+        M.save_pretrained(m, out, tok)
+        _demo_json(info, os.path.join(out, "vision_pretraining.json"))
+    return out
+
+
+def image_from_text_lm(paths: dict, text_lm: str, out: str, recipe: dict | None = None,
+                       vision_from: str | None = None) -> str:
+    """The LLaVA recipe (docs/method.md section 1) on a text-pretrained LM: image_init (out/init), then
+    train.py on image_question_data, the adapter alone (out/adapter), then adapter + LM (`out`), validation CR
+    logged every 500 steps. This is how the demo's teacher is made (demo_lms). Returns `out`."""
+    recipe = recipe or IMAGE_FROM_TEXT
+    qa = image_question_data(paths, recipe)
+    init = image_init(paths, text_lm, os.path.join(out, "init"), recipe, vision_from)
     b = dict(DEMO, batch=recipe["batch"], max_len=recipe["max_len"])
     val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every", "500",
            "--eval-limit", "20"]
@@ -531,6 +454,29 @@ def image_from_text_lm(paths: dict, text_lm: str, out: str, recipe: dict | None 
         _demo_stage(["--stage", "llava", "--init", src, "--data", qa, "--trainable", trainable,
                      *_common(b, paths, dst, steps, 0, lr=lr), "--min-lr", str(lr), *val])
     return out
+
+
+# The students (issue 16's design, RESULTS.md section 14): one budget for every student, the same data (the
+# teacher's own image questions, image_question_data), steps and seed, each from the student preset's text LM
+# with the teacher's vision encoder (image_init). Stage 1 trains sft's and kd's own adapter or CompoDistill's TAF
+# linear at s1_lr; stages 2-3 (sft: its fine-tuning) at lr; constant after warmup. Micro-batch = global batch.
+# w_vat: the L_ADL weight of the CompoDistill students (the paper's is 1, the CLI default).
+STUDENTS = dict(batch=64, max_len=320, s1_steps=300, s2_steps=600, s3_steps=300, s1_lr=2e-3, lr=1e-3,
+                constant_lr=True, eval_every=300, eval_limit=20, w_vat=10.0)
+
+
+def demo_lms(paths: dict, root: str, text_recipe: dict | None = None, image_recipe: dict | None = None):
+    """`python demo.py --train-teacher`: what assets/ ships, remade under `root`. Both presets' scene-token text
+    LMs (scene_token_text_world), then the one vision encoder (image_init on the student LM: pre-trained once,
+    read by the teacher and, through TAF, by every student, as the paper's SigLIP), then the teacher
+    (image_from_text_lm on the teacher LM with that encoder). assets/demo_student_lm is root/student_tokens_lm
+    and assets/demo_teacher is root/teacher. Returns (teacher, student LM)."""
+    scene_token_text_world(paths, root, ("student", "teacher"), text_recipe)
+    student_lm = os.path.join(root, "student_tokens_lm")
+    encoder = image_init(paths, student_lm, os.path.join(root, "vision_encoder"), image_recipe)
+    teacher = image_from_text_lm(paths, os.path.join(root, "teacher_tokens_lm"), os.path.join(root, "teacher"),
+                                 image_recipe, vision_from=encoder)
+    return teacher, student_lm
 
 
 def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
@@ -713,14 +659,13 @@ def demo_heatmaps(teacher: str, students: dict, requests: list, out_dir: str):
 
 
 def demo_text_world(args):
-    """`python demo.py --text-world`: only the LMs' text-world pre-training, both presets, then each LM's
-    accuracy on the held-out text world (text_world_evaluate), printed and written to --out/text_world.json.
-    The student LM is the demo's (demo_student_lm, reused by a later `python demo.py` on this --out); the
-    teacher preset gets the same pre-training (pretrain_text_lm, b["teacher_text_steps"]) from the preset
-    itself; it is not (yet) part of demo_teacher's recipe, see there.
-    With --scene-tokens: the scene-token text world instead (SCENE_TOKEN_TEXT, scene_token_data), both presets
-    from scratch with its tokenizer through the phases (pretrain_text_lm_phases), validation after each phase,
-    --out/text_world_tokens.json."""
+    """`python demo.py --text-world --scene-tokens`: only the LMs' text-world pre-training, the scene-token text
+    world (SCENE_TOKEN_TEXT, scene_token_data): each preset of --presets from scratch with its tokenizer through
+    the phases (pretrain_text_lm_phases), validation after each phase, then its accuracy on the held-out text
+    world (text_world_evaluate), printed and written to --out/text_world_tokens.json. The demo's LMs are made
+    so (demo_lms).
+    Without --scene-tokens: the text world in words (RESULTS.md section 10, where neither LM learnt to bind),
+    both presets with DEMO's budget, --out/text_world.json."""
     b = dict(DEMO)
     root = args.out
     paths = demo_data(root, seed=0)
@@ -728,7 +673,8 @@ def demo_text_world(args):
         return scene_token_text_world(paths, root, args.presets.split(","))
     tok = data.load_tokenizer(paths["tokenizer"])
     results, t = {}, time.time()
-    student = demo_student_lm(b, paths, args.teacher or DEMO_TEACHER, os.path.join(root, "student_lm"))
+    student = demo_student_lm(b, paths, args.teacher or DEMO_TEACHER, os.path.join(root, "student_lm"),
+                              tokenizer=paths["tokenizer"])
     results["student"] = {"seconds": time.time() - t, **text_world_evaluate(student, paths["text_val"])}
     print("student LM:", json.dumps(results["student"]), flush=True)
     init = os.path.join(root, "teacher_text_init")
@@ -775,32 +721,37 @@ def demo(args):
         raise SystemExit(f"--steps-x must be positive, got {args.steps_x}")
     root = args.out
     os.makedirs(root, exist_ok=True)
-    b = dict(DEMO)
-    sizes, text_sizes, text_limit = None, None, None
+    b = dict(STUDENTS)
+    sizes, text_limit = None, 40
+    text_recipe, image_recipe = SCENE_TOKEN_TEXT, IMAGE_FROM_TEXT
     if args.steps_x != 1:  # a longer (or shorter) student budget: stages 2-3 and the validation interval
         b.update({k: max(1, round(b[k] * args.steps_x)) for k in ("s2_steps", "s3_steps", "eval_every")})
     if args.quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
-        b.update(batch=4, text_batch=4, student_text_steps=2, teacher_text_steps=2, s1_steps=2, s2_steps=2,
-                 s3_steps=2, teacher_mix_steps=2, teacher_cr_steps=2, teacher_cr_batch=4, teacher_focus_steps=2, vision_steps=2, vision_scenes=600,
-                 teacher_lookup_steps=2, eval_every=1, eval_limit=1)
+        b.update(batch=4, s1_steps=2, s2_steps=2, s3_steps=2, eval_every=1, eval_limit=1)
         sizes = dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
                      n_val_vqa=2, progress=False)
-        text_sizes, text_limit = dict(n_train=20, n_val=2), 2
+        text_recipe = dict(SCENE_TOKEN_TEXT, batch=4, n_val=2, phases=((_POSITIONS, 2), (_BINDING + ("choice",), 2)))
+        image_recipe = dict(IMAGE_FROM_TEXT, batch=4, adapter_steps=2, steps=2, vision_steps=2, vision_scenes=520)
+        text_limit = 2
     timings = {}
     t0 = time.time()
     phases = tqdm(total=3, desc="demo: data, teacher, student LM", dynamic_ncols=True)
-    paths = demo_data(root, seed=0, sizes=sizes, text_sizes=text_sizes)
+    paths = demo_data(root, seed=0, sizes=sizes)
     phases.update(1)
-    teacher = args.teacher or (DEMO_TEACHER if os.path.exists(os.path.join(DEMO_TEACHER, "config.json"))
-                               and not args.train_teacher else None)
-    if teacher is None:
+    if args.train_teacher:
         t = time.time()
-        teacher = demo_teacher(b, paths, os.path.join(root, "teacher"))
+        teacher, student_lm = demo_lms(paths, root, text_recipe, image_recipe)
         timings["teacher"] = time.time() - t
-    train.check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(teacher))
+    else:
+        teacher, student_lm = args.teacher or DEMO_TEACHER, args.student_lm or DEMO_STUDENT_LM
+    train.check_tokenizers_agree(data.load_tokenizer(student_lm), data.load_tokenizer(teacher))
     phases.update(1)
-    lm_init = demo_student_lm(b, paths, teacher, os.path.join(root, "student_lm"))
-    text_world = {"student_lm": text_world_evaluate(lm_init, paths["text_val"], limit=text_limit)}
+    # every student: the student LM with the teacher's vision encoder (TAF's shared encoder), trained on the
+    # teacher's own image questions
+    lm_init = image_init(paths, student_lm, os.path.join(root, "student_init"), image_recipe, vision_from=teacher)
+    qa = image_question_data(paths, image_recipe)
+    text_val = scene_token_val(paths, text_recipe["n_val"])
+    text_world = {"student_lm": text_world_evaluate(student_lm, text_val, limit=text_limit)}
     print("student LM on the held-out text world:", json.dumps(text_world["student_lm"]))
     phases.update(1)
     phases.close()
@@ -828,24 +779,15 @@ def demo(args):
                                                                  "--vat-matching", "uniform")),
                      ("variant_official", "compodistill", ("--vat-variant", "official")),
                      ("headwise", "compodistill", ("--vat-headwise",)),
-                     # beyond the paper: the layer window found from the models, and a student with its own
-                     # tokenizer (ULD over text-aligned positions, VAT on the visual rows)
-                     ("layers_auto", "compodistill", ("--vat-layers", "auto")),
-                     ("cross_vocab", "compodistill", ("--cross-vocab",))]
+                     # beyond the paper: the layer window found from the models. (The cross-vocabulary student of
+                     # RESULTS.md section 8 needs a text LM of its own vocabulary, not built for this world.)
+                     ("layers_auto", "compodistill", ("--vat-layers", "auto"))]
     if args.rows:  # run (and tabulate) only these rows, e.g. to add new rows to an --out that holds the rest
         wanted = set(args.rows.split(","))
         unknown = wanted - {n for n, _, _ in variants}
         if unknown:
             raise SystemExit(f"--rows: unknown rows {sorted(unknown)}; known: {[n for n, _, _ in variants]}")
         variants = [v for v in variants if v[0] in wanted or v[0] in ("sft", "kd", "compodistill")]
-    xv_lm = None
-    if any(n == "cross_vocab" for n, _, _ in variants):  # its student LM reads another vocabulary
-        tok_dir = os.path.join(paths["dir"], "tokenizer_xv")
-        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            shapes.train_tokenizer(shapes.tokenizer_corpus(data.load_llava_json(paths["pretrain"]) +
-                                                           data.load_llava_json(paths["instruct"])),
-                                   tok_dir, vocab_size=XV_VOCAB)
-        xv_lm = demo_student_lm(b, paths, teacher, os.path.join(root, "student_lm_xv"), tokenizer=tok_dir)
     bench = paths["dir"]
     results = {"teacher": {**demo_evaluate(teacher, bench), "seconds": timings.get("teacher", 0.0)}}
     # the attention distance (1 - cos of the matched maps, as L_ADL defines it) on 20 items per subset
@@ -857,8 +799,7 @@ def demo(args):
         runs.set_postfix(run=f"{name}/seed{seed}")
         t = time.time()
         run_dir = os.path.join(root, f"{name}_seed{seed}")
-        init = xv_lm if name == "cross_vocab" else lm_init
-        out = demo_student(b, kind, paths, teacher, init, run_dir, seed, extra)  # finished stages are reused
+        out = demo_student(b, kind, paths, teacher, lm_init, run_dir, seed, extra, data_files=(qa, qa))  # reused if done
         cached, res = os.path.join(run_dir, "result.json"), None
         if os.path.exists(cached):  # evaluated by an earlier (interrupted or parallel) demo on this --out
             with open(cached, encoding="utf-8") as f:
@@ -868,9 +809,7 @@ def demo(args):
         if res is None:
             seconds = time.time() - t
             r = demo_evaluate(out, bench)
-            # position by position: not defined across tokenizations (the prompt ids differ)
-            att = ({"attn_dist": float("nan")} if name == "cross_vocab" else
-                   E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32))
+            att = E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32)
             res = {**r, "attn_dist": att["attn_dist"], "seconds": seconds, "seed": seed, "dir": out,
                    "teacher": os.path.abspath(teacher)}
             _demo_json(res, cached)
@@ -948,8 +887,6 @@ def demo(args):
     return results
 
 
-XV_VOCAB = 600  # the cross-vocabulary student's tokenizer: BPE on the same corpus, 600 tokens instead of 1,024
-
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -964,8 +901,10 @@ def get_parser():
     p.add_argument("--steps-x", type=float, default=1.0, help="multiply the students' stage-2 and stage-3 steps "
                    "(and the validation interval) by this factor; same for every student")
     p.add_argument("--teacher", help="a teacher model directory instead of the shipped assets/demo_teacher")
-    p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of loading the "
-                   "shipped assets/demo_teacher (about 2 hours on one core)")
+    p.add_argument("--student-lm", help="a student text LM instead of the shipped assets/demo_student_lm")
+    p.add_argument("--train-teacher", action="store_true", help="remake what assets/ ships (demo_lms: both text "
+                   "LMs, the vision encoder, the teacher) under --out instead of loading it (about 75 minutes "
+                   "on 2 cores)")
     p.add_argument("--rows", help="with --full: only these comma-separated rows (plus sft, kd, compodistill), "
                    "e.g. layers_auto,cross_vocab")
     p.add_argument("--text-world", action="store_true", help="only pre-train both LM presets on the text world "

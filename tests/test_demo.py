@@ -44,9 +44,20 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert _width(os.path.join(out, "results.png")) > 100
     maps = os.listdir(os.path.join(out, "heatmaps"))
     assert maps and all(_width(os.path.join(out, "heatmaps", m)) > 100 for m in maps)
-    # the three students saw the same data and steps
+    # the three students saw the same data (the teacher's own image questions) and steps, from one init: the
+    # student text LM with the teacher's vision encoder
     for stage in ("stage1", "stage2", "stage3"):
         assert os.path.exists(os.path.join(out, "compodistill_seed0", stage, "model.safetensors"))
+    qa = os.path.join(out, "data", "image_questions.json")
+    args = {d: _json(os.path.join(out, d, "args.json")) for d in
+            ("sft_seed0", "kd_seed0/stage2", "compodistill_seed0/stage1", "compodistill_seed0/stage3")}
+    assert all(a["data"] == qa for a in args.values())
+    assert _json(os.path.join(out, "teacher", "adapter", "args.json"))["data"] == qa
+    import model as M
+    vision = {d: M.load_pretrained(os.path.join(out, d))[0].vision_tower.state_dict() for d in ("teacher", "student_init")}
+    assert all(torch.equal(v, vision["student_init"][k]) for k, v in vision["teacher"].items())
+    assert M.load_pretrained(os.path.join(out, "student_init"))[0].language_model.config.hidden_size < \
+        M.load_pretrained(os.path.join(out, "teacher"))[0].language_model.config.hidden_size
     # the learning curve: validation CR logged during stages 2 and 3 (2 + 2 steps, eval every step)
     curves = _json(os.path.join(out, "learning_curves.json"))
     assert [x for x, _ in curves["compodistill"]] == [1, 2, 3, 4]
@@ -61,7 +72,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     # run again on the same --out: every finished stage and evaluation is reused (nothing retrains)
     weights = [os.path.join(out, d, "model.safetensors") for d in
-               ("teacher", "student_lm", "sft_seed0", "kd_seed0/stage2", "compodistill_seed0/stage3")]
+               ("teacher", "student_tokens_lm", "teacher_tokens_lm", "vision_encoder", "student_init", "sft_seed0",
+                "kd_seed0/stage2", "compodistill_seed0/stage3")]
     mtimes = [os.stat(p).st_mtime_ns for p in weights]
     demo.main(["--quick", "--train-teacher", "--out", out])
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
@@ -92,12 +104,19 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
                            sft["image_folder"], "--max-steps", str(sft["max_steps"] + 1), "--out", sft["out"]])
 
 
-def test_shipped_teacher_matches_a_freshly_synthesised_world(tmp_path):
-    """`python demo.py` synthesises the default world and then loads assets/demo_teacher: a change
-    to the generator that changes the tokenizer (BPE merges follow the samples) must retrain the teacher."""
+def test_shipped_models_match_a_freshly_synthesised_world(tmp_path):
+    """`python demo.py` synthesises the default world and then loads assets/demo_teacher and
+    assets/demo_student_lm: a change to the generator that changes the scene tokenizer (BPE merges follow the
+    samples) must remake them (demo.py --train-teacher). Both read every scene token as one token, and the
+    students' encoder is the teacher's."""
     import data
+    import shapes
     paths = demo.demo_data(str(tmp_path))
-    train.check_tokenizers_agree(data.load_tokenizer(paths["tokenizer"]), data.load_tokenizer(demo.DEMO_TEACHER))
+    fresh = data.load_tokenizer(demo.scene_tokenizer(paths))
+    for shipped in (demo.DEMO_TEACHER, demo.DEMO_STUDENT_LM):
+        tok = data.load_tokenizer(shipped)
+        train.check_tokenizers_agree(fresh, tok)
+        assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in shapes.SCENE_TOKENS)
 
 
 def test_vision_encoder_pretraining_reads_each_patch_and_never_sees_a_benchmark_scene(tmp_path):
@@ -134,58 +153,6 @@ def test_vision_encoder_pretraining_reads_each_patch_and_never_sees_a_benchmark_
     assert set(acc) == {"shape", "colour", "size", "cell"} and acc["cell"] > 90, acc  # cells=True: where it is
     assert any(not torch.equal(before[k], v) for k, v in m.vision_tower.state_dict().items())
     assert not any(p.requires_grad for p in m.vision_tower.parameters())
-
-
-def _training_world(tmp_path, seed, n_images):
-    """A small synthesised world without a tokenizer -> (scenes.json path, scenes, training image names)."""
-    import data
-    import shapes
-    world = tmp_path / "w"
-    shapes.synthesize(str(world), seed=seed, n_pretrain=n_images, n_instruct=8, n_images=n_images, n_sugarcrepe=2,
-                    n_vqa=2, n_val_sugarcrepe=2, n_val_vqa=2, tokenizer=False, progress=False)
-    images = {x["image"] for x in data.load_llava_json(str(world / "pretrain.json"))}
-    return str(world / "scenes.json"), _json(world / "scenes.json"), images
-
-
-def test_lookup_questions_are_true_of_their_image(tmp_path):
-    scenes_json, scenes, images = _training_world(tmp_path, seed=1, n_images=30)
-    samples = demo.lookup_questions(scenes_json, images)
-    assert {x["image"] for x in samples} == images
-    n = 0
-    for x in samples:
-        objs = scenes[x["image"]]["objects"]
-        conv = x["conversations"]
-        assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in c["value"] for c in conv) == 1
-        for q, a in zip(conv[::2], conv[1::2]):
-            words = q["value"].split("\n")[-2].rstrip("?").split()  # "What color is the circle"
-            if words[1] == "shape":  # "What shape is the red object": exactly one red object, of that shape
-                assert [o["shape"] for o in objs if o["color"] == words[4]] == [a["value"]]
-            else:  # "What color/size is the circle": the one circle's colour/size
-                assert words[1] in ("color", "size"), q["value"]
-                assert [o[words[1]] for o in objs if o["shape"] == words[4]] == [a["value"]]
-            n += 1
-    assert n >= 30 * 4  # at least colour + size of two objects per image
-
-
-def test_compositional_questions_point_to_the_true_caption(tmp_path):
-    """Parse each 2-choice prompt back into its two captions: the letter answered must name the caption that
-    is true of the image, the other must be false (a hard negative), and both orders must occur."""
-    import shapes
-    scenes_json, scenes, images = _training_world(tmp_path, seed=2, n_images=40)
-    samples = demo.compositional_questions(scenes_json, images)
-    assert {x["image"] for x in samples} == images
-    assert {x["subset"] for x in samples} == set(shapes.SUGARCREPE_SUBSETS)
-    letters = []
-    for x in samples:
-        q, a = x["conversations"][0]["value"], x["conversations"][1]["value"]
-        assert q.startswith("<image>\n")
-        a_text = q.split("(A) ")[1].split("\n")[0]
-        b_text = q.split("(B) ")[1].split("\n")[0]
-        true_of = {t: shapes.caption_is_true(scenes[x["image"]], shapes.parse_caption(t)) for t in (a_text, b_text)}
-        assert a_text != b_text
-        assert true_of == {a_text: a == "A", b_text: a == "B"}, (x["subset"], q, a)
-        letters.append(a)
-    assert 0.3 < letters.count("A") / len(letters) < 0.7
 
 
 def test_linear_probe_reads_a_linear_code_and_not_noise():
