@@ -16,7 +16,7 @@ learning_curve.png and attention heat maps under --out. `--full` runs 3 seeds an
 Every stage is a `train.main([...])` call with the command-line arguments a user would type: the demo
 adds no training code of its own. The same command on the same --out resumes.
 
-  python demo.py                     # about 10 minutes on 2 CPU cores
+  python demo.py                     # about 14 minutes on 2 CPU cores
   python demo.py --full --out runs/full
   python demo.py --text-world --scene-tokens   # only both LMs' text-world pre-training and their accuracy
 """
