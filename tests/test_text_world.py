@@ -3,6 +3,7 @@ parser written here recovers every object from the text alone, so every caption'
 from it), text-world scenes are disjoint from the scenes they must exclude, the answers have the image
 world's formats and are true of the scene, and evaluate.py asks text-only benchmark items about their text."""
 
+import os
 import random
 import re
 
@@ -432,3 +433,33 @@ def test_scene_token_text_world_runs_its_phases_on_its_own_tokenizer(tmp_path):
     assert all(torch.equal(v, copied[k]) for k, v in part(sd[""], "vision_tower").items())
     with pytest.raises(SystemExit, match="another recipe"):
         demo.image_question_data(paths, dict(img, steps=3))
+
+
+def test_scene_token_recipes_share_their_common_phases(tmp_path):
+    """scene_token_data for two recipes on one world (the student's and the teacher's, demo.TEXT_RECIPES): the
+    phases they share are one file, made once (the second recipe does not rewrite it), a phase only the longer
+    recipe has is made with its own tasks and seed, and a recipe that differs in a shared phase is refused.
+    Also the shipped teacher recipe: the student's phases, then where + relation alone, then the last again."""
+    import json
+    import demo
+    assert demo.TEACHER_TOKEN_TEXT["phases"][:3] == demo.SCENE_TOKEN_TEXT["phases"]
+    assert demo.TEACHER_TOKEN_TEXT["phases"][3] == (("where", "relation"), 2000)
+    assert demo.TEACHER_TOKEN_TEXT["phases"][4] == demo.SCENE_TOKEN_TEXT["phases"][-1]
+    root = tmp_path / "w"
+    shapes.synthesize(str(root), seed=0, n_pretrain=8, n_instruct=8, n_images=8, n_sugarcrepe=3, n_vqa=3,
+                      n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
+    paths = {"dir": str(root), "images": str(root), "pretrain": str(root / "pretrain.json"),
+             "instruct": str(root / "instruct.json")}
+    short = dict(demo.SCENE_TOKEN_TEXT, batch=4, n_val=2, phases=((("lookup", "where"), 2), (("choice",), 3)))
+    long = dict(short, phases=short["phases"] + ((("where", "relation"), 2),))
+    a = demo.scene_token_data(paths, short)
+    mtimes = [os.stat(p).st_mtime_ns for p in a["phases"]]
+    b = demo.scene_token_data(paths, long)
+    assert b["phases"][:2] == a["phases"] and [os.stat(p).st_mtime_ns for p in a["phases"]] == mtimes
+    third = json.loads(open(b["phases"][2]).read())
+    assert len(third) == 8 and {x["task"] for x in third} <= {"text_where", "text_relation"}
+    assert json.loads(open(b["phases"][2].replace(".json", "_recipe.json")).read())["seed"] == 200
+    first = {json.dumps(x, sort_keys=True) for x in json.loads(open(a["phases"][0]).read())}
+    assert not first & {json.dumps(x, sort_keys=True) for x in third}
+    with pytest.raises(SystemExit, match="another recipe"):
+        demo.scene_token_data(paths, dict(short, phases=((("lookup",), 2),) + short["phases"][1:]))
