@@ -363,16 +363,17 @@ def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
     scene_tokenizer(paths)
     val, exclude = data.load_llava_json(scene_token_val(paths, recipe["n_val"], seed)), None
     for i, ((tasks, steps), path) in enumerate(zip(recipe["phases"], out["phases"])):
+        phase_seed = seed + 100 * i
         wanted = {"batch": recipe["batch"], "n_val": recipe["n_val"], "tasks": tasks, "steps": steps,
-                  "seed": seed + 100 * i, "samples": "text_questions"}
+                  "seed": phase_seed, "samples": "text_questions"}
         made_with = path.replace(".json", "_recipe.json")
         if _made_with(made_with, wanted, os.path.basename(path)) and os.path.exists(path):
             continue
         if exclude is None:
             exclude = _image_world_scenes(paths) | {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"]))
                                                     for x in val}
-        _demo_json(shapes.text_questions(steps * recipe["batch"], seed=seed + 100 * i, tasks=tasks,
-                                         exclude=exclude), path)
+        _demo_json(shapes.text_questions(steps * recipe["batch"], seed=phase_seed, tasks=tasks, exclude=exclude),
+                   path)
         _demo_json(wanted, made_with)  # last: the file above is complete
     return out
 
@@ -479,8 +480,9 @@ STUDENTS = dict(batch=64, max_len=320, s1_steps=300, s2_steps=600, s3_steps=300,
 
 def demo_lms(paths: dict, root: str, text_recipe: dict | None = None, image_recipe: dict | None = None):
     """`python demo.py --train-teacher`: what assets/ ships, remade under `root`. Both presets' scene-token text
-    LMs (scene_token_text_world, each by its recipe in TEXT_RECIPES unless `text_recipe`), then the one vision encoder (image_init on the student LM: pre-trained once,
-    read by the teacher and, through TAF, by every student, as the paper's SigLIP), then the teacher
+    LMs (scene_token_text_world, each by its recipe in TEXT_RECIPES unless `text_recipe`), then the one vision
+    encoder (image_init on the student LM: pre-trained once, read by the teacher and, through TAF, by every
+    student, as the paper's SigLIP), then the teacher
     (image_from_text_lm on the teacher LM with that encoder). assets/demo_student_lm is root/student_tokens_lm
     and assets/demo_teacher is root/teacher. Returns (teacher, student LM)."""
     scene_token_text_world(paths, root, ("student", "teacher"), text_recipe)
