@@ -23,6 +23,7 @@ adds no training code of its own. The same command on the same --out resumes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -728,6 +729,29 @@ def scene_token_text_world(paths: dict, root: str, presets=("student", "teacher"
     return results
 
 
+def same_teacher(root: str, teacher: str) -> None:
+    """Refuses (SystemExit) an --out whose students were made with another teacher: the first demo on `root`
+    writes root/teacher.json (the teacher's path and the sha256 of its weights); a later one with other weights,
+    even under the same path (a newer assets/demo_teacher), would reuse finished students and results of the
+    old teacher."""
+    weights = sorted(f for f in os.listdir(teacher) if f.endswith((".safetensors", ".bin", ".pt")))
+    if not weights:
+        raise SystemExit(f"teacher {teacher}: no weights (.safetensors / .bin / .pt) in it")
+    h = hashlib.sha256()
+    for name in weights:
+        h.update(train.file_fingerprint(os.path.join(teacher, name))["data_sha256"].encode())
+    now, path = {"teacher": os.path.abspath(teacher), "sha256": h.hexdigest()}, os.path.join(root, "teacher.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+        if before["sha256"] != now["sha256"]:
+            raise SystemExit(f"{root} holds students of another teacher ({before['teacher']}, sha256 "
+                             f"{before['sha256'][:12]}; this one {now['teacher']}, {now['sha256'][:12]}): "
+                             f"give the demo another --out")
+    else:
+        _demo_json(now, path)
+
+
 def demo(args):
     """`python demo.py [--full]`: the whole pipeline on the synthetic shapes world, then the table.
     Prints a markdown table, writes results.json, a bar chart and attention heat maps under --out
@@ -760,6 +784,7 @@ def demo(args):
     else:
         teacher, student_lm = args.teacher or DEMO_TEACHER, args.student_lm or DEMO_STUDENT_LM
     train.check_tokenizers_agree(data.load_tokenizer(student_lm), data.load_tokenizer(teacher))
+    same_teacher(root, teacher)
     phases.update(1)
     # every student: the student LM with the teacher's vision encoder (TAF's shared encoder), trained on the
     # teacher's own image questions

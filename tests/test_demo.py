@@ -97,6 +97,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     demo.main(["--quick", "--train-teacher", "--out", out])
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
     assert [os.stat(p).st_mtime_ns for p in weights] == mtimes
+    # students of one teacher are never reused for another, even one at the same path (a newer assets/)
+    with pytest.raises(SystemExit, match="another teacher"):
+        demo.main(["--quick", "--teacher", os.path.join(out, "teacher", "adapter"), "--student-lm",
+                   os.path.join(out, "student_tokens_lm"), "--out", out])
     # ... and a finished stage made with other arguments is never silently taken for this one
     sft = _json(os.path.join(out, "sft_seed0", "args.json"))
     with pytest.raises(SystemExit, match="other arguments"):
