@@ -1,6 +1,6 @@
 """The demo: the paper's table in miniature, on a CPU (`python demo.py`).
 
-The paper's premise (issue 16, RESULTS.md sections 12-16): teacher and student are *pretrained* LMs that
+The paper's premise (issue 16, RESULTS.md sections 12-18): teacher and student are *pretrained* LMs that
 already reason about a scene in language; what distillation has to transfer is where to look in the image.
 From an empty `--out` (default runs/demo): the shapes world (shapes.py); the teacher, the teacher preset's
 image model (shipped as assets/demo_teacher); the student's pretrained LLM, the student preset's text LM
@@ -469,6 +469,67 @@ def image_from_text_lm(paths: dict, text_lm: str, out: str, recipe: dict | None 
     return out
 
 
+# The teacher's two last image phases (RESULTS.md section 18), on top of image_from_text_lm: the image model
+# answers attribute questions and not relations (section 17: rows / columns at 40%, "yes" to every relation
+# question), so, as in its text recipe (TEACHER_TOKEN_TEXT), rows / columns and relation questions alone on the
+# training images first, then IMAGE_FROM_TEXT's tasks on freshly drawn scenes (no image-world scene; the 4,000
+# training images are memorised, section 17) with 30% of the samples relation-caption questions (verify /
+# choice against swap_obj or replace_rel negatives). Validation CR 82.5 -> 90.2 (swap_obj 42.5 -> 88.8,
+# replace_rel 46.3 -> 72.5). The seeds are the strings of the run that made the shipped teacher.
+TEACHER_IMAGE = dict(relation_tasks=("where", "relation"), relation_steps=2000, relation_seed=11,
+                     fresh_steps=4000, fresh_scenes=100000, relation_captions=0.3, fresh_seed="s19-fresh",
+                     fresh_question_seed="s19-fresh-q-rel0.3_4000", batch=64, max_len=320, lr=1e-3)
+
+
+def fresh_images(paths: dict, n: int, seed) -> list:
+    """n scenes drawn from random.Random(seed), none an image-world scene (scenes.json: training, validation
+    and benchmark), each drawn to DIR/fresh/NNNNNN.png beside scenes.json (about 30 s for 100,000; drawn once:
+    DIR/fresh/recipe.json, written last, vouches for them, and images of another n or seed are refused, never
+    taken for these scenes). Returns [(path relative to DIR, scene)]."""
+    scenes = shapes._fresh_scenes(random.Random(seed), n, _image_world_scenes(paths))
+    names = [f"fresh/{i:06d}.png" for i in range(n)]
+    d, made_with = paths["dir"], os.path.join(paths["dir"], "fresh", "recipe.json")
+    if not _made_with(made_with, {"n": n, "seed": seed}, "the fresh images"):
+        os.makedirs(os.path.join(d, "fresh"), exist_ok=True)
+        for name, scene in tqdm(list(zip(names, scenes)), desc="fresh images", dynamic_ncols=True):
+            shapes.draw_scene(scene).save(os.path.join(d, name))
+        _demo_json({"n": n, "seed": seed}, made_with)
+    return list(zip(names, scenes))
+
+
+def teacher_relations(paths: dict, image_model: str, out: str, recipe: dict | None = None) -> str:
+    """TEACHER_IMAGE's two phases from `image_model` (image_from_text_lm's), adapter + LM at a constant lr, the
+    vision encoder untouched: rows / columns and relation questions on the training images (out/relations),
+    then fresh_image_questions on fresh_images (`out`). Each phase's question file is written once and vouched
+    for by its recipe file. Returns `out`."""
+    recipe = recipe or TEACHER_IMAGE
+    d, b = paths["dir"], dict(DEMO, batch=recipe["batch"], max_len=recipe["max_len"])
+    files = {k: os.path.join(d, f"teacher_{k}_questions.json") for k in ("relation", "fresh")}
+    wanted = {"relation": {k: recipe[k] for k in ("relation_tasks", "relation_steps", "relation_seed", "batch")},
+              "fresh": {k: recipe[k] for k in ("fresh_steps", "fresh_scenes", "relation_captions", "fresh_seed",
+                                               "fresh_question_seed", "batch")}}
+    if not _made_with(files["relation"].replace(".json", "_recipe.json"), wanted["relation"], "relation questions"):
+        with open(os.path.join(d, "scenes.json"), encoding="utf-8") as f:
+            train_scenes = {k: v for k, v in json.load(f).items() if k.startswith("images/train_")}
+        _demo_json(shapes.image_questions(train_scenes, recipe["relation_steps"] * recipe["batch"],
+                                          seed=recipe["relation_seed"], tasks=recipe["relation_tasks"]),
+                   files["relation"])
+        _demo_json(wanted["relation"], files["relation"].replace(".json", "_recipe.json"))
+    if not _made_with(files["fresh"].replace(".json", "_recipe.json"), wanted["fresh"], "fresh-scene questions"):
+        images = fresh_images(paths, recipe["fresh_scenes"], recipe["fresh_seed"])
+        _demo_json(shapes.fresh_image_questions(images, recipe["fresh_steps"] * recipe["batch"],
+                                                recipe["fresh_question_seed"], IMAGE_FROM_TEXT["tasks"],
+                                                recipe["relation_captions"]), files["fresh"])
+        _demo_json(wanted["fresh"], files["fresh"].replace(".json", "_recipe.json"))
+    val = ["--eval-sugarcrepe", os.path.join(d, "val", "sugarcrepe"), "--eval-every", "500", "--eval-limit", "20"]
+    relations = os.path.join(out, "relations")
+    for seed, (src, dst, qa, steps) in enumerate(((image_model, relations, files["relation"], recipe["relation_steps"]),
+                                                  (relations, out, files["fresh"], recipe["fresh_steps"]))):
+        _demo_stage(["--stage", "llava", "--init", src, "--data", qa, "--trainable", "adapter+llm",
+                     *_common(b, paths, dst, steps, seed, lr=recipe["lr"]), "--min-lr", str(recipe["lr"]), *val])
+    return out
+
+
 # The students (issue 16's design, RESULTS.md section 14): one budget for every student, the same data (the
 # teacher's own image questions, image_question_data), steps and seed, each from the student preset's text LM
 # with the teacher's vision encoder (image_init). Stage 1 trains sft's and kd's own adapter or CompoDistill's TAF
@@ -480,19 +541,20 @@ STUDENTS = dict(batch=64, max_len=320, s1_steps=300, s2_steps=600, s3_steps=300,
                 constant_lr=True, eval_every=300, eval_limit=20, w_vat=3.0)
 
 
-def demo_lms(paths: dict, root: str, text_recipe: dict | None = None, image_recipe: dict | None = None):
+def demo_lms(paths: dict, root: str, text_recipe: dict | None = None, image_recipe: dict | None = None,
+             teacher_recipe: dict | None = None):
     """`python demo.py --train-teacher`: what assets/ ships, remade under `root`. Both presets' scene-token text
     LMs (scene_token_text_world, each by its recipe in TEXT_RECIPES unless `text_recipe`), then the one vision
     encoder (image_init on the student LM: pre-trained once, read by the teacher and, through TAF, by every
-    student, as the paper's SigLIP), then the teacher
-    (image_from_text_lm on the teacher LM with that encoder). assets/demo_student_lm is root/student_tokens_lm
-    and assets/demo_teacher is root/teacher. Returns (teacher, student LM)."""
+    student, as the paper's SigLIP), then the teacher: image_from_text_lm on the teacher LM with that encoder
+    (root/teacher_image), then teacher_relations (TEACHER_IMAGE unless `teacher_recipe`). assets/demo_student_lm
+    is root/student_tokens_lm and assets/demo_teacher is root/teacher. Returns (teacher, student LM)."""
     scene_token_text_world(paths, root, ("student", "teacher"), text_recipe)
     student_lm = os.path.join(root, "student_tokens_lm")
     encoder = image_init(paths, student_lm, os.path.join(root, "vision_encoder"), image_recipe)
-    teacher = image_from_text_lm(paths, os.path.join(root, "teacher_tokens_lm"), os.path.join(root, "teacher"),
-                                 image_recipe, vision_from=encoder)
-    return teacher, student_lm
+    image_model = image_from_text_lm(paths, os.path.join(root, "teacher_tokens_lm"),
+                                     os.path.join(root, "teacher_image"), image_recipe, vision_from=encoder)
+    return teacher_relations(paths, image_model, os.path.join(root, "teacher"), teacher_recipe), student_lm
 
 
 def demo_evaluate(model_dir: str, bench_dir: str) -> dict:
@@ -763,7 +825,7 @@ def demo(args):
     os.makedirs(root, exist_ok=True)
     b = dict(STUDENTS)
     sizes, text_limit = None, 40
-    text_recipe, image_recipe = None, IMAGE_FROM_TEXT  # None: each preset's own (TEXT_RECIPES)
+    text_recipe, image_recipe, teacher_recipe = None, IMAGE_FROM_TEXT, TEACHER_IMAGE  # None: each preset's own
     if args.steps_x != 1:  # a longer (or shorter) student budget: stages 2-3 and the validation interval
         b.update({k: max(1, round(b[k] * args.steps_x)) for k in ("s2_steps", "s3_steps", "eval_every")})
     if args.quick:  # the end-to-end test: the same pipeline with a few steps on a tiny world
@@ -772,6 +834,7 @@ def demo(args):
                      n_val_vqa=2, progress=False)
         text_recipe = dict(SCENE_TOKEN_TEXT, batch=4, n_val=2, phases=((_POSITIONS, 2), (_BINDING + ("choice",), 2)))
         image_recipe = dict(IMAGE_FROM_TEXT, batch=4, adapter_steps=2, steps=2, vision_steps=2, vision_scenes=520)
+        teacher_recipe = dict(TEACHER_IMAGE, batch=4, relation_steps=2, fresh_steps=2, fresh_scenes=20)
         text_limit = 2
     timings = {}
     t0 = time.time()
@@ -780,7 +843,7 @@ def demo(args):
     phases.update(1)
     if args.train_teacher:
         t = time.time()
-        teacher, student_lm = demo_lms(paths, root, text_recipe, image_recipe)
+        teacher, student_lm = demo_lms(paths, root, text_recipe, image_recipe, teacher_recipe)
         timings["teacher"] = time.time() - t
     else:
         teacher, student_lm = args.teacher or DEMO_TEACHER, args.student_lm or DEMO_STUDENT_LM
@@ -944,8 +1007,8 @@ def get_parser():
     p.add_argument("--teacher", help="a teacher model directory instead of the shipped assets/demo_teacher")
     p.add_argument("--student-lm", help="a student text LM instead of the shipped assets/demo_student_lm")
     p.add_argument("--train-teacher", action="store_true", help="remake what assets/ ships (demo_lms: both text "
-                   "LMs, the vision encoder, the teacher) under --out instead of loading it (about three hours "
-                   "on 2 cores, RESULTS.md sections 14 and 16)")
+                   "LMs, the vision encoder, the teacher) under --out instead of loading it (about three and a half "
+                   "hours on 2 cores, RESULTS.md sections 14, 16 and 18)")
     p.add_argument("--rows", help="with --full: only these comma-separated rows (plus sft, kd, compodistill), "
                    "e.g. taf_no_vat,vat_no_taf")
     p.add_argument("--text-world", action="store_true", help="only pre-train both LM presets on the text world "

@@ -52,10 +52,22 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     args = {d: _json(os.path.join(out, d, "args.json")) for d in
             ("sft_seed0", "kd_seed0/stage2", "compodistill_seed0/stage1", "compodistill_seed0/stage3")}
     assert all(a["data"] == qa for a in args.values())
-    assert _json(os.path.join(out, "teacher", "adapter", "args.json"))["data"] == qa
+    assert _json(os.path.join(out, "teacher_image", "adapter", "args.json"))["data"] == qa
+    # the teacher's relation phases (teacher_relations): rows / columns and relations on the training images from
+    # the image model, then the caption-heavy questions about freshly drawn scenes, each image drawn beside them
+    rel, last_phase = (_json(os.path.join(out, d, "args.json")) for d in ("teacher/relations", "teacher"))
+    assert rel["init"] == os.path.join(out, "teacher_image") and last_phase["init"] == os.path.join(out, "teacher", "relations")
+    assert rel["data"].endswith("teacher_relation_questions.json") and last_phase["data"].endswith("teacher_fresh_questions.json")
+    assert {x["task"] for x in _json(rel["data"])} <= {"where", "relation"}
+    fresh = _json(last_phase["data"])
+    assert fresh and all(x["image"].startswith("fresh/") and os.path.exists(os.path.join(out, "data", x["image"]))
+                         for x in fresh)
     import model as M
-    vision = {d: M.load_pretrained(os.path.join(out, d))[0].vision_tower.state_dict() for d in ("teacher", "student_init")}
-    assert all(torch.equal(v, vision["student_init"][k]) for k, v in vision["teacher"].items())
+    # one vision encoder: pre-trained once, left untouched by the teacher's phases, copied into every student
+    vision = {d: M.load_pretrained(os.path.join(out, d))[0].vision_tower.state_dict()
+              for d in ("vision_encoder", "teacher_image", "teacher", "student_init")}
+    assert all(torch.equal(v, vision[d][k]) for d in ("teacher_image", "teacher", "student_init")
+               for k, v in vision["vision_encoder"].items())
     assert M.load_pretrained(os.path.join(out, "student_init"))[0].language_model.config.hidden_size < \
         M.load_pretrained(os.path.join(out, "teacher"))[0].language_model.config.hidden_size
     # the learning curve: validation CR logged during stages 2 and 3 (2 + 2 steps, eval every step)
@@ -99,7 +111,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert [os.stat(p).st_mtime_ns for p in weights] == mtimes
     # students of one teacher are never reused for another, even one at the same path (a newer assets/)
     with pytest.raises(SystemExit, match="another teacher"):
-        demo.main(["--quick", "--teacher", os.path.join(out, "teacher", "adapter"), "--student-lm",
+        demo.main(["--quick", "--teacher", os.path.join(out, "teacher_image"), "--student-lm",
                    os.path.join(out, "student_tokens_lm"), "--out", out])
     # ... and a finished stage made with other arguments is never silently taken for this one
     sft = _json(os.path.join(out, "sft_seed0", "args.json"))

@@ -8,6 +8,7 @@ import random
 import re
 
 import pytest
+from PIL import Image
 
 import evaluate as E
 import shapes
@@ -463,3 +464,66 @@ def test_scene_token_recipes_share_their_common_phases(tmp_path):
     assert not first & {json.dumps(x, sort_keys=True) for x in third}
     with pytest.raises(SystemExit, match="another recipe"):
         demo.scene_token_data(paths, dict(short, phases=((("lookup",), 2),) + short["phases"][1:]))
+
+
+def test_fresh_image_questions_ask_relation_captions_at_their_share():
+    """shapes.fresh_image_questions: one question a sample about an image of the list, each answer true of
+    that image's own scene; with relation_captions=p about a share p of the samples (plus the tasks' own
+    verify / choice draws) are caption questions against a swap_obj or replace_rel negative, at p=1 all of them;
+    deterministic per seed; bad arguments refused."""
+    images = [(f"fresh/{i:06d}.png", s) for i, s in enumerate(random_scenes(60, seed=8))]
+    scenes = dict(images)
+
+    def relation_share(samples):
+        return sum(x.get("subset") in shapes.RELATION_SUBSETS for x in samples) / len(samples)
+
+    samples = shapes.fresh_image_questions(images, 2000, "s", relation_captions=0.3)
+    assert samples == shapes.fresh_image_questions(images, 2000, "s", relation_captions=0.3)
+    for x in samples:
+        scene, (human, gpt) = scenes[x["image"]], x["conversations"]
+        assert human["value"].startswith(shapes.IMAGE_TOKEN + "\n") and "[" not in human["value"]
+        if x["task"] == "compositional":
+            assert shapes.caption_is_true(scene, shapes.parse_caption(x["caption"]))
+            assert not shapes.caption_is_true(scene, shapes.parse_caption(x["negative_caption"]))
+        else:
+            assert_true_answer(scene, human["value"], gpt["value"])
+    # the tasks' own share: verify + 2 x choice of QUESTION_TASKS' 8, 2 of 7 subsets relation ones
+    own = 2 / len(shapes.QUESTION_TASKS) * 2 / 7
+    assert abs(relation_share(shapes.fresh_image_questions(images, 2000, "s")) - own) < 0.025
+    assert abs(relation_share(samples) - (0.3 + 0.7 * own)) < 0.04
+    only = shapes.fresh_image_questions(images, 300, "s", relation_captions=1.0)
+    assert relation_share(only) == 1.0 and {x["task"] for x in only} == {"verify", "compositional"}
+    assert {x["image"] for x in samples} == set(scenes)
+    with pytest.raises(ValueError, match="relation_captions"):
+        shapes.fresh_image_questions(images, 5, "s", relation_captions=1.5)
+    with pytest.raises(ValueError, match="relation_captions"):
+        shapes.fresh_image_questions([], 5, "s")
+
+
+def test_fresh_images_pair_each_file_with_its_scene_and_refuse_stale_ones(tmp_path):
+    """demo.fresh_images: n new scenes, none an image-world scene, each drawn to the file it is returned with
+    (pixel for pixel, so no question is asked about another image); drawn once; the images of another seed or n
+    in the same folder are refused, never taken for the new scenes."""
+    import json
+
+    import numpy as np
+
+    import demo
+    world = random_scenes(30, seed=3)
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "scenes.json").write_text(json.dumps({f"images/train_{i}.png": s for i, s in enumerate(world)}))
+    paths = {"dir": str(d)}
+    images = demo.fresh_images(paths, 6, "f")
+    assert len(images) == 6 and len({shapes.scene_key(s) for _, s in images}) == 6
+    assert not {shapes.scene_key(s) for _, s in images} & {shapes.scene_key(s) for s in world}
+    for name, scene in images:
+        drawn = np.asarray(shapes.draw_scene(scene).convert("RGB"))
+        with Image.open(d / name) as im:
+            assert np.array_equal(np.asarray(im.convert("RGB")), drawn), name
+    mtimes = [os.stat(d / name).st_mtime_ns for name, _ in images]
+    assert demo.fresh_images(paths, 6, "f") == images
+    assert [os.stat(d / name).st_mtime_ns for name, _ in images] == mtimes
+    for other in ((6, "g"), (7, "f")):
+        with pytest.raises(SystemExit, match="another recipe"):
+            demo.fresh_images(paths, *other)
