@@ -200,8 +200,7 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
     sft's adapter phase reads the first, its fine-tuning the second.
     After stage 1 every student logs its validation CR every b["eval_every"] steps (the learning curve)."""
     s1_data, s23_data = data_files or (paths["pretrain"], paths["instruct"])
-    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every",
-           str(b["eval_every"]), "--eval-limit", str(b["eval_limit"])] if b["eval_every"] else []
+    val = _val_args(paths, b["eval_every"], b["eval_limit"]) if b["eval_every"] else []
     # b["s1_lr"]: stage 1's (the adapter's) lr, default b["lr"]; b["constant_lr"]: constant after warmup
     lr1, lr = b.get("s1_lr", b["lr"]), b["lr"]
     const = lambda x: ["--min-lr", str(x)] if b.get("constant_lr") else []
@@ -329,6 +328,28 @@ def _image_world_scenes(paths: dict) -> set:
         return {shapes.scene_key(s) for s in json.load(f).values()}
 
 
+def _train_scenes(paths: dict) -> dict:
+    """{image path: scene} of the image world's training images."""
+    with open(os.path.join(paths["dir"], "scenes.json"), encoding="utf-8") as f:
+        return {k: v for k, v in json.load(f).items() if k.startswith("images/train_")}
+
+
+def _vouched_json(path: str, wanted: dict, make) -> str:
+    """`path` (a .json), written once as make() and vouched for by PATH_recipe.json, written after it; a file
+    made with another recipe is refused (_made_with), so a stale file is never taken for this recipe."""
+    made_with = path.replace(".json", "_recipe.json")
+    if not (_made_with(made_with, wanted, os.path.basename(path)) and os.path.exists(path)):
+        _demo_json(make(), path)
+        _demo_json(wanted, made_with)  # last: the file above is complete
+    return path
+
+
+def _val_args(paths: dict, every, limit) -> list:
+    """train.py's in-loop validation on the world's validation split (validation CR every `every` steps)."""
+    return ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every", str(every),
+            "--eval-limit", str(limit)]
+
+
 def scene_token_val(paths: dict, n_val: int, seed: int = 0) -> str:
     """The scene-token text world's held-out validation file beside scenes.json (shapes.text_world's validation
     split, tokens=True, on scenes that are no image-world scene), written each call (a second or so): the same
@@ -362,20 +383,20 @@ def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
     out = {"tokenizer": os.path.join(d, "scene_tokenizer"), "val": os.path.join(d, "text_tokens_val.json"),
            "phases": [os.path.join(d, f"text_tokens_phase{i}.json") for i in range(len(recipe["phases"]))]}
     scene_tokenizer(paths)
-    val, exclude = data.load_llava_json(scene_token_val(paths, recipe["n_val"], seed)), None
+    val, excluded = data.load_llava_json(scene_token_val(paths, recipe["n_val"], seed)), []
+
+    def exclude():  # read once, and only when a phase file is made
+        if not excluded:
+            excluded.append(_image_world_scenes(paths) | {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"]))
+                                                          for x in val})
+        return excluded[0]
+
     for i, ((tasks, steps), path) in enumerate(zip(recipe["phases"], out["phases"])):
         phase_seed = seed + 100 * i
         wanted = {"batch": recipe["batch"], "n_val": recipe["n_val"], "tasks": tasks, "steps": steps,
                   "seed": phase_seed, "samples": "text_questions"}
-        made_with = path.replace(".json", "_recipe.json")
-        if _made_with(made_with, wanted, os.path.basename(path)) and os.path.exists(path):
-            continue
-        if exclude is None:
-            exclude = _image_world_scenes(paths) | {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"]))
-                                                    for x in val}
-        _demo_json(shapes.text_questions(steps * recipe["batch"], seed=phase_seed, tasks=tasks, exclude=exclude),
-                   path)
-        _demo_json(wanted, made_with)  # last: the file above is complete
+        _vouched_json(path, wanted, lambda: shapes.text_questions(steps * recipe["batch"], seed=phase_seed,
+                                                                  tasks=tasks, exclude=exclude()))
     return out
 
 
@@ -412,17 +433,10 @@ IMAGE_FROM_TEXT = dict(batch=64, max_len=320, adapter_steps=1000, adapter_lr=2e-
 def image_question_data(paths: dict, recipe: dict) -> str:
     """shapes.image_questions on the image world's training images ((adapter_steps + steps) x batch samples,
     the recipe's tasks and seed), written once beside scenes.json; a file made with another recipe is refused."""
-    d = paths["dir"]
-    path, made_with = os.path.join(d, "image_questions.json"), os.path.join(d, "image_questions_recipe.json")
     wanted = {k: recipe[k] for k in ("batch", "adapter_steps", "steps", "tasks", "seed")}
-    if _made_with(made_with, wanted, "image_questions.json"):
-        return path
-    with open(os.path.join(d, "scenes.json"), encoding="utf-8") as f:
-        scenes = {k: v for k, v in json.load(f).items() if k.startswith("images/train_")}
     n = (recipe["adapter_steps"] + recipe["steps"]) * recipe["batch"]
-    _demo_json(shapes.image_questions(scenes, n, seed=recipe["seed"], tasks=recipe["tasks"]), path)
-    _demo_json(wanted, made_with)  # last: the file above is complete
-    return path
+    return _vouched_json(os.path.join(paths["dir"], "image_questions.json"), wanted, lambda: shapes.image_questions(
+        _train_scenes(paths), n, seed=recipe["seed"], tasks=recipe["tasks"]))
 
 
 def image_init(paths: dict, text_lm: str, out: str, recipe: dict | None = None,
@@ -459,8 +473,7 @@ def image_from_text_lm(paths: dict, text_lm: str, out: str, recipe: dict | None 
     qa = image_question_data(paths, recipe)
     init = image_init(paths, text_lm, os.path.join(out, "init"), recipe, vision_from)
     b = dict(DEMO, batch=recipe["batch"], max_len=recipe["max_len"])
-    val = ["--eval-sugarcrepe", os.path.join(paths["dir"], "val", "sugarcrepe"), "--eval-every", "500",
-           "--eval-limit", "20"]
+    val = _val_args(paths, 500, 20)
     adapter = os.path.join(out, "adapter")
     for src, dst, trainable, steps, lr in ((init, adapter, "adapter", recipe["adapter_steps"], recipe["adapter_lr"]),
                                            (adapter, out, "adapter+llm", recipe["steps"], recipe["lr"])):
@@ -503,31 +516,27 @@ def teacher_relations(paths: dict, image_model: str, out: str, recipe: dict | No
     vision encoder untouched: rows / columns and relation questions on the training images (out/relations),
     then fresh_image_questions on fresh_images (`out`). Each phase's question file is written once and vouched
     for by its recipe file. Returns `out`."""
-    recipe = recipe or TEACHER_IMAGE
-    d, b = paths["dir"], dict(DEMO, batch=recipe["batch"], max_len=recipe["max_len"])
-    files = {k: os.path.join(d, f"teacher_{k}_questions.json") for k in ("relation", "fresh")}
-    wanted = {"relation": {k: recipe[k] for k in ("relation_tasks", "relation_steps", "relation_seed", "batch")},
-              "fresh": {k: recipe[k] for k in ("fresh_steps", "fresh_scenes", "relation_captions", "fresh_seed",
-                                               "fresh_question_seed", "batch")}}
-    if not _made_with(files["relation"].replace(".json", "_recipe.json"), wanted["relation"], "relation questions"):
-        with open(os.path.join(d, "scenes.json"), encoding="utf-8") as f:
-            train_scenes = {k: v for k, v in json.load(f).items() if k.startswith("images/train_")}
-        _demo_json(shapes.image_questions(train_scenes, recipe["relation_steps"] * recipe["batch"],
-                                          seed=recipe["relation_seed"], tasks=recipe["relation_tasks"]),
-                   files["relation"])
-        _demo_json(wanted["relation"], files["relation"].replace(".json", "_recipe.json"))
-    if not _made_with(files["fresh"].replace(".json", "_recipe.json"), wanted["fresh"], "fresh-scene questions"):
-        images = fresh_images(paths, recipe["fresh_scenes"], recipe["fresh_seed"])
-        _demo_json(shapes.fresh_image_questions(images, recipe["fresh_steps"] * recipe["batch"],
-                                                recipe["fresh_question_seed"], IMAGE_FROM_TEXT["tasks"],
-                                                recipe["relation_captions"]), files["fresh"])
-        _demo_json(wanted["fresh"], files["fresh"].replace(".json", "_recipe.json"))
-    val = ["--eval-sugarcrepe", os.path.join(d, "val", "sugarcrepe"), "--eval-every", "500", "--eval-limit", "20"]
+    r = recipe or TEACHER_IMAGE
+    d, b = paths["dir"], dict(DEMO, batch=r["batch"], max_len=r["max_len"])
+    relation_qa = _vouched_json(
+        os.path.join(d, "teacher_relation_questions.json"),
+        {k: r[k] for k in ("relation_tasks", "relation_steps", "relation_seed", "batch")},
+        lambda: shapes.image_questions(_train_scenes(paths), r["relation_steps"] * r["batch"], seed=r["relation_seed"],
+                                       tasks=r["relation_tasks"]))
+    fresh_qa = _vouched_json(
+        os.path.join(d, "teacher_fresh_questions.json"),
+        {k: r[k] for k in ("fresh_steps", "fresh_scenes", "relation_captions", "fresh_seed", "fresh_question_seed",
+                           "batch")},
+        lambda: shapes.fresh_image_questions(fresh_images(paths, r["fresh_scenes"], r["fresh_seed"]),
+                                             r["fresh_steps"] * r["batch"], r["fresh_question_seed"],
+                                             IMAGE_FROM_TEXT["tasks"], r["relation_captions"]))
     relations = os.path.join(out, "relations")
-    for seed, (src, dst, qa, steps) in enumerate(((image_model, relations, files["relation"], recipe["relation_steps"]),
-                                                  (relations, out, files["fresh"], recipe["fresh_steps"]))):
+    # train.py seeds 0 and 1, one a phase, as in the run that made the shipped teacher
+    for seed, (src, dst, qa, steps) in enumerate(((image_model, relations, relation_qa, r["relation_steps"]),
+                                                  (relations, out, fresh_qa, r["fresh_steps"]))):
         _demo_stage(["--stage", "llava", "--init", src, "--data", qa, "--trainable", "adapter+llm",
-                     *_common(b, paths, dst, steps, seed, lr=recipe["lr"]), "--min-lr", str(recipe["lr"]), *val])
+                     *_common(b, paths, dst, steps, seed, lr=r["lr"]), "--min-lr", str(r["lr"]),
+                     *_val_args(paths, 500, 20)])
     return out
 
 
