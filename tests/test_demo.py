@@ -50,8 +50,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert os.path.exists(os.path.join(out, "compodistill_seed0", stage, "model.safetensors"))
     qa = os.path.join(out, "data", "image_questions.json")
     args = {d: _json(os.path.join(out, d, "args.json")) for d in
-            ("sft_seed0", "kd_seed0/stage2", "compodistill_seed0/stage1", "compodistill_seed0/stage3")}
+            ("sft_seed0/stage2", "sft_seed0/stage3", "kd_seed0/stage2", "compodistill_seed0/stage1",
+             "compodistill_seed0/stage3")}
     assert all(a["data"] == qa for a in args.values())
+    # ... and the same lr schedule: sft's fine-tuning is split where the others' stages 2 and 3 meet
+    stage3 = [_json(os.path.join(out, n, "stage3", "args.json")) for n in ("sft_seed0", "kd_seed0", "compodistill_seed0")]
+    assert {(a["lr"], a["min_lr"], a["max_steps"]) for a in stage3} == {(demo.STUDENTS["s3_lr"],) * 2 + (2,)}
+    assert args["sft_seed0/stage2"]["lr"] == args["kd_seed0/stage2"]["lr"] == demo.STUDENTS["lr"]
     assert _json(os.path.join(out, "teacher_image", "adapter", "args.json"))["data"] == qa
     # the teacher's relation phases (teacher_relations): rows / columns and relations on the training images from
     # the image model, then the caption-heavy questions about freshly drawn scenes, each image drawn beside them
@@ -84,7 +89,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     # run again on the same --out: every finished stage and evaluation is reused (nothing retrains)
     weights = [os.path.join(out, d, "model.safetensors") for d in
-               ("teacher", "student_tokens_lm", "teacher_tokens_lm", "vision_encoder", "student_init", "sft_seed0",
+               ("teacher", "student_tokens_lm", "teacher_tokens_lm", "vision_encoder", "student_init", "sft_seed0/stage3",
                 "kd_seed0/stage2", "compodistill_seed0/stage3")]
     mtimes = [os.stat(p).st_mtime_ns for p in weights]
     demo.main(["--quick", "--train-teacher", "--out", out])
@@ -95,10 +100,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     stale = {**_json(cached), "teacher": "/another/teacher", "attn_dist": -1.0}
     with open(cached, "w") as f:
         json.dump(stale, f)
+    # ... and so is one of another model (a run directory laid out before, e.g. sft's single fine-tuning run)
+    cached_kd = os.path.join(out, "kd_seed0", "result.json")
+    stale_kd = {**_json(cached_kd), "dir": os.path.join(out, "kd_seed0"), "attn_dist": -1.0}
+    with open(cached_kd, "w") as f:
+        json.dump(stale_kd, f)
     demo.main(["--quick", "--train-teacher", "--out", out])
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
     redone = _json(cached)
     assert redone["teacher"] == os.path.abspath(os.path.join(out, "teacher")) and redone["attn_dist"] >= 0
+    assert _json(cached_kd)["dir"] == os.path.join(out, "kd_seed0", "stage3") and _json(cached_kd)["attn_dist"] >= 0
     # a stage finished before an option was added to train.py (its args.json lacks the key) is still
     # this stage when the option is at its default
     kd = os.path.join(out, "kd_seed0", "stage2")
@@ -114,7 +125,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         demo.main(["--quick", "--teacher", os.path.join(out, "teacher_image"), "--student-lm",
                    os.path.join(out, "student_tokens_lm"), "--out", out])
     # ... and a finished stage made with other arguments is never silently taken for this one
-    sft = _json(os.path.join(out, "sft_seed0", "args.json"))
+    sft = _json(os.path.join(out, "sft_seed0", "stage3", "args.json"))
     with pytest.raises(SystemExit, match="other arguments"):
         demo._demo_stage(["--stage", "llava", "--init", sft["init"], "--data", sft["data"], "--image-folder",
                            sft["image_folder"], "--max-steps", str(sft["max_steps"] + 1), "--out", sft["out"]])
