@@ -1,6 +1,6 @@
 """The demo: the paper's table in miniature, on a CPU (`python demo.py`).
 
-The paper's premise (issue 16, RESULTS.md sections 12-18): teacher and student are *pretrained* LMs that
+The paper's premise (issue 16, RESULTS.md sections 12-19): teacher and student are *pretrained* LMs that
 already reason about a scene in language; what distillation has to transfer is where to look in the image.
 From an empty `--out` (default runs/demo): the shapes world (shapes.py); the teacher, the teacher preset's
 image model (shipped as assets/demo_teacher); the student's pretrained LLM, the student preset's text LM
