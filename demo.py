@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import attention
 import data
 import evaluate as E
 import model as M
@@ -53,7 +54,7 @@ DEMO = dict(batch=16, lr=2e-3, max_len=256, text_batch=32, text_lr=3e-3, text_ma
 
 
 def _demo_jsonl(rows, path):
-    """One JSON object a line (evaluate.py layers --requests), written like _demo_json."""
+    """One JSON object a line (attention.py layers --requests), written like _demo_json."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -699,7 +700,7 @@ def demo_probes(models: dict, scenes_json: str, layer_probe_jsonl: str, n_train:
               patch? Per layer (0 = the projector's output), held-out accuracy over the object patches of
               the validation images (demo.linear_probe fitted on `n_train` training images);
       object  the answer position's attention share on the patch of the object the question names
-              ("What color is the <shape>?", shapes.layer_probe; evaluate.layer_profile), per layer.
+              ("What color is the <shape>?", shapes.layer_probe; attention.layer_profile), per layer.
     -> {name: {"probe": {attribute: [acc per layer]}, "object": [share per layer], "chance": {attribute: %}}}"""
     with open(scenes_json, encoding="utf-8") as f:
         scenes = json.load(f)
@@ -714,7 +715,7 @@ def demo_probes(models: dict, scenes_json: str, layer_probe_jsonl: str, n_train:
         mllm, tok, proc = M.load_any(path)
         feats = {}
         for split, reqs in (("train", train_reqs), ("test", test_reqs)):
-            feats[split] = E.visual_token_states(mllm, tok, proc, reqs)  # (L+1, n, patches, d)
+            feats[split] = attention.visual_token_states(mllm, tok, proc, reqs)  # (L+1, n, patches, d)
         res = {"probe": {}, "chance": {}}
         for k, (attr, _) in enumerate(PROBE_ATTRIBUTES):
             obj_tr, obj_te = train_lab[..., 0] > 0, test_lab[..., 0] > 0
@@ -723,7 +724,7 @@ def demo_probes(models: dict, scenes_json: str, layer_probe_jsonl: str, n_train:
             res["probe"][attr] = [linear_probe(feats["train"][l][obj_tr], ytr, feats["test"][l][obj_te], yte, n_cls)
                                   for l in range(feats["train"].shape[0])]
             res["chance"][attr] = round(100 * float((yte == torch.bincount(ytr, minlength=n_cls).argmax()).float().mean()), 1)
-        prof = E.layer_profile(mllm, tok, proc, calib, batch_size=32)
+        prof = attention.layer_profile(mllm, tok, proc, calib, batch_size=32)
         res["object"] = [round(prof["layers"][l]["object"], 4) for l in sorted(prof["layers"])]
         out[name] = res
     return out
@@ -748,14 +749,14 @@ def demo_heatmaps(teacher: str, students: dict, requests: list, out_dir: str):
     """Attention heat maps: for each request, the image and the answer position's attention over the
     visual tokens (mean over the matched layers) of the teacher and of each student, side by side."""
     os.makedirs(out_dir, exist_ok=True)
-    rows = {name: E.attention_distance(teacher, d, None, None, requests, answer_rows=len(requests))["answer_rows"]
+    rows = {name: attention.attention_distance(teacher, d, None, None, requests, answer_rows=len(requests))["answer_rows"]
             for name, d in students.items()}
     for i, req in enumerate(requests):
         first = next(iter(rows.values()))
-        panels = [("teacher", E.patch_grid(first["teacher"][i]))] + \
-                 [(f"student: {n}", E.patch_grid(r["student"][i])) for n, r in rows.items()]
+        panels = [("teacher", attention.patch_grid(first["teacher"][i]))] + \
+                 [(f"student: {n}", attention.patch_grid(r["student"][i])) for n, r in rows.items()]
         image = E.open_image(req["image"])
-        img = E.attention_heatmap(image.resize((256, 256)), panels, req["prompt"].replace("<image>\n", ""))
+        img = attention.attention_heatmap(image.resize((256, 256)), panels, req["prompt"].replace("<image>\n", ""))
         img.save(os.path.join(out_dir, f"heatmap_{i}.png"))
 
 
@@ -936,7 +937,7 @@ def demo(args):
         if res is None:
             seconds = time.time() - t
             r = demo_evaluate(out, bench)
-            att = E.attention_distance(teacher, out, None, None, attention_requests, batch_size=32)
+            att = attention.attention_distance(teacher, out, None, None, attention_requests, batch_size=32)
             res = {**r, "attn_dist": att["attn_dist"], "seconds": seconds, "seed": seed, "dir": out,
                    "teacher": os.path.abspath(teacher)}
             _demo_json(res, cached)

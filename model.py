@@ -21,7 +21,7 @@ Three ways to get a model:
   (c) `from_preset(name, tokenizer)`: the tiny `teacher` / `student` presets for tests and the demo.
 A model directory holds `model.safetensors`, `config.json`, the tokenizer files and the image processor's
 `preprocessor_config.json`; `load_pretrained` reads it back without unpickling anything and never runs
-remote code. `load_any(source)` is the one opener every command uses (--init, --teacher, evaluate.py):
+remote code. `load_any(source)` is the one opener every command uses (--init, --teacher, evaluate.py, attention.py):
 a model directory, a run's `checkpoint/`, `llava:DIR` or an HF LLaVA directory, `parts:V,L,T`, `preset:NAME`.
 """
 from __future__ import annotations
@@ -529,7 +529,8 @@ def image_processor_for(model: MultimodalLM, processor, aspect_ratio: str | None
 
 
 # -----------------------------------------------------------------------------
-# One opener for every place a model is read (--init, --teacher, evaluate.py --model / --teacher / --student)
+# One opener for every place a model is read (--init, --teacher, evaluate.py --model, attention.py --model /
+# --teacher / --student)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SOURCES = ("a compodistill model directory", "a run's checkpoint/ directory", "llava:DIR or an HF LLaVA "

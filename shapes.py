@@ -382,7 +382,7 @@ def lookup_question(kind, o, objs):
 
 
 def layer_probe(scenes_json: str, split: str = "val", limit: int | None = None) -> list:
-    """Calibration requests for `python evaluate.py layers --requests`: for every object of every VQAv2-layout
+    """Calibration requests for `python attention.py layers --requests`: for every object of every VQAv2-layout
     image of `split` ("val" or "" for the held-out test split), "What color is the <shape>?" in the VQA
     prompt, with "object_patches" = the one vision patch (row-major cell) the object is drawn in; image
     paths relative to the scenes file's folder."""

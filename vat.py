@@ -104,7 +104,7 @@ def select_layers(num_layers: int, spec, teacher: bool = False, profile: dict | 
            "8-14", a list of ints, or "authors": the authors' tables, `AUTHORS_STUDENT_LAYERS` (depths 24,
            28, 40) or, with teacher=True, `AUTHORS_TEACHER_LAYERS` (depths 24, 28, 32, 40; every layer of
            the windows); or "auto": the window `auto_layers` finds in `profile`, the model's measured
-           attention over the visual tokens (`visual_attention_profile`; train.py and evaluate.py measure it).
+           attention over the visual tokens (`visual_attention_profile`; train.py and attention.py measure it).
            `teacher` matters for "authors" only, `profile` for "auto" only.
     Returns sorted, distinct, 0-indexed layers."""
     if isinstance(spec, (list, tuple)):
@@ -123,7 +123,7 @@ def select_layers(num_layers: int, spec, teacher: bool = False, profile: dict | 
         if profile is None:
             raise ValueError("layer spec 'auto' needs the model's measured attention profile "
                              "(vat.visual_attention_profile): train.py measures it with --vat-layers auto, "
-                             "`python evaluate.py layers` prints it")
+                             "`python attention.py layers` prints it")
         layers = auto_layers(profile, num_layers)
     elif spec == "authors":
         table = AUTHORS_TEACHER_LAYERS if teacher else AUTHORS_STUDENT_LAYERS

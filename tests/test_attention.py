@@ -1,6 +1,7 @@
-"""evaluate.py section 7 (attention analysis): the per-layer cosine against an independent recomputation from
-HF eager attention (output_attentions=True), the self-comparison identity, the right / wrong split on
-hand-worked numbers, the CLI's files, and the heat-map grid. Tiny real models, a tiny synthetic benchmark."""
+"""attention.py (the attention study, docs/method.md section 7): the per-layer cosine against an independent
+recomputation from HF eager attention (output_attentions=True), the self-comparison identity, the right / wrong
+split on hand-worked numbers, the CLI's files, the heat-map grid, and the layer profiles. Tiny real models, a tiny
+synthetic benchmark."""
 import copy
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import attention  # noqa: E402
 import data  # noqa: E402
 import shapes  # noqa: E402
 import evaluate as ev  # noqa: E402
@@ -53,7 +55,7 @@ def requests_(world):
     has a padded row and the last batch is short."""
     sc = ev.read_sugarcrepe(os.path.join(world, "sugarcrepe"), limit=1)
     vqa = ev.read_vqav2(os.path.join(world, "vqav2"), PATTERN, limit=1)
-    items = ev.attention_items({"sugarcrepe": {k: sc[k] for k in list(sc)[:2]}, "vqav2": vqa})
+    items = attention.attention_items({"sugarcrepe": {k: sc[k] for k in list(sc)[:2]}, "vqav2": vqa})
     reqs = [it["request"] for it in items]
     return reqs
 
@@ -87,8 +89,8 @@ def cosine(a, b):
 def test_cosine_matches_eager_reference(models, tokenizer, requests_):
     teacher, student, proc = models
     # "all" layers: student 0..3 vs teacher 0..5, so every group window holds n = 6 - 4 + 1 = 3 teacher layers
-    res = ev.attention_distance(teacher, student, tokenizer, proc, requests_, layers_spec="all", batch_size=2,
-                                answer_rows=len(requests_))
+    res = attention.attention_distance(teacher, student, tokenizer, proc, requests_, layers_spec="all",
+                                       batch_size=2, answer_rows=len(requests_))
     assert res["student_layers"] == [0, 1, 2, 3]
     assert res["windows"] == [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5]]
     ref, lengths = np.zeros((len(requests_), 4)), []
@@ -117,7 +119,7 @@ def test_cosine_matches_eager_reference(models, tokenizer, requests_):
 
 def test_default_middle_layers(models, tokenizer, requests_):
     teacher, student, proc = models
-    res = ev.attention_distance(teacher, student, tokenizer, proc, requests_[:2], batch_size=2)
+    res = attention.attention_distance(teacher, student, tokenizer, proc, requests_[:2], batch_size=2)
     # 30%-70% of depth: student 4 layers -> 1, 2; teacher 6 layers -> 2, 3; window n = 1
     assert res["student_layers"] == [1, 2] and res["teacher_layers"] == [2, 3]
     assert res["windows"] == [[2], [3]]
@@ -126,14 +128,14 @@ def test_default_middle_layers(models, tokenizer, requests_):
 
 def test_student_against_itself_is_aligned(models, tokenizer, requests_):
     _, student, proc = models
-    res = ev.attention_distance(student, student, tokenizer, proc, requests_, layers_spec="all", batch_size=3)
+    res = attention.attention_distance(student, student, tokenizer, proc, requests_, layers_spec="all", batch_size=3)
     np.testing.assert_allclose(np.array(res["per_item"]), 1.0, atol=1e-6)
     assert res["attn_dist"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_split_by_correctness_hand_numbers():
     per_item = [[1.0, 0.5], [0.5, 0.0], [0.8, 0.2]]
-    s = ev.split_by_correctness(per_item, [True, False, True], [7, 8], [[10, 11], [11, 12]])
+    s = attention.split_by_correctness(per_item, [True, False, True], [7, 8], [[10, 11], [11, 12]])
     rows = s["per_layer"]
     assert rows[0]["cos_all"] == pytest.approx(2.3 / 3) and rows[1]["cos_all"] == pytest.approx(0.7 / 3)
     assert rows[0]["cos_right"] == pytest.approx(0.9) and rows[1]["cos_right"] == pytest.approx(0.35)
@@ -142,21 +144,22 @@ def test_split_by_correctness_hand_numbers():
     assert s["attn_dist_right"] == pytest.approx(1 - 0.625)
     assert s["attn_dist_wrong"] == pytest.approx(0.75)
     assert (s["n_right"], s["n_wrong"], s["accuracy"]) == (2, 1, pytest.approx(200 / 3))
-    empty = ev.split_by_correctness(per_item, [True] * 3, [7, 8], [[10, 11], [11, 12]])
+    empty = attention.split_by_correctness(per_item, [True] * 3, [7, 8], [[10, 11], [11, 12]])
     assert empty["per_layer"][0]["cos_wrong"] != empty["per_layer"][0]["cos_wrong"]  # NaN: no wrong item
 
 
 def test_patch_grid_and_heatmap():
-    grid = ev.patch_grid(np.arange(16.0))
+    grid = attention.patch_grid(np.arange(16.0))
     assert grid.shape == (4, 4) and grid[1, 0] == 4.0      # row-major patch order
     with pytest.raises(ValueError, match="square"):
-        ev.patch_grid(np.arange(15.0))
-    img = ev.attention_heatmap(Image.new("RGB", (50, 30), "red"), [("teacher", grid), ("student: s", grid.T)],
-                               "a red circle is to the left of a blue square")
-    P, pad = ev.HEATMAP_PANEL, ev.HEATMAP_PAD
-    assert img.size[0] == 3 * P + 4 * pad and img.size[1] > P + ev.HEATMAP_TITLE_H
+        attention.patch_grid(np.arange(15.0))
+    img = attention.attention_heatmap(Image.new("RGB", (50, 30), "red"),
+                                      [("teacher", grid), ("student: s", grid.T)],
+                                      "a red circle is to the left of a blue square")
+    P, pad = attention.HEATMAP_PANEL, attention.HEATMAP_PAD
+    assert img.size[0] == 3 * P + 4 * pad and img.size[1] > P + attention.HEATMAP_TITLE_H
     # the brightest patch of the teacher's map (bottom right) is drawn brightest, the darkest darkest
-    x0, y0 = pad + (P + pad), pad + ev.HEATMAP_TITLE_H
+    x0, y0 = pad + (P + pad), pad + attention.HEATMAP_TITLE_H
     lum = np.asarray(img.convert("L"), dtype=float)
     assert lum[y0 + P - 5, x0 + P - 5] > lum[y0 + 5, x0 + 5]
 
@@ -168,16 +171,17 @@ def test_cli_writes_json_plot_and_heatmaps(world, models, tokenizer, tokenizer_d
     def short_generation(model_dir, device, batch_size, max_new_tokens, dtype):  # the real glue, 1 new token
         budgets.append(max_new_tokens)
         return real(model_dir, device, batch_size, 1, dtype)
-    monkeypatch.setattr(ev, "make_model_fns", short_generation)
+    monkeypatch.setattr(attention, "make_model_fns", short_generation)
     tok = data.load_tokenizer(tokenizer_dir)
     M.save_pretrained(teacher, str(tmp_path / "teacher"), tok)
     M.save_pretrained(student, str(tmp_path / "student"), tok)
     out = tmp_path / "out"
-    report = ev.main(["attention", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
-                      "--student", str(tmp_path / "teacher"), "--teacher-layers", "all",
-                      "--sugarcrepe", os.path.join(world, "sugarcrepe"), "--vqav2", os.path.join(world, "vqav2"),
-                      "--vqav2-image-pattern", PATTERN, "--limit", "1", "--out", str(out), "--heatmaps", "2",
-                      "--batch-size", "8"])
+    report = attention.main(["distance", "--teacher", str(tmp_path / "teacher"),
+                             "--student", str(tmp_path / "student"), "--student", str(tmp_path / "teacher"),
+                             "--teacher-layers", "all",
+                             "--sugarcrepe", os.path.join(world, "sugarcrepe"), "--vqav2", os.path.join(world, "vqav2"),
+                             "--vqav2-image-pattern", PATTERN, "--limit", "1", "--out", str(out), "--heatmaps", "2",
+                             "--batch-size", "8"])
     with open(out / "attention.json") as f:
         saved = json.load(f)
     assert list(saved["students"]) == ["student", "teacher"]
@@ -197,10 +201,11 @@ def test_cli_writes_json_plot_and_heatmaps(world, models, tokenizer, tokenizer_d
     assert saved["students"]["student"]["per_layer"][0]["teacher_layers"] == [0, 1, 2, 3, 4]
     assert report["students"]["student"]["attn_dist"] == pytest.approx(saved["students"]["student"]["attn_dist"])
     with Image.open(out / "attention_similarity.png") as im:
-        assert im.size == (2 * ev.PLOT_W, ev.PLOT_H)
+        assert im.size == (2 * attention.PLOT_W, attention.PLOT_H)
     for i in range(2):
         with Image.open(out / f"heatmap_{i}.png") as im:
-            assert im.size[0] == 4 * ev.HEATMAP_PANEL + 5 * ev.HEATMAP_PAD   # image, teacher, two students
+            # image, teacher, two students
+            assert im.size[0] == 4 * attention.HEATMAP_PANEL + 5 * attention.HEATMAP_PAD
     assert not (out / "heatmap_2.png").exists()
     assert budgets == [32, 16, 32, 16]   # per student: the cr and vqa protocols' max_new_tokens
     for it in saved["students"]["student"]["items"]:  # right = the protocol's judgement of the answer
@@ -209,7 +214,7 @@ def test_cli_writes_json_plot_and_heatmaps(world, models, tokenizer, tokenizer_d
 
 
 # -----------------------------------------------------------------------------
-# section 8: layer profiles and the "auto" window
+# attention.py section 2: layer profiles and the "auto" window
 
 
 def test_layer_profile_matches_eager_reference(models, tokenizer, requests_):
@@ -218,7 +223,7 @@ def test_layer_profile_matches_eager_reference(models, tokenizer, requests_):
     object = the answer row's share on the named patches; and the auto window is vat.auto_layers of them."""
     teacher, _, proc = models
     reqs = [dict(r, object_patches=[3, 7]) if i != 1 else r for i, r in enumerate(requests_)]
-    prof = ev.layer_profile(teacher, tokenizer, proc, reqs, batch_size=2)
+    prof = attention.layer_profile(teacher, tokenizer, proc, reqs, batch_size=2)
     ref = {l: {"share": [], "entropy": [], "object": []} for l in range(6)}
     for r in reqs:
         maps, T = eager_maps(teacher, tokenizer, proc, r)
@@ -261,9 +266,9 @@ def test_layers_cli_writes_json_and_plot(world, models, tokenizer_dir, tmp_path)
     with open(tmp_path / "calib.jsonl", "w") as f:
         f.write("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "layers"
-    report = ev.main(["layers", "--model", str(tmp_path / "teacher"), "--model", str(tmp_path / "student"),
-                      "--sugarcrepe", os.path.join(world, "sugarcrepe"), "--limit", "1",
-                      "--requests", str(tmp_path / "calib.jsonl"), "--out", str(out)])
+    report = attention.main(["layers", "--model", str(tmp_path / "teacher"), "--model", str(tmp_path / "student"),
+                             "--sugarcrepe", os.path.join(world, "sugarcrepe"), "--limit", "1",
+                             "--requests", str(tmp_path / "calib.jsonl"), "--out", str(out)])
     with open(out / "layers.json") as f:
         saved = json.load(f)
     assert list(saved["models"]) == ["teacher", "student"] and saved["requests"] == 7 + 1
@@ -273,14 +278,14 @@ def test_layers_cli_writes_json_and_plot(world, models, tokenizer_dir, tmp_path)
         assert all(v["object"] is not None for v in m["layers"].values())  # one request names an object
     assert report["models"]["student"]["auto"] == saved["models"]["student"]["auto"]
     with Image.open(out / "layers.png") as im:
-        assert im.size == (2 * ev.PLOT_W, ev.PLOT_H)
+        assert im.size == (2 * attention.PLOT_W, attention.PLOT_H)
 
 
 def test_visual_token_states_are_the_layers_hidden_states_at_the_image(models, tokenizer, requests_):
     """Each request alone and unpadded through an eager copy of the LM (output_hidden_states): layer l's
     rows at the visual positions; layer 0 is the projector's output (encode_images). Batched with padding."""
     _, student, proc = models
-    got = ev.visual_token_states(student, tokenizer, proc, requests_, batch_size=2)
+    got = attention.visual_token_states(student, tokenizer, proc, requests_, batch_size=2)
     assert got.shape == (student.language_model.config.num_hidden_layers + 1, len(requests_),
                          student.num_visual_tokens, student.d_llm)
     for i, r in enumerate(requests_):

@@ -590,6 +590,18 @@ def test_cli_vqa_and_errors(tmp_path, monkeypatch):
         ev.main(["vqa", "--model", str(tmp_path), "--suite", bad])
 
 
+def test_attention_commands_moved_to_attention_py(monkeypatch):
+    """The attention study is attention.py's; the old commands say where it went, without importing it."""
+    monkeypatch.delitem(sys.modules, "attention", raising=False)
+    with pytest.raises(SystemExit, match=r"`evaluate.py attention` is now `python attention.py distance`"):
+        ev.main(["attention", "--teacher", "t", "--student", "s"])
+    with pytest.raises(SystemExit, match=r"`evaluate.py layers` is now `python attention.py layers`"):
+        ev.main(["layers"])
+    assert "attention" not in sys.modules
+    with open(ev.__file__, encoding="utf-8") as f:  # nor anywhere else, at the top or inside a function
+        assert not re.search(r"^\s*(import attention|from attention import)\b", f.read(), re.M)
+
+
 # -----------------------------------------------------------------------------
 # The glue on a tiny real model (model.py + data.py), against unbatched, uncached references
 

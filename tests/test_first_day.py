@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import attention
 import data
 import evaluate as E
 import model as M
@@ -142,9 +143,9 @@ def test_an_hf_llava_checkpoint_is_read_everywhere_a_model_is(world, llava_dir, 
     res = E.main(["cr", "--model", llava_dir, "--sugarcrepe", os.path.join(world, "sugarcrepe"), "--limit", "1",
                   "--out", str(tmp_path / "eval")])
     assert res["benchmarks"]["sugarcrepe"]["complete"]
-    # evaluate.py attention --teacher / --student
-    rep = E.main(["attention", "--teacher", "llava:" + llava_dir, "--student", llava_dir, "--sugarcrepe",
-                  os.path.join(world, "sugarcrepe"), "--limit", "1", "--out", str(tmp_path / "att")])
+    # attention.py distance --teacher / --student
+    rep = attention.main(["distance", "--teacher", "llava:" + llava_dir, "--student", llava_dir, "--sugarcrepe",
+                          os.path.join(world, "sugarcrepe"), "--limit", "1", "--out", str(tmp_path / "att")])
     assert abs(next(iter(rep["students"].values()))["attn_dist"]) < 1e-5  # the same model twice
     # --teacher (stage 2, no TAF: another vision encoder) and --init
     out = str(tmp_path / "s2")
@@ -415,7 +416,7 @@ def test_system_prompt_replaces_the_templates_default_in_training_and_evaluation
     assert cfg["system_prompt"] == "Be brief." and cfg["image_aspect_ratio"] == "pad"
     model, tok2, proc = M.load_any(out)
     assert isinstance(proc, M.SquarePadProcessor)  # 9: the recorded aspect ratio comes back with the model
-    ids = E._prompt_ids(tok2, model, "<image>\nWhat is it?")
+    ids = attention._prompt_ids(tok2, model, "<image>\nWhat is it?")
     assert tok2.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     ds = data.SupervisedDataset(data.load_llava_json(os.path.join(world, "instruct.json"))[:2], tok2, None, world,
                                 16, img, 256, system_prompt="Be brief.")

@@ -269,9 +269,9 @@ def test_stage2_two_gloo_processes_match_one(setup):
 
 def test_vat_layers_auto_measures_before_training_and_resume_keeps_them(setup, capsys, monkeypatch):
     """--vat-layers auto: each model's profile on the first --vat-auto-samples image samples picks its window
-    (vat.auto_layers of evaluate.layer_profile_batches, measured here again on the same samples with the
+    (vat.auto_layers of attention.layer_profile_batches, measured here again on the same samples with the
     initial weights); the checkpoint records it, and a resumed run reuses it without measuring."""
-    import evaluate as E
+    import attention
     world, teacher, root = setup
     out = str(root / "auto")
     args = ["--stage", "2", "--vat-layers", "auto", "--vat-auto-samples", "6", "--save-every", "1",
@@ -290,10 +290,10 @@ def test_vat_layers_auto_measures_before_training_and_resume_keeps_them(setup, c
     batch = data.collate([ds[i] for i in range(6)], data.pad_token_id(tok))
     b = [(batch["input_ids"][:4], batch["attention_mask"][:4], batch["pixel_values"][:4], None),
          (batch["input_ids"][4:], batch["attention_mask"][4:], batch["pixel_values"][4:], None)]  # micro-batch 4
-    assert E.layer_profile_batches(te, b)["auto"] == auto["teacher"]
+    assert attention.layer_profile_batches(te, b)["auto"] == auto["teacher"]
     assert state["meta"]["vat_auto"]["student"] and all(0 <= l < 4 for l in auto["student"])
     # resume: no new measurement, the recorded layers
-    monkeypatch.setattr(E, "layer_profile_batches", lambda *a, **k: pytest.fail("measured again on resume"))
+    monkeypatch.setattr(attention, "layer_profile_batches", lambda *a, **k: pytest.fail("measured again on resume"))
     train.main(["--max-steps", "2", "--resume", *args])
     assert f"VAT: student layers {auto['student']}" in capsys.readouterr().out
 
