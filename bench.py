@@ -530,7 +530,7 @@ def bench_data(a):
                                     cache_dir=cache)
         t_ds = time.perf_counter() - t0
         sampler = data.GlobalBatchSampler(len(ds), 128, 0, ranks, lengths=ds.lengths)
-        loader = train.data_loader(ds, sampler, micro, pad, workers, torch.device("cpu"), 0)
+        loader = data.data_loader(ds, sampler, micro, pad, workers, torch.device("cpu"), 0)
         t_first, rate, batch = _throughput(loader, a["data_batches"], micro)
         del loader
         return t_ds, t_first, rate, batch

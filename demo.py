@@ -39,6 +39,7 @@ import data
 import evaluate as E
 import model as M
 import shapes
+import runs
 import train
 
 
@@ -74,8 +75,8 @@ def _demo_json(samples, path):
 
 def _finished(out: str) -> bool:
     """A stage's output directory is complete: main writes trainer_summary.json after the model, with the
-    run id of the args.json beside it (train.is_finished)."""
-    return train.is_finished(out)
+    run id of the args.json beside it (runs.is_finished)."""
+    return runs.is_finished(out)
 
 
 def _demo_stage(argv: list) -> str:
@@ -96,10 +97,10 @@ def _demo_stage(argv: list) -> str:
             return args.out
         raise SystemExit(f"{args.out} holds a finished run made with other arguments (see its args.json); "
                          f"give the demo another --out")
-    if train.find_checkpoint(args.out):
+    if runs.find_checkpoint(args.out):
         return train.main(argv + ["--resume"])
     # an unfinished stage without a checkpoint (or another run's leftovers) starts again
-    unfinished = any(os.path.exists(os.path.join(args.out, n)) for n in train.RUN_FILES)
+    unfinished = any(os.path.exists(os.path.join(args.out, n)) for n in runs.RUN_FILES)
     return train.main(argv + (["--overwrite"] if unfinished else []))
 
 
@@ -826,7 +827,7 @@ def same_teacher(root: str, teacher: str) -> None:
         raise SystemExit(f"teacher {teacher}: no weights (.safetensors / .bin / .pt) in it")
     h = hashlib.sha256()
     for name in weights:
-        h.update(train.file_fingerprint(os.path.join(teacher, name))["data_sha256"].encode())
+        h.update(runs.file_fingerprint(os.path.join(teacher, name))["data_sha256"].encode())
     now, path = {"teacher": os.path.abspath(teacher), "sha256": h.hexdigest()}, os.path.join(root, "teacher.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -871,7 +872,7 @@ def demo(args):
         timings["teacher"] = time.time() - t
     else:
         teacher, student_lm = args.teacher or DEMO_TEACHER, args.student_lm or DEMO_STUDENT_LM
-    train.check_tokenizers_agree(data.load_tokenizer(student_lm), data.load_tokenizer(teacher))
+    data.check_tokenizers_agree(data.load_tokenizer(student_lm), data.load_tokenizer(teacher))
     same_teacher(root, teacher)
     phases.update(1)
     # every student: the student LM with the teacher's vision encoder (TAF's shared encoder), trained on the

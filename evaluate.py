@@ -1003,6 +1003,18 @@ def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_
 
     return batched(generate_batch, "generate"), batched(score_batch, "score")
 
+
+def validate_cr(student, tokenizer, image_processor, items: dict, device) -> dict:
+    """In-loop validation: CR accuracy of the model being trained on a SugarCrepe-layout set, by the
+    paper's protocol (docs/method.md section 6; evaluate.eval_sugarcrepe: 2-choice, both orders, greedy). The
+    learning curve."""
+    generate, _ = model_fns(student, tokenizer, image_processor, device, batch_size=64, max_new_tokens=4,
+                            progress=False)
+    metrics, _ = eval_sugarcrepe(generate, items)
+    student.train()
+    return {"val_cr": metrics["average"], "val_cr_subsets": {k: v["average"] for k, v in metrics["subsets"].items()}}
+
+
 # -----------------------------------------------------------------------------
 # 6. CLI
 #   python evaluate.py cr  --model DIR --sugarcrepe DIR [--coco-images DIR] [--winoground DIR]

@@ -16,6 +16,7 @@ This file is self-contained (torch only) so it can be copied into another code b
 
     projector = taf_projector(teacher.projector, d_teacher=2560, d_student=2048)
     check_shared_vision_encoder(teacher.vision_tower, student.vision_tower)
+    check_same_vision_features(teacher, student)   # the same hidden layer(s) and select strategy
 """
 
 import copy
@@ -115,3 +116,16 @@ def check_shared_vision_encoder(teacher_vision: nn.Module, student_vision: nn.Mo
             diff = (a_.double() - b_.double()).abs().max().item()
             raise ValueError(f"check_shared_vision_encoder: parameter {name!r} differs between teacher and "
                              f"student (max abs difference {diff:.3g}); TAF needs the same vision encoder weights")
+
+
+def check_same_vision_features(teacher: nn.Module, student: nn.Module) -> None:
+    """The same encoder is not enough for TAF: the teacher's adapter was trained on ONE hidden layer (or set)
+    with one select strategy; a student reading another would feed it features it never saw. Raises naming
+    both values and the flags that set them."""
+    diff = [f"{k}: teacher {getattr(teacher, k)!r} vs student {getattr(student, k)!r}"
+            for k in ("vision_feature_layer", "vision_feature_select_strategy")
+            if getattr(teacher, k) != getattr(student, k)]
+    if diff:
+        raise ValueError("TAF: teacher and student read different vision features (" + "; ".join(diff) + "); the "
+                         "teacher's frozen adapter was trained on the teacher's. Build the student with the same "
+                         "--vision-feature-layer / --vision-feature-select-strategy")

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny tokenizer trained on the synthetic world's words, and tiny preset models."""
+import contextlib
 import os
 import sys
 
@@ -37,3 +38,16 @@ def world_and_teacher(root, seed, **sizes):
     tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
     M.save_pretrained(M.from_preset("teacher", tok), os.path.join(str(root), "teacher"), tok)
     return world, os.path.join(str(root), "teacher")
+
+
+@contextlib.contextmanager
+def killed_after(step: int):
+    """The training inside stops after `step` as a kill would leave it: no model saved, the checkpoint and
+    the log as they were (runs.inject_fault, through $COMPODISTILL_FAULT)."""
+    import runs
+    os.environ[runs.FAULT_ENV] = f"stop_after={step}"
+    try:
+        with pytest.raises(runs.SimulatedKill):
+            yield
+    finally:
+        del os.environ[runs.FAULT_ENV]

@@ -6,6 +6,7 @@ import torch
 
 import data
 import shapes
+import runs
 import train
 
 
@@ -156,7 +157,7 @@ def test_a_teacher_with_its_own_tokenizer_distils_a_student_end_to_end(cross_set
         _, _, kt = data.answer_char_keys(tok_t, msgs, 16, data.image_token_id(tok_t))
         n += len([p for p in data.aligned_pairs(ks, kt) if p[0] < 256 and p[1] < 256])
     assert log[0]["kd_pairs"] == n
-    state = train.checkpoint_meta(os.path.join(out, "checkpoint"))
+    state = runs.checkpoint_meta(os.path.join(out, "checkpoint"))
     assert state["cross_vocab"] is True
     # stage 3 after it, and the model saved with the student's tokenizer
     s3 = _cross_args(world, teacher, str(root / "s3"))

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import demo
-import train
 
 
 def _json(path):
@@ -142,7 +141,7 @@ def test_shipped_models_match_a_freshly_synthesised_world(tmp_path):
     fresh = data.load_tokenizer(demo.scene_tokenizer(paths))
     for shipped in (demo.DEMO_TEACHER, demo.DEMO_STUDENT_LM):
         tok = data.load_tokenizer(shipped)
-        train.check_tokenizers_agree(fresh, tok)
+        data.check_tokenizers_agree(fresh, tok)
         assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in shapes.SCENE_TOKENS)
 
 

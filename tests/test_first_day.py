@@ -15,7 +15,9 @@ import data
 import evaluate as E
 import model as M
 import shapes
+import runs
 import train
+from conftest import killed_after
 
 
 @pytest.fixture(scope="module")
@@ -265,9 +267,9 @@ def test_in_loop_validation_takes_the_coco_images_folder(world, tmp_path):
 
 
 def test_tokens_per_s_is_not_charged_with_validation_or_checkpoints(world, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "validate_cr", lambda *a, **k: (time.sleep(1.0), {"val_cr": 0.0, "val_cr_subsets": {}})[1])
-    save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda *a, **k: (time.sleep(1.0), save(*a, **k)))
+    monkeypatch.setattr(E, "validate_cr", lambda *a, **k: (time.sleep(1.0), {"val_cr": 0.0, "val_cr_subsets": {}})[1])
+    save = runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", lambda *a, **k: (time.sleep(1.0), save(*a, **k)))
     out = str(tmp_path / "run")
     train.main(_args(world, out, "--max-steps", "6", "--eval-sugarcrepe", os.path.join(world, "sugarcrepe"),
                      "--eval-every", "2", "--save-every", "3"))
@@ -343,9 +345,10 @@ def test_a_stage_checkpoint_is_evaluated_as_the_run_would_save_it(world, teacher
     """Stage 2 (TAF + LoRA) killed after its step-2 checkpoint: RUN/checkpoint loads as the run's init + the
     teacher's adapter + the checkpoint's trainable weights, LoRA merged; evaluate.py --model takes it."""
     out = str(tmp_path / "s2")
-    args = [*_args(world, out, "--max-steps", "4", "--save-every", "2", "--stop-after", "3")[2:], "--stage", "2",
+    args = [*_args(world, out, "--max-steps", "4", "--save-every", "2")[2:], "--stage", "2",
             "--teacher", teacher_dir]
-    train.main(args)
+    with killed_after(3):
+        train.main(args)
     with pytest.raises(ValueError, match="has not finished"):
         M.load_any(out)
     got, tok, _ = M.load_any(os.path.join(out, "checkpoint"))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import runs
 import train
 from conftest import world_and_teacher
 
@@ -33,10 +34,12 @@ def _args(world, teacher, out, *extra):
             "--lora-alpha", "8", "--lora-dropout", "0", "--lr", "1e-3", "--device", "cpu", "--quiet", *extra]
 
 
-def _torchrun(args, port):
+def _torchrun(args, port, fault=None):
+    """train.py under torchrun, 2 gloo processes; `fault`: runs.inject_fault's spec (stop_after=N: killed after step N)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(ROOT, "train.py"), *args]
-    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **({runs.FAULT_ENV: fault} if fault else {}))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
 
@@ -90,7 +93,7 @@ def test_fsdp_lora_resume_and_validation_equal_ddp_and_checkpoints_cross_over(se
               "--eval-every", "2"]
     ddp, fsdp, cross = str(root / "lora_ddp"), str(root / "lora_fsdp"), str(root / "lora_cross")
     _torchrun(_args(world, teacher, ddp, *common), 29643)
-    _torchrun(_args(world, teacher, fsdp, *common, "--fsdp", "--stop-after", "2"), 29644)
+    _torchrun(_args(world, teacher, fsdp, *common, "--fsdp"), 29644, fault="stop_after=2")
     state = torch.load(os.path.join(fsdp, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["step"] == 2 and not any(hasattr(v, "device_mesh") for st in state["optimizer"]["state"].values()
                                           for v in st.values())

@@ -18,7 +18,9 @@ from PIL import Image
 import data
 import shapes
 import model as M
+import runs
 import train
+from conftest import killed_after
 import vat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,14 +148,15 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_checkpoint_int
     assert [r["skipped"] for r in log][:8] == [0, 0, 1, 2, 2, 2, 3, 4]
     state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["step"] == 6  # the last step before the streak: none is saved while a streak is open
-    weights = train.find_checkpoint(out)
+    weights = runs.find_checkpoint(out)
     from safetensors.torch import load_file
     assert all(torch.isfinite(v).all() for v in load_file(os.path.join(weights, "trainable.safetensors")).values())
 
 
 def test_crash_during_checkpoint_write_leaves_the_previous_one_loadable(world, tmp_path, monkeypatch):
     out = str(tmp_path / "ck")
-    train.main(_args(world, out, "--max-steps", "4", "--save-every", "2", "--stop-after", "3"))
+    with killed_after(3):
+        train.main(_args(world, out, "--max-steps", "4", "--save-every", "2"))
     real_replace = os.replace
 
     def crash(src, dst):  # dies between moving the old checkpoint aside and moving the new one in
@@ -166,7 +169,7 @@ def test_crash_during_checkpoint_write_leaves_the_previous_one_loadable(world, t
         train.main(_args(world, out, "--max-steps", "8", "--save-every", "4", "--resume"))
     monkeypatch.undo()
     assert not os.path.exists(os.path.join(out, "checkpoint"))
-    ck = train.find_checkpoint(out)
+    ck = runs.find_checkpoint(out)
     assert ck.endswith("checkpoint.old")
     assert torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=True)["step"] == 2
     train.main(_args(world, out, "--max-steps", "8", "--save-every", "4", "--resume"))  # resumes from it
@@ -175,7 +178,8 @@ def test_crash_during_checkpoint_write_leaves_the_previous_one_loadable(world, t
 
 def test_checkpoint_from_another_model_or_stage_is_refused(world, tmp_path):
     out = str(tmp_path / "other")
-    train.main(_args(world, out, "--max-steps", "2", "--save-every", "1", "--stop-after", "1"))
+    with killed_after(1):
+        train.main(_args(world, out, "--max-steps", "2", "--save-every", "1"))
     args = _args(world, out, "--max-steps", "2", "--resume")
     args[args.index("preset:student")] = "preset:teacher"
     with pytest.raises(ValueError, match="written by another run: init"):
@@ -216,11 +220,10 @@ def test_a_dead_rank_is_restarted_by_torchrun_and_resumes(world, tmp_path):
     workers, which resume from the step-2 checkpoint: steps 3..6 equal an uninterrupted 1-process run."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     train.main(_args(world, one, "--max-steps", "6"))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{runs.FAULT_ENV: "die_at=3,rank=1"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
            f"--master_port={_free_port()}", os.path.join(ROOT, "train.py"),
-           *_args(world, two, "--max-steps", "6", "--device", "cpu", "--save-every", "2", "--resume",
-                  "--fail-at-step", "3", "--fail-rank", "1")]
+           *_args(world, two, "--max-steps", "6", "--device", "cpu", "--save-every", "2", "--resume")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "exitcode: 17" in res.stderr, "rank 1 did not die at step 3 (the os._exit(17) hook)"
@@ -287,23 +290,23 @@ def test_out_equal_to_the_teacher_or_the_init_is_refused(world, tmp_path, capsys
 def test_a_fresh_run_into_a_previous_runs_directory_is_refused_unless_overwrite(world, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     train.main(_args(world, out, "--max-steps", "1"))
-    assert train.is_finished(out)
+    assert runs.is_finished(out)
     with pytest.raises(ValueError, match="holds a previous run.*--resume.*--overwrite"):
         train.main(_args(world, out, "--max-steps", "1"))
-    assert train.is_finished(out)  # untouched
+    assert runs.is_finished(out)  # untouched
     monkeypatch.setattr(train, "lm_and_kd_loss", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("died")))
     with pytest.raises(RuntimeError, match="died"):  # --overwrite clears the old run first; this one dies
         train.main(_args(world, out, "--max-steps", "1", "--overwrite"))
     monkeypatch.undo()
     left = set(os.listdir(out))
-    assert not left & {"model.safetensors", "trainer_summary.json", "checkpoint"} and not train.is_finished(out)
+    assert not left & {"model.safetensors", "trainer_summary.json", "checkpoint"} and not runs.is_finished(out)
     train.main(_args(world, out, "--max-steps", "1", "--overwrite"))
-    assert train.is_finished(out)
+    assert runs.is_finished(out)
     args = json.load(open(os.path.join(out, "args.json")))
     assert "overwrite" not in args and args["run_id"] == json.load(open(os.path.join(out, "trainer_summary.json")))["run_id"]
     with open(os.path.join(out, "args.json"), "w") as f:  # the summary of another run: not finished
         json.dump(dict(args, run_id="someone-else"), f)
-    assert not train.is_finished(out)
+    assert not runs.is_finished(out)
 
 
 def test_a_second_run_on_a_locked_out_stops_and_sigterm_saves_a_checkpoint(world, tmp_path):
@@ -334,12 +337,13 @@ def test_a_second_run_on_a_locked_out_stops_and_sigterm_saves_a_checkpoint(world
     step = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=True)["step"]
     assert step == _log(out)[-1]["step"] >= 1
     train.main(_args(world, out, "--max-steps", str(step + 1), "--resume"))
-    assert _log(out)[-1]["step"] == step + 1 and train.is_finished(out)
+    assert _log(out)[-1]["step"] == step + 1 and runs.is_finished(out)
 
 
 def test_resume_with_nothing_usable_says_so_and_keeps_the_log(world, tmp_path):
     out = str(tmp_path / "r")
-    train.main(_args(world, out, "--max-steps", "3", "--stop-after", "2"))  # no --save-every: no checkpoint
+    with killed_after(2):
+        train.main(_args(world, out, "--max-steps", "3"))  # no --save-every: no checkpoint
     log = open(os.path.join(out, "log.jsonl")).read()
     with pytest.raises(ValueError, match="nothing to resume.*no checkpoint"):
         train.main(_args(world, out, "--max-steps", "3", "--resume"))
@@ -353,14 +357,15 @@ def test_resume_with_nothing_usable_says_so_and_keeps_the_log(world, tmp_path):
     assert open(os.path.join(out, "log.jsonl")).read() == log
     fresh = str(tmp_path / "fresh")  # --resume on an empty --out starts fresh (torchrun --max-restarts)
     train.main(_args(world, fresh, "--max-steps", "1", "--resume"))
-    assert train.is_finished(fresh)
+    assert runs.is_finished(fresh)
 
 
 def test_resume_with_other_hyperparameters_or_changed_data_is_refused(world, tmp_path):
     w = str(tmp_path / "w")
     shutil.copytree(world, w)
     out = str(tmp_path / "hp")
-    train.main(_args(w, out, "--max-steps", "3", "--save-every", "1", "--stop-after", "1"))
+    with killed_after(1):
+        train.main(_args(w, out, "--max-steps", "3", "--save-every", "1"))
     for flag, value in (("--lr", "1e-3"), ("--w-lm", "0.5"), ("--w-kl", "2"), ("--w-vat", "3"),
                         ("--kd-temperature", "2"), ("--max-len", "200")):
         with pytest.raises(ValueError, match=f"written by another run: .*{flag[2:].replace('-', '_')}"):
@@ -396,7 +401,8 @@ def test_a_nan_teacher_is_named_and_no_checkpoint_is_claimed(world, tmp_path):
 def test_corrupt_checkpoint_and_full_disk_say_so(world, tmp_path, monkeypatch):
     import errno
     out = str(tmp_path / "c")
-    train.main(_args(world, out, "--max-steps", "3", "--save-every", "1", "--stop-after", "1"))
+    with killed_after(1):
+        train.main(_args(world, out, "--max-steps", "3", "--save-every", "1"))
     ck = os.path.join(out, "checkpoint")
     shutil.copytree(ck, os.path.join(out, "checkpoint.old"))
     with open(os.path.join(ck, "trainer_state.pt"), "r+b") as f:
@@ -449,19 +455,19 @@ def test_ddp_resume_is_exact_with_per_rank_dropout(world, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     lora = ["--trainable", "adapter+lora", "--lora-r", "4", "--lora-dropout", "0.3", "--device", "cpu",
             "--max-steps", "5", "--group-by-length"]
-    runs = {}
-    for name, extra in (("ref", []), ("cut", ["--save-every", "2", "--resume", "--fail-at-step", "3",
-                                              "--fail-rank", "1"])):
+    logs = {}
+    for name, extra, fault in (("ref", [], {}), ("cut", ["--save-every", "2", "--resume"],
+                                                 {runs.FAULT_ENV: "die_at=3,rank=1"})):
         out = str(tmp_path / name)
         args = _args(world, out, *lora, *extra)
         args.remove("adapter+llm")
         args.remove("--trainable")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
                f"--master_port={_free_port()}", os.path.join(ROOT, "train.py"), *args]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        res = subprocess.run(cmd, env={**env, **fault}, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
-        runs[name] = {r["step"]: r for r in _log(out)}
-    assert sorted(runs["cut"]) == [1, 2, 3, 4, 5]
+        logs[name] = {r["step"]: r for r in _log(out)}
+    assert sorted(logs["cut"]) == [1, 2, 3, 4, 5]
     for s in (3, 4, 5):
         for k in ("lm", "grad_norm"):
-            assert runs["cut"][s][k] == runs["ref"][s][k], (s, k, runs["cut"][s][k], runs["ref"][s][k])
+            assert logs["cut"][s][k] == logs["ref"][s][k], (s, k, logs["cut"][s][k], logs["ref"][s][k])

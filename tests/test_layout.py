@@ -1,13 +1,15 @@
-"""The layout's promises (README, "How the code is organised"): the six core modules import nothing of the
-miniature or the benchmark, there is no import cycle among the project's modules, vat.py and taf.py import
-nothing of the project, and nothing the repository says points to a document the repository lacks."""
+"""The layout's promises (README, "How the code is organised"): the lower floor (the six modules of the paper,
+the run's plumbing, distributed setup, the attention study) imports nothing of the miniature or the benchmark,
+there is no import cycle among the project's modules, vat.py and taf.py import nothing of the project, the
+plumbing imports nothing above it, and nothing the repository says points to a document the repository lacks."""
 import ast
 import os
 import re
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = ("model.py", "taf.py", "vat.py", "train.py", "data.py", "evaluate.py")
+CORE = ("model.py", "taf.py", "vat.py", "train.py", "data.py", "evaluate.py",
+        "runs.py", "distributed.py", "attention.py")
 UPPER = ("shapes.py", "demo.py", "bench.py")
 PROJECT = {os.path.splitext(f)[0] for f in CORE + UPPER}
 
@@ -33,6 +35,22 @@ def test_core_modules_import_no_miniature_or_benchmark_code():
 def test_vat_and_taf_import_nothing_of_the_project():
     for name in ("vat.py", "taf.py"):
         assert project_imports(name) == set(), name
+
+
+def test_the_plumbing_imports_nothing_above_it():
+    """distributed.py stands alone; runs.py needs only distributed.py (whole tensors for a checkpoint);
+    train.py imports both, never the reverse."""
+    assert project_imports("distributed.py") == set()
+    assert project_imports("runs.py") == {"distributed"}
+
+
+def test_every_python_file_is_on_a_floor():
+    """A new module is placed on purpose: named here (and in README's table), not merely added."""
+    files = {f for f in os.listdir(ROOT) if f.endswith(".py")}
+    assert files == set(CORE + UPPER), sorted(files ^ set(CORE + UPPER))
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    table = readme[readme.index("## How the code is organised"):]
+    assert not [f for f in files if f"| `{f}` |" not in table], "README's table misses a module"
 
 
 def test_no_import_cycle():

@@ -13,7 +13,9 @@ import types
 import pytest
 
 import shapes
+import runs
 import train
+from conftest import killed_after
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def test_wandb_and_tensorboard_receive_the_records_of_log_jsonl(world, tmp_path,
                      "--eval-sugarcrepe", os.path.join(world, "sugarcrepe"), "--eval-every", "2"))
     recs = _records(out)
     assert [r.get("event") for r in recs][0] == "start" and any("val_cr_subsets" in r for r in recs)
-    expected = [train.sink_numbers(r) for r in recs]  # (step, numbers): what each sink must have received
+    expected = [runs.sink_numbers(r) for r in recs]  # (step, numbers): what each sink must have received
     assert all(isinstance(v, (int, float)) for _, nums in expected for v in nums.values())
     assert any("/" in k for _, nums in expected for k in nums)  # val_cr_subsets flattened
     # wandb: one init with the run name and the arguments, one log per record (step = x axis), finish at the end
@@ -100,7 +102,8 @@ def test_a_resumed_run_continues_the_same_wandb_run(world, tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(calls))
     out = str(tmp_path / "cut")
     args = _args(world, out, "--max-steps", "4", "--save-every", "2", "--report-to", "wandb")
-    train.main([*args, "--stop-after", "3"])
+    with killed_after(3):
+        train.main(args)
     assert calls[-1] == ("finish",)
     before = _records(out)
     train.main([*args, "--resume"])
@@ -110,7 +113,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(world, tmp_path, monkeypatch
     # the kill and again after the resume from step 2, is in the log once, in the sink twice)
     after = _records(out)
     restart = [i for i, r in enumerate(after) if r.get("event") == "start"][-1]
-    assert [(c[1], c[2]) for c in calls if c[0] == "log"] == [train.sink_numbers(r) for r in before + after[restart:]]
+    assert [(c[1], c[2]) for c in calls if c[0] == "log"] == [runs.sink_numbers(r) for r in before + after[restart:]]
     train.main([*args, "--overwrite"])  # a fresh run in the same --out is a new wandb run
     assert [c[1] for c in calls if c[0] == "init"][-1]["id"] != inits[0]["id"]
 
@@ -128,7 +131,7 @@ def test_a_missing_sink_package_is_named_before_any_model_loads(world, tmp_path,
         train.main(_args(world, str(tmp_path / "x"), "--report-to", "none,wandb"))
     with pytest.raises(SystemExit):
         train.main(_args(world, str(tmp_path / "x"), "--report-to", "mlflow"))
-    assert train.parse_report_to("none") == []
+    assert runs.parse_report_to("none") == []
 
 
 def test_tensorboard_event_files_hold_the_records(world, tmp_path):
@@ -138,7 +141,7 @@ def test_tensorboard_event_files_hold_the_records(world, tmp_path):
     train.main(_args(world, out, "--max-steps", "3", "--report-to", "tensorboard"))
     expected = {}
     for r in _records(out):
-        step, nums = train.sink_numbers(r)
+        step, nums = runs.sink_numbers(r)
         for k, v in nums.items():
             expected.setdefault(k, []).append((step, v))
     acc = EventAccumulator(os.path.join(out, "tensorboard"))
@@ -196,5 +199,5 @@ def test_wandb_offline_run_holds_the_records(world, tmp_path, monkeypatch):
     history = [(r.history.step.num, {key(i): json.loads(i.value_json) for i in r.history.item
                                      if not key(i).startswith("_")})
                for r in recs if r.WhichOneof("record_type") == "history"]
-    assert history == [train.sink_numbers(r) for r in _records(out)]
+    assert history == [runs.sink_numbers(r) for r in _records(out)]
     assert any(r.WhichOneof("record_type") == "exit" for r in recs)  # finished

@@ -12,7 +12,7 @@ import data
 import shapes
 import model as M
 import train
-from conftest import world_and_teacher
+from conftest import world_and_teacher, killed_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +121,8 @@ def test_kd_divergence_is_recorded_and_a_resume_with_another_is_refused(setup):
     world, teacher, root = setup
     out = str(root / "jsd")
     args = ["--stage", "1", "--max-steps", "2", "--save-every", "1", *_stage_args(world, teacher, out)]
-    train.main([*args, "--stop-after", "1", "--kd-divergence", "jsd", "--kd-jsd-beta", "0.3"])
+    with killed_after(1):
+        train.main([*args, "--kd-divergence", "jsd", "--kd-jsd-beta", "0.3"])
     state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["meta"]["kd_divergence"] == "jsd" and state["meta"]["kd_jsd_beta"] == 0.3
     with pytest.raises(ValueError, match="kd_divergence"):
@@ -157,8 +158,8 @@ def test_token_losses_stay_fp32_under_bf16_autocast():
 def test_tokenizer_mismatch_is_a_clear_error(tokenizer, tmp_path):
     other = shapes.train_tokenizer(["completely different words here"] * 20, str(tmp_path / "other"), vocab_size=300)
     with pytest.raises(ValueError, match="(?s)tokenizers disagree.*vocabularies differ"):
-        train.check_tokenizers_agree(tokenizer, other)
-    train.check_tokenizers_agree(tokenizer, tokenizer)
+        data.check_tokenizers_agree(tokenizer, other)
+    data.check_tokenizers_agree(tokenizer, tokenizer)
 
 
 def test_taf_from_a_bias_free_teacher_adapter_saves_and_loads(tokenizer, tmp_path):
@@ -276,7 +277,8 @@ def test_vat_layers_auto_measures_before_training_and_resume_keeps_them(setup, c
     out = str(root / "auto")
     args = ["--stage", "2", "--vat-layers", "auto", "--vat-auto-samples", "6", "--save-every", "1",
             *_stage_args(world, teacher, out)]
-    train.main(["--max-steps", "2", "--stop-after", "1", *args])
+    with killed_after(1):
+        train.main(["--max-steps", "2", *args])
     printed = capsys.readouterr().out
     state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=True)
     auto = state["meta"]["vat_auto"]

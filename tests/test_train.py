@@ -10,6 +10,7 @@ import torch
 import data
 import shapes
 import train
+from conftest import killed_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +48,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     train.main(_args(world, full, "--max-steps", "8", "--lora-dropout", "0.1"))
     # "killed" right after the step-4 checkpoint, then resumed in a fresh process state
-    train.main(_args(world, cut, "--max-steps", "8", "--save-every", "4", "--stop-after", "5"))
+    with killed_after(5):
+        train.main(_args(world, cut, "--max-steps", "8", "--save-every", "4"))
     torch.manual_seed(12345)  # a resume must not depend on the RNG state it finds
     train.main(_args(world, cut, "--max-steps", "8", "--save-every", "4", "--resume"))
     a, b = _log(full), _log(cut)
@@ -72,7 +74,8 @@ def test_dataloader_workers_change_no_loss_and_resume_exactly(world, tmp_path):
         for k in ("lm", "grad_norm", "lr"):
             assert r0[k] == r2[k], (r0["step"], k)  # bitwise on CPU
     w = ["--max-steps", "8", "--num-workers", "2", "--group-by-length", "--save-every", "4"]
-    train.main(_args(world, cut, *w, "--stop-after", "5"))
+    with killed_after(5):
+        train.main(_args(world, cut, *w))
     torch.manual_seed(54321)
     train.main(_args(world, cut, *w, "--resume"))
     assert [r["step"] for r in _log(cut)] == list(range(1, 9))  # step 5 ran twice, is logged once
