@@ -7,7 +7,7 @@ Stages (docs/method.md section 5; `--stage`):
   1      DPT, distilled pre-training: L_LM + L_KL; trains the TAF linear only (taf.py).
   2      DFT, distilled fine-tuning: L_LM + L_KL + L_ADL (vat.py); trains the TAF linear + LoRA (or the LLM).
   3      SFT: L_LM only; stage 2's LoRA is merged, a fresh LoRA + the TAF linear train; no teacher.
-  all    1 -> 2 -> 3, each reading the previous stage's output directory.
+  all    1 -> 2 -> 3, each reading the previous stage's output directory (stages 1, 2 saved in fp32).
 
 Losses (weights `--w-lm --w-kl --w-vat`, default 1 each):
   L_LM  next-token cross-entropy on assistant tokens (`logits[:, :-1]` vs `labels[:, 1:]`).
@@ -230,6 +230,17 @@ def build_student(args, tokenizer_path_hint=None):
                       vision_feature_select_strategy=getattr(args, "vision_feature_select_strategy", None))
 
 
+def lora_dropout(args) -> float:
+    """LoRA's dropout: `--lora-dropout`, else 0 in CompoDistill's stages 1-3 and 0.05 in the LLaVA recipe
+    (`--stage llava`). The authors' distillation trainer sets every dropout of both models to 0 (its
+    `disable_dropout`, on by default, in the trainer their DPT, DFT and SFT scripts all use), so a dropped
+    LoRA input never blurs the L_KL / L_ADL targets; LLaVA-1.5's own LoRA fine-tuning keeps 0.05
+    (docs/training.md)."""
+    if getattr(args, "lora_dropout", None) is not None:
+        return args.lora_dropout
+    return 0.05 if args.stage == "llava" else 0.0
+
+
 def add_lora(model: M.MultimodalLM, r: int, alpha: int, dropout: float):
     """Wrap the LLM with fresh LoRA adapters (peft) on every attention and MLP projection."""
     from peft import LoraConfig, get_peft_model
@@ -257,7 +268,7 @@ def set_trainable(model: M.MultimodalLM, args):
     if what not in ("adapter", "adapter+lora", "adapter+llm"):
         raise ValueError(f"--trainable must be adapter, adapter+lora or adapter+llm, got {what!r}")
     if what == "adapter+lora":
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # peft marks only LoRA weights trainable
+        add_lora(model, args.lora_r, args.lora_alpha, lora_dropout(args))  # peft marks only LoRA weights trainable
     model.projector.requires_grad_(True)
     if hasattr(model.projector, "teacher_adapter"):  # TAF: the fetched teacher adapter stays frozen
         model.projector.teacher_adapter.requires_grad_(False)
@@ -672,8 +683,9 @@ def train_loop(args, stage):
 
 
 def finish(args, stage):
-    """The stage's output: the full model with LoRA merged, in the save dtype, beside trainer_summary.json
-    (written last: runs.is_finished). Under --fsdp every rank gathers and rank 0 saves."""
+    """The stage's output: the full model with LoRA merged, in the save dtype (the projector, TAF's trained
+    linear, always fp32), beside trainer_summary.json (written last: runs.is_finished). Under --fsdp every
+    rank gathers and rank 0 saves."""
     student, master = stage.student, stage.master
     if stage.fsdp:  # every rank gathers; rank 0 loads the whole weights into its unsharded copy
         whole = gather_state_dict(student, keep=master)
@@ -686,12 +698,15 @@ def finish(args, stage):
         save_dtype = args.save_dtype or student.extra_config.get("llm_dtype") or "float32"
         if save_dtype not in ("float32", "bfloat16", "float16"):
             save_dtype = "float32"  # a checkpoint config naming another dtype: keep the master weights' fp32
-        student.to(getattr(torch, save_dtype))  # the run is over: the in-memory model is not used again
+        for name, part in student.named_children():  # the run is over: the in-memory model is not used again
+            if name != "projector":  # the projector (TAF's linear) trains in every stage: kept fp32, exact
+                part.to(getattr(torch, save_dtype))
         M.save_pretrained(student, args.out, stage.tokenizer, stage.image_processor)
         with open(os.path.join(args.out, "trainer_summary.json"), "w", encoding="utf-8") as f:
             json.dump({"steps": stage.step, "skipped_nonfinite": stage.skipped,
                        "dropped_overlong": len(stage.dataset.dropped), "skipped_bad_images": len(stage.bad_images),
                        "converted_non_rgb": stage.image_stats.get("converted_non_rgb", 0), "save_dtype": save_dtype,
+                       "lora_dropout": lora_dropout(args),
                        **stage.meta, "args": vars(args),
                        "run_id": (runs.read_json(os.path.join(args.out, "args.json")) or {}).get("run_id")},
                       f, indent=2)
@@ -810,7 +825,8 @@ def get_parser():
     p.add_argument("--full-llm", action="store_true", help="stage 2: train the whole LLM instead of LoRA")
     p.add_argument("--lora-r", type=int, default=128)
     p.add_argument("--lora-alpha", type=int, default=256)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout; default 0 in stages 1-3 (the "
+                   "authors' distillation trainer turns every dropout off), 0.05 in --stage llava (LLaVA-1.5's)")
     p.add_argument("--taf", action=argparse.BooleanOptionalAction, default=True, help="TAF projector (stage 1)")
     p.add_argument("--w-lm", type=float, default=1.0)
     p.add_argument("--w-kl", type=float, default=1.0)
@@ -881,7 +897,9 @@ def get_parser():
                    "(--stage all: NAME-stage1, ...)")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None, help="dtype of the "
-                   "saved model.safetensors; default: the dtype the LLM came in (parts / llava), float32 for presets")
+                   "saved model.safetensors; default: the dtype the LLM came in (parts / llava), float32 for presets. The "
+                   "projector (TAF's linear) is saved in float32 always; --stage all saves stages 1 and 2 in float32 "
+                   "(what the next stage starts from) and stage 3 in this dtype")
     p.add_argument("--eval-sugarcrepe", help="validation set in the SugarCrepe layout: its CR accuracy (the paper's "
                    "2-choice protocol, greedy) is logged every --eval-every steps as {'step', 'val_cr'} lines")
     p.add_argument("--eval-coco-images", help="images of --eval-sugarcrepe (the official layout keeps COCO val2017 "
@@ -926,6 +944,8 @@ def main(argv=None):
             sub.run_name = f"{args.run_name}-stage{stage}" if args.run_name else None
             if stage != "1":
                 sub.init = os.path.join(base, f"stage{int(stage) - 1}")
+            if stage != "3":  # handed to the next stage in the master weights' fp32: a bf16 save would round
+                sub.save_dtype = "float32"  # away merged LoRA deltas below bf16's resolution; stage 3: --save-dtype
             if args.resume and runs.stage_finished(sub):
                 print(f"stage {stage}: finished in {sub.out} (trainer_summary.json), skipped")
                 continue

@@ -312,3 +312,82 @@ def test_vat_layers_auto_without_image_samples_is_an_error(setup, tmp_path):
     args[args.index("--data") + 1] = path
     with pytest.raises(ValueError, match=r"--vat-layers auto: .*text_only.json has no sample with an image"):
         train.main(["--stage", "2", "--max-steps", "1", "--vat-layers", "auto", *args])
+
+
+def test_stage_all_hands_stage2_to_stage3_in_fp32_and_saves_the_taf_linear_in_fp32(setup, tmp_path, monkeypatch):
+    """--stage all with an LLM that came in bf16: stage 2's merged LoRA delta, far below bf16's resolution
+    (stage 2 at lr 1e-5), reaches stage 3 as fp32 base + delta (a bf16 hand-off rounds it away: the old code),
+    the TAF linear is saved in fp32 bit for bit in every stage, and stage 3 still ends in the LLM's bf16."""
+    from safetensors import safe_open
+    world, teacher, root = setup
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    init = M.from_preset("student", tok)
+    init.language_model.to(torch.bfloat16).float()  # as read from a bf16 checkpoint
+    init.extra_config["llm_dtype"] = "bfloat16"
+    M.save_pretrained(init, str(tmp_path / "init"), tok)
+    q = "layers.0.self_attn.q_proj"
+    merged, started = [], {}  # per stage: (fp32 base, float64 delta, TAF linear) before the merge; stage 3's start
+    real_merge, real_build = train.merge_lora, train.build_student
+
+    def spy_merge(model):
+        lm = model.language_model
+        mod = dict(lm.named_modules()).get(f"base_model.model.model.{q}")
+        lin = model.projector.linear.weight.detach().clone()
+        if mod is None:  # no LoRA (stage 1)
+            merged.append((None, None, lin))
+        else:
+            a, b = mod.lora_A["default"].weight.detach().double(), mod.lora_B["default"].weight.detach().double()
+            merged.append((mod.base_layer.weight.detach().double().clone(), (b @ a) * mod.scaling["default"], lin))
+        return real_merge(model)
+
+    def spy_build(args, *rest):
+        out = real_build(args, *rest)
+        if args.stage == "3":
+            started["q"] = dict(out[0].language_model.named_parameters())[f"model.{q}.weight"].detach().double().clone()
+        return out
+    monkeypatch.setattr(train, "merge_lora", spy_merge)
+    monkeypatch.setattr(train, "build_student", spy_build)
+    out = str(tmp_path / "all")
+    args = _stage_args(world, teacher, out)
+    args[args.index("--init") + 1] = str(tmp_path / "init")
+    args[args.index("--lr") + 1] = "1e-3,1e-5,1e-3"
+    train.main(["--stage", "all", "--max-steps", "2", *args])
+    assert len(merged) == 3 and merged[0][0] is None
+    base, delta, _ = merged[1]
+    want = base + delta
+    ulp_bf16 = 2.0 ** (torch.floor(torch.log2(base.abs().clamp_min(1e-30))) - 7)
+    below = (delta != 0) & (delta.abs() < ulp_bf16 / 2)
+    assert below.float().mean() > 0.5  # most of the delta is below bf16's resolution
+    got = started["q"]
+    assert (got - want).abs().max() <= 2 ** -23 * want.abs().max()  # fp32 rounding of base + delta only
+    assert (got[below] != base[below]).float().mean() > 0.9  # the small delta is there (bf16 would drop it)
+    for k, dtype in ((1, torch.float32), (2, torch.float32), (3, torch.bfloat16)):
+        with safe_open(os.path.join(out, f"stage{k}", "model.safetensors"), "pt") as f:
+            assert f.get_tensor(f"language_model.model.{q}.weight").dtype == dtype
+            lin = f.get_tensor("projector.linear.weight")
+        assert lin.dtype == torch.float32 and torch.equal(lin, merged[k - 1][2])  # the trained linear, exact
+    summ = json.load(open(os.path.join(out, "stage3", "trainer_summary.json")))
+    assert summ["save_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("stage,flag,want", [("2", None, 0.0), ("3", None, 0.0), ("llava", None, 0.05),
+                                             ("2", "0.1", 0.1)])
+def test_lora_dropout_is_off_in_the_distillation_stages_by_default(tokenizer, stage, flag, want):
+    """The authors' distillation trainer (DistillTrainer, used by their DPT, DFT and SFT scripts) sets every
+    dropout of student and teacher to 0; the LLaVA recipe keeps LLaVA-1.5's 0.05; --lora-dropout overrides."""
+    argv = ["--stage", stage, *(["--lora-dropout", flag] if flag else [])]
+    args = train.get_parser().parse_args(argv)
+    args.lora_r, args.lora_alpha = 4, 8
+    model = M.from_preset("student", tokenizer)
+    assert train.set_trainable(model, args) == "adapter+lora"
+    drops = [m.lora_dropout["default"] for m in model.language_model.modules() if hasattr(m, "lora_dropout")]
+    assert drops and all((d.p if isinstance(d, torch.nn.Dropout) else 0.0) == want for d in drops)
+    with torch.no_grad():  # a trained LoRA (peft starts B at 0, where a dropped input changes nothing)
+        for m in model.language_model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B["default"].weight.normal_(0, 0.1)
+    model.train()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():  # no dropout: two training-mode forwards agree exactly
+        same = torch.equal(model(ids)["logits"], model(ids)["logits"])
+    assert same == (want == 0.0)
