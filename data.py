@@ -390,6 +390,10 @@ def llava_to_messages(sample):
         messages.append({"role": role, "content": value})
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"sample {sid}: no gpt (assistant) turn")
+    first = next(k for k, m in enumerate(messages) if m["role"] != "system")
+    if messages[first]["role"] != "user":  # an answer to no question (LLaVA drops such a turn silently)
+        raise ValueError(f"sample {sid}: the conversation starts with a {convs[first]['from']} turn (turn {first}), "
+                         "not a human turn")
     if n_image > 1:
         raise ValueError(f"sample {sid}: '{IMAGE_TOKEN}' occurs {n_image} times (at most once)")
     if n_image == 1 and not sample.get("image"):
@@ -409,7 +413,13 @@ def check_image_field(sample):
                          f"supported")
 
 
-def load_llava_json(path):
+SKIP_SAMPLES_HINT = "pass --skip-bad-samples to skip and count such samples"
+
+
+def load_llava_json(path, check_images=True):
+    """The samples of a LLaVA-format JSON file (a list). Each sample's "image" is checked to be one file name
+    (check_image_field; an error names the file, the sample and --skip-bad-samples) unless `check_images` is
+    False: train.py --skip-bad-samples leaves such samples to the rendering, which skips and counts them."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -419,8 +429,11 @@ def load_llava_json(path):
         raise ValueError(f"{path}: not UTF-8 ({e}); JSON data files must be UTF-8") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of LLaVA samples, got {type(data).__name__}")
-    for s in data:
-        check_image_field(s)
+    for s in data if check_images else ():
+        try:
+            check_image_field(s)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e} ({SKIP_SAMPLES_HINT})") from None
     return data
 
 # -----------------------------------------------------------------------------
@@ -489,8 +502,23 @@ def _read_json_or_none(path):
         return None
 
 
+def shared_digest(share, rank=0, world_size=1, gather=None) -> str:
+    """A digest of items spread over the ranks, each rank hashing only its share: `share(r)` yields rank r's
+    items (bytes). The digest is the sum mod 2^256 of each item's sha256, so it does not depend on how the
+    items are split (an item's position, where it matters, is part of its bytes): the same for any world
+    size. `gather` (an all_gather of one Python object, distributed.gather_objects) collects the ranks'
+    sums; without it every rank hashes every share itself."""
+    def total(r):
+        return sum(int.from_bytes(hashlib.sha256(x).digest(), "big") for x in share(r)) % (1 << 256)
+    mine = total(rank)
+    if world_size > 1:
+        sums = gather(mine) if gather is not None else [mine if r == rank else total(r) for r in range(world_size)]
+        mine = sum(sums) % (1 << 256)
+    return f"{mine:064x}"
+
+
 def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=True, cache_dir=None, progress=True,
-                    stats=None, rank=0, world_size=1, barrier=None):
+                    stats=None, rank=0, world_size=1, barrier=None, gather=None, skip_bad_samples=False):
     """Check every sample's image BEFORE training (missing, unreadable, corrupt, not RGB), with a
     progress bar. The verdict is cached, so a second run over the same files does not decode them again.
     Returns (kept samples, bad list of (sample id, file, reason)). Bad images are an error naming the
@@ -504,15 +532,24 @@ def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=True, c
     Under DDP (`rank`, `world_size`, `barrier` = a callable that waits for every rank) each rank checks every
     world_size-th file and writes its part of the verdict next to the cache; after the barrier every rank
     merges all parts (checking itself any part it cannot see, e.g. without a shared file system), and rank 0
-    writes the merged cache. 1/world_size of the decoding per rank, and no rank idles at a barrier meanwhile."""
-    for s in samples:
-        check_image_field(s)
-    files = sorted({os.path.join(image_folder, s["image"]) for s in samples if isinstance(s, dict) and s.get("image")})
-    key = hashlib.sha256()
-    for f in files:
-        key.update(_file_key(f).encode())
+    writes the merged cache. 1/world_size of the decoding per rank, and no rank idles at a barrier meanwhile.
+    The cache key too: each rank stats and reads the head and tail of its share of the files only and `gather`
+    sums the ranks' digests (shared_digest; without `gather` every rank reads every file's).
+    A sample whose "image" is not one file name is an error (check_image_field), or with skip_bad_samples
+    (train.py --skip-bad-samples) kept unchecked: its rendering fails, and the dataset skips and counts it."""
+    malformed = set()
+    for i, s in enumerate(samples):
+        try:
+            check_image_field(s)
+        except ValueError as e:
+            if not skip_bad_samples:
+                raise ValueError(f"{e} ({SKIP_SAMPLES_HINT})") from None
+            malformed.add(i)
+    files = sorted({os.path.join(image_folder, s["image"]) for i, s in enumerate(samples)
+                    if i not in malformed and isinstance(s, dict) and s.get("image")})
+    key = shared_digest(lambda r: (_file_key(f).encode() for f in files[r::world_size]), rank, world_size, gather)
     cache_dir = default_cache_dir(cache_dir)
-    cache = os.path.join(cache_dir, f"images-{key.hexdigest()[:24]}.json")
+    cache = os.path.join(cache_dir, f"images-{key[:24]}.json")
 
     def part_path(r):
         return f"{cache}.part-{r}-of-{world_size}"
@@ -548,8 +585,9 @@ def validate_images(samples, image_folder, skip_bad=False, allow_non_rgb=True, c
             with contextlib.suppress(OSError):
                 os.remove(part_path(r))
     kept, bad, converted = [], [], 0
-    for s in samples:
-        f = os.path.join(image_folder, s["image"]) if isinstance(s, dict) and s.get("image") else None
+    for i, s in enumerate(samples):
+        f = os.path.join(image_folder, s["image"]) if i not in malformed and isinstance(s, dict) and s.get("image") \
+            else None
         reason = verdict.get(f) if f else None
         if reason and allow_non_rgb and reason.startswith("mode "):
             reason = None
@@ -588,6 +626,10 @@ def process_image(processor, pil):
 
 # -----------------------------------------------------------------------------
 # Dataset and collate
+
+
+def _sample_id(s):
+    return s.get("id", "<no id>") if isinstance(s, dict) else "<not a dict>"
 
 
 def _render_one(tokenizer, s, num_visual_tokens, image_token_id, system_prompt=None):
@@ -654,14 +696,23 @@ def render_samples(samples, tokenizer, num_visual_tokens, image_token_id, proces
 _RENDER_ARRAYS = ("ids", "sup", "offsets", "full_len", "need", "n_vis")
 
 
-def render_key(samples, tokenizer, num_visual_tokens, image_token_id, system_prompt=None) -> str:
-    """What the rendering depends on: the samples' content, the tokenizer (its full serialisation: vocabulary,
-    merges, normaliser, added tokens), its chat template and special tokens, the visual token count and id, and
-    the source of the rendering code itself (an edit to it re-renders)."""
-    import hashlib
+def render_key(samples, tokenizer, num_visual_tokens, image_token_id, system_prompt=None, rank=0, world_size=1,
+               gather=None) -> str:
+    """What the rendering depends on: the samples' content and order, the tokenizer (its full serialisation:
+    vocabulary, merges, normaliser, added tokens), its chat template and special tokens, the visual token count
+    and id, and the source of the rendering code itself (an edit to it re-renders). The samples are hashed one
+    by one with their index, each rank its contiguous shard (the one it would render), the ranks' digests summed
+    through `gather` (shared_digest): no rank serialises the whole data set. The key does not depend on the
+    world size."""
     import inspect
+    n = len(samples)
+
+    def shard(r):
+        lo, hi = n * r // world_size, n * (r + 1) // world_size
+        return (f"{i}\n".encode() + json.dumps(samples[i], sort_keys=True, ensure_ascii=False).encode()
+                for i in range(lo, hi))
     h = hashlib.sha256()
-    h.update(json.dumps(samples, sort_keys=True, ensure_ascii=False).encode())
+    h.update(f"{n} samples {shared_digest(shard, rank, world_size, gather)}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
     h.update(repr((type(tokenizer).__name__, tokenizer.chat_template, tokenizer.eos_token,
@@ -711,7 +762,7 @@ def _concat_renders(parts):
 
 
 def rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir=None, rank=0, world_size=1,
-             barrier=None, processes=0, progress=False, system_prompt=None):
+             barrier=None, processes=0, progress=False, system_prompt=None, gather=None):
     """render_samples through a cache on disk, `cache_dir`/render-KEY/ (render_key: samples, tokenizer, template,
     visual tokens, code), shared by ranks, stages and runs: a hit memory-maps the arrays (no rendering, and the
     pages are shared by the ranks and the DataLoader workers of a machine). A miss under DDP: rank r renders the
@@ -721,7 +772,7 @@ def rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir=No
     cache_dir = default_cache_dir(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, "render-" + render_key(samples, tokenizer, num_visual_tokens, image_token_id,
-                                                          system_prompt))
+                                                          system_prompt, rank, world_size, gather))
     hit = os.path.exists(path)
     n = len(samples)
     bounds = [n * r // world_size for r in range(world_size + 1)]
@@ -764,11 +815,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
     "supervised" mask (labels are the ids there), rows cut by offsets; __getitem__ expands them back.
     With `cache_dir` the rendering goes through `rendered` (a content-keyed cache on disk, shared by ranks,
     stages and runs, memory-mapped; rendering sharded over `rank`/`world_size` and `processes`); without it,
-    rendered in memory here."""
+    rendered in memory here. A malformed sample (llava_to_messages, the chat template) is an error naming it,
+    `source` (the data file) and --skip-bad-samples, or with skip_bad_samples=True left out and listed in
+    self.bad_samples as (id, reason)."""
 
     def __init__(self, samples, tokenizer, image_processor, image_folder, num_visual_tokens,
                  image_token_id, max_len, drop_overlong=False, progress=False, system_prompt=None, cache_dir=None,
-                 rank=0, world_size=1, barrier=None, processes=0):
+                 rank=0, world_size=1, barrier=None, processes=0, skip_bad_samples=False, source=None, gather=None):
         self.image_processor, self.image_folder = image_processor, image_folder
         self.num_visual_tokens, self.image_token_id, self.max_len = num_visual_tokens, image_token_id, max_len
         if cache_dir is None:
@@ -776,12 +829,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
                                             system_prompt)
         else:
             arrays, errors = rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir, rank,
-                                      world_size, barrier, processes, progress, system_prompt)
+                                      world_size, barrier, processes, progress, system_prompt, gather)
         need, full_len, n_vis = (np.asarray(arrays[k]) for k in ("need", "full_len", "n_vis"))
         over = np.flatnonzero((need > max_len) & (full_len > 0))  # full_len 0: an error row
         first_over = int(over[0]) if len(over) and not drop_overlong else len(samples)
-        if errors and min(errors) < first_over:  # the first problem in sample order, as when rendered one by one
-            raise ValueError(errors[min(errors)])
+        # malformed samples (rendering errors): (id, message), skipped with skip_bad_samples, else the first is raised
+        self.bad_samples = [(_sample_id(samples[j]), errors[j]) for j in sorted(errors)] if skip_bad_samples else []
+        if errors and not skip_bad_samples and min(errors) < first_over:  # the first problem in sample order
+            raise ValueError(f"{source + ': ' if source else ''}{errors[min(errors)]} ({SKIP_SAMPLES_HINT}; "
+                             "SupervisedDataset(skip_bad_samples=True) from Python)")
         if first_over < len(samples):
             j = first_over
             sid = samples[j].get("id", "<no id>")
@@ -790,7 +846,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                              f"or pass --drop-overlong to drop and count such samples "
                              f"(SupervisedDataset(drop_overlong=True) from Python)")
         self.dropped = [samples[j].get("id", "<no id>") for j in over]
-        self.index = np.flatnonzero(need <= max_len)  # rows of the rendering that are in the dataset
+        self.index = np.flatnonzero((need <= max_len) & (full_len > 0))  # rows of the rendering in the dataset
         self.samples = [samples[j] for j in self.index]
         self._ids, self._sup, self._offsets = arrays["ids"], arrays["sup"], arrays["offsets"]
         self._images = np.array([s.get("image") or "" for s in self.samples], dtype=str)  # no per-item objects

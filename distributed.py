@@ -65,6 +65,13 @@ def setup(device_flag: str, fsdp: bool = False) -> tuple:
     return rank, world, device, distributed
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (a small picklable value), in rank order: the data checks' digests (data.shared_digest)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # --fsdp: sharding, and whole tensors from shards
 

@@ -57,7 +57,7 @@ import evaluate as E
 import model as M
 import runs
 import vat
-from distributed import fsdp_shard, full_tensor, gather_state_dict, gathered, meta_copy
+from distributed import fsdp_shard, full_tensor, gather_objects, gather_state_dict, gathered, meta_copy
 from distributed import setup as dist_setup
 
 # -----------------------------------------------------------------------------
@@ -413,13 +413,16 @@ def build_data(args, stage):
     --cross-vocab each sample in the teacher's tokens too; VAT's layers (measured when `auto`); the sampler
     over the global batch and the DataLoader of this rank's micro-batches."""
     student, teacher, master, world = stage.student, stage.teacher, stage.master, stage.world
-    samples = data.load_llava_json(args.data)
-    barrier = dist.barrier if stage.distributed else None  # the image checks and the rendering are split over the ranks
+    skip_samples = getattr(args, "skip_bad_samples", False)
+    samples = data.load_llava_json(args.data, check_images=not skip_samples)
+    # the image checks, the rendering and their cache keys are split over the ranks
+    barrier, gather = (dist.barrier, gather_objects) if stage.distributed else (None, None)
     stage.image_stats = {}
     samples, stage.bad_images = data.validate_images(samples, args.image_folder, skip_bad=args.skip_bad_images,
                                                      allow_non_rgb=not args.strict_rgb,
                                                      progress=master and not args.quiet, stats=stage.image_stats,
-                                                     rank=stage.rank, world_size=world, barrier=barrier)
+                                                     rank=stage.rank, world_size=world, barrier=barrier, gather=gather,
+                                                     skip_bad_samples=skip_samples)
     stage.image_processor = M.image_processor_for(student, stage.base_processor)  # the checkpoint's own; pad or squash
     pad_id = data.pad_token_id(stage.tokenizer)
     num_workers = data.num_workers_for(args.num_workers, stage.device)
@@ -428,7 +431,9 @@ def build_data(args, stage):
                                      drop_overlong=args.drop_overlong, progress=master and not args.quiet,
                                      system_prompt=student.extra_config.get("system_prompt"),
                                      cache_dir=data.default_cache_dir(), rank=stage.rank, world_size=world,
-                                     barrier=barrier, processes=num_workers)
+                                     barrier=barrier, processes=num_workers, skip_bad_samples=skip_samples,
+                                     source=args.data, gather=gather)
+    stage.bad_samples = dataset.bad_samples
     stage.cross = bool(getattr(args, "cross_vocab", False) and teacher is not None)
     collate = None
     if stage.cross:  # the teacher reads the same conversation in its own tokens; L_KL pairs positions by text
@@ -436,6 +441,9 @@ def build_data(args, stage):
                                          student.extra_config.get("system_prompt"))
         collate = functools.partial(data.collate_cross_vocab, pad_token_id=pad_id,
                                     teacher_pad_token_id=data.pad_token_id(stage.teacher_tok))
+    if master and stage.bad_samples:
+        print(f"--skip-bad-samples: skipped {len(stage.bad_samples)} malformed sample(s) of {args.data}; first: "
+              + "; ".join(why for _, why in stage.bad_samples[:3]))
     if master and dataset.dropped:
         print(f"--drop-overlong: dropped {len(dataset.dropped)} of {len(dataset.dropped) + len(dataset)} samples of "
               f"{args.data} (image + first answer token longer than --max-len {args.max_len}; first ids "
@@ -599,6 +607,7 @@ def train_loop(args, stage):
     if master:  # one line per (re)start: what the data checks dropped, where the run starts
         runs.write_record(log_path, {"event": "start", "from_step": step, "samples": len(stage.dataset),
                                      "skipped_bad_images": len(stage.bad_images),
+                                     "skipped_bad_samples": len(stage.bad_samples),
                                      "dropped_overlong": len(stage.dataset.dropped),
                                      "converted_non_rgb": stage.image_stats.get("converted_non_rgb", 0)}, sinks)
     save = lambda: runs.checkpoint_all_ranks(args, student, optimizer, stage.scheduler, step,  # noqa: E731
@@ -705,6 +714,7 @@ def finish(args, stage):
         with open(os.path.join(args.out, "trainer_summary.json"), "w", encoding="utf-8") as f:
             json.dump({"steps": stage.step, "skipped_nonfinite": stage.skipped,
                        "dropped_overlong": len(stage.dataset.dropped), "skipped_bad_images": len(stage.bad_images),
+                       "skipped_bad_samples": len(stage.bad_samples),
                        "converted_non_rgb": stage.image_stats.get("converted_non_rgb", 0), "save_dtype": save_dtype,
                        "lora_dropout": lora_dropout(args),
                        **stage.meta, "args": vars(args),
@@ -873,6 +883,9 @@ def get_parser():
                    "answer token do not fit --max-len, instead of stopping with an error")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) samples whose image is "
                    "missing, unreadable or corrupt, instead of stopping before training")
+    p.add_argument("--skip-bad-samples", action="store_true", help="skip (and count) malformed samples (a "
+                   "conversation starting with a gpt turn, an empty answer, <image> in a text-only sample, ...) "
+                   "instead of stopping with an error that names the first one")
     p.add_argument("--strict-rgb", action="store_true", help="treat non-RGB images (grayscale, RGBA, ...) as bad "
                    "images; by default they are converted to RGB, as LLaVA does, and counted (converted_non_rgb)")
     p.add_argument("--allow-non-rgb", action="store_true", help="no-op, kept for old command lines: non-RGB images "

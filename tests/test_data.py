@@ -626,3 +626,87 @@ def test_image_checks_are_split_across_ranks_and_merged(world, tmp_path, monkeyp
     _as_ranks(3, lambda r, barrier: data.validate_images(samples, w, skip_bad=True, allow_non_rgb=False, cache_dir=cache, progress=False,
                                                          rank=r, world_size=3, barrier=barrier))
     assert checked == []
+
+
+def _thread_gathers(world_size):
+    """all_gather of one object between threads standing for ranks (distributed.gather_objects' contract)."""
+    import threading
+    slots, bar = [None] * world_size, threading.Barrier(world_size, timeout=120)
+
+    def make(r):
+        def gather(obj):
+            slots[r] = obj
+            bar.wait()
+            out = list(slots)
+            bar.wait()
+            return out
+        return gather
+    return [make(r) for r in range(world_size)]
+
+
+def test_cache_keys_cost_each_rank_its_share_only_and_do_not_depend_on_the_world_size(world, tmp_path, monkeypatch):
+    """Before the first cache lookup each rank used to stat and read 8 KiB of EVERY image (the verdict cache's key)
+    and serialise EVERY sample (the render cache's key). Now each rank reads its share of the files and
+    serialises its shard of the samples; the ranks' digests are summed, so 1, 2 or 3 ranks find the same caches."""
+    import threading
+    samples = read(os.path.join(world, "instruct.json"))[:60]
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    img = data.image_token_id(tok)
+    files = {os.path.join(world, s["image"]) for s in samples if s.get("image")}
+    cache = str(tmp_path / "c")
+    key1 = data.render_key(samples, tok, NV, img)
+    data.validate_images(samples, world, cache_dir=cache, progress=False)
+    data.SupervisedDataset(samples, tok, None, world, NV, img, 1000, cache_dir=cache)
+    assert len(os.listdir(cache)) == 2  # the verdict and the rendering of one process
+    reads, dumped = {}, {}
+    real_key, real_dumps = data._file_key, json.dumps
+    monkeypatch.setattr(data, "_file_key", lambda f, *a: reads.setdefault(threading.get_ident(), []).append(f)
+                        or real_key(f, *a))
+
+    def dumps(obj, *a, **k):
+        n = len(obj) if isinstance(obj, list) else 1 if isinstance(obj, dict) and "conversations" in obj else 0
+        dumped[threading.get_ident()] = dumped.get(threading.get_ident(), 0) + n
+        return real_dumps(obj, *a, **k)
+    monkeypatch.setattr(data.json, "dumps", dumps)
+    monkeypatch.setattr(data, "render_samples", lambda *a, **k: pytest.fail("the render cache missed"))
+    monkeypatch.setattr(data, "_check_image", lambda f: pytest.fail("the verdict cache missed"))
+    for world_size in (2, 3):
+        reads.clear()
+        dumped.clear()
+        gathers = _thread_gathers(world_size)
+        toks = [data.load_tokenizer(os.path.join(world, "tokenizer")) for _ in range(world_size)]
+
+        def rank(r, barrier):
+            kept, _ = data.validate_images(samples, world, cache_dir=cache, progress=False, rank=r,
+                                           world_size=world_size, barrier=barrier, gather=gathers[r])
+            key = data.render_key(kept, toks[r], NV, img, rank=r, world_size=world_size, gather=gathers[r])
+            ds = data.SupervisedDataset(kept, toks[r], None, world, NV, img, 1000, cache_dir=cache, rank=r,
+                                        world_size=world_size, barrier=barrier, gather=gathers[r])
+            return key, len(ds)
+        got = _as_ranks(world_size, rank)
+        assert got == [(key1, len(samples))] * world_size
+        assert sorted(f for fs in reads.values() for f in fs) == sorted(files)  # each file read by one rank
+        assert all(len(fs) <= -(-len(files) // world_size) for fs in reads.values())
+        # each rank serialises its shard twice (render_key above, and inside the dataset), never everything
+        assert sum(dumped.values()) == 2 * len(samples) and max(dumped.values()) <= 2 * -(-len(samples) // world_size)
+    assert len(os.listdir(cache)) == 2
+
+
+def test_skip_bad_samples_leaves_out_and_lists_malformed_samples(world, tok):
+    """SupervisedDataset(skip_bad_samples=True) leaves malformed samples out and lists them as (id, reason); without
+    it the first one is an error naming the sample, the data file (`source`) and --skip-bad-samples. A gpt turn
+    first is malformed even when a system prompt goes before it (it rendered silently, before)."""
+    img = data.image_token_id(tok)
+    good = read(os.path.join(world, "instruct.json"))[:6]
+    gpt_first = {"id": "gpt_first", "conversations": conv(("gpt", "red"), ("human", "q?"), ("gpt", "blue"))}
+    empty = {"id": "empty", "conversations": conv(("human", "q?"), ("gpt", ""))}
+    samples = good[:2] + [gpt_first] + good[2:] + [empty]
+    with pytest.raises(ValueError, match=r"train\.json: sample gpt_first: the conversation starts with a gpt turn "
+                                         r"\(turn 0\).*--skip-bad-samples"):
+        data.SupervisedDataset(samples, tok, None, world, NV, img, 1000, system_prompt="be brief", source="train.json")
+    ds = data.SupervisedDataset(samples, tok, None, world, NV, img, 1000, system_prompt="be brief",
+                                skip_bad_samples=True)
+    assert [sid for sid, _ in ds.bad_samples] == ["gpt_first", "empty"] and "empty answer" in ds.bad_samples[1][1]
+    assert len(ds) == len(good) and ds.samples == good
+    ref = data.SupervisedDataset(good, tok, None, world, NV, img, 1000, system_prompt="be brief")
+    _same_dataset(ref, ds)

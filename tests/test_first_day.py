@@ -424,3 +424,40 @@ def test_system_prompt_replaces_the_templates_default_in_training_and_evaluation
     ds = data.SupervisedDataset(data.load_llava_json(os.path.join(world, "instruct.json"))[:2], tok2, None, world,
                                 16, img, 256, system_prompt="Be brief.")
     assert "Be brief." in tok2.decode(ds.tokens(0)[0])
+
+
+def test_malformed_samples_stop_naming_the_file_or_are_skipped_and_counted(world, tmp_path, monkeypatch):
+    """A conversation starting with a gpt turn (rendered silently once a system prompt is prepended, before),
+    an empty answer, <image> in a text-only sample, a multi-image sample: without --skip-bad-samples the first
+    one stops the run with its id, the data file and the flag; with it they are skipped and counted in the start
+    line and trainer_summary.json, and the run trains on the rest."""
+    monkeypatch.setenv("COMPODISTILL_CACHE", str(tmp_path / "cache"))
+    samples = data.load_llava_json(os.path.join(world, "instruct.json"))
+    text = next(s for s in samples if not s.get("image"))
+    bad = [{"id": "gpt_first", "conversations": [{"from": "gpt", "value": "red"}, {"from": "human", "value": "q?"},
+                                                 {"from": "gpt", "value": "blue"}]},
+           {"id": "empty", "conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "  "}]},
+           {"id": "image_in_text", "conversations": [{"from": "human", "value": "<image>\nq?"},
+                                                     {"from": "gpt", "value": "red"}]},
+           {"id": "two_images", "image": ["a.png", "b.png"], "conversations": text["conversations"]}]
+    path = str(tmp_path / "mixed.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(samples[:5] + bad[:1] + samples[5:] + bad[1:], f)
+    args = _args(world, str(tmp_path / "run"), "--max-steps", "1", "--system-prompt", "be brief")
+    args[args.index("--data") + 1] = path
+    with pytest.raises(ValueError, match=r"mixed\.json: sample two_images: 'image' must be one file name.*--skip-bad-samples"):
+        train.main(args)
+    no_list = str(tmp_path / "no_list.json")
+    with open(no_list, "w", encoding="utf-8") as f:
+        json.dump(samples[:5] + bad[:1] + samples[5:] + bad[1:3], f)
+    args[args.index("--data") + 1] = no_list
+    with pytest.raises(ValueError, match=r"no_list\.json: sample gpt_first: the conversation starts with a gpt turn.*"
+                                         r"--skip-bad-samples"):
+        train.main(args)
+    args[args.index("--data") + 1] = path
+    out = str(tmp_path / "skip")
+    args[args.index("--out") + 1] = out
+    train.main([*args, "--skip-bad-samples"])
+    summary = json.load(open(os.path.join(out, "trainer_summary.json")))
+    assert summary["skipped_bad_samples"] == 4 and _log(out)[0]["skipped_bad_samples"] == 4
+    assert _log(out)[0]["samples"] == len(samples)
