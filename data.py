@@ -624,6 +624,16 @@ def _file_key(path, span=4096):
 def process_image(processor, pil):
     return processor(images=pil, return_tensors="pt")["pixel_values"][0].float()
 
+
+def same_processing(a, b) -> bool:
+    """Whether two image processors give the same pixels: both run on one non-square probe image (where pad
+    and squash, or two sizes or normalisations, differ) and compared exactly."""
+    if a is b:
+        return True
+    probe = Image.fromarray(np.arange(37 * 23 * 3, dtype=np.uint8).reshape(23, 37, 3) * 7 % 251, mode="RGB")
+    x, y = process_image(a, probe), process_image(b, probe)
+    return x.shape == y.shape and torch.equal(x, y)
+
 # -----------------------------------------------------------------------------
 # Dataset and collate
 
@@ -815,14 +825,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
     "supervised" mask (labels are the ids there), rows cut by offsets; __getitem__ expands them back.
     With `cache_dir` the rendering goes through `rendered` (a content-keyed cache on disk, shared by ranks,
     stages and runs, memory-mapped; rendering sharded over `rank`/`world_size` and `processes`); without it,
-    rendered in memory here. A malformed sample (llava_to_messages, the chat template) is an error naming it,
+    rendered in memory here. `teacher_image_processor`: a teacher that processes images otherwise (pad vs
+    squash, its own preprocessor config) gets its own "teacher_pixel_values" from the same decoded image.
+    A malformed sample (llava_to_messages, the chat template) is an error naming it,
     `source` (the data file) and --skip-bad-samples, or with skip_bad_samples=True left out and listed in
     self.bad_samples as (id, reason)."""
 
     def __init__(self, samples, tokenizer, image_processor, image_folder, num_visual_tokens,
                  image_token_id, max_len, drop_overlong=False, progress=False, system_prompt=None, cache_dir=None,
-                 rank=0, world_size=1, barrier=None, processes=0, skip_bad_samples=False, source=None, gather=None):
+                 rank=0, world_size=1, barrier=None, processes=0, skip_bad_samples=False, source=None, gather=None,
+                 teacher_image_processor=None):
         self.image_processor, self.image_folder = image_processor, image_folder
+        self.teacher_image_processor = teacher_image_processor
         self.num_visual_tokens, self.image_token_id, self.max_len = num_visual_tokens, image_token_id, max_len
         if cache_dir is None:
             arrays, errors = render_samples(samples, tokenizer, num_visual_tokens, image_token_id, processes, progress,
@@ -876,26 +890,35 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image = str(self._images[i])
-        pixel_values = None
+        pixel_values = teacher_pixel_values = None
         if image:
             if self.image_processor is None:
                 raise ValueError(f"sample {self._sample_ids[i]}: has an image but the dataset has no image processor")
-            pixel_values = process_image(self.image_processor, load_image(os.path.join(self.image_folder, image)))
+            pil = load_image(os.path.join(self.image_folder, image))
+            pixel_values = process_image(self.image_processor, pil)
+            if self.teacher_image_processor is not None:
+                teacher_pixel_values = process_image(self.teacher_image_processor, pil)
         ids, labels = self.tokens(i)
-        return {"id": self._sample_ids[i], "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+        item = {"id": self._sample_ids[i], "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "pixel_values": pixel_values}
+        if self.teacher_image_processor is not None:  # the teacher's own processing (train.py, docs/training.md)
+            item["teacher_pixel_values"] = teacher_pixel_values
+        return item
 
 
 class CrossVocabDataset(torch.utils.data.Dataset):
     """Cross-vocabulary distillation (train.py --cross-vocab): the items of `student` (a SupervisedDataset)
     with the teacher tokenizer's rendering of the same conversation, "teacher_input_ids" /
-    "teacher_labels", and "pairs" (P, 2): the (student, teacher) positions of supervised tokens that end at
+    "teacher_labels" (with the teacher's own system prompt, `teacher_system_prompt`), and "pairs" (P, 2): the
+    (student, teacher) positions of supervised tokens that end at
     the same character of an assistant turn (answer_char_keys / aligned_pairs), both within max_len.
     Rendered per item. The visual tokens correspond one to one (same vision encoder, same count)."""
 
-    def __init__(self, student, student_tokenizer, teacher_tokenizer, teacher_image_token_id, system_prompt=None):
+    def __init__(self, student, student_tokenizer, teacher_tokenizer, teacher_image_token_id, system_prompt=None,
+                 teacher_system_prompt=None):
         self.student, self.tok_s, self.tok_t = student, student_tokenizer, teacher_tokenizer
         self.image_token_t, self.system_prompt = teacher_image_token_id, system_prompt
+        self.teacher_system_prompt = teacher_system_prompt  # each model reads the prompt it was trained with
         self.samples, self.lengths, self.dropped = student.samples, student.lengths, student.dropped
 
     def __len__(self):
@@ -911,7 +934,7 @@ class CrossVocabDataset(torch.utils.data.Dataset):
         if ids_s[:max_len] != item["input_ids"].tolist():
             raise ValueError(f"sample {sid}: the student's rendering with offsets differs from the dataset's")
         ids_t, labels_t, keys_t = answer_char_keys(self.tok_t, with_system_prompt(self.tok_t, messages,
-                                                                                   self.system_prompt),
+                                                                                   self.teacher_system_prompt),
                                                    n_vis, self.image_token_t, sid)
         vis_t = [j for j, t in enumerate(ids_t) if t == self.image_token_t]
         if vis_t and vis_t[-1] >= max_len:
@@ -962,14 +985,21 @@ def collate(batch, pad_token_id):
         input_ids[i, :n] = b["input_ids"]
         labels[i, :n] = b["labels"]
         attention_mask[i, :n] = 1
-    pix = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
-    pixel_values = None
-    if pix:  # in a DataLoader worker, stacked straight into shared memory (as torch's default_collate does)
-        shared = torch.utils.data.get_worker_info() is not None
-        out = torch.empty((len(pix), *pix[0].shape), dtype=pix[0].dtype)
-        pixel_values = torch.stack(pix, out=out.share_memory_() if shared else out)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": pixel_values, "ids": [b.get("id") for b in batch]}
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+           "pixel_values": _stack_images(batch, "pixel_values"), "ids": [b.get("id") for b in batch]}
+    if any("teacher_pixel_values" in b for b in batch):  # the teacher's own image processing
+        out["teacher_pixel_values"] = _stack_images(batch, "teacher_pixel_values")
+    return out
+
+
+def _stack_images(batch, key):
+    pix = [b[key] for b in batch if b.get(key) is not None]
+    if not pix:
+        return None
+    # in a DataLoader worker, stacked straight into shared memory (as torch's default_collate does)
+    shared = torch.utils.data.get_worker_info() is not None
+    out = torch.empty((len(pix), *pix[0].shape), dtype=pix[0].dtype)
+    return torch.stack(pix, out=out.share_memory_() if shared else out)
 
 # -----------------------------------------------------------------------------
 # Global-batch sampler (DDP: each rank takes a contiguous share of the same global batch)

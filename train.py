@@ -279,12 +279,16 @@ def set_trainable(model: M.MultimodalLM, args):
 
 def load_teacher(args, device, student_tok, student: M.MultimodalLM, dtype=None):
     """The teacher: frozen, eval mode, bf16 on CUDA (`dtype`, default: bf16 when `device` is CUDA), never
-    wrapped in DDP (sharded like the student under --fsdp). -> (teacher, its tokenizer).
+    wrapped in DDP (sharded like the student under --fsdp). -> (teacher, its tokenizer, its image processor:
+    its own preprocessor config and recorded --image-aspect-ratio, which build_data gives the teacher).
+    The teacher reads each sample as it was trained to: a system prompt it recorded that differs from the
+    student's is an error (the ids, hence L_KL's positions, would differ), unless --cross-vocab, where the
+    teacher renders every sample itself with its own prompt (data.CrossVocabDataset).
     Its tokenizer must be the student's (logit KD compares token by token), unless --cross-vocab, where it
     may be any: L_KL becomes ULD over text-aligned positions; the visual tokens must still correspond one
     to one (the same vision encoder, the same count)."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else None)
-    teacher, teacher_tok, _ = M.load_any(args.teacher, device=device, dtype=dtype,
+    teacher, teacher_tok, teacher_proc = M.load_any(args.teacher, device=device, dtype=dtype,
                                          trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer,
                                          vision_feature_layer=getattr(args, "vision_feature_layer", None),
                                          vision_feature_select_strategy=getattr(args, "vision_feature_select_strategy", None))
@@ -294,13 +298,24 @@ def load_teacher(args, device, student_tok, student: M.MultimodalLM, dtype=None)
             raise ValueError(f"--cross-vocab: the teacher ({args.teacher}) gives {teacher.num_visual_tokens} visual "
                              f"tokens per image, the student {student.num_visual_tokens}; they must share the vision "
                              "encoder (and TAF needs it anyway)")
-        return teacher, teacher_tok
+        return teacher, teacher_tok, teacher_proc
+    s_prompt, t_prompt = (m.extra_config.get("system_prompt") for m in (student, teacher))
+    if s_prompt != t_prompt:  # L_KL compares position by position: both must read the same ids
+        raise ValueError(f"the teacher ({args.teacher}) was trained with system prompt {_prompt_name(t_prompt)}, the "
+                         f"student reads {_prompt_name(s_prompt)} (--system-prompt, or what --init recorded): the "
+                         "teacher would distil from a prompt it never saw. Pass --system-prompt with the teacher's, or "
+                         "--cross-vocab to let the teacher read its own rendering (L_KL then pairs positions by text, "
+                         "as ULD; docs/training.md)")
     data.check_tokenizers_agree(student_tok, teacher_tok)
     V = student.language_model.get_output_embeddings().weight.shape[0]
     Vt = teacher.language_model.get_output_embeddings().weight.shape[0]
     if Vt < V:
         raise ValueError(f"the teacher's LM head has {Vt} rows, fewer than the student's {V}")
-    return teacher, teacher_tok
+    return teacher, teacher_tok, teacher_proc
+
+
+def _prompt_name(prompt) -> str:
+    return "the chat template's default (none recorded)" if prompt is None else repr(prompt)
 
 
 def apply_taf(student: M.MultimodalLM, teacher: M.MultimodalLM):
@@ -384,8 +399,9 @@ def build_models(args, stage):
     if stage.distill:
         if not args.teacher:
             raise ValueError(f"--stage {args.stage} needs --teacher DIR")
-        teacher, teacher_tok = load_teacher(args, torch.device("cpu") if fsdp else device, tokenizer, student,
-                                            dtype=torch.bfloat16 if device.type == "cuda" else None)
+        teacher, teacher_tok, stage.teacher_processor = load_teacher(
+            args, torch.device("cpu") if fsdp else device, tokenizer, student,
+            dtype=torch.bfloat16 if device.type == "cuda" else None)
         if args.taf and student.extra_config.get("projector") != "taf":
             apply_taf(student, teacher)
     stage.trainable_kind = set_trainable(student, args)
@@ -424,6 +440,13 @@ def build_data(args, stage):
                                                      rank=stage.rank, world_size=world, barrier=barrier, gather=gather,
                                                      skip_bad_samples=skip_samples)
     stage.image_processor = M.image_processor_for(student, stage.base_processor)  # the checkpoint's own; pad or squash
+    teacher_proc = getattr(stage, "teacher_processor", None)  # the teacher's own, where it processes otherwise
+    if teacher_proc is not None and data.same_processing(teacher_proc, stage.image_processor):
+        teacher_proc = None
+    elif teacher_proc is not None and master:
+        print(f"the teacher processes images as it was trained to (image_aspect_ratio "
+              f"{teacher.extra_config.get('image_aspect_ratio') or 'squash'}, its own processor), the student as "
+              f"{student.extra_config.get('image_aspect_ratio') or 'squash'}: each sample's image is processed twice")
     pad_id = data.pad_token_id(stage.tokenizer)
     num_workers = data.num_workers_for(args.num_workers, stage.device)
     dataset = data.SupervisedDataset(samples, stage.tokenizer, stage.image_processor, args.image_folder,
@@ -432,13 +455,14 @@ def build_data(args, stage):
                                      system_prompt=student.extra_config.get("system_prompt"),
                                      cache_dir=data.default_cache_dir(), rank=stage.rank, world_size=world,
                                      barrier=barrier, processes=num_workers, skip_bad_samples=skip_samples,
-                                     source=args.data, gather=gather)
+                                     source=args.data, gather=gather, teacher_image_processor=teacher_proc)
     stage.bad_samples = dataset.bad_samples
     stage.cross = bool(getattr(args, "cross_vocab", False) and teacher is not None)
     collate = None
     if stage.cross:  # the teacher reads the same conversation in its own tokens; L_KL pairs positions by text
         dataset = data.CrossVocabDataset(dataset, stage.tokenizer, stage.teacher_tok, teacher.image_token_id,
-                                         student.extra_config.get("system_prompt"))
+                                         student.extra_config.get("system_prompt"),
+                                         teacher.extra_config.get("system_prompt"))
         collate = functools.partial(data.collate_cross_vocab, pad_token_id=pad_id,
                                     teacher_pad_token_id=data.pad_token_id(stage.teacher_tok))
     if master and stage.bad_samples:
@@ -530,6 +554,12 @@ def capture(mllm, layers, ids, mask, args, image_token_id):
                                         rows=vat_rows(args), headwise=args.vat_headwise)
 
 
+def teacher_pixels(b):
+    """The images as the teacher was trained to see them: its own processing where it differs from the
+    student's ("teacher_pixel_values", build_data), else the student's."""
+    return b["teacher_pixel_values"] if "teacher_pixel_values" in b else b["pixel_values"]
+
+
 def distill_losses(args, stage, model, b, n_tok, n_vis, n_pairs):
     """The core step on one micro-batch `b` (docs/method.md sections 3-5): the teacher's forward with its visual
     attention captured (no gradient), the student's forward with its own captured, and the three losses
@@ -549,7 +579,7 @@ def distill_losses(args, stage, model, b, n_tok, n_vis, n_pairs):
                          else (b["input_ids"], b["attention_mask"]))
         with torch.no_grad():
             with capture(teacher, cfg and cfg["t_layers"], t_ids, t_mask, args, teacher.image_token_id) as t_maps:
-                t_out = teacher(t_ids, t_mask, b["pixel_values"], return_hidden=True)
+                t_out = teacher(t_ids, t_mask, teacher_pixels(b), return_hidden=True)
             teacher_bad = int(not torch.isfinite(t_out["hidden"]).all())
     with capture(student, cfg and cfg["s_layers"], b["input_ids"], b["attention_mask"], args,
                  student.image_token_id) as s_maps:
@@ -758,7 +788,8 @@ def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta
                         [dataset[i] for i in idx[j:j + micro]])
                     ids, mask = ((b["teacher_input_ids"], b["teacher_attention_mask"]) if "pairs" in b and
                                  who == "teacher" else (b["input_ids"], b["attention_mask"]))
-                    yield ids, mask, b["pixel_values"].to(device), None
+                    pix = teacher_pixels(b) if who == "teacher" else b["pixel_values"]
+                    yield ids, mask, pix.to(device), None
             auto = {"samples": len(idx)}
             for who, mllm, spec in (("student", student, s_spec), ("teacher", teacher, t_spec)):
                 if spec == "auto":

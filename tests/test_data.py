@@ -247,6 +247,8 @@ def conv(*turns):
      "'image' must be one file name.*list"),
     ({"id": "x11", "image": 7, "conversations": conv(("human", "<image>\nhi"), ("gpt", "a"))},
      "'image' must be one file name.*int"),
+    ({"id": "x12", "conversations": conv(("system", "s"), ("gpt", "a"), ("human", "hi"), ("gpt", "b"))},
+     "starts with a gpt turn"),
 ])
 def test_malformed_samples(sample, msg):
     with pytest.raises(ValueError, match=msg) as e:

@@ -391,3 +391,72 @@ def test_lora_dropout_is_off_in_the_distillation_stages_by_default(tokenizer, st
     with torch.no_grad():  # no dropout: two training-mode forwards agree exactly
         same = torch.equal(model(ids)["logits"], model(ids)["logits"])
     assert same == (want == 0.0)
+
+
+def test_the_teacher_reads_images_and_prompts_as_it_was_trained_to(setup, tmp_path, monkeypatch):
+    """A teacher recorded with --image-aspect-ratio pad and its own --system-prompt, a student that squashes:
+    the teacher sees its images padded to a square (built here by hand: LLaVA's expand2square with the
+    processor's mean colour), the student its own squashed ones. A student with another system prompt is
+    refused naming both prompts and the flags, unless --cross-vocab, where the teacher reads its own rendering.
+    (Before, the teacher silently saw the student's pixels and ids.)"""
+    from PIL import Image
+    world, teacher, root = setup
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    img_id = data.image_token_id(tok)
+    samples = [s for s in data.load_llava_json(os.path.join(world, "instruct.json")) if s.get("image")][:8]
+    os.makedirs(tmp_path / "images")
+    for s in samples:  # non-square images: where pad and squash differ
+        Image.open(os.path.join(world, s["image"])).convert("RGB").crop((0, 0, 64, 40)).save(tmp_path / s["image"])
+    with open(tmp_path / "wide.json", "w", encoding="utf-8") as f:
+        json.dump(samples, f)
+    te, te_tok, _ = M.load_pretrained(teacher)
+    prompt = "You are the teacher."
+    te.extra_config.update(image_aspect_ratio="pad", system_prompt=prompt)
+    M.save_pretrained(te, str(tmp_path / "teacher"), te_tok)
+    base = M.make_image_processor(te.vision_tower.config)
+    mean = tuple(int(round(x * 255)) for x in base.image_mean)
+
+    def by_hand(pil, pad):
+        if pad:
+            canvas = Image.new("RGB", (64, 64), mean)
+            canvas.paste(pil, (0, 12))
+            pil = canvas
+        return base(images=pil, return_tensors="pt")["pixel_values"][0]
+    pils = [Image.open(tmp_path / s["image"]).convert("RGB") for s in samples]
+    padded, squashed = [by_hand(p, True) for p in pils], [by_hand(p, False) for p in pils]
+    seen = []
+    real_forward = M.MultimodalLM.forward
+
+    def spy(self, input_ids, attention_mask=None, pixel_values=None, *a, **k):
+        seen.append((self.d_llm, input_ids.clone(), attention_mask.clone(), pixel_values.clone()))
+        return real_forward(self, input_ids, attention_mask, pixel_values, *a, **k)
+    monkeypatch.setattr(M.MultimodalLM, "forward", spy)
+    args = _stage_args(world, str(tmp_path / "teacher"), str(tmp_path / "s1"))
+    args[args.index("--data") + 1] = str(tmp_path / "wide.json")
+    args[args.index("--image-folder") + 1] = str(tmp_path)
+    train.main(["--stage", "1", "--max-steps", "1", "--system-prompt", prompt, *args])
+    d_t = M.PRESETS["teacher"]["hidden_size"]
+    assert {d for d, *_ in seen} == {d_t, M.PRESETS["student"]["hidden_size"]}
+    for d, _, _, pix in seen:
+        for row in pix:
+            want, other = (padded, squashed) if d == d_t else (squashed, padded)
+            assert any(torch.allclose(row, w, atol=1e-6) for w in want)
+            assert not any(torch.allclose(row, w, atol=1e-3) for w in other)
+    # another system prompt: refused, naming both and the flags
+    args[args.index("--out") + 1] = str(tmp_path / "refused")
+    with pytest.raises(ValueError, match=r"(?s)system prompt 'You are the teacher\.'.*'be brief'.*--system-prompt"
+                                         r".*--cross-vocab"):
+        train.main(["--stage", "1", "--max-steps", "1", "--system-prompt", "be brief", *args])
+    # --cross-vocab: the teacher renders each sample with its own prompt
+    seen.clear()
+    args[args.index("--out") + 1] = str(tmp_path / "cross")
+    train.main(["--stage", "1", "--max-steps", "1", "--system-prompt", "be brief", "--cross-vocab", *args])
+
+    def rendering(p):
+        return {tuple(data.render_conversation(tok, data.with_system_prompt(tok, data.llava_to_messages(s), p), 16,
+                                               img_id)[0][:256]) for s in samples}
+    teacher_ids, student_ids = rendering(prompt), rendering("be brief")
+    assert teacher_ids.isdisjoint(student_ids)
+    for d, ids, mask, _ in seen:
+        rows = {tuple(r[m.bool()].tolist()) for r, m in zip(ids, mask)}
+        assert rows <= (teacher_ids if d == d_t else student_ids)
