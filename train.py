@@ -363,8 +363,11 @@ def run_stage(args) -> str:
     it builds, the loop reads it. Returns the stage's output directory (args.out)."""
     stage = set_up(args)                # processes, device, seeds; --out prepared
     build_models(args, stage)           # student (+ TAF, trainable set, LoRA), teacher, sharded or on device
+    stage.peak_gib = {"load": runs.peak_memory(stage.distributed, stage.device)}  # the phase's peak, every rank
     build_data(args, stage)             # checked samples, the rendered dataset, VAT's layers, the sampler
+    stage.peak_gib["data"] = runs.peak_memory(stage.distributed, stage.device)
     build_optimizer(args, stage)        # AdamW + cosine schedule; resumes a checkpoint, or starts the log
+    stage.peak_gib["optimizer"] = runs.peak_memory(stage.distributed, stage.device)  # with a resumed checkpoint
     train_loop(args, stage)             # the one loop
     finish(args, stage)                 # the full model, LoRA merged, + trainer_summary.json
     return args.out
@@ -639,7 +642,8 @@ def train_loop(args, stage):
                                      "skipped_bad_images": len(stage.bad_images),
                                      "skipped_bad_samples": len(stage.bad_samples),
                                      "dropped_overlong": len(stage.dataset.dropped),
-                                     "converted_non_rgb": stage.image_stats.get("converted_non_rgb", 0)}, sinks)
+                                     "converted_non_rgb": stage.image_stats.get("converted_non_rgb", 0),
+                                     "peak_gib": stage.peak_gib}, sinks)
     save = lambda: runs.checkpoint_all_ranks(args, student, optimizer, stage.scheduler, step,  # noqa: E731
                                              stage.steps_per_epoch, stage.meta, distributed, master)
     student.train()
@@ -689,28 +693,38 @@ def train_loop(args, stage):
             if not finite and bad_in_a_row >= args.max_nonfinite:
                 raise FloatingPointError(runs.nonfinite_message(args, step, bad_in_a_row, stats,
                                                                 stage.last_checkpoint))
-            if master and (step % args.log_every == 0 or step == total_steps):
+            logging = step % args.log_every == 0 or step == total_steps
+            peaks = runs.peak_memory(distributed, device) if logging else None  # since the last record, every rank
+            if master and logging:
                 dt = time.time() - t_last - paused
                 rec = {"step": step, "loss": round(args.w_lm * stats[0].item() + args.w_kl * stats[1].item()
                                                     + stage.w_vat * stats[2].item(), 6),
                        "lm": stats[0].item(), "kd": stats[1].item(), "vat": stats[2].item(),
                        "lr": lr, "grad_norm": stats[3].item(), "tokens_per_s": tokens_since * world / max(dt, 1e-9),
-                       "skipped": stage.skipped, **({"kd_pairs": int(n_pairs)} if stage.cross else {})}
+                       "skipped": stage.skipped, **({"kd_pairs": int(n_pairs)} if stage.cross else {}),
+                       "peak_gib": peaks}
                 runs.write_record(log_path, rec, sinks)
                 pbar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.4f}")
                 t_last, tokens_since, paused = time.time(), 0, 0.0
             t_pause = time.time()
-            if val_items is not None and (step % args.eval_every == 0 or step == total_steps):
-                with gathered(student) if fsdp else contextlib.nullcontext():  # --fsdp: every rank runs it
-                    rec = {"step": step, **E.validate_cr(student, stage.tokenizer, stage.image_processor, val_items,
-                                                          device)}
+            if args.eval_sugarcrepe and args.eval_every and (step % args.eval_every == 0 or step == total_steps):
+                if val_items is not None:
+                    with gathered(student) if fsdp else contextlib.nullcontext():  # --fsdp: every rank runs it
+                        rec = {"step": step, **E.validate_cr(student, stage.tokenizer, stage.image_processor,
+                                                              val_items, device)}
+                peaks = runs.peak_memory(distributed, device)
                 if master:
-                    runs.write_record(log_path, rec, sinks)
+                    runs.write_record(log_path, {**rec, "peak_gib": peaks}, sinks)
                     pbar.set_postfix(val_cr=f"{rec['val_cr']:.1f}")
             # never while a non-finite streak is open: those weights are what the streak is about
             if args.save_every and step % args.save_every == 0 and step < total_steps and bad_in_a_row == 0:
+                t_save = time.time()
                 save()
                 stage.last_checkpoint = step
+                peaks = runs.peak_memory(distributed, device)
+                if master:
+                    runs.write_record(log_path, {"event": "checkpoint", "at_step": step, "peak_gib": peaks,
+                                                 "seconds": round(time.time() - t_save, 3)}, sinks)
             paused += time.time() - t_pause
             if stats[4] > 0 and step < total_steps:  # SIGTERM on some rank: this step is done; save it, stop
                 runs.sigterm_stop(args, step, bad_in_a_row, stage.last_checkpoint, save, master)
