@@ -39,7 +39,8 @@ import shapes
 # The pre-registered design (docs/verdict.md)
 
 BENCHMARK_SEED = 4040            # the fresh held-out set's seed: its scenes come from random.Random("4040-verdict-test")
-BENCHMARK = dict(n_sugarcrepe=300, n_vqa=900)   # 3x the old held-out set's 100 a subset / 300 questions
+BENCHMARK = dict(n_sugarcrepe=200, n_vqa=600)   # twice the old held-out set's 100 a subset / 300 questions
+ANALYSIS_LIMIT = 100             # the misalignment analysis: the first 100 held-out items of each subset
 SEEDS = (20, 21, 22, 23, 24, 25)  # the students' train.py seeds; no student was trained at these before
 THREADS = 1
 IMAGE_ID_BASE = 3 * 10 ** 6      # the old held-out set's image ids start at 10**6, validation's at 2 * 10**6
@@ -221,15 +222,16 @@ def object_share(model_dir: str, bench_dir: str, layers=None) -> dict:
             "chance": 1.0 / mllm.num_visual_tokens, "n_requests": len(requests)}
 
 
-def misalignment(teacher: str, student: str, bench_dir: str, batch_size: int = 32) -> dict:
+def misalignment(teacher: str, student: str, bench_dir: str, batch_size: int = 32, limit: int | None = ANALYSIS_LIMIT) -> dict:
     """The paper's misalignment analysis for one student on a benchmark in the shapes layout (bench_dir with
-    sugarcrepe/, layer_probe.jsonl): every SugarCrepe item asked once with the true caption as (A)
-    (attention.attention_items), the student's greedy answer (evaluate.py) says right or wrong; per item the
+    sugarcrepe/, layer_probe.jsonl): the first `limit` SugarCrepe items of each subset (None: all), each asked once
+    with the true caption as (A) (attention.attention_items), the student's greedy answer (evaluate.py) says right or wrong; per item the
     Eq. 3 cosine of the whole maps and of the answer row alone (attention.attention_distance), each split by
     correctness (attention.split_by_correctness), and the answer row's share on the named object in the
     student's aligned layers (object_share). Distances are 1 - cos averaged over the matched layers; "items" holds
     each item's answer and cosines (per matched layer)."""
-    items = attention.attention_items({"sugarcrepe": E.read_sugarcrepe(os.path.join(bench_dir, "sugarcrepe"))})
+    items = attention.attention_items({"sugarcrepe": E.read_sugarcrepe(os.path.join(bench_dir, "sugarcrepe"),
+                                                                        limit=limit)})
     requests = [it["request"] for it in items]
     gen, _ = E.make_model_fns(student, batch_size=64, max_new_tokens=8)  # demo.demo_evaluate's settings
     right = [it["judge"](a) for it, a in zip(items, E.ask(gen, requests))]
@@ -260,6 +262,7 @@ def quick_setup() -> dict:
     return {"budget": dict(demo.STUDENTS, batch=4, s1_steps=2, s2_steps=2, s3_steps=2, eval_every=1, eval_limit=1),
             "world_sizes": dict(n_pretrain=24, n_instruct=48, n_images=24, n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2,
                                 n_val_vqa=2, progress=False),
+            "text_sizes": dict(n_train=10, n_val=2),
             "text_recipes": {"student": text, "teacher": dict(text, phases=text["phases"] + ((("where", "relation"), 2),))},
             "image_recipe": dict(demo.IMAGE_FROM_TEXT, batch=4, adapter_steps=2, steps=2, vision_steps=2,
                                  vision_scenes=520),
@@ -270,7 +273,7 @@ def quick_setup() -> dict:
 def full_setup() -> dict:
     """The verdict's: the demo's world, the shipped recipes (what made assets/), the students' budget
     demo.STUDENTS unchanged, the held-out set at BENCHMARK's sizes."""
-    return {"budget": dict(demo.STUDENTS), "world_sizes": None, "text_recipes": dict(demo.TEXT_RECIPES),
+    return {"budget": dict(demo.STUDENTS), "world_sizes": None, "text_sizes": None, "text_recipes": dict(demo.TEXT_RECIPES),
             "image_recipe": dict(demo.IMAGE_FROM_TEXT), "teacher_recipe": dict(demo.TEACHER_IMAGE),
             "benchmark": dict(seed=BENCHMARK_SEED, **BENCHMARK)}
 
@@ -298,7 +301,7 @@ def draw(args) -> dict:
                 _json_roundtrip(setup):
             raise SystemExit(f"{root} was set up with other settings ({path}); give verdict.py another --out")
     t0 = time.time()
-    paths = demo.demo_data(root, seed=0, sizes=setup["world_sizes"])
+    paths = demo.demo_data(root, seed=0, sizes=setup["world_sizes"], text_sizes=setup["text_sizes"])
     data.check_tokenizers_agree(data.load_tokenizer(student_lm), data.load_tokenizer(teacher))
     demo.same_teacher(root, teacher)
     lm_init = demo.image_init(paths, student_lm, os.path.join(root, "student_init"), setup["image_recipe"],
