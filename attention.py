@@ -134,7 +134,10 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
         {"student_layers": [s_j], "teacher_layers": [t], "windows": [G_j],
          "per_item": [[cos_j] per item],
          "per_layer": [{"student_layer", "teacher_layers", "cosine", "distance"}],   (means over items)
-         "mean_cosine": mean over layers and items, "attn_dist": 1 - mean_cosine}
+         "mean_cosine": mean over layers and items, "attn_dist": 1 - mean_cosine,
+         "answer_cos": [[cos_j] per item], "answer_dist": 1 - their mean over layers and items}
+    answer_cos is the same cosine on ONE query row, the answer position (the last prompt token, whose logits
+    give the first answer token): the student's row against the mean of its window's teacher rows.
     With answer_rows = n > 0 it also returns "answer_rows": {"teacher": [...], "student": [...]}, for the first
     n items, the (N_visual,) numpy attention of the answer position (the last prompt token's row) over the
     visual tokens, averaged over the student's selected layers / the teacher layers of the windows.
@@ -164,7 +167,7 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
     windows = vat.group_layer_matching(s_layers, t_layers, matching)
     t_used = sorted({t for w in windows for t in w})
     pad_id = data.pad_token_id(tok)
-    per_item, rows_t, rows_s = [], [], []
+    per_item, answer_cos, rows_t, rows_s = [], [], [], []
     for i in range(0, len(requests), batch_size):
         reqs = requests[i:i + batch_size]
         ids, mask, pixels = _attention_batch([teacher, student], tok, processor, reqs, pad_id)
@@ -172,6 +175,7 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
         s_maps, vmask = capture_maps(student, s_layers, ids, mask, pixels)
         cos = vat.map_cosine(s_maps, t_maps, windows, s_layers, vmask, mask)  # (k, B)
         per_item += cos.T.double().cpu().tolist()
+        answer_cos += _answer_row_cosine(s_maps, t_maps, s_layers, windows, vmask, mask).tolist()
         for b in range(min(len(reqs), answer_rows - len(rows_s))):
             last, vis = int(mask[b].sum()) - 1, vmask[b].cpu()
             rows_t.append(torch.stack([t_maps[t][b, last].cpu() for t in t_used]).mean(0)[:int(vis.sum())].numpy())
@@ -183,11 +187,35 @@ def attention_distance(teacher, student, tok, processor, requests, layers_spec="
                          for s, w, m in zip(s_layers, windows, means)]}
     out["mean_cosine"] = float(np.mean(means)) if means else float("nan")
     out["attn_dist"] = 1.0 - out["mean_cosine"]
+    ans = np.array(answer_cos, dtype=np.float64).reshape(len(answer_cos), len(s_layers))
+    out["answer_cos"] = ans.tolist()
+    out["answer_dist"] = 1.0 - float(np.mean([np.nanmean(ans[:, j]) for j in range(len(s_layers))])) \
+        if len(ans) and s_layers else float("nan")
     if answer_rows:
         out["answer_rows"] = {"teacher": rows_t, "student": rows_s}
     teacher.train(modes[0])
     student.train(modes[1])
     return out
+
+
+def _answer_row_cosine(s_maps, t_maps, s_layers, windows, vmask, mask):
+    """(B, k) float64 on the CPU: per item and matched layer j, the cosine between the student's answer-position
+    row (the last valid query row) over its visual tokens and the mean of the teacher rows of window G_j."""
+    import torch
+
+    import vat
+    mask, vmask = mask.cpu(), vmask.cpu()
+    rows = torch.arange(mask.shape[0])
+    last = mask.sum(1) - 1  # right-padded: the last prompt token
+    _, key_valid = vat.visual_positions(vmask)
+    out = []
+    for s, window in zip(s_layers, windows):
+        srow = s_maps[s].detach().cpu().double()[rows, last]                                     # (B, N)
+        trow = torch.stack([t_maps[t].detach().cpu().double()[rows, last] for t in window]).mean(0)
+        srow, trow = torch.where(key_valid, srow, 0.0), torch.where(key_valid, trow, 0.0)
+        norm = srow.norm(dim=-1) * trow.norm(dim=-1)
+        out.append(torch.where(norm > 0, (srow * trow).sum(-1) / norm.clamp_min(1e-300), float("nan")))
+    return torch.stack(out, dim=1)
 
 
 def _nanmean(xs):

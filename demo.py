@@ -142,6 +142,19 @@ def _common(b, paths, out, steps, seed, *extra, lr=None):
             "--quiet", *extra]
 
 
+def vision_scenes(scenes_json: str, n_scenes: int, seed: int = 0) -> list:
+    """The scenes pretrain_vision_encoder trains (and holds out) on: drawn from random.Random(seed), none a
+    benchmark scene of `scenes_json` (held-out or validation)."""
+    with open(scenes_json, encoding="utf-8") as f:
+        benchmark = {shapes.scene_key(s) for k, s in json.load(f).items() if "sugarcrepe" in k or "vqav2" in k}
+    rng, scenes = random.Random(seed), []
+    while len(scenes) < n_scenes:
+        s = shapes.random_scene(rng)
+        if shapes.scene_key(s) not in benchmark:
+            scenes.append(s)
+    return scenes
+
+
 def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, steps: int = 1500, batch: int = 64,
                             n_scenes: int = 8000, lr: float = 2e-3, seed: int = 0, cells: bool = False) -> dict:
     """The tiny encoder's stand-in for SigLIP's pre-training: a linear read-out of every patch's last hidden
@@ -156,13 +169,7 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
     if n_scenes <= n_held_out:
         raise ValueError(f"pretrain_vision_encoder: n_scenes={n_scenes} leaves no training scenes after the "
                          f"{n_held_out} held out for the accuracy check")
-    with open(scenes_json, encoding="utf-8") as f:
-        benchmark = {shapes.scene_key(s) for k, s in json.load(f).items() if "sugarcrepe" in k or "vqav2" in k}
-    rng, scenes = random.Random(seed), []
-    while len(scenes) < n_scenes:
-        s = shapes.random_scene(rng)
-        if shapes.scene_key(s) not in benchmark:
-            scenes.append(s)
+    scenes = vision_scenes(scenes_json, n_scenes, seed)
     pixels = torch.stack([data.process_image(processor, shapes.draw_scene(s)) for s in scenes])
     labels = torch.tensor([shapes.patch_labels(s) for s in scenes])  # (N, patches, 3)
     sizes = (len(shapes.SHAPES) + 1, len(shapes.COLORS) + 1, len(shapes.SIZES) + 1)
@@ -195,13 +202,15 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
 
 
 def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str, seed: int, extra=(),
-                 data_files: tuple[str, str] | None = None) -> str:
+                 data_files: tuple[str, str] | None = None, stage1: str | None = None) -> str:
     """One student. `sft`: the LLaVA recipe without a teacher (adapter pre-training, then fine-tuning in two runs,
     out/stage2 and out/stage3, at the others' steps and lrs);
     `kd` / `compodistill`: stages 1 -> 2 -> 3, L_ADL weight 0 for kd, b["w_vat"] for compodistill. Same data,
     steps, seed. `data_files`: (stage-1 data, stage-2/3 data), default (captions, the instruction mix);
     sft's adapter phase reads the first, its fine-tuning the second.
-    After stage 1 every student logs its validation CR every b["eval_every"] steps (the learning curve)."""
+    After stage 1 every student logs its validation CR every b["eval_every"] steps (the learning curve).
+    `stage1`: where kd's / compodistill's stage 1 is (default out/stage1); students whose stage 1 is the same run
+    (the same arguments: KD and KD + VAT without TAF, KD + TAF and CompoDistill) can share one (verdict.py)."""
     s1_data, s23_data = data_files or (paths["pretrain"], paths["instruct"])
     val = _val_args(paths, b["eval_every"], b["eval_limit"]) if b["eval_every"] else []
     # b["s1_lr"]: stage 1's (the adapter's) lr, default b["lr"]; b["constant_lr"]: constant after warmup
@@ -209,7 +218,9 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
     lr1, lr, lr3 = b.get("s1_lr", b["lr"]), b["lr"], b.get("s3_lr", b["lr"])
     const = lambda x: ["--min-lr", str(x)] if b.get("constant_lr") else []
     s1, s2, s3 = (os.path.join(out, f"stage{k}") for k in (1, 2, 3))
-    if kind == "sft":  # its fine-tuning split where the others' stages 2 and 3 meet: the same lr schedule
+    if kind == "sft":
+        if stage1:
+            raise ValueError("demo_student: sft has no stage 1 to share (its adapter phase is its own)")  # its fine-tuning split where the others' stages 2 and 3 meet: the same lr schedule
         a = os.path.join(out, "adapter")
         _demo_stage(["--stage", "llava", "--init", lm_init, "--data", s1_data, "--trainable", "adapter",
                      *_common(b, paths, a, b["s1_steps"], seed, lr=lr1), *const(lr1)])
@@ -218,6 +229,7 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
         _demo_stage(["--stage", "llava", "--init", s2, "--data", s23_data, "--trainable", "adapter+llm",
                      *_common(b, paths, s3, b["s3_steps"], seed, lr=lr3), *const(lr3), *val])
         return s3
+    s1 = stage1 or s1
     w_vat = ["--w-vat", "0" if kind == "kd" else str(b["w_vat"])]
     _demo_stage(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", s1_data,
                  *_common(b, paths, s1, b["s1_steps"], seed, lr=lr1), *const(lr1), *extra])
@@ -377,6 +389,18 @@ def scene_tokenizer(paths: dict) -> str:
     return path
 
 
+def scene_token_phases(recipe: dict, seed: int = 0) -> list:
+    """(tasks, steps, seed) of each phase of a scene-token text recipe: phase i's questions are drawn with
+    seed + 100 x i (scene_token_data)."""
+    return [(tasks, steps, seed + 100 * i) for i, (tasks, steps) in enumerate(recipe["phases"])]
+
+
+def scene_token_exclude(paths: dict, val: list) -> set:
+    """The scenes no scene-token training question may be about: every image-world scene and every scene of
+    the text world's validation samples `val`."""
+    return _image_world_scenes(paths) | {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"])) for x in val}
+
+
 def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
     """Files of the scene-token text world beside scenes.json: a tokenizer (the world tokenizer's corpus, the
     image world's training text included, plus shapes.SCENE_TOKENS as whole tokens), the held-out validation
@@ -393,12 +417,10 @@ def scene_token_data(paths: dict, recipe: dict, seed: int = 0) -> dict:
 
     def exclude():  # read once, and only when a phase file is made
         if not excluded:
-            excluded.append(_image_world_scenes(paths) | {shapes.scene_key(shapes.parse_scene_tokens(x["scene_text"]))
-                                                          for x in val})
+            excluded.append(scene_token_exclude(paths, val))
         return excluded[0]
 
-    for i, ((tasks, steps), path) in enumerate(zip(recipe["phases"], out["phases"])):
-        phase_seed = seed + 100 * i
+    for (tasks, steps, phase_seed), path in zip(scene_token_phases(recipe, seed), out["phases"]):
         wanted = {"batch": recipe["batch"], "n_val": recipe["n_val"], "tasks": tasks, "steps": steps,
                   "seed": phase_seed, "samples": "text_questions"}
         _vouched_json(path, wanted, lambda: shapes.text_questions(steps * recipe["batch"], seed=phase_seed,
@@ -501,12 +523,17 @@ TEACHER_IMAGE = dict(relation_tasks=("where", "relation"), relation_steps=2000, 
                      fresh_question_seed="s19-fresh-q-rel0.3_4000", batch=64, max_len=320, lr=1e-3)
 
 
+def fresh_scenes(paths: dict, n: int, seed) -> list:
+    """The scenes of fresh_images: n from random.Random(seed), distinct, none an image-world scene."""
+    return shapes._fresh_scenes(random.Random(seed), n, _image_world_scenes(paths))
+
+
 def fresh_images(paths: dict, n: int, seed) -> list:
     """n scenes drawn from random.Random(seed), none an image-world scene (scenes.json: training, validation
     and benchmark), each drawn to DIR/fresh/NNNNNN.png beside scenes.json (about 30 s for 100,000; drawn once:
     DIR/fresh/recipe.json, written last, vouches for them, and images of another n or seed are refused, never
     taken for these scenes). Returns [(path relative to DIR, scene)]."""
-    scenes = shapes._fresh_scenes(random.Random(seed), n, _image_world_scenes(paths))
+    scenes = fresh_scenes(paths, n, seed)
     names = [f"fresh/{i:06d}.png" for i in range(n)]
     d, made_with = paths["dir"], os.path.join(paths["dir"], "fresh", "recipe.json")
     if not _made_with(made_with, {"n": n, "seed": seed}, "the fresh images"):

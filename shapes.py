@@ -834,18 +834,28 @@ def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True, sub
     comparisons of attributes and objects that they never learnt from a few passes over one conversation per
     scene. Relations: the yes / no relation questions are learnt (RESULTS.md section 13), the captions that need
     a relation (swap_obj, replace_rel) not yet. `subsets`: the hard-negative kinds of "verify" and "choice"."""
+    return [s for _, s in itertools.islice(text_question_stream(seed, tasks, exclude, tokens, subsets), n)]
+
+
+def text_question_stream(seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True, subsets=SUGARCREPE_SUBSETS):
+    """text_questions one sample at a time, without end: (scene, sample) pairs, the first n samples being
+    text_questions(n, ...)'s. So the scenes a long text-world phase was trained on can be replayed without
+    holding its samples (the verdict's held-out benchmark excludes them, verdict.seen_scenes)."""
     _check_question_tasks(tasks)
     if not subsets or set(subsets) - set(SUGARCREPE_SUBSETS):
         raise ValueError(f"subsets must be SugarCrepe subsets {SUGARCREPE_SUBSETS}, got {subsets}")
-    rng, out, exclude = random.Random(f"{seed}-text-questions"), [], set(exclude)
-    while len(out) < n:
-        scene = random_scene(rng)
-        if scene_key(scene) in exclude:
-            continue
-        s = text_question_sample(rng, f"text_q_{len(out):07d}", scene, rng.choice(tasks), tokens, subsets)
-        if s is not None:
-            out.append(s)
-    return out
+
+    def stream(rng, exclude):
+        k = 0
+        while True:
+            scene = random_scene(rng)
+            if scene_key(scene) in exclude:
+                continue
+            s = text_question_sample(rng, f"text_q_{k:07d}", scene, rng.choice(tasks), tokens, subsets)
+            if s is not None:
+                k += 1
+                yield scene, s
+    return stream(random.Random(f"{seed}-text-questions"), set(exclude))
 
 
 def image_questions(scenes, n, seed=0, tasks=QUESTION_TASKS):

@@ -94,6 +94,7 @@ def test_cosine_matches_eager_reference(models, tokenizer, requests_):
     assert res["student_layers"] == [0, 1, 2, 3]
     assert res["windows"] == [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5]]
     ref, lengths = np.zeros((len(requests_), 4)), []
+    ref_answer = np.zeros((len(requests_), 4))
     for i, r in enumerate(requests_):
         t_maps, T = eager_maps(teacher, tokenizer, proc, r)
         s_maps, T_s = eager_maps(student, tokenizer, proc, r)
@@ -102,6 +103,7 @@ def test_cosine_matches_eager_reference(models, tokenizer, requests_):
         for j, window in enumerate(res["windows"]):
             target = torch.stack([t_maps[t] for t in window]).mean(0)
             ref[i, j] = cosine(s_maps[j], target)
+            ref_answer[i, j] = cosine(s_maps[j][-1], target[-1])  # the answer position's row alone
         # heat-map row: the last prompt token's attention, mean over the student layers / teacher window layers
         np.testing.assert_allclose(res["answer_rows"]["student"][i],
                                    torch.stack([m[-1] for m in s_maps]).mean(0).numpy(), atol=1e-6)
@@ -110,6 +112,9 @@ def test_cosine_matches_eager_reference(models, tokenizer, requests_):
         assert res["answer_rows"]["student"][i].shape == (student.num_visual_tokens,)
     assert lengths[0] != lengths[1]  # the first batch of 2 holds a padded row
     np.testing.assert_allclose(np.array(res["per_item"]), ref, atol=1e-5)
+    np.testing.assert_allclose(np.array(res["answer_cos"]), ref_answer, atol=1e-5)
+    assert np.abs(ref_answer - ref).max() > 1e-3  # one row is not the whole map
+    assert res["answer_dist"] == pytest.approx(1 - ref_answer.mean(0).mean(), abs=1e-5)
     # the pair is not trivially aligned (cosines well below 1 and varying), so the comparison means something
     assert ref.max() < 0.98 and ref.std() > 5e-3
     means = ref.mean(0)
@@ -130,6 +135,7 @@ def test_student_against_itself_is_aligned(models, tokenizer, requests_):
     _, student, proc = models
     res = attention.attention_distance(student, student, tokenizer, proc, requests_, layers_spec="all", batch_size=3)
     np.testing.assert_allclose(np.array(res["per_item"]), 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.array(res["answer_cos"]), 1.0, atol=1e-6)
     assert res["attn_dist"] == pytest.approx(0.0, abs=1e-6)
 
 

@@ -10,7 +10,7 @@ import subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ("model.py", "taf.py", "vat.py", "train.py", "data.py", "evaluate.py",
         "runs.py", "distributed.py", "attention.py")
-UPPER = ("shapes.py", "demo.py", "bench.py")
+UPPER = ("shapes.py", "demo.py", "bench.py", "verdict.py")
 PROJECT = {os.path.splitext(f)[0] for f in CORE + UPPER}
 
 
