@@ -5,7 +5,6 @@ render cache) in test_data.py, item 10a (--stage all --resume with an unfinished
 import argparse
 import json
 import os
-import shutil
 import sys
 import types
 
@@ -196,7 +195,7 @@ def test_attention_distance_refuses_a_cross_vocab_teacher_before_generating(worl
 
     def no_generation(*a, **k):
         raise AssertionError("the student generated before the pair was checked")
-    monkeypatch.setattr(attention, "model_fns", no_generation)
+    monkeypatch.setattr(attention, "model_fns", no_generation, raising=False)
     monkeypatch.setattr(attention, "make_model_fns", no_generation, raising=False)
     with pytest.raises(ValueError, match="the tokenizers differ"):
         attention.main(["distance", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
