@@ -698,8 +698,8 @@ def _cache_warning(path, what, e=None):
     """The render cache is best effort: what went wrong with it, naming the path, on stderr; training goes on."""
     why = ""
     if e is not None:
-        why = " (disk full (ENOSPC))" if getattr(e, "errno", None) == errno.ENOSPC else \
-            f" ({getattr(e, 'strerror', None) or e})"
+        why = ": disk full (ENOSPC)" if getattr(e, "errno", None) == errno.ENOSPC else \
+            f": {getattr(e, 'strerror', None) or e}"
     print(f"warning: render cache: {path}: {what}{why}", file=sys.stderr, flush=True)
 
 

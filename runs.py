@@ -105,8 +105,8 @@ def prepare_out_dir(args) -> str:
 def write_run_files(args):
     """A fresh run's args.json (with a new run_id, which trainer_summary.json repeats: is_finished) and an
     empty log. --overwrite is not recorded: it says what to do with the directory, not how to train. The
-    working directory is (`cwd`): relative --init / --teacher / --tokenizer paths are resolved against it when
-    the run's checkpoint is opened from elsewhere (model.load_checkpoint_model)."""
+    working directory is recorded too (`cwd`): relative --init / --teacher / --tokenizer paths are resolved
+    against it when the run's checkpoint is opened from elsewhere (model.load_checkpoint_model)."""
     run = {k: v for k, v in vars(args).items() if k != "overwrite"}
     run["run_id"], run["cwd"] = uuid.uuid4().hex, os.getcwd()
     with open(os.path.join(args.out, "args.json"), "w", encoding="utf-8") as f:
