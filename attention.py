@@ -4,7 +4,7 @@ its answer is right), attention heat maps, and per-layer attention profiles with
 from them (docs/method.md section 8, open question 3).
 
 The benchmarks are evaluate.py's: this file reads them with its readers, asks its prompts (`choice_request`,
-`vqa_request`), gets the student's answers through its glue (`make_model_fns`) and judges them by its metrics;
+`vqa_request`), gets the student's answers through its glue (`model_fns`) and judges them by its metrics;
 evaluate.py imports nothing of this file. It reads top to bottom:
 
   1. capture and distance: the same prompt ids through teacher and student, their visual attention maps
@@ -28,7 +28,7 @@ import os
 import statistics
 
 from evaluate import (DEFAULTS, _default_out, _source_dir, ask, check_writable, choice_request,
-                      evalai_answer_processor, image_file, load_jsonl, make_model_fns, open_image, parse_choice, pct,
+                      evalai_answer_processor, load_jsonl, model_fns, open_image, parse_choice, pct,
                       positive_int, read_sugarcrepe, read_vqav2, take, vqa_accuracy, vqa_request)
 
 
@@ -82,6 +82,39 @@ def _prompt_ids(tokenizer, mllm, prompt):
     return data.render_prompt(tokenizer, messages, mllm.num_visual_tokens, mllm.image_token_id)
 
 
+def _request_name(r):
+    return r.get("where") or f"request {r['prompt'][:60]!r}"  # read_requests records the file and line
+
+
+def why_prompts_differ(teacher, t_tok, student, s_tok) -> str:
+    """What makes teacher and student render a prompt into different ids: the tokenizers' vocabularies (a
+    --cross-vocab teacher), their chat templates, the system prompts the models were trained with
+    (train.py --system-prompt, in each config), the visual token count or the image token id."""
+    why = []
+    if t_tok.get_vocab() != s_tok.get_vocab():
+        why.append("the tokenizers differ (a teacher with its own vocabulary, as --cross-vocab trains with)")
+    elif t_tok.chat_template != s_tok.chat_template:
+        why.append("the chat templates differ")
+    sp_t, sp_s = teacher.extra_config.get("system_prompt"), student.extra_config.get("system_prompt")
+    if sp_t != sp_s:
+        why.append(f"the system prompts differ (teacher {sp_t!r}, student {sp_s!r}: train.py --system-prompt, "
+                   "recorded in each model's config)")
+    if teacher.num_visual_tokens != student.num_visual_tokens:
+        why.append(f"visual tokens {teacher.num_visual_tokens} vs {student.num_visual_tokens}")
+    if teacher.image_token_id != student.image_token_id:
+        why.append(f"image token id {teacher.image_token_id} vs {student.image_token_id}")
+    return "; ".join(why) or "the same tokenizer renders them differently"
+
+
+def check_same_prompt_ids(teacher, t_tok, student, s_tok, request, student_name="student"):
+    """Before any generation: the attention maps are compared query row by query row, so teacher and student
+    must render `request` into the same ids, each with its own tokenizer; else an error saying why."""
+    if _prompt_ids(t_tok, teacher, request["prompt"]) != _prompt_ids(s_tok, student, request["prompt"]):
+        raise ValueError(f"{student_name}: teacher and student render different prompt ids "
+                         f"({why_prompts_differ(teacher, t_tok, student, s_tok)}); the attention maps are compared "
+                         "position by position and cannot be")
+
+
 def _attention_batch(models, tokenizer, processor, reqs, pad_id):
     """Right-padded ids (B, T), attention mask and pixel values of a batch of requests, for every model of
     `models` (a teacher and a student, or one model). Every request needs an image, and every model must
@@ -89,15 +122,15 @@ def _attention_batch(models, tokenizer, processor, reqs, pad_id):
     import torch
     ids = []
     for r in reqs:
-        if r["image"] is None or "<image>" not in r["prompt"]:
-            raise ValueError(f"request {r['prompt'][:60]!r}: the attention analysis needs an image and '<image>'")
+        if r["image"] is None or r["prompt"].count("<image>") != 1:
+            raise ValueError(f"{_request_name(r)}: the attention analysis needs an image and exactly one '<image>' "
+                             f"in the prompt (it has {r['prompt'].count('<image>')})")
         a = _prompt_ids(tokenizer, models[0], r["prompt"])
         for other in models[1:]:
             if _prompt_ids(tokenizer, other, r["prompt"]) != a:
-                raise ValueError(f"request {r['prompt'][:60]!r}: teacher and student render different prompt ids "
-                                 f"(visual tokens {models[0].num_visual_tokens} vs {other.num_visual_tokens}, image "
-                                 f"token {models[0].image_token_id} vs {other.image_token_id}); the maps cannot be "
-                                 "compared")
+                raise ValueError(f"{_request_name(r)}: teacher and student render different prompt ids "
+                                 f"({why_prompts_differ(models[0], tokenizer, other, tokenizer)}); the maps cannot "
+                                 "be compared")
         ids.append(a)
     T = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
@@ -304,9 +337,9 @@ def layer_profile(mllm, tokenizer, processor, requests, batch_size=8) -> dict:
                 objects = torch.zeros(len(reqs), mllm.num_visual_tokens, dtype=torch.bool)
                 for b, r in enumerate(reqs):
                     for p in r.get("object_patches") or []:
-                        if not 0 <= int(p) < mllm.num_visual_tokens:
-                            raise ValueError(f"request {r['prompt'][:60]!r}: object patch {p} outside the "
-                                             f"{mllm.num_visual_tokens} visual tokens")
+                        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < mllm.num_visual_tokens:
+                            raise ValueError(f"{_request_name(r)}: object patch {p!r} is not a visual-token index "
+                                             f"(an integer in [0, {mllm.num_visual_tokens}))")
                         objects[b, int(p)] = True
             yield ids, mask, pixels, objects
     return layer_profile_batches(mllm, batches())
@@ -538,7 +571,7 @@ def add_attention_parser(sub):
     ap.add_argument("--heatmaps", type=int, default=0, help="write heatmap_{i}.png for the first N items")
     ap.add_argument("--device", help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
 
 
 def _short(text, n=40):
@@ -551,7 +584,7 @@ def _student_names(dirs):
 
 
 def run_attention(args):
-    """The `distance` command: read the benchmarks, get each student's greedy answers (make_model_fns, the
+    """The `distance` command: read the benchmarks, get each student's greedy answers (evaluate.model_fns, the
     cr / vqa max_new_tokens), then the attention similarity of teacher vs each student; write
     attention.json, attention_similarity.png and heatmap_{i}.png."""
     import gc
@@ -580,20 +613,19 @@ def run_attention(args):
               "students": {}}
     panels, teacher_rows, student_rows = [], None, {}
     for name, sdir in zip(names, args.student):
+        student, s_tok, s_proc = modeling.load_any(sdir, device=device, dtype=dtype)
+        student.eval()
+        check_same_prompt_ids(teacher, t_tok, student, s_tok, requests[0], sdir)  # before its generation pass
         answers = [None] * len(items)
         for bench, kind in (("sugarcrepe", "cr"), ("vqav2", "vqa")):
             idx = [i for i, it in enumerate(items) if it["benchmark"] == bench]
-            if idx:
-                generate_fn, _ = make_model_fns(sdir, device, args.batch_size, DEFAULTS["max_new_tokens"][kind], dtype)
+            if idx:  # evaluate.py's glue (make_model_fns) on the student loaded once
+                generate_fn, _ = model_fns(student, s_tok, s_proc, device, args.batch_size,
+                                           DEFAULTS["max_new_tokens"][kind], name=sdir)
                 for i, a in zip(idx, ask(generate_fn, [requests[i] for i in idx])):
                     answers[i] = a
                 del generate_fn
         right = [it["judge"](a) for it, a in zip(items, answers)]
-        student, s_tok, _ = modeling.load_any(sdir, device=device, dtype=dtype)
-        student.eval()
-        if s_tok.get_vocab() != t_tok.get_vocab():
-            raise ValueError(f"{sdir}: the student's tokenizer differs from the teacher's ({args.teacher}); the "
-                             "attention maps are compared position by position and need the same prompt ids")
         res = attention_distance(teacher, student, t_tok, processor, requests, args.layers, args.teacher_layers,
                                  args.matching, args.batch_size, answer_rows=args.heatmaps)
         summary = split_by_correctness(res["per_item"], right, res["student_layers"], res["windows"])
@@ -643,21 +675,42 @@ def add_layers_parser(sub):
                     help="file name %% image_id under VQAV2/images (default COCO_val2014_%%012d.jpg)")
     ap.add_argument("--requests", help='JSON-lines calibration file, one {"image", "prompt"[, "object_patches"]} '
                     "per line, image paths relative to the file")
-    ap.add_argument("--limit", type=int, help="first N items per benchmark (per SugarCrepe subset)")
+    ap.add_argument("--limit", type=positive_int, help="first N items per benchmark (per SugarCrepe subset)")
     ap.add_argument("--out", help="output folder (default: FIRST_MODEL/layers)")
     ap.add_argument("--device", help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
 
 
 def read_requests(path, limit=None):
     """A JSON-lines calibration file: {"image": path relative to the file, "prompt": "<image>\\n...",
-    "object_patches": [visual-token indices], optional} per line."""
+    "object_patches": [visual-token indices], optional} per line. Every error names the file and the line
+    (kept as the request's "where" for the errors that need the model: an object patch past its visual tokens);
+    a file without a request is an error."""
+    load_jsonl(path)  # a missing file, invalid JSON or another encoding: its errors name the file and line
     items = []
-    for i, r in enumerate(load_jsonl(path)):
-        if not isinstance(r, dict) or "prompt" not in r or "image" not in r:
-            raise ValueError(f"{path}: line {i + 1} needs 'image' and 'prompt'")
-        items.append(dict(r, image=image_file(os.path.join(os.path.dirname(path), r["image"]), path, i + 1)))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            r, where = json.loads(line), f"{path}: line {n}"
+            if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("image"), str):
+                raise ValueError(f"{where}: needs 'image' (a path) and 'prompt' (text)")
+            if r["prompt"].count("<image>") != 1:
+                raise ValueError(f"{where}: the prompt has {r['prompt'].count('<image>')} '<image>'; a request has "
+                                 "exactly one (its image)")
+            patches = r.get("object_patches")
+            if patches is not None and not (isinstance(patches, list) and all(
+                    isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in patches)):
+                raise ValueError(f"{where}: object_patches must be a list of visual-token indices (integers >= 0), "
+                                 f"got {patches!r}")
+            image = os.path.join(os.path.dirname(path), r["image"])
+            if not os.path.isfile(image):
+                raise FileNotFoundError(f"{where}: image not found: {image}")
+            items.append(dict(r, image=image, where=where))
+    if not items:
+        raise ValueError(f"{path}: no request in the file (it is empty); one JSON object per line: "
+                         '{"image": PATH, "prompt": "<image>\\n..."[, "object_patches": [...]]}')
     return take(items, limit)
 
 

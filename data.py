@@ -12,10 +12,14 @@ The synthetic shapes world the demo trains on is `shapes.py`; it writes files in
 """
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
+import numbers
 import os
+import shutil
+import sys
 
 import numpy as np
 import torch
@@ -334,7 +338,24 @@ def with_system_prompt(tokenizer, messages, system_prompt):
                              f"adds its own system turn when none is given ({default[:60]!r}...); pass "
                              "--system-prompt '' (an empty system turn) or TEXT, or set another chat template")
         return messages
+    _check_system_turns(tokenizer)
     return [{"role": "system", "content": system_prompt}] + list(messages)
+
+
+def _check_system_turns(tokenizer):
+    """--system-prompt TEXT needs a chat template that renders a system turn; one that refuses it (Gemma's,
+    Mistral's: raise_exception('System role not supported')) is an error naming the flag and the template,
+    not a bare jinja TemplateError from the first sample. Probed once per template."""
+    cached = getattr(tokenizer, "_compodistill_system_ok", None)
+    if cached and cached[0] == tokenizer.chat_template:
+        return
+    try:
+        _chat(tokenizer, [{"role": "system", "content": "zqxj system marker"}] + _PROBE)
+    except Exception as e:  # noqa: BLE001 - jinja's TemplateError, or whatever the template raises
+        raise ValueError(f"--system-prompt: the chat template of {getattr(tokenizer, 'name_or_path', '')!r} does "
+                         f"not take a system turn ({type(e).__name__}: {e}); leave --system-prompt out (the "
+                         "template's own default), or give a tokenizer whose chat template has system turns") from None
+    tokenizer._compodistill_system_ok = (tokenizer.chat_template, True)
 
 
 def _default_system_text(tokenizer):
@@ -734,23 +755,89 @@ def render_key(samples, tokenizer, num_visual_tokens, image_token_id, system_pro
     return h.hexdigest()[:24]
 
 
-def _save_render(path, arrays, errors):
+def _cache_warning(path, what, e=None):
+    """The render cache is best effort: what went wrong with it, naming the path, on stderr; training goes on."""
+    why = ""
+    if e is not None:
+        why = ": disk full (ENOSPC)" if getattr(e, "errno", None) == errno.ENOSPC else \
+            f": {getattr(e, 'strerror', None) or e}"
+    print(f"warning: render cache: {path}: {what}{why}", file=sys.stderr, flush=True)
+
+
+def _remove_entry(path) -> bool:
+    """Remove a cache entry (a folder, or a file where a folder should be); True if it is gone."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return not os.path.lexists(path)
+
+
+def _save_render(path, arrays, errors) -> bool:
+    """Write a rendering as the cache entry `path`/: one .npy per array, errors.json, and, written last,
+    manifest.json (every file's byte size, every array's shape and dtype: _load_render checks them), all into
+    `path`.tmpPID/ first, renamed into place. Best effort: where it cannot be written (a read-only folder, a full
+    disk) the tmp folder is removed, a warning names the path and the reason ("disk full (ENOSPC)"), and the
+    result is False (the caller goes on with the rendering in memory)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    for k in _RENDER_ARRAYS:
-        np.save(os.path.join(tmp, f"{k}.npy"), arrays[k])
-    _write_json_atomic(os.path.join(tmp, "errors.json"), {str(i): e for i, e in errors.items()})
-    if os.path.exists(path):  # another process got there first: same key, same content
-        import shutil
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        manifest = {"arrays": {}, "files": {}}
+        for k in _RENDER_ARRAYS:
+            arr = np.asarray(arrays[k])
+            np.save(os.path.join(tmp, f"{k}.npy"), arr)
+            manifest["arrays"][k] = {"shape": list(arr.shape), "dtype": arr.dtype.str}
+        _write_json_atomic(os.path.join(tmp, "errors.json"), {str(i): e for i, e in errors.items()})
+        manifest["files"] = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        _write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
+        if os.path.lexists(path):  # another process got there first: same key, same content
+            shutil.rmtree(tmp, ignore_errors=True)
+            return True
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.replace(tmp, path)
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json")):
+            return True  # the rename lost a race to another process's complete entry
+        _cache_warning(path, "not written, training goes on without the cache", e)
+        return False
 
 
 def _load_render(path, mmap=True):
-    arrays = {k: np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r" if mmap else None) for k in _RENDER_ARRAYS}
-    with open(os.path.join(path, "errors.json"), encoding="utf-8") as fh:
-        return arrays, {int(i): e for i, e in json.load(fh).items()}
+    """A cache entry written by _save_render -> (arrays, {index: error}), checked against its manifest: every
+    file's byte size, every array's shape and dtype, the offsets against the ids. An entry that fails (a crash
+    or a partial copy truncated a file, an emptied folder, a file where the folder should be, an entry from
+    before manifests) is a ValueError naming the entry and what is wrong."""
+    try:
+        try:
+            with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
+                manifest = json.load(fh)
+        except FileNotFoundError:
+            raise ValueError("no manifest.json (an incomplete entry, or one written before entries had one)") from None
+        for name, size in manifest["files"].items():
+            f = os.path.join(path, name)
+            have = os.path.getsize(f) if os.path.isfile(f) else None
+            if have != size:
+                raise ValueError(f"{name} is {'missing' if have is None else f'{have} bytes'}, the manifest says "
+                                 f"{size} bytes (truncated or partly copied)")
+        arrays = {k: np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r" if mmap else None) for k in _RENDER_ARRAYS}
+        for k, spec in manifest["arrays"].items():
+            if list(arrays[k].shape) != spec["shape"] or arrays[k].dtype.str != spec["dtype"]:
+                raise ValueError(f"{k}.npy holds {arrays[k].dtype.str} {list(arrays[k].shape)}, the manifest says "
+                                 f"{spec['dtype']} {spec['shape']}")
+        n, offsets = len(arrays["full_len"]), arrays["offsets"]
+        if len(offsets) != n + 1 or not int(offsets[-1]) == len(arrays["ids"]) == len(arrays["sup"]) or \
+                len(arrays["need"]) != n or len(arrays["n_vis"]) != n:
+            raise ValueError("its arrays do not fit together (offsets, ids, per-sample columns)")
+        with open(os.path.join(path, "errors.json"), encoding="utf-8") as fh:
+            return arrays, {int(i): e for i, e in json.load(fh).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"render cache entry {path}: {e}") from None
 
 
 def _concat_renders(parts):
@@ -771,6 +858,37 @@ def _concat_renders(parts):
     return arrays, errors
 
 
+def _cached_render(path, n):
+    """("hit", (arrays, errors)) for a usable entry of `n` samples at `path`; ("miss", None) where there is
+    none; a bad one (_load_render) is removed with a warning naming it -> ("miss", None), or, if it cannot be
+    removed, ("stuck", None): the cache is bypassed for this rendering."""
+    if not os.path.lexists(path):
+        return "miss", None
+    try:
+        arrays, errors = _load_render(path)
+        if len(arrays["full_len"]) != n:
+            raise ValueError(f"render cache entry {path}: {len(arrays['full_len'])} samples, the data has {n}")
+        return "hit", (arrays, errors)
+    except ValueError as e:
+        if _remove_entry(path):
+            _cache_warning(path, f"unusable, removed and rendered again: {e}")
+            return "miss", None
+        _cache_warning(path, f"unusable and cannot be removed, rendering without the cache: {e}")
+        return "stuck", None
+
+
+def _remove_stale_tmp(path, age_s=3600):
+    """Remove `path`.tmpPID/ folders a killed writer left (older than `age_s`: a live writer takes seconds)."""
+    import glob
+    import time
+    for tmp in glob.glob(glob.escape(path) + ".tmp*"):
+        try:
+            if time.time() - os.path.getmtime(tmp) > age_s:
+                _remove_entry(tmp)
+        except OSError:
+            pass
+
+
 def rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir=None, rank=0, world_size=1,
              barrier=None, processes=0, progress=False, system_prompt=None, gather=None):
     """render_samples through a cache on disk, `cache_dir`/render-KEY/ (render_key: samples, tokenizer, template,
@@ -778,12 +896,14 @@ def rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir=No
     pages are shared by the ranks and the DataLoader workers of a machine). A miss under DDP: rank r renders the
     r-th contiguous shard (in `processes` processes) and writes it; after `barrier` rank 0 concatenates the
     shards into the cache (rendering any shard it cannot see) and every rank maps it (a rank that cannot see it,
-    without a shared file system, renders everything itself)."""
+    without a shared file system, renders everything itself).
+    Best effort: a cache folder that cannot be created or written (read-only, a file in its place, a full disk)
+    costs a warning naming it and the rendering; an entry that fails its manifest (_load_render) is removed and
+    rendered again (or, if it cannot be removed, bypassed), with a warning naming it. Every rank takes both
+    barriers whatever happens to the cache."""
     cache_dir = default_cache_dir(cache_dir)
-    os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, "render-" + render_key(samples, tokenizer, num_visual_tokens, image_token_id,
                                                           system_prompt, rank, world_size, gather))
-    hit = os.path.exists(path)
     n = len(samples)
     bounds = [n * r // world_size for r in range(world_size + 1)]
 
@@ -793,25 +913,42 @@ def rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir=No
     def render_range(r):
         return render_samples(samples[bounds[r]:bounds[r + 1]], tokenizer, num_visual_tokens, image_token_id,
                               processes, progress, system_prompt)
-    if not hit:
+    usable = True
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:  # read-only parent, a file where the folder should be, ...
+        usable = False
+        _cache_warning(cache_dir, "cannot be created, rendering without the cache", e)
+    state, entry = _cached_render(path, n) if usable else ("off", None)
+    usable = usable and state != "stuck"
+    mine = whole = None
+    if entry is None:
+        if usable:
+            _remove_stale_tmp(path)
         mine = render_range(rank)
-        if world_size == 1:
-            _save_render(path, *mine)
-        else:
-            _save_render(shard_path(rank), *mine)
+        if usable:
+            usable = _save_render(path if world_size == 1 else shard_path(rank), *mine)
     if world_size > 1:  # every rank takes both barriers, cache hit or not
         barrier()
-        if rank == 0 and not hit and not os.path.exists(path):
-            parts = [mine if r == 0 else (_load_render(shard_path(r), mmap=False) if os.path.exists(shard_path(r))
-                                          else render_range(r)) for r in range(world_size)]
-            _save_render(path, *_concat_renders(parts))
+        if rank == 0 and entry is None and usable and not os.path.lexists(path):
+            parts = [mine if r == 0 else (_cached_render(shard_path(r), bounds[r + 1] - bounds[r])[1]
+                                          or render_range(r)) for r in range(world_size)]
+            whole = _concat_renders(parts)
+            _save_render(path, *whole)
         barrier()
         if rank == 0:
-            import shutil
             for r in range(world_size):
-                shutil.rmtree(shard_path(r), ignore_errors=True)
-    if os.path.exists(path):
-        return _load_render(path)
+                _remove_entry(shard_path(r))
+    if world_size == 1 and entry is not None:
+        return entry
+    if usable:
+        entry = _cached_render(path, n)[1]  # memory-mapped: the pages are shared by the ranks and workers
+        if entry is not None:
+            return entry
+    if world_size == 1 and mine is not None:
+        return mine
+    if whole is not None:
+        return whole
     return render_samples(samples, tokenizer, num_visual_tokens, image_token_id, processes, progress, system_prompt)
 
 
@@ -912,21 +1049,50 @@ class CrossVocabDataset(torch.utils.data.Dataset):
     "teacher_labels" (with the teacher's own system prompt, `teacher_system_prompt`), and "pairs" (P, 2): the
     (student, teacher) positions of supervised tokens that end at
     the same character of an assistant turn (answer_char_keys / aligned_pairs), both within max_len.
-    Rendered per item. The visual tokens correspond one to one (same vision encoder, same count)."""
+    The visual tokens correspond one to one (same vision encoder, same count).
+    Both renderings must fit: here, before any step, every sample is also rendered in the teacher's tokens
+    (render_samples, through the render cache with `cache_dir`, as SupervisedDataset does) and a sample whose
+    teacher rendering puts the visual tokens or the first answer token past max_len is an error giving the count
+    and the first ids, or with drop_overlong=True left out (its id in self.dropped_teacher, and in
+    self.dropped after the student's own). Items are rendered per item."""
 
     def __init__(self, student, student_tokenizer, teacher_tokenizer, teacher_image_token_id, system_prompt=None,
-                 teacher_system_prompt=None):
+                 teacher_system_prompt=None, drop_overlong=False, cache_dir=None, rank=0, world_size=1,
+                 barrier=None, processes=0, progress=False, gather=None):
         self.student, self.tok_s, self.tok_t = student, student_tokenizer, teacher_tokenizer
         self.image_token_t, self.system_prompt = teacher_image_token_id, system_prompt
         self.teacher_system_prompt = teacher_system_prompt  # each model reads the prompt it was trained with
-        self.samples, self.lengths, self.dropped = student.samples, student.lengths, student.dropped
+        samples, n_vis, max_len = student.samples, student.num_visual_tokens, student.max_len
+        if cache_dir is None:
+            arrays, errors = render_samples(samples, teacher_tokenizer, n_vis, teacher_image_token_id, processes,
+                                            progress, teacher_system_prompt)
+        else:
+            arrays, errors = rendered(samples, teacher_tokenizer, n_vis, teacher_image_token_id, cache_dir, rank,
+                                      world_size, barrier, processes, progress, teacher_system_prompt, gather)
+        if errors:
+            raise ValueError(f"the teacher's tokenizer (--cross-vocab): {errors[min(errors)]}")
+        need, full_len = np.asarray(arrays["need"]), np.asarray(arrays["full_len"])
+        over = np.flatnonzero(need > max_len)
+        ids = [samples[j].get("id", "<no id>") for j in over]
+        if len(over) and not drop_overlong:
+            j = int(over[0])
+            raise ValueError(f"{len(over)} samples do not fit --max-len {max_len} in the teacher's tokens "
+                             f"(--cross-vocab): their visual tokens and first answer token need more positions "
+                             f"(sample {ids[0]}: {need[j]}, length {full_len[j]}; first ids {ids[:5]}); raise "
+                             "--max-len or pass --drop-overlong to drop and count them")
+        self.dropped_teacher = ids
+        self.dropped = list(student.dropped) + ids
+        self.index = np.flatnonzero(need <= max_len)  # items of `student` that are in this dataset
+        self.samples = [samples[j] for j in self.index]
+        self.lengths = [student.lengths[j] for j in self.index]
 
     def __len__(self):
-        return len(self.student)
+        return len(self.index)
 
     def __getitem__(self, i):
-        item = self.student[i]
-        s, n_vis, max_len = self.student.samples[i], self.student.num_visual_tokens, self.student.max_len
+        j = int(self.index[i])
+        item = self.student[j]
+        s, n_vis, max_len = self.student.samples[j], self.student.num_visual_tokens, self.student.max_len
         sid = s.get("id", i)
         messages = llava_to_messages(s)
         ids_s, _, keys_s = answer_char_keys(self.tok_s, with_system_prompt(self.tok_s, messages, self.system_prompt),
@@ -937,7 +1103,7 @@ class CrossVocabDataset(torch.utils.data.Dataset):
                                                                                    self.teacher_system_prompt),
                                                    n_vis, self.image_token_t, sid)
         vis_t = [j for j, t in enumerate(ids_t) if t == self.image_token_t]
-        if vis_t and vis_t[-1] >= max_len:
+        if vis_t and vis_t[-1] >= max_len:  # checked in __init__; a guard against the two renderings drifting
             raise ValueError(f"sample {sid}: the teacher's rendering puts visual tokens beyond --max-len {max_len}")
         n_s = len(item["input_ids"])
         pairs = [(a, b) for a, b in aligned_pairs(keys_s, keys_t) if a < n_s and b < max_len]
@@ -964,6 +1130,8 @@ class MicroBatchSampler:
     (GlobalBatchSampler.state_after), so prefetching changes nothing on resume."""
 
     def __init__(self, sampler, micro):
+        if isinstance(micro, bool) or not isinstance(micro, numbers.Integral) or micro < 1:
+            raise ValueError(f"MicroBatchSampler: micro must be a positive integer, got {micro!r}")
         self.sampler, self.micro = sampler, micro
 
     def __iter__(self):
@@ -1023,6 +1191,11 @@ class GlobalBatchSampler:
 
     def __init__(self, num_samples, global_batch_size, rank=0, world_size=1, seed=0, drop_last=True, epochs=None,
                  lengths=None, megabatch=50):
+        for name, v in (("global_batch_size", global_batch_size), ("world_size", world_size), ("megabatch", megabatch)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:  # negative: 0 steps, forever
+                raise ValueError(f"GlobalBatchSampler: {name} must be a positive integer, got {v!r}")
+        if epochs is not None and epochs < 0:
+            raise ValueError(f"GlobalBatchSampler: epochs must be None (endless) or >= 0, got {epochs!r}")
         if global_batch_size % world_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by world size {world_size}")
         if not 0 <= rank < world_size:

@@ -90,6 +90,7 @@ def _demo_stage(argv: list) -> str:
         with open(os.path.join(args.out, "args.json"), encoding="utf-8") as f:
             saved = json.load(f)
         saved.pop("run_id", None)  # which run wrote it, not how it trained
+        saved.pop("cwd", None)  # where it was started from (runs.write_run_files), not how it trained
         now = json.loads(json.dumps(vars(args)))
         # an option added to train.py after that run, left at its default, changes nothing it did
         saved.update({k: v for k, v in now.items() if k not in saved and v == parser.get_default(k)})

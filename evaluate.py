@@ -165,7 +165,8 @@ def take(items, limit):
 
 
 def positive_int(text):
-    """argparse type for --limit: 0 would score nothing (0.0), -1 would drop the last item."""
+    """argparse type for --limit (0 would score nothing (0.0), -1 would drop the last item), --batch-size (0:
+    range() arg 3 must not be zero; -2: no batch at all) and --max-new-tokens."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -1044,7 +1045,7 @@ def build_parser():
         sp.add_argument("--limit", type=positive_int, help="first N items per benchmark (per subset / subtask)")
         sp.add_argument("--device", help="default: cuda if available, else cpu")
         sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-        sp.add_argument("--batch-size", type=int, help="default 8")
+        sp.add_argument("--batch-size", type=positive_int, help="default 8")
 
     cr = sub.add_parser("cr", help="compositional reasoning: SugarCrepe, Winoground, BiVLC, SADE")
     common(cr)
@@ -1055,7 +1056,7 @@ def build_parser():
     cr.add_argument("--sade", help="SADE JSON-lines file (layout in read_sade)")
     cr.add_argument("--two-choice", action=argparse.BooleanOptionalAction,
                     help="also the 2-way-choice text score for Winoground/BiVLC (default on)")
-    cr.add_argument("--max-new-tokens", type=int, help="default 32 (the authors' SugarCrepe setting)")
+    cr.add_argument("--max-new-tokens", type=positive_int, help="default 32 (the authors' SugarCrepe setting)")
 
     vqa = sub.add_parser("vqa", help="VQA: VQAv2, GQA, TextVQA, VizWiz, MME")
     common(vqa)
@@ -1067,7 +1068,7 @@ def build_parser():
     vqa.add_argument("--textvqa-ocr", help="optional OCR-token JSON: adds LLaVA's 'Reference OCR token' line")
     vqa.add_argument("--vizwiz", help="val.json or its folder (val/ images)")
     vqa.add_argument("--mme", help="MME_Benchmark_release_version folder")
-    vqa.add_argument("--max-new-tokens", type=int, help="default 16")
+    vqa.add_argument("--max-new-tokens", type=positive_int, help="default 16")
     return p
 
 
@@ -1086,6 +1087,9 @@ def apply_suite(args):
             raise ValueError(f"{args.suite}: unknown option '{key}' for the '{args.command}' command")
         if key in PATH_OPTIONS and isinstance(value, str):
             value = os.path.join(os.path.dirname(os.path.abspath(args.suite)), value)
+        if key in ("batch_size", "max_new_tokens", "limit") and getattr(args, key) is None and \
+                (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{args.suite}: {key} must be a positive integer, got {value!r}")
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key, value in DEFAULTS.items():

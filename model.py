@@ -614,6 +614,32 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
     return model.to(device), tok, image_processor_for(model, proc)
 
 
+def _from_run(source, run_args: dict, run_dir: str):
+    """A model source (--init, --teacher, --tokenizer) as a run's args.json recorded it, as it opens from the
+    current directory: a relative path is taken against the directory the run was started in (args.json `cwd`,
+    runs.write_run_files) and, for runs saved before it was recorded (or moved since), against the current
+    directory, then the run directory and each of its parents, the first where it exists. llava:DIR and each
+    piece of parts:V,L,T likewise; preset:NAME as it is."""
+    if not source or source.startswith("preset:"):
+        return source
+    prefix = next((p for p in ("llava:", "parts:") if source.startswith(p)), "")
+    pieces = source[len(prefix):].split(",") if prefix == "parts:" else [source[len(prefix):]]
+
+    def resolve(piece):
+        if os.path.isabs(piece):
+            return piece
+        bases = ([run_args["cwd"]] if run_args.get("cwd") else []) + [os.getcwd()]
+        d = run_dir
+        while True:
+            bases.append(d)
+            if os.path.dirname(d) == d:
+                break
+            d = os.path.dirname(d)
+        found = [os.path.join(b, piece) for b in bases if os.path.exists(os.path.join(b, piece))]
+        return found[0] if found else os.path.join(bases[0], piece)
+    return prefix + ",".join(resolve(p) for p in pieces)
+
+
 def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code: bool = False,
                           attn_implementation: str = "sdpa"):
     """A stage checkpoint (RUN/checkpoint: trainable weights + optimizer state only) as a model: the run's
@@ -628,6 +654,8 @@ def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code
                                 "the model it trains")
     with open(args_path, encoding="utf-8") as f:
         args = json.load(f)
+    for key in ("init", "teacher", "tokenizer"):  # relative paths: from where the run was started (_from_run)
+        args[key] = _from_run(args.get(key), args, run)
     weights = _load(os.path.join(path, "trainable.safetensors"))
     model, tok, proc = load_any(args["init"], trust_remote_code=trust_remote_code,
                                 attn_implementation=attn_implementation, tokenizer=args.get("tokenizer"),

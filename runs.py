@@ -40,9 +40,10 @@ from distributed import optimizer_state, shard_like, shard_optimizer_state, trai
 # -----------------------------------------------------------------------------
 # The run directory: what a previous run left, one run at a time
 
-# what a run writes into --out (the tokenizer files are rewritten with the model; .lock is the lock)
+# what a run writes into --out (the tokenizer files are rewritten with the model; .lock is the lock); the last
+# three are the --report-to sinks' (open_sinks): TensorBoard's event files, wandb's run id and its local files
 RUN_FILES = ("args.json", "log.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "model.safetensors",
-             "config.json", "trainer_summary.json")
+             "config.json", "trainer_summary.json", "tensorboard", "wandb_id", "wandb")
 
 
 def read_json(path):
@@ -103,9 +104,11 @@ def prepare_out_dir(args) -> str:
 
 def write_run_files(args):
     """A fresh run's args.json (with a new run_id, which trainer_summary.json repeats: is_finished) and an
-    empty log. --overwrite is not recorded: it says what to do with the directory, not how to train."""
+    empty log. --overwrite is not recorded: it says what to do with the directory, not how to train. The
+    working directory is recorded too (`cwd`): relative --init / --teacher / --tokenizer paths are resolved
+    against it when the run's checkpoint is opened from elsewhere (model.load_checkpoint_model)."""
     run = {k: v for k, v in vars(args).items() if k != "overwrite"}
-    run["run_id"] = uuid.uuid4().hex
+    run["run_id"], run["cwd"] = uuid.uuid4().hex, os.getcwd()
     with open(os.path.join(args.out, "args.json"), "w", encoding="utf-8") as f:
         json.dump(run, f, indent=2)
     open(os.path.join(args.out, "log.jsonl"), "w", encoding="utf-8").close()
@@ -174,10 +177,17 @@ def trim_log(log_path: str, step: int):
 
 
 
-# arguments that do not change what a stage trains: a finished stage is still finished when these differ
+# arguments that do not change what a stage trains: a finished stage is still finished when these differ. Where
+# the data is read from (--num-workers: the order is the sampler's, docs/training.md), what is logged and where
+# (--report-to, --run-name, --quiet, ...), and how the same sums are computed: --fsdp (sharded, the same
+# reductions in another order: float rounding only), --grad-checkpointing (recomputes the same forward; dropout
+# masks replayed) and --kd-chunk (L_LM / L_KL summed in other chunks). --data-pretrain / --data-instruct: each
+# stage's own data file is --data. Not here: --micro-batch (LoRA dropout draws its masks per micro-batch).
 NOT_TRAINING = {"resume", "quiet", "device", "log_every", "save_every",
                 "eval_sugarcrepe", "eval_coco_images", "eval_every", "eval_limit", "max_nonfinite",
                 "trust_remote_code", "demo", "allow_non_rgb", "overwrite", "save_dtype",
+                "num_workers", "report_to", "run_name", "fsdp", "grad_checkpointing", "kd_chunk",
+                "data_pretrain", "data_instruct",
                 "stop_after", "fail_at_step", "fail_rank"}  # the last three: test hooks that older runs recorded
 
 
@@ -202,12 +212,34 @@ def stage_finished(sub) -> bool:
     return True
 
 
+def resume_unfinished_stage(sub):
+    """--stage all --resume, for a stage that has not finished (stage_finished False): resume its checkpoint;
+    one that left files but no checkpoint at all (it died before its first --save-every) starts again, on its
+    own: only its --out is cleared, the finished stages before it are kept (--overwrite would retrain them
+    too). A checkpoint that cannot be used (checkpoint/ without trainer_state.pt, only checkpoint.tmp/) is still
+    an error, telling to remove that stage's directory. Sets sub.resume / sub.overwrite."""
+    if find_checkpoint(sub.out):
+        return
+    left = [n for n in ("checkpoint", "checkpoint.old", "checkpoint.tmp") if os.path.exists(os.path.join(sub.out, n))]
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(sub.out, n))]
+    if left:
+        raise ValueError(_nothing_to_resume(sub.out, found).replace(
+            "To start again: --overwrite without --resume.",
+            f"To train stage {sub.stage} again (the finished stages before it are kept): remove {sub.out}, then "
+            "--resume."))
+    if found:
+        print(f"stage {sub.stage}: {sub.out} holds an unfinished run without a checkpoint ({', '.join(found)}); "
+              f"stage {sub.stage} starts again (the finished stages before it are kept)")
+    sub.resume, sub.overwrite = False, True
+
+
 # -----------------------------------------------------------------------------
 # Argument checks, before anything loads
 
 # every size, count and rate on the command line: (flags, check, what it must be)
 _ARG_RULES = (
-    (("global_batch", "micro_batch", "log_every", "kd_chunk", "max_len", "lora_r", "max_nonfinite", "eval_limit"),
+    (("global_batch", "micro_batch", "log_every", "kd_chunk", "max_len", "lora_r", "max_nonfinite", "eval_limit",
+      "vat_auto_samples"),
      lambda v: v > 0, "a positive integer"),
     (("max_steps", "save_every", "eval_every", "lora_alpha"), lambda v: v >= 0, "0 or more"),
     (("epochs", "kd_temperature", "lr"), lambda v: math.isfinite(v) and v > 0, "a positive number"),
@@ -245,6 +277,12 @@ def check_args(args) -> list:
     if getattr(args, "fsdp", False) and "WORLD_SIZE" not in os.environ:
         problems.append("--fsdp shards over the processes torchrun starts: run it under torchrun "
                         "(torchrun --nproc_per_node N train.py ...; N = 1 works too)")
+    div = getattr(args, "kd_divergence", "forward")
+    if getattr(args, "cross_vocab", False) and div != "forward" and args.stage in ("1", "2", "all"):
+        # ULD compares the two distributions sorted, with no token map between the vocabularies: there is no
+        # forward / reverse / JSD choice to make there (train.uld_loss), and the checkpoint would record one
+        problems.append(f"--kd-divergence {div} does not apply with --cross-vocab: L_KL across vocabularies is ULD "
+                        "(train.uld_loss), which has no divergence to choose; drop --kd-divergence, or --cross-vocab")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         problems.append("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if args.out:

@@ -465,16 +465,20 @@ def build_data(args, stage):
     if stage.cross:  # the teacher reads the same conversation in its own tokens; L_KL pairs positions by text
         dataset = data.CrossVocabDataset(dataset, stage.tokenizer, stage.teacher_tok, teacher.image_token_id,
                                          student.extra_config.get("system_prompt"),
-                                         teacher.extra_config.get("system_prompt"))
+                                         teacher.extra_config.get("system_prompt"), args.drop_overlong,
+                                         data.default_cache_dir(), stage.rank, world, barrier, num_workers,
+                                         master and not args.quiet, gather)  # both renderings fit --max-len, now
         collate = functools.partial(data.collate_cross_vocab, pad_token_id=pad_id,
                                     teacher_pad_token_id=data.pad_token_id(stage.teacher_tok))
     if master and stage.bad_samples:
         print(f"--skip-bad-samples: skipped {len(stage.bad_samples)} malformed sample(s) of {args.data}; first: "
               + "; ".join(why for _, why in stage.bad_samples[:3]))
     if master and dataset.dropped:
+        in_teacher = len(getattr(dataset, "dropped_teacher", []))
         print(f"--drop-overlong: dropped {len(dataset.dropped)} of {len(dataset.dropped) + len(dataset)} samples of "
-              f"{args.data} (image + first answer token longer than --max-len {args.max_len}; first ids "
-              f"{dataset.dropped[:5]})")
+              f"{args.data} (image + first answer token longer than --max-len {args.max_len}"
+              + (f"; {in_teacher} of them only in the teacher's tokens" if in_teacher else "")
+              + f"; first ids {dataset.dropped[:5]})")
     if len(dataset) < args.global_batch:
         raise ValueError(f"{args.data}: {len(dataset)} usable samples, fewer than --global-batch {args.global_batch}")
     stage.micro = micro_batch_size(args, world)
@@ -1007,6 +1011,8 @@ def main(argv=None):
             if args.resume and runs.stage_finished(sub):
                 print(f"stage {stage}: finished in {sub.out} (trainer_summary.json), skipped")
                 continue
+            if args.resume:
+                runs.resume_unfinished_stage(sub)  # its checkpoint, or (none at all) this stage alone afresh
             run_stage(sub)
         return base
     if not (args.init and args.data and args.out):

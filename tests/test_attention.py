@@ -172,12 +172,12 @@ def test_patch_grid_and_heatmap():
 
 def test_cli_writes_json_plot_and_heatmaps(world, models, tokenizer, tokenizer_dir, tmp_path, monkeypatch):
     teacher, student, _ = models
-    real, budgets = ev.make_model_fns, []
+    real, budgets = ev.model_fns, []
 
-    def short_generation(model_dir, device, batch_size, max_new_tokens, dtype):  # the real glue, 1 new token
+    def short_generation(mllm, tok, proc, device, batch_size, max_new_tokens, **kw):  # the real glue, 1 new token
         budgets.append(max_new_tokens)
-        return real(model_dir, device, batch_size, 1, dtype)
-    monkeypatch.setattr(attention, "make_model_fns", short_generation)
+        return real(mllm, tok, proc, device, batch_size, 1, **kw)
+    monkeypatch.setattr(attention, "model_fns", short_generation)
     tok = data.load_tokenizer(tokenizer_dir)
     M.save_pretrained(teacher, str(tmp_path / "teacher"), tok)
     M.save_pretrained(student, str(tmp_path / "student"), tok)

@@ -164,3 +164,69 @@ def test_a_teacher_with_its_own_tokenizer_distils_a_student_end_to_end(cross_set
     s3[s3.index("preset:student")] = out  # --init: the stage-2 output
     train.main(["--stage", "3", "--max-steps", "1", *s3])
     assert os.path.exists(os.path.join(root, "s3", "model.safetensors"))
+
+
+def _teacher_need(tok, s, nv):
+    """(last visual position, first supervised position) of the teacher's rendering of sample s, from
+    answer_char_keys (the path CrossVocabDataset.__getitem__ takes), not from the dataset's rendering."""
+    ids, labels, _ = data.answer_char_keys(tok, data.llava_to_messages(s), nv, data.image_token_id(tok))
+    vis = [j for j, t in enumerate(ids) if t == data.image_token_id(tok)]
+    first = next(j for j, x in enumerate(labels) if x != -100)
+    return max(vis[-1] if vis else -1, first) + 1, (vis[-1] if vis else -1)
+
+
+def test_the_teachers_rendering_is_checked_against_max_len_before_training(cross_setup, capsys):
+    """Issue 41 item 6: a sample whose TEACHER rendering puts its visual tokens past --max-len (here: text
+    before the image, which the teacher's almost character-level tokenizer makes 5x longer) used to crash
+    the run in __getitem__, hours in; --drop-overlong looked at the student's rendering only. Now both are
+    checked when the dataset is built: an error with the count and the first ids, or dropped and counted."""
+    import json
+    import os
+
+    import model as M
+    from transformers import SiglipVisionConfig
+    world, _, root = cross_setup
+    tok_s = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    tok_c = shapes.train_tokenizer(shapes.world_vocabulary_corpus(), str(root / "tok_c"), vocab_size=262)
+    with open(os.path.join(world, "instruct.json")) as f:
+        samples = json.load(f)
+    nv = 16
+    max_len = max(_teacher_need(tok_c, s, nv)[0] for s in samples) + 4  # every sample fits as it is
+    for s in samples[3:6]:  # three samples get text before the image
+        s["conversations"][0]["value"] = "the red circle is left of the blue square. " * 8 + \
+            s["conversations"][0]["value"]
+    long_ids = [s["id"] for s in samples[3:6]]
+    over = [s["id"] for s in samples if _teacher_need(tok_c, s, nv)[0] > max_len]
+    assert over == long_ids and all(_teacher_need(tok_c, s, nv)[1] >= max_len for s in samples[3:6])
+    proc = M.make_image_processor(SiglipVisionConfig(image_size=64, patch_size=16))
+    student = data.SupervisedDataset(samples, tok_s, proc, world, nv, data.image_token_id(tok_s), max_len)
+    assert student.dropped == []  # the student's rendering fits: only the teacher's does not
+    with pytest.raises(ValueError, match=rf"3 samples do not fit --max-len {max_len} in the teacher's tokens .*"
+                                         rf"first ids \['{long_ids[0]}', '{long_ids[1]}', '{long_ids[2]}'\].*"
+                                         "--drop-overlong"):
+        data.CrossVocabDataset(student, tok_s, tok_c, data.image_token_id(tok_c))
+    ds = data.CrossVocabDataset(student, tok_s, tok_c, data.image_token_id(tok_c), drop_overlong=True)
+    assert ds.dropped == ds.dropped_teacher == long_ids and len(ds) == len(samples) - 3
+    assert [s["id"] for s in ds.samples] == [s["id"] for s in samples if s["id"] not in long_ids]
+    for i in range(len(ds)):  # every item left renders (the check in __getitem__ no longer fires)
+        assert ds[i]["id"] == ds.samples[i]["id"] and len(ds[i]["teacher_input_ids"]) <= max_len
+    # through train.py: the error before any step, and --drop-overlong counting and naming the teacher's drops
+    teacher = str(root / "teacher_c")
+    M.save_pretrained(M.from_preset("teacher", tok_c), teacher, tok_c)
+    data_file = str(root / "instruct_pretext.json")
+    with open(data_file, "w") as f:
+        json.dump(samples, f)
+    out = str(root / "over")
+    argv = ["--stage", "2", "--max-steps", "1", "--cross-vocab", *_cross_args(world, teacher, out)]
+    argv[argv.index("--data") + 1] = data_file
+    argv[argv.index("--max-len") + 1] = str(max_len)
+    with pytest.raises(ValueError, match="3 samples do not fit"):
+        train.main(argv)
+    assert not os.path.exists(os.path.join(out, "checkpoint"))
+    capsys.readouterr()
+    train.main([*argv, "--drop-overlong", "--overwrite"])
+    printed = capsys.readouterr().out
+    assert "--drop-overlong: dropped 3 of 64 samples" in printed and "3 of them only in the teacher's tokens" in printed
+    with open(os.path.join(out, "log.jsonl")) as f:
+        start = json.loads(f.readline())
+    assert start["dropped_overlong"] == 3

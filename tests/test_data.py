@@ -5,6 +5,7 @@ benchmark layouts, truth of positives/negatives, held-out images)."""
 import glob
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -712,3 +713,89 @@ def test_skip_bad_samples_leaves_out_and_lists_malformed_samples(world, tok):
     assert len(ds) == len(good) and ds.samples == good
     ref = data.SupervisedDataset(good, tok, None, world, NV, img, 1000, system_prompt="be brief")
     _same_dataset(ref, ds)
+
+
+def test_render_cache_is_best_effort_and_verifies_its_entries(world, tok, tmp_path, monkeypatch, capsys):
+    """Issue 41 item 7: a cache folder that cannot be created or written, a truncated ids.npy, an emptied entry,
+    a file where the entry's folder should be, a full disk: a warning naming the path, and the dataset equal to
+    the one rendered in memory. A bad entry is rebuilt (verified against its manifest), a full disk leaves no
+    tmp folder."""
+    import errno
+    img = data.image_token_id(tok)
+    samples = read(os.path.join(world, "instruct.json"))[:24]
+    ref = data.SupervisedDataset(samples, tok, None, world, NV, img, 1000)  # in memory, no cache
+
+    def build(cache):
+        return data.SupervisedDataset(samples, tok, None, world, NV, img, 1000, cache_dir=str(cache))
+
+    def entry(cache):
+        found = [p for p in glob.glob(os.path.join(str(cache), "render-*")) if ".tmp" not in p]
+        assert len(found) == 1, found
+        return found[0]
+    # a cache folder that cannot be created: a file where it should be
+    (tmp_path / "file").write_text("not a folder")
+    _same_dataset(ref, build(tmp_path / "file" / "cache"))
+    err = capsys.readouterr().err
+    assert "warning: render cache:" in err and str(tmp_path / "file" / "cache") in err
+    # a truncated ids.npy (a crash, a partial copy): found by the manifest, rebuilt, named
+    cache = tmp_path / "cache"
+    _same_dataset(ref, build(cache))
+    path = entry(cache)
+    ids_npy = os.path.join(path, "ids.npy")
+    size = os.path.getsize(ids_npy)
+    with open(ids_npy, "r+b") as f:
+        f.truncate(size - 40)
+    _same_dataset(ref, build(cache))
+    err = capsys.readouterr().err
+    assert path in err and "ids.npy is" in err and "truncated" in err and "rendered again" in err
+    assert os.path.getsize(ids_npy) == size  # rebuilt: the next run maps it again
+    monkeypatch.setattr(data, "render_samples", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-rendered")))
+    _same_dataset(ref, build(cache))
+    monkeypatch.undo()
+    # an emptied entry; a file where the entry's folder should be
+    for f in os.listdir(path):
+        os.remove(os.path.join(path, f))
+    _same_dataset(ref, build(cache))
+    assert path in capsys.readouterr().err and os.path.isfile(os.path.join(path, "manifest.json"))
+    shutil.rmtree(path)
+    with open(path, "w") as f:
+        f.write("x")
+    _same_dataset(ref, build(cache))
+    assert path in capsys.readouterr().err and os.path.isdir(path)
+    # a full disk while the entry is written: a warning saying so, no tmp folder left, the dataset in memory
+    shutil.rmtree(path)
+    real_save = np.save
+
+    def full_disk(file, arr, *a, **k):
+        if "render-" in str(file) and str(file).endswith("sup.npy"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_save(file, arr, *a, **k)
+    monkeypatch.setattr(np, "save", full_disk)
+    _same_dataset(ref, build(cache))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "disk full (ENOSPC)" in err and path in err
+    assert glob.glob(os.path.join(str(cache), "render-*")) == []  # neither the entry nor render-KEY.tmpPID/
+    # a read-only cache folder (as root cannot be made read-only, the write is refused as the OS would)
+    real_makedirs = os.makedirs
+
+    def read_only(p, *a, **k):
+        if ".tmp" in str(p):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real_makedirs(p, *a, **k)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    _same_dataset(ref, build(cache))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert path in err and "Permission denied" in err and "without the cache" in err
+    # the same under two ranks: a truncated entry is rebuilt once, both ranks equal the rendering
+    _same_dataset(ref, build(cache))
+    with open(ids_npy, "r+b") as f:
+        f.truncate(size - 40)
+    toks = [tok, data.load_tokenizer(os.path.join(world, "tokenizer"))]
+    for ds in _as_ranks(2, lambda r, barrier: data.SupervisedDataset(
+            samples, toks[r], None, world, NV, img, 1000, cache_dir=str(cache), rank=r, world_size=2,
+            barrier=barrier)):
+        _same_dataset(ref, ds)
+    assert os.path.getsize(ids_npy) == size and [os.path.basename(p) for p in glob.glob(
+        os.path.join(str(cache), "render-*"))] == [os.path.basename(path)]

@@ -244,10 +244,23 @@ def test_stage_all_resume_skips_the_finished_stages(world, teacher_dir, tmp_path
     monkeypatch.setattr(train, "run_stage", lambda a: (ran.append(a.stage), real(a)))
     train.main(_stage_all(world, teacher_dir, out, "--max-steps", "1,2,1", "--lr", "1e-3,2e-3,3e-3", "--resume"))
     assert ran == []  # every stage had finished
-    # a stage that left files but neither a summary nor a checkpoint: nothing to resume (issue 18's rule),
-    # stages 1 and 2 are still skipped, and the message names the stage's directory
+    # options that do not change the trained weights (runs.NOT_TRAINING) keep a finished stage finished
+    train.main(_stage_all(world, teacher_dir, out, "--max-steps", "1,2,1", "--lr", "1e-3,2e-3,3e-3", "--resume",
+                          "--num-workers", "0", "--run-name", "again", "--report-to", "none", "--grad-checkpointing"))
+    assert ran == []
+    # a stage that left files but neither a summary nor a checkpoint (it died before its first --save-every):
+    # that stage alone starts again; the finished stages 1 and 2 are kept (--overwrite would retrain them too)
+    run_ids = [json.load(open(os.path.join(out, f"stage{k}", "args.json")))["run_id"] for k in (1, 2, 3)]
     os.remove(os.path.join(out, "stage3", "trainer_summary.json"))
-    with pytest.raises(ValueError, match=r"nothing to resume in .*stage3"):
+    train.main(_stage_all(world, teacher_dir, out, "--max-steps", "1,2,1", "--lr", "1e-3,2e-3,3e-3", "--resume"))
+    assert ran == ["3"] and runs.is_finished(os.path.join(out, "stage3"))
+    now = [json.load(open(os.path.join(out, f"stage{k}", "args.json")))["run_id"] for k in (1, 2, 3)]
+    assert now[:2] == run_ids[:2] and now[2] != run_ids[2] and len(_log(os.path.join(out, "stage3"))) == 1 + 1
+    # a checkpoint that cannot be used (only checkpoint.tmp/): an error whose advice keeps the finished stages
+    os.remove(os.path.join(out, "stage3", "trainer_summary.json"))
+    os.makedirs(os.path.join(out, "stage3", "checkpoint.tmp"))
+    with pytest.raises(ValueError, match=r"nothing to resume in .*stage3.*To train stage 3 again \(the finished "
+                                         r"stages before it are kept\): remove .*stage3, then --resume"):
         train.main(_stage_all(world, teacher_dir, out, "--max-steps", "1,2,1", "--lr", "1e-3,2e-3,3e-3", "--resume"))
     assert ran == ["3"]
     with pytest.raises(ValueError, match=r"stage 1 .* finished with other arguments: --lr 0.001 then vs 0.005"):
