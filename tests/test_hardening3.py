@@ -81,3 +81,78 @@ def test_sigterm_to_the_whole_job_with_dataloader_workers_saves_and_exits_143(wo
     assert step == _log(out)[-1]["step"] >= 1
     train.main(_args(world, out, "--max-steps", str(step + 1), "--resume", "--num-workers", "2"))
     assert _log(out)[-1]["step"] == step + 1 and runs.is_finished(out)
+
+
+# -----------------------------------------------------------------------------
+# Item 4: --vat-layers auto always gives a valid group matching
+
+def test_auto_window_grows_to_min_layers_by_the_better_neighbour():
+    # scores share * (1 - entropy) = share here: 0.1, 0.3, 1.0, 0.2, 0.25, 0.0 -> cut 0.5 -> the run [2];
+    # grown to 3 layers: neighbours 0.3 (layer 1) vs 0.2 (layer 3) -> 1; then 0.1 (layer 0) vs 0.2 (layer 3) -> 3
+    share = [0.1, 0.3, 1.0, 0.2, 0.25, 0.0]
+    prof = {l: {"share": [v], "entropy": [0.0]} for l, v in enumerate(share)}
+    assert vat.auto_layers(prof, 6) == [2]
+    assert vat.auto_layers(prof, 6, min_layers=2) == [1, 2]
+    assert vat.auto_layers(prof, 6, min_layers=3) == [1, 2, 3]
+    assert vat.auto_layers(prof, 6, min_layers=6) == list(range(6))
+    # a window at the edge grows the only way it can; a tie takes the earlier neighbour
+    edge = {l: {"share": [v], "entropy": [0.0]} for l, v in enumerate([1.0, 0.0, 0.0, 0.0])}
+    assert vat.auto_layers(edge, 4, min_layers=3) == [0, 1, 2]
+    tie = {l: {"share": [v], "entropy": [0.0]} for l, v in enumerate([0.2, 1.0, 0.2])}
+    assert vat.auto_layers(tie, 3, min_layers=2) == [0, 1]
+    # a window already long enough is unchanged
+    assert vat.auto_layers(prof, 6, min_layers=1) == vat.auto_layers(prof, 6)
+    with pytest.raises(ValueError, match="at least 7 layers cannot be taken from 6"):
+        vat.auto_layers(prof, 6, min_layers=7)
+    # and the matching it feeds is valid: k student layers, m >= k teacher layers
+    s = [0, 1, 2]
+    t = vat.auto_layers(prof, 6, min_layers=len(s))
+    assert vat.group_layer_matching(s, t) == [[1], [2], [3]]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(world, tmp_path_factory):
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    path = str(tmp_path_factory.mktemp("t3") / "teacher")
+    M.save_pretrained(M.from_preset("teacher", tok, seed=4), path, tok)  # --model-seed 4 below: the same encoder
+    return path
+
+
+def _stage2(world, teacher, out, *extra):
+    return ["--stage", "2", "--init", "preset:student", "--tokenizer", os.path.join(world, "tokenizer"),
+            "--teacher", teacher, "--data", os.path.join(world, "instruct.json"), "--image-folder", world,
+            "--out", out, "--global-batch", "8", "--micro-batch", "4", "--max-len", "256", "--lora-r", "4",
+            "--lora-alpha", "8", "--model-seed", "4", "--device", "cpu", "--quiet", *extra]
+
+
+def test_vat_layers_auto_with_the_stock_presets_trains_with_a_valid_matching(world, teacher_dir, tmp_path, capsys):
+    """The stock presets (teacher 6 layers, student 4): the teacher's measured window is narrower than the
+    student's, which stopped every auto run after measuring (k=2, m=1). The teacher's window now grows to the
+    student's layer count around its own measured peak; the measured window stays inside it."""
+    import attention
+    out = str(tmp_path / "auto")
+    train.main(_stage2(world, teacher_dir, out, "--max-steps", "1", "--vat-layers", "auto", "--vat-auto-samples", "8"))
+    summary = json.load(open(os.path.join(out, "trainer_summary.json")))
+    auto = summary["vat_auto"]
+    assert len(auto["teacher"]) >= len(auto["student"]) >= 1
+    assert auto["teacher"] == list(range(auto["teacher"][0], auto["teacher"][-1] + 1))  # one window
+    # the teacher's own measured window (no growth), measured here again on the same 8 samples
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    te, _, proc = M.load_pretrained(teacher_dir)
+    samples = [s for s in data.load_llava_json(os.path.join(world, "instruct.json")) if s.get("image")][:8]
+    ds = data.SupervisedDataset(samples, tok, proc, world, te.num_visual_tokens, te.image_token_id, 256)
+    b = data.collate([ds[i] for i in range(8)], data.pad_token_id(tok))
+    batches = [(b["input_ids"][j:j + 4], b["attention_mask"][j:j + 4], b["pixel_values"][j:j + 4], None) for j in (0, 4)]
+    measured = attention.layer_profile_batches(te, batches)
+    assert len(measured["auto"]) < len(auto["student"])  # the case: today's rule would stop here (k=2, m=1)
+    assert set(measured["auto"]) <= set(auto["teacher"])
+    assert auto["teacher"] == vat.auto_layers(measured["layers"], 6, min_layers=len(auto["student"]))
+    assert all(r["vat"] > 0 for r in _log(out))
+
+
+def test_a_teacher_window_narrower_than_the_students_names_the_flags_before_any_step(world, teacher_dir, tmp_path):
+    out = str(tmp_path / "narrow")
+    with pytest.raises(ValueError, match=r"k=3, m=1\).*--vat-teacher-layers.*--vat-matching uniform"):
+        train.main(_stage2(world, teacher_dir, out, "--max-steps", "1", "--vat-layers", "0,1,2",
+                           "--vat-teacher-layers", "3"))
+    assert not os.path.exists(os.path.join(out, "log.jsonl"))
