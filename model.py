@@ -313,7 +313,8 @@ def from_parts(vision_path: str, llm_path: str, tokenizer, vision_feature_layer=
     proj = mlp2x_gelu(vision.config.hidden_size * (1 if isinstance(vision_feature_layer, int) else len(vision_feature_layer)),
                       lm.config.hidden_size)
     return MultimodalLM(vision, proj, lm, image_id, vision_feature_layer, vision_feature_select_strategy,
-                        extra_config={"llm_dtype": _checkpoint_dtype(llm_path)}).freeze_vision()
+                        extra_config={"llm_dtype": _checkpoint_dtype(llm_path),
+                                      "vision_dtype": _checkpoint_dtype(vision_path)}).freeze_vision()
 
 
 def from_llava(path: str, dtype=torch.float32, attn_implementation="sdpa") -> MultimodalLM:
@@ -337,7 +338,8 @@ def from_llava(path: str, dtype=torch.float32, attn_implementation="sdpa") -> Mu
     proj[2].load_state_dict(hp.linear_2.state_dict())
     layer = cfg.vision_feature_layer
     layer = layer if isinstance(layer, int) else list(layer)
-    extra = {"llm_dtype": _checkpoint_dtype(path), **({} if bias else {"projector_bias": False})}
+    extra = {"llm_dtype": _checkpoint_dtype(path), "vision_dtype": _checkpoint_dtype(path),
+             **({} if bias else {"projector_bias": False})}
     return MultimodalLM(hf.model.vision_tower, proj, lm, cfg.image_token_id, layer,
                         cfg.vision_feature_select_strategy, extra_config=extra).freeze_vision()
 
@@ -354,7 +356,7 @@ def _fsync_replace(tmp: str, final: str):
 def save_pretrained(model: MultimodalLM, path: str, tokenizer=None, image_processor=None):
     """Write model.safetensors + config.json (+ tokenizer files, + preprocessor_config.json) into `path`,
     each file atomically (temporary file, fsync, rename). Tied weights are stored once (the LM re-ties
-    them on load). Tensors are stored in the dtype they have (train.py casts to --save-dtype first)."""
+    them on load). Tensors are stored in the dtype they have (train.py casts them first: cast_for_save)."""
     os.makedirs(path, exist_ok=True)
     state = model.state_dict()
     seen, tensors = {}, {}
@@ -373,6 +375,26 @@ def save_pretrained(model: MultimodalLM, path: str, tokenizer=None, image_proces
         tokenizer.save_pretrained(path)
     if image_processor is not None:
         getattr(image_processor, "processor", image_processor).save_pretrained(path)  # unwrapped (SquarePad)
+
+
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cast_for_save(model: MultimodalLM, save_dtype: str | None = None) -> str:
+    """Cast a model, in place, to the dtypes its saved file should hold; returns the LLM's. The LLM and the
+    adapter (the trained parts): `save_dtype` (train.py's --save-dtype), by default the dtype the LLM checkpoint
+    came in (`llm_dtype`, recorded by from_parts / from_llava), else float32. The frozen vision tower: the
+    dtype it came in (`vision_dtype`; float32 when not recorded, which holds any stored dtype exactly), never
+    `save_dtype`: the encoder is the same in every model of a run, and TAF compares the teacher's with the
+    student's exactly (taf.check_shared_vision_encoder), so a save must not round it. A Qwen LLM ships in bf16,
+    SigLIP in fp32: a teacher built from them is saved with a bf16 LLM and an fp32 tower."""
+    def known(name, default="float32"):
+        return name if name in SAVE_DTYPES else default  # a config naming another dtype: the master weights' fp32
+    llm = known(save_dtype or model.extra_config.get("llm_dtype") or "float32")
+    model.language_model.to(getattr(torch, llm))
+    model.projector.to(getattr(torch, llm))
+    model.vision_tower.to(getattr(torch, known(model.extra_config.get("vision_dtype") or "float32")))
+    return llm
 
 
 def read_config(path: str) -> dict:

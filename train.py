@@ -296,7 +296,11 @@ def apply_taf(student: M.MultimodalLM, teacher: M.MultimodalLM):
     """TAF (docs/method.md section 2): the student's projector becomes the teacher's frozen adapter + a trainable
     Linear(d_teacher -> d_student); the student's vision encoder must be the teacher's."""
     from taf import check_same_vision_features, check_shared_vision_encoder
-    check_shared_vision_encoder(teacher.vision_tower, student.vision_tower)
+    rounded = check_shared_vision_encoder(teacher.vision_tower, student.vision_tower)
+    if rounded:
+        print(f"TAF: the teacher's vision tower holds the student's weights rounded to a 16-bit dtype ({len(rounded)} "
+              "tensors; a teacher saved whole in bf16 by an older version): the same encoder; the student keeps "
+              "its own copy")
     check_same_vision_features(teacher, student)
     if hasattr(teacher.projector, "teacher_adapter"):
         raise ValueError("the teacher itself has a TAF projector; use a teacher trained with its own adapter")
@@ -683,10 +687,7 @@ def finish(args, stage):
     if master:
         merge_lora(student)
         student.language_model.config.use_cache = True
-        save_dtype = args.save_dtype or student.extra_config.get("llm_dtype") or "float32"
-        if save_dtype not in ("float32", "bfloat16", "float16"):
-            save_dtype = "float32"  # a checkpoint config naming another dtype: keep the master weights' fp32
-        student.to(getattr(torch, save_dtype))  # the run is over: the in-memory model is not used again
+        save_dtype = M.cast_for_save(student, args.save_dtype)  # the run is over: the model is not used again
         M.save_pretrained(student, args.out, stage.tokenizer, stage.image_processor)
         with open(os.path.join(args.out, "trainer_summary.json"), "w", encoding="utf-8") as f:
             json.dump({"steps": stage.step, "skipped_nonfinite": stage.skipped,
@@ -888,7 +889,8 @@ def get_parser():
                    "(--stage all: NAME-stage1, ...)")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None, help="dtype of the "
-                   "saved model.safetensors; default: the dtype the LLM came in (parts / llava), float32 for presets")
+                   "saved LLM and adapter; default: the dtype the LLM came in (parts / llava), float32 for presets. "
+                   "The frozen vision tower is saved in the dtype it came in, whatever this says (model.cast_for_save)")
     p.add_argument("--eval-sugarcrepe", help="validation set in the SugarCrepe layout: its CR accuracy (the paper's "
                    "2-choice protocol, greedy) is logged every --eval-every steps as {'step', 'val_cr'} lines")
     p.add_argument("--eval-coco-images", help="images of --eval-sugarcrepe (the official layout keeps COCO val2017 "

@@ -156,3 +156,108 @@ def test_a_teacher_window_narrower_than_the_students_names_the_flags_before_any_
         train.main(_stage2(world, teacher_dir, out, "--max-steps", "1", "--vat-layers", "0,1,2",
                            "--vat-teacher-layers", "3"))
     assert not os.path.exists(os.path.join(out, "log.jsonl"))
+
+
+# -----------------------------------------------------------------------------
+# Item 1: README's recipe from a bf16 LLM checkpoint and an fp32 vision checkpoint, as the hub ships them
+
+def _hub_checkpoints(world, root):
+    """A SigLIP-style vision checkpoint in fp32 and two Qwen2 LLM checkpoints in bf16 (teacher and student
+    widths of the presets), each with the world's tokenizer beside it, written by transformers'
+    save_pretrained as the hub's are."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    torch.manual_seed(0)
+    vision = AutoModel.from_config(AutoConfig.for_model(**M.TINY_VISION))
+    vision_dir = os.path.join(root, "siglip")
+    vision.save_pretrained(vision_dir)
+    llms = {}
+    for name in ("teacher", "student"):
+        cfg = AutoConfig.for_model(**M.PRESETS[name], vocab_size=len(tok), max_position_embeddings=4096,
+                                   tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id)
+        llm = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+        llms[name] = os.path.join(root, f"qwen_{name}")
+        llm.save_pretrained(llms[name])
+        tok.save_pretrained(llms[name])
+    return vision_dir, llms
+
+
+def _with_text_only(world, name, root, every=3):
+    """`name`'s samples with a text-only sample after every `every` (the world's text-only ones repeated)."""
+    samples = data.load_llava_json(os.path.join(world, name))
+    text = [s for s in data.load_llava_json(os.path.join(world, "instruct.json")) if not s.get("image")]
+    out = []
+    for i, s in enumerate(samples):
+        out.append(s)
+        if i % every == every - 1:
+            out.append(dict(text[i % len(text)], id=f"text_{name}_{i}"))
+    path = os.path.join(root, name.replace(".json", "_mixed.json"))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(out, f)
+    return path
+
+
+@pytest.mark.slow
+def test_readme_recipe_from_bf16_llm_and_fp32_vision_checkpoints_reaches_stage_3(world, tmp_path):
+    """README's `## Training on real checkpoints` at tiny shapes: the teacher by the LLaVA recipe (adapter
+    pre-training, then LoRA fine-tuning) from parts:SIGLIP,QWEN,QWEN, then the student's --stage all, on
+    data with text-only samples. The LLM checkpoints are bf16 and the vision checkpoint fp32, as Qwen2.5 and
+    google/siglip-so400m-patch14-384 ship: the teacher is saved in its LLM's dtype, but its frozen vision
+    tower in its own (fp32), so TAF's exact encoder comparison holds in the student's stage 1."""
+    from safetensors.torch import load_file
+    root = str(tmp_path)
+    vision_dir, llm = _hub_checkpoints(world, root)
+    pretrain, instruct = _with_text_only(world, "pretrain.json", root), _with_text_only(world, "instruct.json", root)
+    common = ["--image-folder", world, "--global-batch", "8", "--micro-batch", "4", "--max-len", "256",
+              "--lora-r", "4", "--lora-alpha", "8", "--device", "cpu", "--quiet"]
+    train.main(["--stage", "llava", "--init", f"parts:{vision_dir},{llm['teacher']},{llm['teacher']}",
+                "--trainable", "adapter", "--lr", "1e-3", "--data", pretrain, "--out", f"{root}/t/pre",
+                "--max-steps", "2", *common])
+    train.main(["--stage", "llava", "--init", f"{root}/t/pre", "--trainable", "adapter+lora", "--lr", "2e-4",
+                "--data", instruct, "--out", f"{root}/t/ft", "--group-by-length", "--max-steps", "2", *common])
+    saved = load_file(os.path.join(root, "t", "ft", "model.safetensors"))
+    original = load_file(os.path.join(vision_dir, "model.safetensors"))
+    tower = {k[len("vision_tower."):]: v for k, v in saved.items() if k.startswith("vision_tower.")}
+    assert tower and all(tower[k].dtype == torch.float32 for k in tower)  # the frozen tower in its own dtype
+    for k, v in original.items():  # bit for bit the vision checkpoint (its keys may carry a prefix)
+        assert torch.equal(tower[k.split("vision_model.", 1)[-1] if k not in tower else k].float(), v.float()), k
+    assert saved["language_model.model.embed_tokens.weight"].dtype == torch.bfloat16  # the LLM in its own
+    train.main(["--stage", "all", "--init", f"parts:{vision_dir},{llm['student']},{llm['student']}",
+                "--teacher", f"{root}/t/ft", "--data-pretrain", pretrain, "--data-instruct", instruct,
+                "--out", f"{root}/cd", "--grad-checkpointing", "--group-by-length", "--max-steps", "2", *common])
+    for stage in ("1", "2", "3"):
+        assert runs.is_finished(os.path.join(root, "cd", f"stage{stage}"))
+        assert all(r["skipped"] == 0 for r in _log(os.path.join(root, "cd", f"stage{stage}")))
+    final = load_file(os.path.join(root, "cd", "stage3", "model.safetensors"))
+    assert torch.equal(final["vision_tower.embeddings.patch_embedding.weight"], tower["embeddings.patch_embedding.weight"])
+    model, _, _ = M.load_any(os.path.join(root, "cd", "stage3"))
+    assert model.extra_config["projector"] == "taf"
+
+
+def test_a_teacher_tower_saved_in_bf16_by_an_older_version_is_the_same_encoder(world, tmp_path):
+    """A teacher saved whole in bf16 (what the recipe did before the tower kept its dtype) and read back on the
+    CPU holds the student's fp32 weights rounded to bf16: check_shared_vision_encoder compares at the dtype
+    that holds both (the same answer as on CUDA, where the teacher is loaded in bf16), names the rounded
+    tensors, and TAF applies. Weights that differ otherwise are an error saying the towers differ and how to
+    build the student."""
+    import taf
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    teacher = M.from_preset("teacher", tok)
+    teacher.to(torch.bfloat16)
+    M.save_pretrained(teacher, str(tmp_path / "old_bf16_teacher"), tok)
+    old, _, _ = M.load_pretrained(str(tmp_path / "old_bf16_teacher"))
+    assert next(old.vision_tower.parameters()).dtype == torch.float32
+    student = M.from_preset("student", tok)
+    rounded = taf.check_shared_vision_encoder(old.vision_tower, student.vision_tower)
+    assert "embeddings.patch_embedding.weight" in rounded
+    assert taf.check_shared_vision_encoder(student.vision_tower, M.from_preset("student", tok).vision_tower) == []
+    train.apply_taf(student, old)
+    other = M.from_preset("student", tok, seed=5)
+    with pytest.raises(ValueError, match=r"not by rounding one to the other's dtype.*parts:VISION"):
+        taf.check_shared_vision_encoder(old.vision_tower, other.vision_tower)
+    # one weight moved (by 1.5x, still a bf16 value) is not a rounding of the student's
+    with torch.no_grad():
+        old.vision_tower.embeddings.patch_embedding.weight[0, 0, 0, 0] *= 1.5
+    with pytest.raises(ValueError, match="patch_embedding.weight"):
+        taf.check_shared_vision_encoder(old.vision_tower, student.vision_tower)
