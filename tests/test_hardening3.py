@@ -261,3 +261,123 @@ def test_a_teacher_tower_saved_in_bf16_by_an_older_version_is_the_same_encoder(w
         old.vision_tower.embeddings.patch_embedding.weight[0, 0, 0, 0] *= 1.5
     with pytest.raises(ValueError, match="patch_embedding.weight"):
         taf.check_shared_vision_encoder(old.vision_tower, student.vision_tower)
+
+
+# -----------------------------------------------------------------------------
+# Item 2: --fsdp when one rank's micro-batch has no image and another's has one
+
+@pytest.mark.slow
+def test_fsdp_on_a_mix_with_text_only_micro_batches_equals_ddp_and_resumes(tmp_path):
+    """2 gloo processes, stage 2 (TAF, LoRA, L_KL, VAT) on a data mix half text-only: at some micro-batch one
+    rank has no image and the other has one. The vision towers' FSDP units all-gather on every rank whatever
+    its micro-batch holds (the tower runs on one blank image, contributing 0), so the run equals the DDP run
+    step by step; stopped after step 2 and resumed under --fsdp, it still does."""
+    import shutil
+    from conftest import world_and_teacher
+    from test_fsdp import _args as fsdp_args, _records, _same_run, _torchrun
+    from test_hardening import _free_port
+    world, teacher = world_and_teacher(tmp_path, seed=2, n_pretrain=32, n_instruct=64, n_images=32,
+                                       n_sugarcrepe=2, n_vqa=4, n_val_sugarcrepe=2, n_val_vqa=2)
+    samples = data.load_llava_json(os.path.join(world, "instruct.json"))
+    text = [s for s in samples if not s.get("image")]
+    mixed = []
+    for i, s in enumerate(x for x in samples if x.get("image")):
+        mixed += [s, dict(text[i % len(text)], id=f"text_{i}")]
+    path = str(tmp_path / "mixed.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(mixed, f)
+    # the case: at some micro-batch of the first 4 steps one rank has no image, the other has one
+    shares = [iter(data.MicroBatchSampler(data.GlobalBatchSampler(len(mixed), 8, r, 2, seed=0), 2)) for r in (0, 1)]
+    has_image = [[any(mixed[i].get("image") for i in next(shares[r])) for _ in range(8)] for r in (0, 1)]
+    assert any(a != b for a, b in zip(*has_image)), has_image
+
+    def args(out, *extra):
+        a = fsdp_args(world, teacher, out, "--max-steps", "4", "--save-every", "2", *extra)
+        a[a.index("--data") + 1] = path
+        return a
+    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    _torchrun(args(ddp), _free_port())
+    _torchrun(args(fsdp, "--fsdp"), _free_port(), fault="stop_after=2")
+    assert [r["step"] for r in _records(fsdp)] == [1, 2]
+    _torchrun(args(fsdp, "--fsdp", "--resume"), _free_port())
+    _same_run(ddp, fsdp)
+    assert all(r["vat"] > 0 for r in _records(fsdp))
+
+
+# -----------------------------------------------------------------------------
+# Item 5: a checkpoint's --init / --teacher re-made under the same path
+
+def test_an_init_or_teacher_remade_under_the_same_path_is_refused_by_resume_and_evaluation(world, tmp_path):
+    """The checkpoint records a fingerprint of its --init's and --teacher's files (model.source_fingerprint);
+    --resume and load_checkpoint_model (evaluate.py RUN/checkpoint) refuse a source whose files changed,
+    naming the flag, the path and the file. A checkpoint without the fingerprint (older) still loads."""
+    import shutil
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    init = str(tmp_path / "init")
+    M.save_pretrained(M.from_preset("student", tok, seed=0), init, tok)
+    original = str(tmp_path / "init_original")
+    shutil.copytree(init, original)
+    out = str(tmp_path / "run")
+    args = ["--stage", "llava", "--init", init, "--data", os.path.join(world, "instruct.json"), "--image-folder",
+            world, "--out", out, "--trainable", "adapter+lora", "--lora-r", "4", "--global-batch", "8",
+            "--micro-batch", "4", "--max-len", "256", "--max-steps", "3", "--save-every", "1", "--device", "cpu",
+            "--quiet"]
+    from conftest import killed_after
+    with killed_after(1):
+        train.main(args)
+    ckpt = os.path.join(out, "checkpoint")
+    M.save_pretrained(M.from_preset("student", tok, seed=1), init, tok)  # re-made: same shapes, other weights
+    with pytest.raises(ValueError, match=r"trained on --init .*init, whose files are not the same now "
+                                         r"\(changed: model\.safetensors\)"):
+        train.main([*args, "--resume"])
+    with pytest.raises(ValueError, match=r"trained on --init .*changed: model\.safetensors"):
+        M.load_checkpoint_model(ckpt)
+    shutil.rmtree(init)
+    shutil.copytree(original, init)  # the files it was trained on, back under the same path (new mtimes)
+    M.load_checkpoint_model(ckpt)
+    # a checkpoint written before fingerprints: not refused for their absence
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    del state["meta"]["init_fingerprint"]
+    torch.save(state, os.path.join(ckpt, "trainer_state.pt"))
+    M.save_pretrained(M.from_preset("student", tok, seed=1), init, tok)
+    M.load_checkpoint_model(ckpt)
+    shutil.rmtree(init)
+    shutil.copytree(original, init)
+    train.main([*args, "--resume"])
+    assert runs.is_finished(out) and _log(out)[-1]["step"] == 3
+
+    # the teacher of a TAF stage: its LLM re-trained under the same path (the same vision tower)
+    teacher = str(tmp_path / "teacher")
+    M.save_pretrained(M.from_preset("teacher", tok), teacher, tok)
+    s1 = str(tmp_path / "s1")
+    args1 = ["--stage", "1", "--init", "preset:student", "--tokenizer", os.path.join(world, "tokenizer"), "--teacher",
+             teacher, "--data", os.path.join(world, "pretrain.json"), "--image-folder", world, "--out", s1,
+             "--global-batch", "8", "--micro-batch", "4", "--max-steps", "3", "--save-every", "1", "--device",
+             "cpu", "--quiet"]
+    with killed_after(1):
+        train.main(args1)
+    retrained = M.from_preset("teacher", tok)
+    with torch.no_grad():
+        for p in retrained.language_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    M.save_pretrained(retrained, teacher, tok)
+    with pytest.raises(ValueError, match=r"trained on --teacher .*teacher, whose files .*changed: model\.safetensors"):
+        train.main([*args1, "--resume"])
+    with pytest.raises(ValueError, match=r"trained on --teacher .*changed: model\.safetensors"):
+        M.load_checkpoint_model(os.path.join(s1, "checkpoint"))
+
+
+def test_the_safetensors_fingerprint_reads_headers_and_tensor_ends(tmp_path):
+    from safetensors.torch import save_file
+    a = {"w": torch.arange(10000, dtype=torch.float32), "b": torch.zeros(3)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file({k: v.clone() for k, v in a.items()}, str(tmp_path / "same.safetensors"))
+    edited = {k: v.clone() for k, v in a.items()}
+    edited["w"][-1] = -1.0  # the last value of one tensor
+    save_file(edited, str(tmp_path / "edited.safetensors"))
+    save_file({"w": a["w"].double(), "b": a["b"]}, str(tmp_path / "dtype.safetensors"))
+    d = {n: M._safetensors_digest(str(tmp_path / f"{n}.safetensors")) for n in ("a", "same", "edited", "dtype")}
+    assert d["a"] == d["same"] and len({d["a"], d["edited"], d["dtype"]}) == 3
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes()[:6])
+    with pytest.raises(ValueError, match="cut.safetensors: not a safetensors file"):
+        M._safetensors_digest(str(tmp_path / "cut.safetensors"))
