@@ -19,6 +19,7 @@ import json
 import numbers
 import os
 import shutil
+import signal
 import sys
 
 import numpy as np
@@ -1274,13 +1275,22 @@ def num_workers_for(num_workers, device) -> int:
     return max(1, min(4, per_rank - 1))
 
 
+def ignore_sigterm(worker_id: int = 0):
+    """A DataLoader worker's init: SIGTERM ignored. A scheduler's preemption (scancel, a spot reclaim) sends
+    SIGTERM to every process of the job; torch's worker handler would die of it, and the main process would
+    then stop with "DataLoader worker ... exited unexpectedly" instead of finishing the step and saving
+    (runs.sigterm_checkpoints). The main process ends the workers itself when it exits; SIGKILL still works."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def data_loader(dataset, sampler, micro, pad_id, num_workers, device, seed, collate_fn=None):
     """An iterator over this rank's collated micro-batches, in the sampler's order: a torch DataLoader over
     MicroBatchSampler with `num_workers` worker processes (0: in this process), pinned memory on CUDA and
     4 micro-batches prefetched per worker. Items (image decode + processor, ids expanded) and collate run in
     the workers; the order, hence every loss, is the same for any number of workers. Its own seeded generator,
     so that the global RNG (dropout) does not depend on the loader. Workers are forked (where the platform
-    can), so they share the dataset's memory-mapped arrays instead of pickling them."""
+    can), so they share the dataset's memory-mapped arrays instead of pickling them. Workers ignore SIGTERM
+    (ignore_sigterm): a preemption's SIGTERM to the whole job reaches the main process, which saves."""
     import multiprocessing as mp
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers never tokenize
@@ -1288,6 +1298,6 @@ def data_loader(dataset, sampler, micro, pad_id, num_workers, device, seed, coll
         dataset, batch_sampler=MicroBatchSampler(sampler, micro),
         collate_fn=collate_fn or functools.partial(collate, pad_token_id=pad_id), num_workers=num_workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigterm if num_workers else None,
         multiprocessing_context=("fork" if "fork" in mp.get_all_start_methods() else None) if num_workers else None)
     return iter(loader)

@@ -80,7 +80,9 @@ def fsdp_shard(mllm: torch.nn.Module, mesh) -> torch.nn.Module:
     tower is one unit, the root unit holds the rest (embeddings and LM head, tied or not, the final norms, the
     projector). Parameters move to the mesh's device as they are split. The root's weights stay gathered
     from its forward to its backward, so the chunked loss may read the LM head's weight after the forward
-    (and the teacher's, which has no backward, stay gathered)."""
+    (and the teacher's, which has no backward, stay gathered). Every rank then runs the vision tower in every
+    forward, one blank image where its micro-batch has none (MultimodalLM.encode_on_every_rank): a unit's
+    all-gather is a collective, and a rank that skipped the tower would leave the others waiting in it."""
     from torch.distributed.fsdp import fully_shard
     blocks = [m for m in mllm.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer"))]
     if not blocks:
@@ -89,6 +91,8 @@ def fsdp_shard(mllm: torch.nn.Module, mesh) -> torch.nn.Module:
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(mllm, mesh=mesh)
+    if hasattr(mllm, "encode_on_every_rank"):  # a text-only micro-batch still runs the tower (model.embed)
+        mllm.encode_on_every_rank = True
     return mllm
 
 

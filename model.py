@@ -26,6 +26,7 @@ a model directory, a run's `checkpoint/`, `llava:DIR` or an HF LLaVA directory, 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -97,6 +98,9 @@ class MultimodalLM(nn.Module):
         self.vision_feature_layer = vision_feature_layer
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.extra_config = dict(extra_config or {})  # e.g. projector type, TAF teacher width
+        # True once the vision tower is sharded (distributed.fsdp_shard): its units all-gather in every forward,
+        # so every rank must run it, whether or not its micro-batch has an image (embed)
+        self.encode_on_every_rank = False
         emb = vision_tower.embeddings
         n_positions = getattr(emb, "num_positions", None) or emb.position_embedding.weight.shape[0]
         self.num_visual_tokens = n_positions - (1 if vision_feature_select_strategy == "default" else 0)
@@ -159,6 +163,14 @@ class MultimodalLM(nn.Module):
         if n_images:
             feats = self.encode_images(pixel_values).to(embeds.dtype)
             embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+        elif self.encode_on_every_rank:
+            # --fsdp: the tower's and the projector's units all-gather as they run, and a rank whose micro-batch
+            # has no image would leave the others waiting in a collective it never joins (gloo aborts, NCCL
+            # hangs). One blank image through both, times 0: the same collectives on every rank, no effect on
+            # the loss, and the trainable projector stays in the graph (as the DDP branch below)
+            cfg = self.vision_tower.config
+            blank = embeds.new_zeros(1, cfg.num_channels, cfg.image_size, cfg.image_size)
+            embeds = embeds + 0.0 * self.encode_images(blank).sum().to(embeds.dtype)
         elif torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
             # A text-only batch leaves the trainable projector unused, and DDP then waits forever for
             # its gradients. A zero-valued use keeps every trainable parameter in the graph.
@@ -313,7 +325,8 @@ def from_parts(vision_path: str, llm_path: str, tokenizer, vision_feature_layer=
     proj = mlp2x_gelu(vision.config.hidden_size * (1 if isinstance(vision_feature_layer, int) else len(vision_feature_layer)),
                       lm.config.hidden_size)
     return MultimodalLM(vision, proj, lm, image_id, vision_feature_layer, vision_feature_select_strategy,
-                        extra_config={"llm_dtype": _checkpoint_dtype(llm_path)}).freeze_vision()
+                        extra_config={"llm_dtype": _checkpoint_dtype(llm_path),
+                                      "vision_dtype": _checkpoint_dtype(vision_path)}).freeze_vision()
 
 
 def from_llava(path: str, dtype=torch.float32, attn_implementation="sdpa") -> MultimodalLM:
@@ -337,7 +350,8 @@ def from_llava(path: str, dtype=torch.float32, attn_implementation="sdpa") -> Mu
     proj[2].load_state_dict(hp.linear_2.state_dict())
     layer = cfg.vision_feature_layer
     layer = layer if isinstance(layer, int) else list(layer)
-    extra = {"llm_dtype": _checkpoint_dtype(path), **({} if bias else {"projector_bias": False})}
+    extra = {"llm_dtype": _checkpoint_dtype(path), "vision_dtype": _checkpoint_dtype(path),
+             **({} if bias else {"projector_bias": False})}
     return MultimodalLM(hf.model.vision_tower, proj, lm, cfg.image_token_id, layer,
                         cfg.vision_feature_select_strategy, extra_config=extra).freeze_vision()
 
@@ -354,7 +368,7 @@ def _fsync_replace(tmp: str, final: str):
 def save_pretrained(model: MultimodalLM, path: str, tokenizer=None, image_processor=None):
     """Write model.safetensors + config.json (+ tokenizer files, + preprocessor_config.json) into `path`,
     each file atomically (temporary file, fsync, rename). Tied weights are stored once (the LM re-ties
-    them on load). Tensors are stored in the dtype they have (train.py casts to --save-dtype first)."""
+    them on load). Tensors are stored in the dtype they have (train.py casts them first: cast_for_save)."""
     os.makedirs(path, exist_ok=True)
     state = model.state_dict()
     seen, tensors = {}, {}
@@ -373,6 +387,27 @@ def save_pretrained(model: MultimodalLM, path: str, tokenizer=None, image_proces
         tokenizer.save_pretrained(path)
     if image_processor is not None:
         getattr(image_processor, "processor", image_processor).save_pretrained(path)  # unwrapped (SquarePad)
+
+
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cast_for_save(model: MultimodalLM, save_dtype: str | None = None) -> str:
+    """Cast a model, in place, to the dtypes its saved file should hold; returns the LLM's. The LLM: `save_dtype`
+    (train.py's --save-dtype), by default the dtype the LLM checkpoint came in (`llm_dtype`, recorded by
+    from_parts / from_llava), else float32. The projector (TAF's trained linear, or the adapter): float32, so a
+    stage hands the next one its exact weights. The frozen vision tower: the
+    dtype it came in (`vision_dtype`; float32 when not recorded, which holds any stored dtype exactly), never
+    `save_dtype`: the encoder is the same in every model of a run, and TAF compares the teacher's with the
+    student's exactly (taf.check_shared_vision_encoder), so a save must not round it. A Qwen LLM ships in bf16,
+    SigLIP in fp32: a teacher built from them is saved with a bf16 LLM and an fp32 tower."""
+    def known(name, default="float32"):
+        return name if name in SAVE_DTYPES else default  # a config naming another dtype: the master weights' fp32
+    llm = known(save_dtype or model.extra_config.get("llm_dtype") or "float32")
+    model.language_model.to(getattr(torch, llm))
+    model.projector.to(torch.float32)  # trained in every stage (TAF's linear): kept exact, a few MB
+    model.vision_tower.to(getattr(torch, known(model.extra_config.get("vision_dtype") or "float32")))
+    return llm
 
 
 def read_config(path: str) -> dict:
@@ -640,6 +675,88 @@ def _from_run(source, run_args: dict, run_dir: str):
     return prefix + ",".join(resolve(p) for p in pieces)
 
 
+# -----------------------------------------------------------------------------
+# What a checkpoint was trained on: a fingerprint of its --init and --teacher files
+
+def _safetensors_digest(path: str, sample: int = 4096) -> str:
+    """sha256 of a safetensors file's header (every tensor's name, dtype, shape and byte range, and the
+    metadata), its size, and the first and last `sample` bytes of every tensor. Reads a few KiB per tensor,
+    not the file: a multi-GB checkpoint is fingerprinted in well under a second. What it catches: another
+    architecture, dtype or vocabulary (the header), a truncated or padded file (the size), and re-trained or
+    re-merged weights, which change every tensor they touch from its first bytes to its last (a LoRA merge, a
+    fine-tuned adapter or LLM, another seed). What it cannot: an edit confined to the middle of a tensor."""
+    import struct
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: not a safetensors file, or truncated (header of {n} bytes in {size})")
+        header = f.read(n)
+        h.update(header)
+        try:
+            entries = json.loads(header)
+        except ValueError:
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
+        spans = sorted(tuple(v["data_offsets"]) for k, v in entries.items() if k != "__metadata__")
+        for begin, end in spans:
+            for start in sorted({begin, max(begin, end - sample)}):
+                f.seek(8 + n + start)
+                h.update(f.read(min(sample, end - start)))
+    return h.hexdigest()
+
+
+def source_fingerprint(source: str | None) -> dict | None:
+    """{file: digest} of the files a model source (load_any's spelling) is read from: every top-level
+    *.safetensors (_safetensors_digest) and config.json (sha256) of its directory, keyed by file name, so a
+    directory moved whole still matches (parts:VISION,LLM,TOKENIZER: keyed DIR/name, each directory; a run's
+    checkpoint/ holds trainable.safetensors). None for a preset (built
+    from code and a seed) or no source. train.py records it in a checkpoint's meta ("init_fingerprint",
+    "teacher_fingerprint"); --resume and load_checkpoint_model refuse a source whose files changed
+    (check_fingerprint)."""
+    if not source or source.startswith("preset:"):
+        return None
+    if source.startswith("parts:"):
+        dirs = source.split(":", 1)[1].split(",")
+    else:
+        dirs = [source.split(":", 1)[1] if source.startswith("llava:") else source]
+    out = {}
+    for i, d in enumerate(dirs):
+        if not os.path.isdir(d):
+            continue  # load_any names a missing source itself
+        for name in sorted(os.listdir(d)):
+            f, key = os.path.join(d, name), name if len(dirs) == 1 else f"{d}/{name}"
+            if name.endswith(".safetensors") and os.path.isfile(f):
+                out[key] = _safetensors_digest(f)
+            elif name == "config.json":
+                with open(f, "rb") as fh:
+                    out[key] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def check_fingerprint(recorded: dict | None, source: str | None, flag: str, checkpoint: str):
+    """Refuse to put a checkpoint's trained weights on a `source` whose files are not the ones it was trained
+    on (a directory re-made under the same path): a ValueError naming the flag, the path and each file that
+    changed, appeared or disappeared. `recorded` None (a checkpoint written before fingerprints, or a
+    preset): nothing to check."""
+    if recorded is None:
+        return
+    now = source_fingerprint(source) or {}
+    changed = sorted(f for f in recorded.keys() & now.keys() if recorded[f] != now[f])
+    gone, new = sorted(recorded.keys() - now.keys()), sorted(now.keys() - recorded.keys())
+    if changed or gone or new:
+        what = "; ".join(x for x in (f"changed: {', '.join(changed)}" if changed else "",
+                                     f"missing now: {', '.join(gone)}" if gone else "",
+                                     f"new: {', '.join(new)}" if new else "") if x)
+        raise ValueError(f"{checkpoint} was trained on {flag} {source}, whose files are not the same now ({what}): "
+                         f"its trained weights would land on other base weights. Put back the {flag} the run "
+                         "started from, or start again (--overwrite)")
+
+
 def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code: bool = False,
                           attn_implementation: str = "sdpa"):
     """A stage checkpoint (RUN/checkpoint: trainable weights + optimizer state only) as a model: the run's
@@ -656,6 +773,8 @@ def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code
         args = json.load(f)
     for key in ("init", "teacher", "tokenizer"):  # relative paths: from where the run was started (_from_run)
         args[key] = _from_run(args.get(key), args, run)
+    meta = checkpoint_meta(path)  # what the checkpoint was trained on: refuse sources re-made since
+    check_fingerprint(meta.get("init_fingerprint"), args["init"], "--init", path)
     weights = _load(os.path.join(path, "trainable.safetensors"))
     model, tok, proc = load_any(args["init"], trust_remote_code=trust_remote_code,
                                 attn_implementation=attn_implementation, tokenizer=args.get("tokenizer"),
@@ -664,6 +783,7 @@ def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code
     if any(k.startswith("projector.linear.") for k in weights) and model.extra_config.get("projector") != "taf":
         if not args.get("teacher"):
             raise ValueError(f"{path}: a TAF checkpoint, but {args_path} names no --teacher to fetch the adapter from")
+        check_fingerprint(meta.get("teacher_fingerprint"), args["teacher"], "--teacher", path)
         teacher = load_any(args["teacher"], trust_remote_code=trust_remote_code)[0]
         taf_student(model, teacher)
         del teacher
@@ -689,6 +809,12 @@ def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval(), tok, image_processor_for(model, proc)
+
+
+def checkpoint_meta(path: str) -> dict:
+    """The meta a stage checkpoint records (its trainer_state.pt, memory-mapped, weights only)."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu", mmap=True)
+    return dict(state.get("meta") or {})
 
 
 def checkpoint_step(path: str) -> int:

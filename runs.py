@@ -461,7 +461,8 @@ def find_checkpoint(out_dir: str) -> str | None:
 
 
 # meta fields recorded since a later version: a checkpoint without them is not refused for their absence
-LATER_META = ("lr", "w_lm", "w_kl", "w_vat", "kd_temperature", "max_len", "data_size", "data_sha256")
+LATER_META = ("lr", "w_lm", "w_kl", "w_vat", "kd_temperature", "max_len", "data_size", "data_sha256",
+              "init_fingerprint", "teacher_fingerprint")
 
 
 def _corrupt(path: str, name: str, e: Exception) -> RuntimeError:

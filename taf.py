@@ -81,9 +81,12 @@ def check_shared_vision_encoder(teacher_vision: nn.Module, student_vision: nn.Mo
     """TAF requires teacher and student to use the SAME vision encoder (docs/method.md sections 1-2):
     P_t was trained on that encoder's features. Raises ValueError naming what differs:
     the config fields, the parameter/buffer names, or the first parameter whose values differ.
-    Values are compared exactly at the coarser of the two dtypes: a teacher loaded in bf16 (train.py does
-    on CUDA) matches a student holding the same fp32 checkpoint, since rounding the student's copy to bf16
-    gives the teacher's weights bit for bit; any other difference is an error.
+    Values are compared exactly at the coarser of the two dtypes, where a tensor's dtype is the coarsest that
+    holds its values (`_holds`): a teacher loaded in bf16 (train.py does on CUDA), or whose tower was saved in
+    bf16 and read back into fp32, matches a student holding the same fp32 checkpoint, since rounding the
+    student's copy to bf16 gives the teacher's weights bit for bit; any other difference is an error that
+    says the towers come from different weights. Returns the names of the parameters that matched only after
+    such a rounding (empty when the two towers are identical).
     """
     cfg_t, cfg_s = _flat_config(teacher_vision), _flat_config(student_vision)
     if (cfg_t is None) != (cfg_s is None):
@@ -102,20 +105,40 @@ def check_shared_vision_encoder(teacher_vision: nn.Module, student_vision: nn.Mo
         raise ValueError(f"check_shared_vision_encoder: parameter names differ; only in teacher: {only_t[:5]}"
                          f"{' ...' if len(only_t) > 5 else ''}, only in student: {only_s[:5]}"
                          f"{' ...' if len(only_s) > 5 else ''}")
+    rounded, held_t, held_s = [], _holds(sd_t.values()), _holds(sd_s.values())
     for name in sd_t:
         a, b = sd_t[name], sd_s[name]
         if a.shape != b.shape:
             raise ValueError(f"check_shared_vision_encoder: parameter {name!r} has shape {tuple(a.shape)} in the "
                              f"teacher and {tuple(b.shape)} in the student")
         if a.is_floating_point() and b.is_floating_point():
-            coarse = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
+            coarse = max((a.dtype, b.dtype, held_t, held_s), key=lambda d: torch.finfo(d).eps)
             a_, b_ = a.detach().cpu().to(coarse), b.detach().cpu().to(coarse)
+            if coarse not in (a.dtype, b.dtype) and not torch.equal(a.detach().cpu().double(), b.detach().cpu().double()):
+                rounded.append(name)  # one side holds a rounded copy in a finer dtype
         else:  # integer buffers (e.g. position ids) compare as they are
             a_, b_ = a.detach().cpu(), b.detach().cpu()
         if not torch.equal(a_, b_):
-            diff = (a_.double() - b_.double()).abs().max().item()
-            raise ValueError(f"check_shared_vision_encoder: parameter {name!r} differs between teacher and "
-                             f"student (max abs difference {diff:.3g}); TAF needs the same vision encoder weights")
+            diff = (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
+            raise ValueError(
+                f"check_shared_vision_encoder: parameter {name!r} differs between teacher and student (max abs "
+                f"difference {diff:.3g}; teacher {a.dtype}, student {b.dtype}), and not by rounding one to the "
+                f"other's dtype: the two vision towers come from different weights. TAF needs the vision encoder "
+                f"the teacher's adapter was trained on: build the student on the teacher's vision checkpoint "
+                f"(parts:VISION,... with the teacher's VISION)")
+    return rounded
+
+
+def _holds(tensors) -> torch.dtype:
+    """The coarsest 16-bit float dtype that holds every value of every float tensor of a tower exactly:
+    bfloat16 or float16 for a tower that was stored in one of them and read back into float32 (the round trip
+    changes nothing), else the coarsest dtype the tensors have. Decided for the whole tower, not per tensor: a float32 tower's LayerNorm
+    ones or zero biases are exact in bf16 too, its trained weights are not."""
+    floats = [t.detach().cpu() for t in tensors if t.is_floating_point()]
+    for d in (torch.bfloat16, torch.float16):
+        if all(t.dtype == d or torch.equal(t.to(d).to(t.dtype), t) for t in floats):
+            return d
+    return max((t.dtype for t in floats), key=lambda d: torch.finfo(d).eps, default=torch.float32)
 
 
 def check_same_vision_features(teacher: nn.Module, student: nn.Module) -> None:

@@ -322,7 +322,11 @@ def apply_taf(student: M.MultimodalLM, teacher: M.MultimodalLM):
     """TAF (docs/method.md section 2): the student's projector becomes the teacher's frozen adapter + a trainable
     Linear(d_teacher -> d_student); the student's vision encoder must be the teacher's."""
     from taf import check_same_vision_features, check_shared_vision_encoder
-    check_shared_vision_encoder(teacher.vision_tower, student.vision_tower)
+    rounded = check_shared_vision_encoder(teacher.vision_tower, student.vision_tower)
+    if rounded:
+        print(f"TAF: the teacher's vision tower holds the student's weights rounded to a 16-bit dtype ({len(rounded)} "
+              "tensors; a teacher saved whole in bf16 by an older version): the same encoder; the student keeps "
+              "its own copy")
     check_same_vision_features(teacher, student)
     if hasattr(teacher.projector, "teacher_adapter"):
         raise ValueError("the teacher itself has a TAF projector; use a teacher trained with its own adapter")
@@ -396,6 +400,7 @@ def build_models(args, stage):
     stages 1-2. Under --fsdp both are sharded (the teacher is read into CPU memory first); else on the device,
     the student wrapped in DDP under torchrun."""
     device, fsdp = stage.device, stage.fsdp
+    stage.sources = sources_trained_on(args, stage.distill)  # before loading: a re-made --init is refused here
     student, tokenizer, base_processor = build_student(args)
     record_run_choices(student, args)
     teacher = teacher_tok = None
@@ -534,7 +539,8 @@ def build_optimizer(args, stage):
         **({"cross_vocab": True} if getattr(args, "cross_vocab", False) and distill else {}),
         "n_trainable": sum(p.numel() for p in params),
         "lr": args.lr, "w_lm": args.w_lm, "w_kl": args.w_kl, "w_vat": args.w_vat,
-        "kd_temperature": args.kd_temperature, "max_len": args.max_len, **runs.file_fingerprint(args.data)}
+        "kd_temperature": args.kd_temperature, "max_len": args.max_len, **runs.file_fingerprint(args.data),
+        **stage.sources}
     stage.step, stage.last_checkpoint = 0, None
     if args.resume and runs.find_checkpoint(args.out):
         state = runs.load_checkpoint(runs.find_checkpoint(args.out), student, optimizer, scheduler, meta,
@@ -752,12 +758,7 @@ def finish(args, stage):
     if master:
         merge_lora(student)
         student.language_model.config.use_cache = True
-        save_dtype = args.save_dtype or student.extra_config.get("llm_dtype") or "float32"
-        if save_dtype not in ("float32", "bfloat16", "float16"):
-            save_dtype = "float32"  # a checkpoint config naming another dtype: keep the master weights' fp32
-        for name, part in student.named_children():  # the run is over: the in-memory model is not used again
-            if name != "projector":  # the projector (TAF's linear) trains in every stage: kept fp32, exact
-                part.to(getattr(torch, save_dtype))
+        save_dtype = M.cast_for_save(student, args.save_dtype)  # the run is over: the model is not used again
         M.save_pretrained(student, args.out, stage.tokenizer, stage.image_processor)
         with open(os.path.join(args.out, "trainer_summary.json"), "w", encoding="utf-8") as f:
             json.dump({"steps": stage.step, "skipped_nonfinite": stage.skipped,
@@ -783,8 +784,9 @@ def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta
     """VAT's layers and their matching (docs/method.md section 3): `--vat-layers` / `--vat-teacher-layers`
     are vat.select_layers specs. "auto" measures the model's attention profile (attention.layer_profile_batches:
     per layer, the text's attention share on the image and its entropy there) on the first
-    --vat-auto-samples training samples that have an image, before any step, and takes vat.auto_layers; a
-    resumed run takes the layers its checkpoint recorded (the trained model would measure differently).
+    --vat-auto-samples training samples that have an image, before any step, and takes vat.auto_layers (under
+    group matching the teacher's window grows to at least the student's layer count, around its measured
+    peak: Eq. 2 needs m >= k, and the two windows are measured independently); a resumed run takes the layers its checkpoint recorded (the trained model would measure differently).
     Every rank measures the same samples with the same weights, so every rank picks the same layers.
     Returns {"s_layers", "t_layers" (the teacher layers of the windows), "matching"[, "auto"]}."""
     s_spec, t_spec = args.vat_layers, args.vat_teacher_layers or args.vat_layers
@@ -809,14 +811,37 @@ def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta
                     pix = teacher_pixels(b) if who == "teacher" else b["pixel_values"]
                     yield ids, mask, pix.to(device), None
             auto = {"samples": len(idx)}
-            for who, mllm, spec in (("student", student, s_spec), ("teacher", teacher, t_spec)):
-                if spec == "auto":
-                    auto[who] = attention.layer_profile_batches(mllm, batches(who))["auto"]
+            if s_spec == "auto":
+                auto["student"] = attention.layer_profile_batches(student, batches("student"))["auto"]
+            if t_spec == "auto":  # group matching needs m >= k: the teacher's window grows to the student's k
+                k = len(auto["student"] if s_spec == "auto" else vat.select_layers(n_s, s_spec))
+                if args.vat_matching == "group" and k > n_t:
+                    raise ValueError(f"--vat-layers auto: the student's window has {k} layers, more than the "
+                                     f"teacher's {n_t}; give --vat-layers fewer layers or --vat-matching uniform")
+                profile = attention.layer_profile_batches(teacher, batches("teacher"))["layers"]
+                auto["teacher"] = vat.auto_layers(profile, n_t, min_layers=k if args.vat_matching == "group" else 1)
     s_layers = auto["student"] if s_spec == "auto" else vat.select_layers(n_s, s_spec)
     t_layers = auto["teacher"] if t_spec == "auto" else vat.select_layers(n_t, t_spec, teacher=True)
     matching = vat.group_layer_matching(s_layers, t_layers, args.vat_matching)
     cfg = dict(s_layers=s_layers, t_layers=sorted({t for g in matching for t in g}), matching=matching)
     return dict(cfg, auto=auto) if auto else cfg
+
+
+def sources_trained_on(args, distill: bool) -> dict:
+    """The checkpoint meta's fingerprints of the files the stage trains on (model.source_fingerprint):
+    {"init_fingerprint"[, "teacher_fingerprint"]}. On --resume, checked first against what the checkpoint
+    recorded: an --init or --teacher re-made under the same path is refused before any model loads (the
+    trained LoRA / adapter would land on other base weights). A checkpoint without them (older) is not."""
+    now = {"init_fingerprint": M.source_fingerprint(args.init),
+           **({"teacher_fingerprint": M.source_fingerprint(args.teacher)} if distill else {})}
+    resumed = runs.find_checkpoint(args.out) if args.resume else None
+    if resumed:
+        meta = runs.checkpoint_meta(resumed)
+        for key, flag, source in (("init_fingerprint", "--init", args.init), ("teacher_fingerprint", "--teacher",
+                                                                               args.teacher if distill else None)):
+            if key in meta:
+                M.check_fingerprint(meta[key], source, flag, resumed)
+    return now
 
 
 def kd_meta(args, distill: bool) -> dict:
@@ -959,9 +984,9 @@ def get_parser():
                    "(--stage all: NAME-stage1, ...)")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None, help="dtype of the "
-                   "saved model.safetensors; default: the dtype the LLM came in (parts / llava), float32 for presets. The "
-                   "projector (TAF's linear) is saved in float32 always; --stage all saves stages 1 and 2 in float32 "
-                   "(what the next stage starts from) and stage 3 in this dtype")
+                   "saved LLM; default: the dtype the LLM came in (parts / llava), float32 for presets. The projector (TAF's "
+                   "linear) is saved in float32 always, the frozen vision tower in the dtype it came in (model.cast_for_save); "
+                   "--stage all saves stages 1 and 2 in float32 (what the next stage starts from) and stage 3 in this dtype")
     p.add_argument("--eval-sugarcrepe", help="validation set in the SugarCrepe layout: its CR accuracy (the paper's "
                    "2-choice protocol, greedy) is logged every --eval-every steps as {'step', 'val_cr'} lines")
     p.add_argument("--eval-coco-images", help="images of --eval-sugarcrepe (the official layout keeps COCO val2017 "

@@ -168,7 +168,9 @@ def group_layer_matching(student_layers, teacher_layers, mode: str = "group") ->
         raise ValueError("group_layer_matching: empty layer list")
     if mode == "group":
         if m < k:
-            raise ValueError(f"group matching needs at least as many teacher layers as student layers (k={k}, m={m})")
+            raise ValueError(f"group matching needs at least as many teacher layers as student layers (k={k}, m={m}): "
+                             f"give the teacher a window of at least {k} layers (--vat-teacher-layers), fewer "
+                             "student layers (--vat-layers), or --vat-matching uniform")
         n = m - k + 1
         return [t[j:j + n] for j in range(k)]
     if mode == "uniform":
@@ -228,7 +230,7 @@ def visual_attention_profile(maps: dict, visual_mask, attention_mask=None, objec
     return out
 
 
-def auto_layers(profile: dict, num_layers: int) -> list[int]:
+def auto_layers(profile: dict, num_layers: int, min_layers: int = 1) -> list[int]:
     """The "auto" layer window, from a measured profile {layer: {"share": s, "entropy": h, ...}} with one
     number per layer (means over a calibration set; `visual_attention_profile` gives per-sample values,
     which are averaged first if given as tensors or lists).
@@ -237,10 +239,22 @@ def auto_layers(profile: dict, num_layers: int) -> list[int]:
     paper's "visual understanding" as opposed to modality alignment, which spreads over the image, and
     response generation, which leaves it); the window is the longest run of consecutive layers whose score
     is at least half-way between the lowest and the highest score, the earliest such run on a tie. Every
-    layer 0..num_layers-1 must be in the profile."""
+    layer 0..num_layers-1 must be in the profile.
+    `min_layers`: a window shorter than this grows, one layer at a time, by the neighbour (just before or just
+    after it) with the higher score, the earlier on a tie, until it has `min_layers` layers. train.py gives the
+    teacher's window the student's layer count k: group matching (Eq. 2, `group_layer_matching`) needs
+    m >= k teacher layers, and the two windows are measured independently, so a teacher whose run above
+    its half-way cut is shorter than the student's would otherwise have no valid matching. The teacher's
+    window grows rather than the student's shrinking, because the student's window decides which of its
+    layers are trained, and the teacher (the deeper model in the paper) has the layers to spare; the growth
+    stays around the teacher's measured peak, taking the next-best adjacent layer each time (docs/method.md
+    section 8, open question 3)."""
     missing = [l for l in range(num_layers) if l not in profile]
     if missing:
         raise ValueError(f"auto_layers: the profile lacks layers {missing} of {num_layers}")
+    if not 1 <= min_layers <= num_layers:
+        raise ValueError(f"auto_layers: a window of at least {min_layers} layers cannot be taken from "
+                         f"{num_layers} layers")
 
     def mean(x):
         x = torch.as_tensor(x, dtype=torch.float64).flatten()
@@ -258,7 +272,15 @@ def auto_layers(profile: dict, num_layers: int) -> list[int]:
             if l - run > best[1] - best[0]:
                 best = (run, l)
             run = None
-    return list(range(*best))
+    lo, hi = best
+    while hi - lo < min_layers:  # grow by the better neighbour (the earlier on a tie)
+        before = score[lo - 1] if lo > 0 else float("-inf")
+        after = score[hi] if hi < num_layers else float("-inf")
+        if before >= after:
+            lo -= 1
+        else:
+            hi += 1
+    return list(range(lo, hi))
 
 
 # -----------------------------------------------------------------------------
