@@ -29,29 +29,33 @@ import torch.distributed as dist
 # -----------------------------------------------------------------------------
 # Joining the job
 
-def init_distributed(backend: str):
+def init_distributed(backend: str, timeout_minutes: float = 30):
     """Join the torchrun job. torchrun --max-restarts brings every worker back up after one dies, and
     the new workers meet in the SAME store as the dead ones: a survivor could read a dead worker's
     stale address (gloo: "connectFullMesh ... Connection refused"; NCCL: an old unique id, a hang).
-    So each attempt's keys live under their own prefix (TORCHELASTIC_RESTART_COUNT)."""
+    So each attempt's keys live under their own prefix (TORCHELASTIC_RESTART_COUNT).
+    `timeout_minutes` (train.py's --dist-timeout) is how long a collective may wait, given to the process
+    group itself (NCCL's own default is 10 minutes, shorter than a rank-0-only phase can last: a full-LLM
+    checkpoint to a slow file system, in-loop validation) and to the store."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent_store, multi_tenant=True,
-                          timeout=datetime.timedelta(minutes=30))  # torch's default process-group timeout
+                          is_master=rank == 0 and not agent_store, multi_tenant=True, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"compodistill/attempt_{attempt}", store),
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, timeout=timeout)
 
 
-def setup(device_flag: str, fsdp: bool = False) -> tuple:
+def setup(device_flag: str, fsdp: bool = False, timeout_minutes: float = 30) -> tuple:
     """This process's place in the job -> (rank, world, device, distributed). torchrun sets RANK / WORLD_SIZE /
     LOCAL_RANK; plain python is one process. `--fsdp` joins a process group even with one process (FSDP2
-    needs a mesh). `device_flag` is train.py's --device: auto (this rank's GPU, else the CPU), cpu, cuda, cuda:N."""
+    needs a mesh). `device_flag` is train.py's --device: auto (this rank's GPU, else the CPU), cpu, cuda, cuda:N;
+    `timeout_minutes` its --dist-timeout (init_distributed)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp  # DDP, or FSDP2 with --fsdp
     if distributed:
         if not dist.is_initialized():
-            init_distributed("nccl" if torch.cuda.is_available() and device_flag != "cpu" else "gloo")
+            init_distributed("nccl" if torch.cuda.is_available() and device_flag != "cpu" else "gloo", timeout_minutes)
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     else:

@@ -177,7 +177,7 @@ def trim_log(log_path: str, step: int):
 # arguments that do not change what a stage trains: a finished stage is still finished when these differ
 NOT_TRAINING = {"resume", "quiet", "device", "log_every", "save_every",
                 "eval_sugarcrepe", "eval_coco_images", "eval_every", "eval_limit", "max_nonfinite",
-                "trust_remote_code", "demo", "allow_non_rgb", "overwrite", "save_dtype",
+                "trust_remote_code", "demo", "allow_non_rgb", "overwrite", "save_dtype", "dist_timeout",
                 "stop_after", "fail_at_step", "fail_rank"}  # the last three: test hooks that older runs recorded
 
 
@@ -210,7 +210,7 @@ _ARG_RULES = (
     (("global_batch", "micro_batch", "log_every", "kd_chunk", "max_len", "lora_r", "max_nonfinite", "eval_limit"),
      lambda v: v > 0, "a positive integer"),
     (("max_steps", "save_every", "eval_every", "lora_alpha"), lambda v: v >= 0, "0 or more"),
-    (("epochs", "kd_temperature", "lr"), lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    (("epochs", "kd_temperature", "lr", "dist_timeout"), lambda v: math.isfinite(v) and v > 0, "a positive number"),
     (("min_lr", "weight_decay", "grad_clip", "w_lm", "w_kl", "w_vat"), lambda v: math.isfinite(v) and v >= 0,
      "a number >= 0"),
     (("warmup_ratio", "lora_dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
