@@ -596,7 +596,9 @@ def _is_hf_llava(path: str) -> bool:
 
 
 def is_checkpoint_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "trainable.safetensors"))
+    """A run's checkpoint/: a DDP run's trainable.safetensors, or an --fsdp run's sharded/ (runs.py)."""
+    return (os.path.isfile(os.path.join(path, "trainable.safetensors"))
+            or os.path.isfile(os.path.join(path, "sharded", ".metadata")))
 
 
 def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = False,
@@ -763,7 +765,7 @@ def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code
     args.json says what it started from (--init, --teacher for TAF, the LoRA shape); that model is rebuilt
     (load_any), given a TAF projector from the teacher's adapter and LoRA where the checkpoint has them, the
     checkpoint's trainable weights are copied in and LoRA is merged. -> (model, tokenizer, image_processor)."""
-    from safetensors.torch import load_file as _load
+    from runs import checkpoint_weights
     run = os.path.dirname(os.path.abspath(path.rstrip("/")))
     args_path = os.path.join(run, "args.json")
     if not os.path.isfile(args_path):
@@ -775,7 +777,7 @@ def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code
         args[key] = _from_run(args.get(key), args, run)
     meta = checkpoint_meta(path)  # what the checkpoint was trained on: refuse sources re-made since
     check_fingerprint(meta.get("init_fingerprint"), args["init"], "--init", path)
-    weights = _load(os.path.join(path, "trainable.safetensors"))
+    weights = checkpoint_weights(path)  # whole tensors, also from an --fsdp run's shards (read in this process)
     model, tok, proc = load_any(args["init"], trust_remote_code=trust_remote_code,
                                 attn_implementation=attn_implementation, tokenizer=args.get("tokenizer"),
                                 seed=args.get("model_seed", 0), vision_feature_layer=args.get("vision_feature_layer"),

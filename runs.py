@@ -7,7 +7,9 @@ stop and go on without losing a step. Run directory `--out` (one per stage):
   args.json             the arguments, with a run_id (trainer_summary.json repeats it: is_finished)
   log.jsonl             one JSON line per logged step, each loss separately (write_record); sinks get the same
   checkpoint/           trainable weights (safetensors) + trainer_state.pt (optimizer, scheduler, step, data
-                        position, every rank's RNG, the run's meta); written atomically (save_checkpoint)
+                        position, every rank's RNG, the run's meta); written atomically (save_checkpoint).
+                        Under --fsdp the weights and the optimizer are sharded/ instead, each rank's shards
+                        (torch.distributed.checkpoint; save_sharded_checkpoint)
   model.safetensors, config.json, tokenizer, trainer_summary.json
                         the stage's output, written last
   .lock                 held while a run trains into --out (lock_out_dir)
@@ -30,11 +32,14 @@ import socket
 import sys
 import threading
 import uuid
+import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # DCP's error: a BaseException, not an Exception
 
-from distributed import optimizer_state, shard_like, shard_optimizer_state, trainable_state
+from distributed import (load_sharded_state, optimizer_state, read_whole, shard_like, shard_optimizer_state,
+                         sharded_state, trainable_state)
 
 
 # -----------------------------------------------------------------------------
@@ -185,7 +190,7 @@ def trim_log(log_path: str, step: int):
 # stage's own data file is --data. Not here: --micro-batch (LoRA dropout draws its masks per micro-batch).
 NOT_TRAINING = {"resume", "quiet", "device", "log_every", "save_every",
                 "eval_sugarcrepe", "eval_coco_images", "eval_every", "eval_limit", "max_nonfinite",
-                "trust_remote_code", "demo", "allow_non_rgb", "overwrite", "save_dtype",
+                "trust_remote_code", "demo", "allow_non_rgb", "overwrite", "save_dtype", "dist_timeout",
                 "num_workers", "report_to", "run_name", "fsdp", "grad_checkpointing", "kd_chunk",
                 "data_pretrain", "data_instruct",
                 "stop_after", "fail_at_step", "fail_rank"}  # the last three: test hooks that older runs recorded
@@ -242,7 +247,7 @@ _ARG_RULES = (
       "vat_auto_samples"),
      lambda v: v > 0, "a positive integer"),
     (("max_steps", "save_every", "eval_every", "lora_alpha"), lambda v: v >= 0, "0 or more"),
-    (("epochs", "kd_temperature", "lr"), lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    (("epochs", "kd_temperature", "lr", "dist_timeout"), lambda v: math.isfinite(v) and v > 0, "a positive number"),
     (("min_lr", "weight_decay", "grad_clip", "w_lm", "w_kl", "w_vat"), lambda v: math.isfinite(v) and v >= 0,
      "a number >= 0"),
     (("warmup_ratio", "lora_dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -415,41 +420,90 @@ def _disk_full(e: BaseException) -> bool:
     return getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e) or "No space left" in str(e)
 
 
-def save_checkpoint(out_dir: str, weights: dict, optimizer_state: dict, scheduler, step: int, sampler_state: dict,
-                    meta: dict, rng_per_rank: list | None = None):
-    """checkpoint/ = trainable weights (safetensors; `weights`, trainable_state) + trainer_state.pt (optimizer
-    (`optimizer_state`, optimizer_state), scheduler, step, data position, RNG of every rank: `rng_per_rank`,
-    gathered by checkpoint_all_ranks). Whole tensors, whether the run was DDP or --fsdp. Written to
-    checkpoint.tmp/, fsynced, then swapped in by renames, so a crash at any moment leaves either the old
-    or the new checkpoint loadable (load_checkpoint falls back to .old). A full disk is an OSError(ENOSPC)
-    naming the path (the previous checkpoint stays)."""
-    from safetensors.torch import save_file
-    final, tmp, old = (os.path.join(out_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    rng_per_rank = rng_per_rank or [rng_state()]
+SHARDED = "sharded"  # inside checkpoint/: an --fsdp run's weights and optimizer, a torch.distributed.checkpoint dir
+
+
+def _disk_full_error(tmp: str, final: str) -> OSError:
+    return OSError(errno.ENOSPC, f"disk full (ENOSPC) while writing the checkpoint to {tmp}; the previous "
+                   f"checkpoint ({final}) is left as it was. Free space there and --resume")
+
+
+def _swap_in(out_dir: str, tmp: str, state: dict):
+    """Rank 0: trainer_state.pt (written last: find_checkpoint looks for it) into `tmp`, every file and folder
+    under it fsynced, then `tmp` swapped in for checkpoint/ by renames, so a crash at any moment leaves either
+    the old or the new checkpoint loadable (load_checkpoint falls back to .old)."""
+    final, old = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "checkpoint.old")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
-        state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                 "sampler": sampler_state, "meta": meta, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank}
         with open(os.path.join(tmp, "trainer_state.pt"), "wb") as f:  # a file object: ENOSPC stays an OSError
             torch.save(state, f)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        for folder, _, names in os.walk(tmp):
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(folder)
     except Exception as e:
         if not _disk_full(e):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(errno.ENOSPC, f"disk full (ENOSPC) while writing the checkpoint to {tmp}; the previous "
-                      f"checkpoint ({final}) is left as it was. Free space there and --resume") from None
+        raise _disk_full_error(tmp, final) from None
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(out_dir: str, weights: dict, optimizer_state: dict, scheduler, step: int, sampler_state: dict,
+                    meta: dict, rng_per_rank: list | None = None):
+    """A DDP (or 1-process) run's checkpoint/, written by rank 0: trainable weights (safetensors; `weights`,
+    trainable_state) + trainer_state.pt (optimizer (`optimizer_state`, optimizer_state), scheduler, step, data
+    position, RNG of every rank: `rng_per_rank`, gathered by checkpoint_all_ranks). Whole tensors: every DDP
+    rank holds them anyway, and one safetensors file is what other tools read. Written to checkpoint.tmp/,
+    fsynced, then swapped in (_swap_in). A full disk is an OSError(ENOSPC) naming the path (the previous
+    checkpoint stays)."""
+    from safetensors.torch import save_file
+    final, tmp = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "checkpoint.tmp")
+    rng_per_rank = rng_per_rank or [rng_state()]
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_full_error(tmp, final) from None
+    _swap_in(out_dir, tmp, {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                            "sampler": sampler_state, "meta": meta, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank})
+
+
+def save_sharded_checkpoint(out_dir: str, model, optimizer, scheduler, step: int, sampler_state: dict, meta: dict,
+                            rng_per_rank: list, master: bool):
+    """An --fsdp run's checkpoint/ (a collective: every rank calls it): sharded/ holds the trainable weights and
+    the optimizer state (distributed.sharded_state), each rank writing only its own shards with
+    torch.distributed.checkpoint (no rank gathers a whole tensor: a 7B full-LLM student's weights and moments
+    are 84 GB); trainer_state.pt the rest, as save_checkpoint's but without "optimizer". checkpoint.tmp/ and
+    the swap as save_checkpoint (every rank's files are fsynced before it: DCP's sync_files, then rank 0's
+    walk). --out must be a file system every rank sees (as --resume needs anyway)."""
+    import torch.distributed.checkpoint as dcp
+    final, tmp = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "checkpoint.tmp")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    try:
+        dcp.save(sharded_state(model, optimizer),
+                 storage_writer=dcp.FileSystemWriter(os.path.join(tmp, SHARDED), sync_files=True))
+    except (Exception, CheckpointException) as e:  # DCP raises on every rank when any rank's write failed
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise _disk_full_error(tmp, final) from None
+        raise
+    if master:
+        _swap_in(out_dir, tmp, {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler_state,
+                                "meta": meta, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank})
 
 
 def find_checkpoint(out_dir: str) -> str | None:
@@ -484,8 +538,45 @@ def checkpoint_meta(path: str) -> dict:
         raise _corrupt(path, "trainer_state.pt", e) from None
 
 
+def _check_trainable(path: str, shapes: dict, model):
+    """The checkpoint's trainable weights ({name: shape}) are this model's trainable parameters."""
+    own = dict(model.named_parameters())
+    expected = {k for k, p in own.items() if p.requires_grad}
+    if set(shapes) != expected:
+        raise ValueError(f"{path}: trainable keys differ from this model's: missing "
+                         f"{sorted(expected - set(shapes))[:6]}, unexpected {sorted(set(shapes) - expected)[:6]}")
+    for k, shape in shapes.items():
+        if tuple(own[k].shape) != tuple(shape):  # a DTensor's shape is the whole tensor's
+            raise ValueError(f"{path}: {k} has shape {tuple(shape)}, model has {tuple(own[k].shape)}")
+
+
+def _load_sharded(path: str, model, optimizer):
+    """An --fsdp checkpoint's sharded/ into this run's model and optimizer: each rank reads what it holds
+    (its shards under --fsdp, at any world size; whole tensors under DDP or in one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    where = os.path.join(path, SHARDED)
+    try:
+        stored = dcp.FileSystemReader(where).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a missing or truncated .metadata
+        raise _corrupt(path, os.path.join(SHARDED, ".metadata"), e) from None
+    _check_trainable(path, {k[len("model."):]: m.size for k, m in stored.items()
+                            if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}, model)
+    state = sharded_state(model, optimizer)
+    try:
+        with warnings.catch_warnings():  # one process without a process group: DCP warns that it assumes so
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=where, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a truncated or missing shard file
+        raise _corrupt(path, SHARDED, e) from None
+    load_sharded_state(model, optimizer, state)
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict, rank: int = 0) -> dict:
     """Restore trainable weights, optimizer, scheduler and this rank's RNG; returns the trainer state.
+    Either format loads into either kind of run: a DDP checkpoint's whole tensors are split like an --fsdp
+    run's parameters (shard_like), an --fsdp checkpoint's shards are read as each rank needs them (DCP
+    reshards, to any world size; a collective when a process group is up: every rank calls this).
     Refuses a checkpoint written for another model/stage/run setting (names the mismatching fields or
     keys); a corrupt file is an error naming it."""
     from safetensors.torch import load_file
@@ -499,41 +590,55 @@ def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict, rank: in
         raise ValueError(f"{path} was written by another run: " +
                          ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()) +
                          " (resume with the same settings and data)")
-    try:
-        weights = load_file(os.path.join(path, "trainable.safetensors"))
-    except Exception as e:  # noqa: BLE001
-        raise _corrupt(path, "trainable.safetensors", e) from None
-    own = dict(model.named_parameters())
-    expected = {k for k, p in own.items() if p.requires_grad}
-    if set(weights) != expected:
-        raise ValueError(f"{path}: trainable keys differ from this model's: missing "
-                         f"{sorted(expected - set(weights))[:6]}, unexpected {sorted(set(weights) - expected)[:6]}")
-    with torch.no_grad():
-        for k, v in weights.items():
-            if own[k].shape != v.shape:  # a DTensor's shape is the whole tensor's
-                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
-            own[k].copy_(shard_like(v.to(own[k].dtype), own[k]))
-    optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
+    if os.path.isdir(os.path.join(path, SHARDED)):
+        _load_sharded(path, model, optimizer)
+    else:
+        try:
+            weights = load_file(os.path.join(path, "trainable.safetensors"))
+        except Exception as e:  # noqa: BLE001
+            raise _corrupt(path, "trainable.safetensors", e) from None
+        _check_trainable(path, {k: v.shape for k, v in weights.items()}, model)
+        own = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in weights.items():
+                own[k].copy_(shard_like(v.to(own[k].dtype), own[k]))
+        optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     per_rank = state.get("rng_per_rank") or [state["rng"]]  # older checkpoints: rank 0's only
     set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
     return state
 
 
+def checkpoint_weights(path: str) -> dict:
+    """A checkpoint's trainable weights, whole, on the CPU, in this process alone, whichever format
+    (model.load_checkpoint_model: evaluating RUN/checkpoint)."""
+    from safetensors.torch import load_file
+    if os.path.isdir(os.path.join(path, SHARDED)):
+        try:
+            return read_whole(os.path.join(path, SHARDED), "model")
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            raise _corrupt(path, SHARDED, e) from None
+    try:
+        return load_file(os.path.join(path, "trainable.safetensors"))
+    except Exception as e:  # noqa: BLE001
+        raise _corrupt(path, "trainable.safetensors", e) from None
+
+
 def checkpoint_all_ranks(args, student, optimizer, scheduler, step: int, steps_per_epoch: int, meta: dict,
                          ddp: bool, master: bool):
     """Every rank's RNG state is gathered (LoRA dropout draws differ per rank, so rank 0's state alone does
-    not resume the others exactly); rank 0 writes the checkpoint; all wait for it."""
+    not resume the others exactly); then under --fsdp every rank writes its shards (save_sharded_checkpoint),
+    else rank 0 writes the whole tensors (save_checkpoint); all wait for it. (`ddp`: a process group is up.)"""
     states = [rng_state()]
     if ddp:
         states = [None] * dist.get_world_size()
         dist.all_gather_object(states, rng_state())
-    sharded = getattr(args, "fsdp", False)  # the shards are gathered by every rank; rank 0 writes
-    weights = trainable_state(student) if master or sharded else None
-    opt_state = optimizer_state(optimizer) if master or sharded else None
-    if master:
-        save_checkpoint(args.out, weights, opt_state, scheduler, step,
-                        {"epoch": step // steps_per_epoch, "step": step % steps_per_epoch}, meta, rng_per_rank=states)
+    position = {"epoch": step // steps_per_epoch, "step": step % steps_per_epoch}
+    if getattr(args, "fsdp", False):
+        save_sharded_checkpoint(args.out, student, optimizer, scheduler, step, position, meta, states, master)
+    elif master:
+        save_checkpoint(args.out, trainable_state(student), optimizer_state(optimizer), scheduler, step, position,
+                        meta, rng_per_rank=states)
     if ddp:
         dist.barrier()
 

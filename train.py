@@ -382,7 +382,7 @@ def set_up(args) -> SimpleNamespace:
         key = "llava-adapter" if args.stage == "llava" and args.trainable == "adapter" else args.stage
         args.global_batch = STAGE_GLOBAL_BATCH[key]
     fsdp = bool(getattr(args, "fsdp", False))
-    rank, world, device, distributed = dist_setup(args.device, fsdp)
+    rank, world, device, distributed = dist_setup(args.device, fsdp, getattr(args, "dist_timeout", 30))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     master = rank == 0
@@ -974,6 +974,8 @@ def get_parser():
     p.add_argument("--fsdp", action="store_true", help="shard the student and the teacher with PyTorch FSDP2 "
                    "(fully_shard; parameters, gradients and optimizer state split over the ranks) instead of DDP; "
                    "under torchrun. Same losses, VAT capture and checkpoints (distributed.py; docs/training.md, 'Memory per model pair')")
+    p.add_argument("--dist-timeout", type=float, default=30, help="minutes a collective may wait for the other "
+                   "ranks before the job fails (NCCL's own default is 10; rank 0's checkpoint or validation can last longer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-seed", type=int, default=0, help="init seed of preset models")
     p.add_argument("--device", default="auto")

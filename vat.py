@@ -313,11 +313,30 @@ def _row_plan(visual_mask, attention_mask, rows: str):
     raise ValueError(f"rows must be 'all' or 'visual', got {rows!r}")
 
 
-_CUDA_OUT_DTYPE = [True]  # whether this torch has bmm(..., out_dtype=float32) for half inputs on CUDA
+_OUT_DTYPE_BMM = {}  # (device, dtype) -> whether this torch has bmm(..., out_dtype=float32) there (probed once)
+
+
+def _out_dtype_bmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.bmm(a, b, out_dtype=torch.float32)` runs for `dtype` inputs on `device`: probed once per
+    (device, dtype) on a 1x1x1 product. A torch without the overload raises TypeError (no such keyword),
+    NotImplementedError (no kernel for this backend) or a RuntimeError (not for this dtype); any of those means
+    the upcast path, from now on. An out-of-memory error is not a missing overload: it propagates."""
+    key = (str(device), dtype)
+    if key not in _OUT_DTYPE_BMM:
+        a = torch.zeros(1, 1, 1, device=device, dtype=dtype)
+        try:
+            ok = torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError, RuntimeError):
+            ok = False
+        _OUT_DTYPE_BMM[key] = ok
+    return _OUT_DTYPE_BMM[key]
 
 
 def _half_cuda(q, k) -> bool:
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and _CUDA_OUT_DTYPE[0]
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+            and _out_dtype_bmm(q.device, q.dtype))
 
 
 def _scores(q, k, bias, scaling: float):
@@ -327,18 +346,16 @@ def _scores(q, k, bias, scaling: float):
     On CUDA with bf16 / fp16 inputs the product runs on tensor cores with an fp32 output
     (`torch.bmm(..., out_dtype=torch.float32)`): a product of two bf16 (or fp16) numbers is exact in fp32, so
     this equals the fp32 matmul of the upcast inputs up to the order of summation; the scaling is applied to
-    the fp32 scores. Elsewhere (CPU, fp32 inputs, a torch without that overload) q and k are upcast to fp32
-    (fp64 stays fp64) and q is scaled before the product, the small side."""
+    the fp32 scores. Elsewhere (CPU, fp32 inputs, a torch without that overload: _out_dtype_bmm, probed once) q
+    and k are upcast to fp32 (fp64 stays fp64) and q is scaled before the product, the small side. An error of
+    the product itself (a CUDA out-of-memory) propagates and leaves the fast path on."""
     B, H, c, D = q.shape
     H_kv, n = k.shape[1], k.shape[2]
     with torch.autocast(q.device.type, enabled=False):
         if _half_cuda(q, k):
-            try:
-                s = torch.bmm(q.reshape(B * H_kv, (H // H_kv) * c, D), k.reshape(B * H_kv, n, D).transpose(1, 2),
-                              out_dtype=torch.float32)
-                return s.view(B, H, c, n).mul_(scaling).add_(bias)
-            except (TypeError, RuntimeError, NotImplementedError):
-                _CUDA_OUT_DTYPE[0] = False  # older torch: the upcast path below, from now on
+            s = torch.bmm(q.reshape(B * H_kv, (H // H_kv) * c, D), k.reshape(B * H_kv, n, D).transpose(1, 2),
+                          out_dtype=torch.float32)  # any error here (out of memory) propagates: train.py advises
+            return s.view(B, H, c, n).mul_(scaling).add_(bias)
         dtype = torch.promote_types(q.dtype, torch.float32)
         qs = (q.to(dtype) * scaling).view(B, H_kv, H // H_kv, c, D)
         s = torch.matmul(qs, k.to(dtype)[:, :, None].transpose(-1, -2)).view(B, H, c, n)

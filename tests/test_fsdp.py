@@ -1,6 +1,7 @@
 """--fsdp (PyTorch FSDP2, fully_shard) against DDP: 2 gloo processes on the CPU, stage 2 with L_KL, VAT and
 TAF, gradient accumulation over micro-batches; the same losses, gradient norms and saved model within 1e-5;
-a checkpoint written by one resumes under the other."""
+a checkpoint written by one resumes under the other and at another world size; an --fsdp checkpoint is
+written shard by shard (torch.distributed.checkpoint), no rank gathering the whole state."""
 import json
 import os
 import shutil
@@ -34,9 +35,10 @@ def _args(world, teacher, out, *extra):
             "--lora-alpha", "8", "--lora-dropout", "0", "--lr", "1e-3", "--device", "cpu", "--quiet", *extra]
 
 
-def _torchrun(args, port, fault=None):
-    """train.py under torchrun, 2 gloo processes; `fault`: runs.inject_fault's spec (stop_after=N: killed after step N)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+def _torchrun(args, port, fault=None, nproc=2):
+    """train.py under torchrun, `nproc` gloo processes; `fault`: runs.inject_fault's spec (stop_after=N: killed
+    after step N)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            os.path.join(ROOT, "train.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", **({runs.FAULT_ENV: fault} if fault else {}))
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -70,24 +72,177 @@ def test_fsdp_outside_torchrun_is_refused_before_loading(setup, monkeypatch, cap
     assert not os.path.exists(root / "nope")
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Block(torch.nn.Module):  # one fully_shard unit
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+def _tiny(seed, shard):
+    """A frozen input layer, two trainable blocks, a trainable head, AdamW + LambdaLR; sharded when `shard`."""
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), _Block(), _Block(), torch.nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    if shard:
+        for block in (model[1], model[2]):
+            fully_shard(block)
+        fully_shard(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+
+
+def _train_step(model, opt, sched, seed):
+    g = torch.Generator().manual_seed(seed)
+    model(torch.randn(6, 4, generator=g)).square().mean().backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def test_fsdp_checkpoint_is_written_shard_by_shard_and_resumes_sharded_or_whole(tmp_path, monkeypatch):
+    """--fsdp checkpoints go through torch.distributed.checkpoint: while saving no rank gathers a whole tensor
+    (DTensor.full_tensor fails here; a 7B full-LLM student's weights + Adam moments were 84 GB per rank), the
+    weights and moments are in sharded/, trainer_state.pt holds the rest. The checkpoint resumes an FSDP2 model
+    to the same weights, moments and next step, a plain (DDP-like) model too, also with no process group, and
+    reads whole in one process (evaluate.py RUN/checkpoint). A full disk says so and keeps the previous
+    checkpoint; a truncated shard is "corrupt". One gloo process (FSDP2 needs a group)."""
+    import argparse
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    import distributed
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    distributed.setup("cpu", fsdp=True)
+    try:
+        a, opt_a, sched_a = _tiny(0, shard=True)
+        for s in range(2):
+            _train_step(a, opt_a, sched_a, s)
+        out = str(tmp_path / "run")
+        os.makedirs(out)
+        args = argparse.Namespace(out=out, fsdp=True)
+        with monkeypatch.context() as m:
+            m.setattr(DTensor, "full_tensor", lambda self, *x, **y: (_ for _ in ()).throw(AssertionError("gathered")))
+            runs.checkpoint_all_ranks(args, a, opt_a, sched_a, 2, 10, {"stage": "t"}, ddp=True, master=True)
+        ck = os.path.join(out, "checkpoint")
+        assert sorted(os.listdir(ck)) == ["sharded", "trainer_state.pt"]
+        assert sorted(os.listdir(os.path.join(ck, "sharded"))) == [".metadata", "__0_0.distcp"]
+        state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=True)
+        assert "optimizer" not in state and state["step"] == 2 and state["sampler"] == {"epoch": 0, "step": 2}
+        trained = {k: _local(p).detach().clone() for k, p in a.named_parameters()}
+        moments = {k: {n: _local(v).clone() for n, v in opt_a.state[p].items()}
+                   for k, p in a.named_parameters() if p.requires_grad}
+        assert set(moments) == {"1.lin.weight", "1.lin.bias", "2.lin.weight", "2.lin.bias", "3.weight", "3.bias"}
+        for shard in (True, False):  # an FSDP2 run resumes it, and a DDP / 1-process one
+            b, opt_b, sched_b = _tiny(1, shard=shard)
+            with torch.no_grad():  # the frozen layer is not in the checkpoint: the run's init gives it
+                _local(b[0].weight).copy_(_local(a[0].weight))
+                _local(b[0].bias).copy_(_local(a[0].bias))
+            runs.load_checkpoint(ck, b, opt_b, sched_b, {"stage": "t"})
+            assert sched_b.last_epoch == 2
+            for k, p in b.named_parameters():
+                assert torch.equal(_local(p), trained[k]), k
+            for k, p in b.named_parameters():
+                if p.requires_grad:
+                    for n, v in opt_b.state[p].items():
+                        assert torch.equal(_local(v), moments[k][n]), (k, n)
+            _train_step(b, opt_b, sched_b, 7)
+            if shard:
+                _train_step(a, opt_a, sched_a, 7)
+            assert all(torch.equal(_local(p), _local(q)) for p, q in zip(a.parameters(), b.parameters()))
+        intact = shutil.copytree(ck, str(tmp_path / "intact"))
+        import errno
+        import torch.distributed.checkpoint.filesystem as dcp_fs
+        with monkeypatch.context() as m:  # a full disk under one rank's write: the previous checkpoint stays
+            m.setattr(dcp_fs, "_write_item", lambda *x, **y: (_ for _ in ()).throw(
+                OSError(errno.ENOSPC, "No space left on device")))
+            with pytest.raises(OSError, match=r"disk full \(ENOSPC\).*checkpoint\.tmp") as e:
+                runs.checkpoint_all_ranks(args, a, opt_a, sched_a, 3, 10, {"stage": "t"}, ddp=True, master=True)
+        assert e.value.errno == errno.ENOSPC and not os.path.exists(os.path.join(out, "checkpoint.tmp"))
+        assert torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=True)["step"] == 2
+        with open(os.path.join(ck, "sharded", "__0_0.distcp"), "r+b") as f:
+            f.truncate(100)
+        b, opt_b, sched_b = _tiny(1, shard=True)
+        with pytest.raises(RuntimeError, match="corrupt"):
+            runs.load_checkpoint(ck, b, opt_b, sched_b, {"stage": "t"})
+    finally:
+        dist.destroy_process_group()
+    # no process group at all: plain `python train.py --resume`, and evaluate.py reading RUN/checkpoint
+    whole = runs.checkpoint_weights(intact)
+    assert set(whole) == set(moments) and all(torch.equal(whole[k], trained[k]) for k in whole)
+    b, opt_b, sched_b = _tiny(1, shard=False)
+    runs.load_checkpoint(intact, b, opt_b, sched_b, {"stage": "t"})
+    assert all(torch.equal(p, trained[k]) for k, p in b.named_parameters() if p.requires_grad)
+    assert all(torch.equal(v, moments[k][n]) for k, p in b.named_parameters() if p.requires_grad
+               for n, v in opt_b.state[p].items())
+
+
+def _moment_bytes_per_file(checkpoint):
+    """{shard file: bytes of AdamW moments it holds} of an --fsdp checkpoint's sharded/ (read from DCP's
+    metadata, which records where each saved piece lies)."""
+    import torch.distributed.checkpoint as dcp
+    md = dcp.FileSystemReader(os.path.join(checkpoint, "sharded")).read_metadata()
+    out = {}
+    for index, info in md.storage_data.items():
+        if index.fqn.startswith("optim.state.") and index.fqn.endswith(("exp_avg", "exp_avg_sq")):
+            out[info.relative_path] = out.get(info.relative_path, 0) + info.length
+    return out
+
+
+def _killed_at_its_checkpoint(run, copy):
+    """A copy of a finished run as a kill right after its step-2 checkpoint leaves it: the checkpoint, the
+    log, no model and no summary (runs that save every 2 of 4 steps keep the step-2 checkpoint)."""
+    shutil.copytree(run, copy)
+    for name in ("model.safetensors", "trainer_summary.json"):
+        os.remove(os.path.join(copy, name))
+    return copy
+
+
 @pytest.mark.slow
 def test_fsdp_equals_ddp_training_the_whole_llm(setup):
     """--full-llm: the LM head trains, and the chunked loss reads its weight after the forward (the root
     unit's gathered weight); the preset's embeddings are tied. --vat-layers auto: its no-grad measuring
-    forwards before step 1 leave the root unit gathered (AdamW must still get the shards)."""
+    forwards before step 1 leave the root unit gathered (AdamW must still get the shards).
+    Checkpoints across kinds of run and world sizes: the DDP run's step-2 checkpoint (whole tensors) resumed
+    under --fsdp, and the --fsdp run's (the shards of 2 ranks) resumed by --fsdp on 1 process, both equal the
+    uninterrupted DDP run."""
     world, teacher, root = setup
     ddp, fsdp = str(root / "full_ddp"), str(root / "full_fsdp")
-    args = ["--max-steps", "3", "--full-llm", "--vat-layers", "auto", "--vat-auto-samples", "8"]
+    args = ["--max-steps", "4", "--save-every", "2", "--full-llm", "--vat-layers", "auto", "--vat-auto-samples", "8"]
     _torchrun(_args(world, teacher, ddp, *args), 29641)
     _torchrun(_args(world, teacher, fsdp, *args, "--fsdp"), 29642)
     _same_run(ddp, fsdp)
     assert all(r["vat"] > 0 and r["kd"] > 0 for r in _records(fsdp) if "lm" in r)
+    assert set(_moment_bytes_per_file(os.path.join(fsdp, "checkpoint"))) == {"__0_0.distcp", "__1_0.distcp"}
+    ddp_cut = _killed_at_its_checkpoint(ddp, str(root / "full_ddp_cut"))
+    _torchrun(_args(world, teacher, ddp_cut, *args, "--fsdp", "--resume"), 29647)
+    _same_run(ddp, ddp_cut)
+    fsdp_cut = _killed_at_its_checkpoint(fsdp, str(root / "full_fsdp_cut"))
+    _torchrun(_args(world, teacher, fsdp_cut, *args, "--fsdp", "--resume"), 29648, nproc=1)
+    _same_run(ddp, fsdp_cut)
 
 
 @pytest.mark.slow
 def test_fsdp_lora_resume_and_validation_equal_ddp_and_checkpoints_cross_over(setup):
     """LoRA (the stage's default) with in-loop validation: an FSDP2 run stopped after step 2 and resumed
-    equals the uninterrupted DDP run; the FSDP2 checkpoint resumed by DDP does too (one format)."""
+    equals the uninterrupted DDP run; so does its checkpoint resumed by DDP. The checkpoint is each rank's shards: both ranks wrote a file, each with about half of
+    the Adam moments, and trainer_state.pt holds none; read whole in one process (evaluate.py RUN/checkpoint),
+    it gives the DDP run's step-2 model (LoRA merged)."""
     world, teacher, root = setup
     common = ["--max-steps", "4", "--save-every", "2", "--eval-sugarcrepe", os.path.join(world, "val", "sugarcrepe"),
               "--eval-every", "2"]
@@ -95,10 +250,16 @@ def test_fsdp_lora_resume_and_validation_equal_ddp_and_checkpoints_cross_over(se
     _torchrun(_args(world, teacher, ddp, *common), 29643)
     _torchrun(_args(world, teacher, fsdp, *common, "--fsdp"), 29644, fault="stop_after=2")
     state = torch.load(os.path.join(fsdp, "checkpoint", "trainer_state.pt"), weights_only=True)
-    assert state["step"] == 2 and not any(hasattr(v, "device_mesh") for st in state["optimizer"]["state"].values()
-                                          for v in st.values())
+    assert state["step"] == 2 and "optimizer" not in state
+    moments = _moment_bytes_per_file(os.path.join(fsdp, "checkpoint"))
+    assert set(moments) == {"__0_0.distcp", "__1_0.distcp"}
+    assert all(0.4 <= b / sum(moments.values()) <= 0.6 for b in moments.values()), moments
     shutil.copytree(fsdp, cross)
     _torchrun(_args(world, teacher, fsdp, *common, "--fsdp", "--resume"), 29645)
     _torchrun(_args(world, teacher, cross, *common, "--resume"), 29646)
     _same_run(ddp, fsdp)
     _same_run(ddp, cross)
+    import model as M  # both checkpoints are step 2's (no checkpoint at the last step)
+    a = M.load_any(os.path.join(fsdp, "checkpoint"))[0].state_dict()
+    b = M.load_any(os.path.join(ddp, "checkpoint"))[0].state_dict()
+    assert set(a) == set(b) and max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-5

@@ -241,6 +241,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_dist_timeout_reaches_the_process_group(world, tmp_path, monkeypatch):
+    """--dist-timeout (minutes, default 30) is the process group's own timeout, read back from the group that
+    train.set_up joins (a real 1-process gloo group, as torchrun --nproc_per_node 1 --fsdp makes): it once
+    reached only the TCP store, and NCCL's default of 10 minutes killed a job whose rank 0 was still saving."""
+    import datetime
+    import torch.distributed as dist
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    seen = []
+    for extra, minutes in (((), 30), (("--dist-timeout", "90"), 90)):
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        args = train.get_parser().parse_args(_args(world, str(tmp_path / f"t{minutes}"), "--fsdp", *extra))
+        assert not runs.check_args(args)
+        train.set_up(args)
+        try:
+            seen.append(dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout)
+        finally:
+            dist.destroy_process_group()
+    assert seen == [datetime.timedelta(minutes=30), datetime.timedelta(minutes=90)]
+
+
 # -----------------------------------------------------------------------------
 # Round 2 (issue 18): the faults found outside the first table
 
@@ -257,7 +278,8 @@ def _teacher(world, path, poison=False):
 @pytest.mark.parametrize("flag,value", [("--global-batch", "-8"), ("--global-batch", "0"), ("--micro-batch", "0"),
                                         ("--log-every", "0"), ("--kd-chunk", "0"), ("--epochs", "0"),
                                         ("--kd-temperature", "0"), ("--lr", "nan"), ("--max-len", "0"),
-                                        ("--lora-dropout", "1.5"), ("--save-every", "-1")])
+                                        ("--lora-dropout", "1.5"), ("--save-every", "-1"),
+                                        ("--dist-timeout", "0")])
 def test_bad_sizes_counts_and_rates_are_refused_before_anything_loads(world, tmp_path, monkeypatch, capsys, flag, value):
     monkeypatch.setattr(train, "build_student", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
     with pytest.raises(SystemExit) as e:

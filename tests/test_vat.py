@@ -621,3 +621,57 @@ def test_auto_layers_rule_hand_worked():
         vat.select_layers(6, "auto")
     with pytest.raises(ValueError, match="lacks layers"):
         vat.auto_layers({0: prof[0]}, 6)
+
+
+def _fake_cuda_bmm(monkeypatch, fail):
+    """CPU stand-in for the CUDA fast path of vat._scores: tensors report is_cuda, and torch.bmm takes
+    out_dtype (computing in fp32) except where `fail(a)` returns an exception to raise. Returns the count of
+    fast products (the 1x1x1 probe not counted)."""
+    real_bmm, fast = torch.bmm, []
+
+    def bmm(a, b, *, out_dtype=None):
+        if out_dtype is None:
+            return real_bmm(a, b)
+        err = fail(a)
+        if err is not None:
+            raise err
+        fast.append(a.numel() > 1)
+        return real_bmm(a.float(), b.float())
+    monkeypatch.setattr(torch, "bmm", bmm)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(vat, "_OUT_DTYPE_BMM", {}, raising=False)  # probe afresh
+    return fast
+
+
+def _scores_float64(q, k, bias, scaling):
+    g = q.shape[1] // k.shape[1]
+    return (q.double() @ k.double().repeat_interleave(g, dim=1).transpose(-1, -2)) * scaling + bias.double()
+
+
+def test_out_of_memory_in_the_fast_score_product_propagates_and_keeps_the_fast_path(monkeypatch):
+    """A CUDA out-of-memory inside bmm(..., out_dtype=float32) is not a missing overload: it reaches the caller
+    (train.py's out-of-memory advice) and the next call still takes the fast path (it used to switch every later
+    step to the upcast path, silently)."""
+    ooms = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")]
+    fast = _fake_cuda_bmm(monkeypatch, lambda a: ooms.pop() if a.numel() > 1 and ooms else None)
+    torch.manual_seed(0)
+    q, k, bias = torch.randn(2, 4, 3, 8).bfloat16(), torch.randn(2, 2, 5, 8).bfloat16(), torch.randn(2, 1, 3, 5)
+    with pytest.raises(torch.OutOfMemoryError):
+        vat._scores(q, k, bias, 0.5)
+    s = vat._scores(q, k, bias, 0.5)
+    assert fast.count(True) == 1  # the second call's product ran on the fast path
+    assert s.dtype == torch.float32 and torch.allclose(s.double(), _scores_float64(q, k, bias, 0.5), atol=1e-5)
+
+
+def test_a_missing_fp32_output_overload_selects_the_upcast_path(monkeypatch):
+    """An older torch without the overload (TypeError for the keyword) or without the kernel
+    (NotImplementedError): the probe says so once and the upcast path gives the same fp32 scores."""
+    for err in (TypeError("bmm() got an unexpected keyword argument 'out_dtype'"),
+                NotImplementedError("Could not run 'aten::bmm.dtype' with arguments from the 'CUDA' backend")):
+        fast = _fake_cuda_bmm(monkeypatch, lambda a, err=err: err)
+        torch.manual_seed(0)
+        q, k, bias = torch.randn(2, 4, 3, 8).bfloat16(), torch.randn(2, 2, 5, 8).bfloat16(), torch.randn(2, 1, 3, 5)
+        for _ in range(2):
+            s = vat._scores(q, k, bias, 0.5)
+            assert s.dtype == torch.float32 and torch.allclose(s.double(), _scores_float64(q, k, bias, 0.5), atol=1e-5)
+        assert fast == [] and list(vat._OUT_DTYPE_BMM.values()) == [False]
