@@ -22,7 +22,9 @@ Three ways to get a model:
 A model directory holds `model.safetensors`, `config.json`, the tokenizer files and the image processor's
 `preprocessor_config.json`; `load_pretrained` reads it back without unpickling anything and never runs
 remote code. `load_any(source)` is the one opener every command uses (--init, --teacher, evaluate.py, attention.py):
-a model directory, a run's `checkpoint/`, `llava:DIR` or an HF LLaVA directory, `parts:V,L,T`, `preset:NAME`.
+a model directory, a run's `checkpoint/`, `llava:DIR` or an HF LLaVA directory, the authors' release layout
+(`from_release`), `parts:V,L,T`, `preset:NAME`. `python model.py export` writes a model as HF LLaVA or in the
+authors' release layout (export_llava_hf, export_release).
 """
 from __future__ import annotations
 
@@ -529,12 +531,151 @@ def image_processor_for(model: MultimodalLM, processor, aspect_ratio: str | None
 
 
 # -----------------------------------------------------------------------------
+# The authors' release layout (ptkjw1997/CompoDistill: scripts/upload/prepare_hf_model.py, hf_release/), read and
+# written without their code (docs/method.md section 1). config.json: `model_type: compodistill`, `text_config` /
+# `vision_config` dicts, `connector_type` mlp2x_gelu, `post_connector_use` + `connector_hidden_size` (a distilled
+# student: the teacher-width MLP, then Linear(d_teacher -> d_student), i.e. TAF), `vision_feature_layer`,
+# `vision_feature_select_strategy` ('patch' = the first token dropped whatever the encoder, 'cls_patch' = all
+# kept), `image_aspect_ratio` ('square' / 'pad'). Weights: language_model.*, vision_tower._vision_tower.*,
+# connector._connector.{0,2}.*, connector.post_connector.*. Their image placeholder is the id -200, spliced
+# where the prompt says `<image>`; here `<image>` is added to the tokenizer (an id past Qwen1.5's 151,646 tokens
+# and inside its 151,936 embedding rows, so no row is added) and expanded like every other model's.
+
+RELEASE_TYPE = "compodistill"
+# their conversation format ("qwen2_base", the one every released checkpoint was trained and is prompted with):
+# system + " ", then per turn "USER: " + ("<image>\n" + question, when it has an image) + " " and
+# "ASSISTANT: " + answer + "<|endoftext|>"; the generation prompt is "ASSISTANT:".
+RELEASE_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                         "gives helpful, detailed, and polite answers to the user's questions.")
+RELEASE_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + ' ' }}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{{ '" + RELEASE_SYSTEM_PROMPT.replace("'", "\\'") + " ' }}"
+    "{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+    "{%- if '<image>' in m['content'] -%}{{ 'USER: ' + ('<image>\\n' + m['content'].replace('<image>', '').strip()) + ' ' }}"
+    "{%- else -%}{{ 'USER: ' + m['content'] + ' ' }}{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + m['content'] + '<|endoftext|>' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
+_RELEASE_STRATEGY = {"patch": "default", "cls_patch": "full"}  # theirs -> ours (HF LLaVA's names)
+_RELEASE_ASPECT = {"square": "squash", "pad": "pad"}
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_release_dir(path: str) -> bool:
+    """A directory in the authors' release layout: its config.json says model_type compodistill."""
+    cfg = _read_json(os.path.join(path, "config.json")) if os.path.isdir(path) else None
+    return isinstance(cfg, dict) and cfg.get("model_type") == RELEASE_TYPE
+
+
+def _safetensors_files(path: str) -> list:
+    """The weight files of a HF checkpoint directory: model.safetensors, or the shards its index names."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return sorted({os.path.join(path, f) for f in (_read_json(index) or {}).get("weight_map", {}).values()})
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors nor model.safetensors.index.json (only safetensors "
+                            "weights are read)")
+
+
+def release_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer of a release directory, with `<image>` added (ensure_image_token) and the conversation format
+    the checkpoint reads: the authors' (RELEASE_CHAT_TEMPLATE) unless its config.json says `chat_format:
+    tokenizer` (written by export_release for a model trained with another template: its own is kept)."""
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    ensure_image_token(tok)
+    if (_read_json(os.path.join(path, "config.json")) or {}).get("chat_format") != "tokenizer":
+        tok.chat_template = RELEASE_CHAT_TEMPLATE
+    if tok.pad_token is None:  # their Qwen1.5 loader sets pad = unk; Qwen2's tokenizer has <|endoftext|> for both
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def from_release(path: str, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code: bool = False):
+    """(d) A checkpoint in the authors' release layout -> (model, tokenizer, image_processor). Their remote code is
+    never run: the parts are rebuilt from config.json with HF classes and the weights read by name. fp32 by
+    default, as from_parts (their releases are fp16). The quirks are kept: the first vision token dropped
+    ('patch'), their conversation format, their image processor (preprocessor_config.json) and aspect ratio."""
+    from safetensors import safe_open
+    cfg = _read_json(os.path.join(path, "config.json"))
+    where = os.path.join(path, "config.json")
+    if not isinstance(cfg, dict) or cfg.get("model_type") != RELEASE_TYPE:
+        raise ValueError(f"{where}: not a CompoDistill release config (model_type {RELEASE_TYPE!r})")
+    kind = cfg.get("connector_type")
+    if kind != "mlp2x_gelu":
+        raise ValueError(f"{where}: connector_type {kind!r}; only 'mlp2x_gelu' (every released checkpoint's) is read")
+    strategy = cfg.get("vision_feature_select_strategy", "patch")
+    if strategy not in _RELEASE_STRATEGY:
+        raise ValueError(f"{where}: vision_feature_select_strategy {strategy!r}, expected 'patch' or 'cls_patch'")
+    layer = cfg.get("vision_feature_layer", -2)
+    aspect = cfg.get("image_aspect_ratio", "square")
+    if aspect not in _RELEASE_ASPECT:
+        raise ValueError(f"{where}: image_aspect_ratio {aspect!r}; 'square' and 'pad' are supported")
+    vdict = dict(cfg["vision_config"])
+    vdict = dict(vdict.get("vision_config") or vdict)  # a full SigLIP/CLIP config: its vision half, as theirs does
+    tdict = dict(cfg["text_config"])
+    vcfg, tcfg = AutoConfig.for_model(**vdict), AutoConfig.for_model(**tdict)
+    vision = AutoModel.from_config(vcfg)
+    lm = AutoModelForCausalLM.from_config(tcfg, attn_implementation=attn_implementation)
+    post = bool(cfg.get("post_connector_use") and cfg.get("connector_hidden_size"))
+    d_conn = cfg["connector_hidden_size"] if post else tcfg.hidden_size
+    adapter = mlp2x_gelu(vcfg.hidden_size, d_conn)
+    if post:
+        from taf import taf_projector
+        projector = taf_projector(adapter, d_conn, tcfg.hidden_size)
+        parts = {"connector._connector.": projector.teacher_adapter, "connector.post_connector.": projector.linear}
+    else:
+        projector = adapter
+        parts = {"connector._connector.": adapter}
+    parts.update({"language_model.": lm, "vision_tower._vision_tower.": vision})
+    states = {prefix: {} for prefix in parts}
+    unknown = []
+    for file in _safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                prefix = next((p for p in parts if key.startswith(p)), None)
+                if prefix is None:
+                    unknown.append(key)
+                else:
+                    states[prefix][key[len(prefix):]] = f.get_tensor(key)
+    if unknown:
+        raise ValueError(f"{path}: weights outside the release layout (language_model.*, vision_tower._vision_tower.*, "
+                         f"connector._connector.*, connector.post_connector.*): {unknown[:6]}")
+    for prefix, module in parts.items():
+        load_state_strict(module, states[prefix], f"{path} ({prefix}*)")
+    lm.tie_weights()
+    tok = release_tokenizer(path, trust_remote_code)
+    image_id = _image_token_id(tok)
+    if lm.get_input_embeddings().weight.shape[0] < len(tok):  # Qwen1.5 has spare rows; a smaller table gets one
+        lm.resize_token_embeddings(len(tok))
+    extra = {"llm_dtype": _checkpoint_dtype(path), "image_aspect_ratio": _RELEASE_ASPECT[aspect]}
+    if post:
+        extra.update(projector="taf", taf_teacher_hidden=d_conn)
+    if cfg.get("system_prompt") is not None:
+        extra["system_prompt"] = cfg["system_prompt"]
+    model = MultimodalLM(vision, projector, lm, image_id, layer, _RELEASE_STRATEGY[strategy], extra).freeze_vision()
+    if dtype is not None:
+        model.to(dtype)
+    proc = load_image_processor(path, vcfg)
+    return model, tok, proc
+
+
+# -----------------------------------------------------------------------------
 # One opener for every place a model is read (--init, --teacher, evaluate.py --model, attention.py --model /
 # --teacher / --student)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SOURCES = ("a compodistill model directory", "a run's checkpoint/ directory", "llava:DIR or an HF LLaVA "
-           "directory (config model_type llava)", "parts:VISION,LLM,TOKENIZER", "preset:NAME (with a tokenizer)")
+           "directory (config model_type llava)", "a directory in the authors' release layout (model_type "
+           "compodistill)", "parts:VISION,LLM,TOKENIZER", "preset:NAME (with a tokenizer)")
 
 
 def _tokenizer_with_chat_template(path, trust_remote_code=False):
@@ -572,8 +713,10 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
       RUN/checkpoint             a run's stage checkpoint: the run's init + the checkpoint's trainable
                                  weights, LoRA merged (mid-run evaluation; load_checkpoint_model)
       llava:DIR, or a DIR whose config.json says model_type llava   an HF LLaVA checkpoint
+      DIR whose config.json says model_type compodistill   the authors' release layout (from_release)
       parts:VISION,LLM,TOKENIZER a vision + an LLM checkpoint and a tokenizer, fresh adapter
-                                 (vision_feature_layer default -2; the strategy defaults to the encoder's kind)
+                                 (vision_feature_layer default -2; the strategy defaults to the encoder's kind);
+                                 a release directory as TOKENIZER gives its tokenizer and conversation format
       preset:NAME                a tiny preset; `tokenizer` is the tokenizer directory, `seed` its seed
     The image processor is the checkpoint's own (preprocessor_config.json) where there is one."""
     if source.startswith("preset:"):
@@ -587,7 +730,8 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
         if len(pieces) != 3:
             raise ValueError(f"{source}: expected parts:VISION_DIR,LLM_DIR,TOKENIZER_DIR")
         vision, llm, tokp = pieces
-        tok = _tokenizer_with_chat_template(tokp, trust_remote_code)
+        tok = (release_tokenizer(tokp, trust_remote_code) if is_release_dir(tokp)
+               else _tokenizer_with_chat_template(tokp, trust_remote_code))
         model = from_parts(vision, llm, tok, -2 if vision_feature_layer is None else vision_feature_layer,
                            vision_feature_select_strategy, trust_remote_code=trust_remote_code,
                            attn_implementation=attn_implementation)
@@ -597,6 +741,9 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
         model = from_llava(path, attn_implementation=attn_implementation)
         tok = _tokenizer_with_chat_template(path, trust_remote_code)
         proc = load_image_processor(path, model.vision_tower.config)
+    elif is_release_dir(source):
+        model, tok, proc = from_release(source, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
+                                        trust_remote_code=trust_remote_code)
     elif is_checkpoint_dir(source):
         return load_checkpoint_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                      attn_implementation=attn_implementation)

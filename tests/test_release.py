@@ -1,0 +1,166 @@
+"""The authors' released checkpoints (their release layout, model_type compodistill) read by model.load_any, and our
+models exported to HF LLaVA and to that layout (python model.py export).
+
+The checkpoints here are written by the tests themselves from HF parts, in the layout the authors' release script
+writes (scripts/upload/prepare_hf_model.py + hf_release/ of ptkjw1997/CompoDistill): config.json with model_type
+compodistill, text_config / vision_config dicts, connector_type mlp2x_gelu, post_connector_use +
+connector_hidden_size, vision_feature_layer -2, vision_feature_select_strategy 'patch'; weights language_model.*,
+vision_tower._vision_tower.*, connector._connector.{0,2}.*, connector.post_connector.*. The reference forward is
+built here from the same HF parts: SiglipVisionModel's hidden layer -2 without its first token, the MLP (+ the
+post-connector), the prompt in their format tokenized chunk by chunk around `<image>` (their
+tokenizer_image_token), the features spliced at the placeholder, Qwen2ForCausalLM on the embeddings."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import data
+import model as M
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' "
+          "+ '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def qwen15_like_tokenizer(out_dir, words=None):
+    """A byte-level BPE tokenizer shaped like Qwen1.5's as the authors ship it: <|endoftext|> is eos, pad and the
+    only special token, no <image>, a ChatML chat template (which their checkpoints were NOT trained with)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [SYSTEM, "USER: ASSISTANT: Which caption best describes the image? (A) (B) Answer with the option's "
+              "alphabet from the given choices directly. What color is the circle? red blue a cat on a mat"] + (words or [])
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    hf.chat_template = CHATML
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+TINY_SIGLIP = dict(model_type="siglip_vision_model", image_size=32, patch_size=8, num_channels=3, hidden_size=24,
+                   intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+
+
+def tiny_qwen(vocab, hidden=32, layers=2, **kw):
+    return dict(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                tie_word_embeddings=False, **kw)
+
+
+def write_release(out, tok, vision_cfg, text_cfg, connector_hidden=None, seed=0, aspect="square", dtype=torch.float16):
+    """A checkpoint in the authors' release layout, from HF parts. -> the parts (vision, mlp, post, lm) in fp32
+    holding exactly the values written (rounded to `dtype` first)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, SiglipImageProcessor
+    torch.manual_seed(seed)
+    vcfg, tcfg = AutoConfig.for_model(**vision_cfg), AutoConfig.for_model(**text_cfg)
+    vision = AutoModel.from_config(vcfg).eval()
+    lm = AutoModelForCausalLM.from_config(tcfg, attn_implementation="eager").eval()
+    d_conn = connector_hidden or tcfg.hidden_size
+    mlp = torch.nn.Sequential(torch.nn.Linear(vcfg.hidden_size, d_conn), torch.nn.GELU(),
+                              torch.nn.Linear(d_conn, d_conn))
+    post = torch.nn.Linear(d_conn, tcfg.hidden_size) if connector_hidden else None
+    for m in (vision, lm, mlp, post):
+        if m is not None:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.copy_(p.to(dtype).float())
+    state = {**{f"language_model.{k}": v for k, v in lm.state_dict().items()},
+             **{f"vision_tower._vision_tower.{k}": v for k, v in vision.state_dict().items()},
+             **{f"connector._connector.{k}": v for k, v in mlp.state_dict().items()}}
+    if post is not None:
+        state.update({f"connector.post_connector.{k}": v for k, v in post.state_dict().items()})
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items() if v.is_floating_point()},
+              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"model_type": "compodistill", "architectures": ["CompoDistillForConditionalGeneration"],
+           "auto_map": {"AutoConfig": "configuration_compodistill.CompoDistillConfig",
+                        "AutoModelForCausalLM": "modeling_compodistill.CompoDistillForConditionalGeneration"},
+           "text_config": tcfg.to_dict(), "vision_config": vcfg.to_dict(), "connector_type": "mlp2x_gelu",
+           "hidden_size": tcfg.hidden_size, "vocab_size": tcfg.vocab_size, "vision_hidden_size": vcfg.hidden_size,
+           "vision_feature_layer": -2, "vision_feature_select_strategy": "patch", "image_aspect_ratio": aspect,
+           "image_token_index": -200, "ignore_index": -100, "pad_token_id": tok.pad_token_id,
+           "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right", "use_cache": True,
+           "post_connector_use": bool(connector_hidden), "connector_hidden_size": connector_hidden,
+           "torch_dtype": str(dtype).replace("torch.", "")}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    tok.save_pretrained(out)
+    SiglipImageProcessor(size={"height": vcfg.image_size, "width": vcfg.image_size}).save_pretrained(out)
+    return vision, mlp, post, lm
+
+
+def their_prompt_ids(tok, question):
+    """Their eval prompt: f"{SYSTEM} USER: <image>\\n{question} ASSISTANT:", each chunk around <image> tokenized
+    on its own (tokenizer_image_token). -> (ids before the image, ids after)."""
+    text = f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
+    before, after = text.split("<image>")
+    return tok(before).input_ids, tok(after).input_ids
+
+
+@torch.no_grad()
+def reference_logits(parts, before, after, pixels):
+    vision, mlp, post, lm = parts
+    feats = vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # 'patch': the first token dropped
+    feats = mlp(feats)
+    if post is not None:
+        feats = post(feats)
+    emb = lm.get_input_embeddings()
+    embeds = torch.cat([emb(torch.tensor([before])), feats, emb(torch.tensor([after]))], dim=1)
+    return lm(inputs_embeds=embeds).logits
+
+
+def image(seed=0, size=(40, 28)):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+@torch.no_grad()
+def our_logits(mllm, tok, proc, question, img):
+    messages = data.with_system_prompt(tok, [{"role": "user", "content": "<image>\n" + question}],
+                                       mllm.extra_config.get("system_prompt"))
+    ids = data.render_prompt(tok, messages, mllm.num_visual_tokens, mllm.image_token_id)
+    pixels = proc(images=[img], return_tensors="pt")["pixel_values"]
+    ids = torch.tensor([ids])
+    return ids, pixels, mllm.eval()(ids, torch.ones_like(ids), pixels)["logits"]
+
+
+@pytest.mark.parametrize("taf", [False, True])
+def test_release_layout_loads_with_the_logits_of_an_independent_forward(tmp_path, taf):
+    tok = qwen15_like_tokenizer(str(tmp_path / "tok"))
+    out = str(tmp_path / "release")
+    parts = write_release(out, tok, TINY_SIGLIP, tiny_qwen(len(tok) + 7), connector_hidden=48 if taf else None)
+    mllm, our_tok, proc = M.load_any(out)
+    assert mllm.num_visual_tokens == (32 // 8) ** 2 - 1  # 'patch' drops the first token of a CLS-less SigLIP
+    assert (mllm.extra_config.get("projector") == "taf") == taf
+    question = "What color is the circle?"
+    img = image()
+    ids, pixels, ours = our_logits(mllm, our_tok, proc, question, img)
+    from transformers import SiglipImageProcessor
+    ref_pixels = SiglipImageProcessor.from_pretrained(out)(images=[img], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, ref_pixels)
+    before, after = their_prompt_ids(tok, question)
+    vis = ids[0] == mllm.image_token_id
+    assert ids[0][~vis].tolist() == before + after  # their prompt format, token for token
+    assert int(vis.sum()) == mllm.num_visual_tokens and int(vis.nonzero()[0]) == len(before)
+    ref = reference_logits(parts, before, after, ref_pixels)
+    assert ours.shape == ref.shape  # <image> took a spare row of the table: the vocabulary is unchanged
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_a_release_with_a_connector_we_do_not_read_is_a_clear_error(tmp_path):
+    tok = qwen15_like_tokenizer(str(tmp_path / "tok"))
+    out = str(tmp_path / "release")
+    write_release(out, tok, TINY_SIGLIP, tiny_qwen(len(tok) + 1))
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    cfg["connector_type"] = "mlp3x_gelu"
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
+    with pytest.raises(ValueError, match="connector_type 'mlp3x_gelu'"):
+        M.load_any(out)
