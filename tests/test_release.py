@@ -209,3 +209,70 @@ def test_release_at_qwen15_shapes_with_the_real_vocabulary(tmp_path):
     ref = parts[3].lm_head(ref_hidden[:, -16:])
     assert ours.shape[-1] == 151936
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def release_world(tmp_path_factory):
+    """A shapes world, and a teacher in the authors' release layout on the world's tokenizer (+ <|endoftext|>, which
+    their format ends answers with), the world's 64-px images, a SigLIP of 2 layers."""
+    from conftest import world_and_teacher
+    root = tmp_path_factory.mktemp("release_world")
+    world, _ = world_and_teacher(root, seed=2, n_pretrain=16, n_instruct=32, n_images=16, n_sugarcrepe=2, n_vqa=2,
+                                 n_val_sugarcrepe=1, n_val_vqa=1)
+    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]}, replace_extra_special_tokens=False)
+    release = str(root / "teacher_release")
+    vision = dict(M.TINY_VISION, num_hidden_layers=2)
+    parts = write_release(release, tok, vision, tiny_qwen(len(tok), hidden=48, layers=4), dtype=torch.float32)
+    parts[0].save_pretrained(str(root / "siglip"))
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_qwen(len(tok), layers=4))).save_pretrained(str(root / "llm"))
+    return world, release, str(root / "siglip"), str(root / "llm"), root
+
+
+def test_release_teacher_with_taf_and_vat(release_world):
+    """The authors' layout as --teacher: a student built from the same SigLIP, an LLM and the release's tokenizer
+    (so its conversation format) trains stage 2 (TAF: the teacher's connector + a linear; VAT; L_KL); TAF's check
+    names the feature selection when the student reads the encoder differently."""
+    import train
+    world, release, siglip, llm, root = release_world
+    args = ["--stage", "2", "--max-steps", "2", "--init", f"parts:{siglip},{llm},{release}", "--teacher", release,
+            "--data", os.path.join(world, "instruct.json"), "--image-folder", world, "--global-batch", "4",
+            "--micro-batch", "2", "--max-len", "256", "--lora-r", "4", "--lora-alpha", "8", "--quiet",
+            "--vision-feature-layer", "-2"]
+    with pytest.raises(ValueError, match="vision_feature_select_strategy: teacher 'default' vs student 'full'"):
+        train.main([*args, "--out", str(root / "wrong")])
+    out = str(root / "student")
+    train.main([*args, "--vision-feature-select-strategy", "default", "--out", out])
+    logs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    steps = [r for r in logs if "step" in r]
+    assert steps and all(r["kd"] > 0 and r["vat"] > 0 for r in steps), steps
+    student, tok, _ = M.load_any(out)
+    assert student.extra_config["projector"] == "taf" and student.num_visual_tokens == 15
+    assert tok.chat_template == M.RELEASE_CHAT_TEMPLATE
+
+
+def test_evaluate_cr_asks_a_release_checkpoint_in_its_own_format(release_world, monkeypatch):
+    import evaluate
+    world, release, _, _, root = release_world
+    tok = data.load_tokenizer(release)
+    seen = []
+    real = M.MultimodalLM.generate
+
+    def spy(self, input_ids, attention_mask, *a, **kw):
+        seen.extend(ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask))
+        return real(self, input_ids, attention_mask, *a, **kw)
+    monkeypatch.setattr(M.MultimodalLM, "generate", spy)
+    evaluate.main(["cr", "--model", release, "--sugarcrepe", os.path.join(world, "sugarcrepe"), "--limit", "1",
+                   "--out", str(root / "eval"), "--max-new-tokens", "2"])
+    assert seen
+    for ids in seen:
+        image_id = tok.convert_tokens_to_ids("<image>")
+        at = (ids == image_id).nonzero().flatten()
+        assert len(at) == 15
+        before, after = ids[:int(at[0])].tolist(), ids[int(at[-1]) + 1:].tolist()
+        text = tok.decode(after)
+        assert before == tok(f"{SYSTEM} USER: ").input_ids
+        assert text.startswith("\nWhich caption") and text.endswith(" ASSISTANT:"), text
+        assert after == tok(text).input_ids  # the chunk after <image> tokenized as one piece, as theirs
