@@ -276,3 +276,77 @@ def test_evaluate_cr_asks_a_release_checkpoint_in_its_own_format(release_world, 
         assert before == tok(f"{SYSTEM} USER: ").input_ids
         assert text.startswith("\nWhich caption") and text.endswith(" ASSISTANT:"), text
         assert after == tok(text).input_ids  # the chunk after <image> tokenized as one piece, as theirs
+
+
+# -----------------------------------------------------------------------------
+# Export (python model.py export)
+
+def test_export_llava_hf_gives_our_logits_and_autoprocessor_prompts_as_we_do(tokenizer, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    mllm = M.from_preset("student", tokenizer, seed=3)
+    mllm.extra_config["system_prompt"] = "Answer briefly."
+    src, out = str(tmp_path / "run"), str(tmp_path / "hf")
+    M.save_pretrained(mllm, src, tokenizer, M.make_image_processor(mllm.vision_tower.config))
+    M.main(["export", src, out, "--to", "llava-hf"])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        M.main(["export", src, out, "--to", "llava-hf"])
+    card = open(os.path.join(out, "README.md")).read()
+    assert "pipeline_tag: image-text-to-text" in card and "2510.12184" in card
+    ours, tok, proc = M.load_any(src)
+    question = "What color is the circle?"
+    img = image(1, size=(64, 64))
+    ids, pixels, logits = our_logits(ours, tok, proc, question, img)
+    processor = AutoProcessor.from_pretrained(out)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                                           add_generation_prompt=True)
+    inputs = processor(images=img, text=prompt, return_tensors="pt")
+    assert inputs["input_ids"].tolist() == ids.tolist()  # the system prompt, the template, 16 image tokens
+    assert torch.equal(inputs["pixel_values"], pixels)
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+    torch.testing.assert_close(ref, logits, atol=1e-5, rtol=1e-5)
+    taf = M.taf_student(M.from_preset("student", tokenizer), M.from_preset("teacher", tokenizer))
+    M.save_pretrained(taf, str(tmp_path / "taf"), tokenizer)
+    with pytest.raises(ValueError, match="compodistill-release"):
+        M.main(["export", str(tmp_path / "taf"), str(tmp_path / "taf_hf"), "--to", "llava-hf"])
+
+
+def test_export_a_taf_student_to_the_release_layout_and_read_it_back(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    student = M.taf_student(M.from_preset("student", tokenizer, seed=1), M.from_preset("teacher", tokenizer, seed=1))
+    torch.nn.init.normal_(student.projector.linear.weight, std=0.3)
+    src, out = str(tmp_path / "taf"), str(tmp_path / "release")
+    M.save_pretrained(student, src, tokenizer, M.make_image_processor(student.vision_tower.config))
+    M.main(["export", src, out, "--to", "compodistill-release"])
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["post_connector_use"] and cfg["connector_hidden_size"] == 64 and cfg["model_type"] == "compodistill"
+    assert cfg["chat_format"] == "tokenizer"  # trained with ChatML, not the authors' format: the card says so
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"connector._connector.0.weight", "connector._connector.2.bias", "connector.post_connector.weight"} <= keys
+    assert all(k.split(".")[0] in ("language_model", "vision_tower", "connector") for k in keys)
+    a, ta, pa = M.load_any(src)
+    b, tb, pb = M.load_any(out)
+    assert tb.chat_template == ta.chat_template
+    question, img = "Is there a red circle?", image(2, size=(64, 64))
+    ids_a, _, logits_a = our_logits(a, ta, pa, question, img)
+    ids_b, _, logits_b = our_logits(b, tb, pb, question, img)
+    assert torch.equal(ids_a, ids_b)
+    torch.testing.assert_close(logits_b, logits_a, atol=1e-6, rtol=1e-6)
+
+
+def test_a_release_read_and_exported_again_is_the_same_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+    tok = qwen15_like_tokenizer(str(tmp_path / "tok"))
+    src, out = str(tmp_path / "release"), str(tmp_path / "again")
+    write_release(src, tok, TINY_SIGLIP, tiny_qwen(len(tok) + 3), connector_hidden=40)
+    M.main(["export", src, out, "--to", "compodistill-release", "--dtype", "float16"])
+    a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg_a, cfg_b = (json.load(open(os.path.join(d, "config.json"))) for d in (src, out))
+    assert "chat_format" not in cfg_b  # the authors' format, as theirs
+    for k in ("connector_type", "post_connector_use", "connector_hidden_size", "vision_feature_layer",
+              "vision_feature_select_strategy", "image_aspect_ratio", "image_token_index", "hidden_size"):
+        assert cfg_b[k] == cfg_a[k], k
