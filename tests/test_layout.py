@@ -9,7 +9,7 @@ import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ("model.py", "taf.py", "vat.py", "train.py", "data.py", "evaluate.py",
-        "runs.py", "distributed.py", "attention.py")
+        "runs.py", "distributed.py", "attention.py", "lmms_plugin.py")
 UPPER = ("shapes.py", "demo.py", "bench.py", "verdict.py")
 PROJECT = {os.path.splitext(f)[0] for f in CORE + UPPER}
 
