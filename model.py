@@ -28,7 +28,6 @@ authors' release layout (export_llava_hf, export_release).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -828,95 +827,13 @@ def _from_run(source, run_args: dict, run_dir: str):
     return prefix + ",".join(resolve(p) for p in pieces)
 
 
-# -----------------------------------------------------------------------------
-# What a checkpoint was trained on: a fingerprint of its --init and --teacher files
-
-def _safetensors_digest(path: str, sample: int = 4096) -> str:
-    """sha256 of a safetensors file's header (every tensor's name, dtype, shape and byte range, and the
-    metadata), its size, and the first and last `sample` bytes of every tensor. Reads a few KiB per tensor,
-    not the file: a multi-GB checkpoint is fingerprinted in well under a second. What it catches: another
-    architecture, dtype or vocabulary (the header), a truncated or padded file (the size), and re-trained or
-    re-merged weights, which change every tensor they touch from its first bytes to its last (a LoRA merge, a
-    fine-tuned adapter or LLM, another seed). What it cannot: an edit confined to the middle of a tensor."""
-    import struct
-    h = hashlib.sha256()
-    size = os.path.getsize(path)
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ValueError(f"{path}: not a safetensors file, or truncated (header of {n} bytes in {size})")
-        header = f.read(n)
-        h.update(header)
-        try:
-            entries = json.loads(header)
-        except ValueError:
-            raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
-        spans = sorted(tuple(v["data_offsets"]) for k, v in entries.items() if k != "__metadata__")
-        for begin, end in spans:
-            for start in sorted({begin, max(begin, end - sample)}):
-                f.seek(8 + n + start)
-                h.update(f.read(min(sample, end - start)))
-    return h.hexdigest()
-
-
-def source_fingerprint(source: str | None) -> dict | None:
-    """{file: digest} of the files a model source (load_any's spelling) is read from: every top-level
-    *.safetensors (_safetensors_digest) and config.json (sha256) of its directory, keyed by file name, so a
-    directory moved whole still matches (parts:VISION,LLM,TOKENIZER: keyed DIR/name, each directory; a run's
-    checkpoint/ holds trainable.safetensors). None for a preset (built
-    from code and a seed) or no source. train.py records it in a checkpoint's meta ("init_fingerprint",
-    "teacher_fingerprint"); --resume and load_checkpoint_model refuse a source whose files changed
-    (check_fingerprint)."""
-    if not source or source.startswith("preset:"):
-        return None
-    if source.startswith("parts:"):
-        dirs = source.split(":", 1)[1].split(",")
-    else:
-        dirs = [source.split(":", 1)[1] if source.startswith("llava:") else source]
-    out = {}
-    for i, d in enumerate(dirs):
-        if not os.path.isdir(d):
-            continue  # load_any names a missing source itself
-        for name in sorted(os.listdir(d)):
-            f, key = os.path.join(d, name), name if len(dirs) == 1 else f"{d}/{name}"
-            if name.endswith(".safetensors") and os.path.isfile(f):
-                out[key] = _safetensors_digest(f)
-            elif name == "config.json":
-                with open(f, "rb") as fh:
-                    out[key] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
-def check_fingerprint(recorded: dict | None, source: str | None, flag: str, checkpoint: str):
-    """Refuse to put a checkpoint's trained weights on a `source` whose files are not the ones it was trained
-    on (a directory re-made under the same path): a ValueError naming the flag, the path and each file that
-    changed, appeared or disappeared. `recorded` None (a checkpoint written before fingerprints, or a
-    preset): nothing to check."""
-    if recorded is None:
-        return
-    now = source_fingerprint(source) or {}
-    changed = sorted(f for f in recorded.keys() & now.keys() if recorded[f] != now[f])
-    gone, new = sorted(recorded.keys() - now.keys()), sorted(now.keys() - recorded.keys())
-    if changed or gone or new:
-        what = "; ".join(x for x in (f"changed: {', '.join(changed)}" if changed else "",
-                                     f"missing now: {', '.join(gone)}" if gone else "",
-                                     f"new: {', '.join(new)}" if new else "") if x)
-        raise ValueError(f"{checkpoint} was trained on {flag} {source}, whose files are not the same now ({what}): "
-                         f"its trained weights would land on other base weights. Put back the {flag} the run "
-                         "started from, or start again (--overwrite)")
-
-
 def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code: bool = False,
                           attn_implementation: str = "sdpa"):
     """A stage checkpoint (RUN/checkpoint: trainable weights + optimizer state only) as a model: the run's
     args.json says what it started from (--init, --teacher for TAF, the LoRA shape); that model is rebuilt
     (load_any), given a TAF projector from the teacher's adapter and LoRA where the checkpoint has them, the
     checkpoint's trainable weights are copied in and LoRA is merged. -> (model, tokenizer, image_processor)."""
-    from runs import checkpoint_weights
+    from runs import check_fingerprint, checkpoint_meta, checkpoint_weights
     run = os.path.dirname(os.path.abspath(path.rstrip("/")))
     args_path = os.path.join(run, "args.json")
     if not os.path.isfile(args_path):
@@ -962,12 +879,6 @@ def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval(), tok, image_processor_for(model, proc)
-
-
-def checkpoint_meta(path: str) -> dict:
-    """The meta a stage checkpoint records (its trainer_state.pt, memory-mapped, weights only)."""
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu", mmap=True)
-    return dict(state.get("meta") or {})
 
 
 def checkpoint_step(path: str) -> int:

@@ -400,7 +400,7 @@ def build_models(args, stage):
     stages 1-2. Under --fsdp both are sharded (the teacher is read into CPU memory first); else on the device,
     the student wrapped in DDP under torchrun."""
     device, fsdp = stage.device, stage.fsdp
-    stage.sources = sources_trained_on(args, stage.distill)  # before loading: a re-made --init is refused here
+    stage.sources = runs.sources_trained_on(args, stage.distill)  # before loading: a re-made --init is refused here
     student, tokenizer, base_processor = build_student(args)
     record_run_choices(student, args)
     teacher = teacher_tok = None
@@ -825,23 +825,6 @@ def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta
     matching = vat.group_layer_matching(s_layers, t_layers, args.vat_matching)
     cfg = dict(s_layers=s_layers, t_layers=sorted({t for g in matching for t in g}), matching=matching)
     return dict(cfg, auto=auto) if auto else cfg
-
-
-def sources_trained_on(args, distill: bool) -> dict:
-    """The checkpoint meta's fingerprints of the files the stage trains on (model.source_fingerprint):
-    {"init_fingerprint"[, "teacher_fingerprint"]}. On --resume, checked first against what the checkpoint
-    recorded: an --init or --teacher re-made under the same path is refused before any model loads (the
-    trained LoRA / adapter would land on other base weights). A checkpoint without them (older) is not."""
-    now = {"init_fingerprint": M.source_fingerprint(args.init),
-           **({"teacher_fingerprint": M.source_fingerprint(args.teacher)} if distill else {})}
-    resumed = runs.find_checkpoint(args.out) if args.resume else None
-    if resumed:
-        meta = runs.checkpoint_meta(resumed)
-        for key, flag, source in (("init_fingerprint", "--init", args.init), ("teacher_fingerprint", "--teacher",
-                                                                               args.teacher if distill else None)):
-            if key in meta:
-                M.check_fingerprint(meta[key], source, flag, resumed)
-    return now
 
 
 def kd_meta(args, distill: bool) -> dict:

@@ -308,7 +308,7 @@ def test_fsdp_on_a_mix_with_text_only_micro_batches_equals_ddp_and_resumes(tmp_p
 # Item 5: a checkpoint's --init / --teacher re-made under the same path
 
 def test_an_init_or_teacher_remade_under_the_same_path_is_refused_by_resume_and_evaluation(world, tmp_path):
-    """The checkpoint records a fingerprint of its --init's and --teacher's files (model.source_fingerprint);
+    """The checkpoint records a fingerprint of its --init's and --teacher's files (runs.source_fingerprint);
     --resume and load_checkpoint_model (evaluate.py RUN/checkpoint) refuse a source whose files changed,
     naming the flag, the path and the file. A checkpoint without the fingerprint (older) still loads."""
     import shutil
@@ -376,8 +376,8 @@ def test_the_safetensors_fingerprint_reads_headers_and_tensor_ends(tmp_path):
     edited["w"][-1] = -1.0  # the last value of one tensor
     save_file(edited, str(tmp_path / "edited.safetensors"))
     save_file({"w": a["w"].double(), "b": a["b"]}, str(tmp_path / "dtype.safetensors"))
-    d = {n: M._safetensors_digest(str(tmp_path / f"{n}.safetensors")) for n in ("a", "same", "edited", "dtype")}
+    d = {n: runs._safetensors_digest(str(tmp_path / f"{n}.safetensors")) for n in ("a", "same", "edited", "dtype")}
     assert d["a"] == d["same"] and len({d["a"], d["edited"], d["dtype"]}) == 3
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes()[:6])
     with pytest.raises(ValueError, match="cut.safetensors: not a safetensors file"):
-        M._safetensors_digest(str(tmp_path / "cut.safetensors"))
+        runs._safetensors_digest(str(tmp_path / "cut.safetensors"))
