@@ -320,6 +320,38 @@ def layer_profile_batches(mllm, batches) -> dict:
             "middle": vat.select_layers(depth, "middle")}
 
 
+def auto_vat_layers(student, teacher, dataset, idx, micro: int, collate, k_student=None, group=True) -> dict:
+    """`train.py --vat-layers auto`: VAT's windows found from the models' own attention (docs/method.md section 8,
+    open question 3). Each model given (None: its layers are fixed by a spec) is profiled (layer_profile_batches)
+    on the training samples `idx` of `dataset`, collated `micro` at a time, and vat.auto_layers picks its window;
+    under group matching (`group`) the teacher's grows to at least the student's layer count (Eq. 2 needs
+    m >= k; `k_student` when the student's layers are fixed). Under --cross-vocab the teacher reads its own
+    tokens, and its own pixels where it processes images otherwise. -> {"samples", "student"?, "teacher"?}."""
+    device = next((student or teacher).parameters()).device
+
+    def batches(who):
+        for j in range(0, len(idx), micro):
+            b = collate([dataset[i] for i in idx[j:j + micro]])
+            theirs = who == "teacher"
+            ids, mask = ((b["teacher_input_ids"], b["teacher_attention_mask"]) if theirs and "pairs" in b
+                         else (b["input_ids"], b["attention_mask"]))
+            pix = b["teacher_pixel_values"] if theirs and "teacher_pixel_values" in b else b["pixel_values"]
+            yield ids, mask, pix.to(device), None
+    auto = {"samples": len(idx)}
+    if student is not None:
+        auto["student"] = layer_profile_batches(student, batches("student"))["auto"]
+    if teacher is not None:
+        import vat
+        n_t = teacher.language_model.config.num_hidden_layers
+        k = len(auto["student"]) if student is not None else k_student
+        if group and k > n_t:
+            raise ValueError(f"--vat-layers auto: the student's window has {k} layers, more than the teacher's {n_t}; "
+                             "give --vat-layers fewer layers or --vat-matching uniform")
+        profile = layer_profile_batches(teacher, batches("teacher"))["layers"]
+        auto["teacher"] = vat.auto_layers(profile, n_t, min_layers=k if group else 1)
+    return auto
+
+
 def layer_profile(mllm, tokenizer, processor, requests, batch_size=8) -> dict:
     """layer_profile_batches over `requests` ({"image", "prompt"[, "object_patches": [visual-token
     indices of the object the prompt names]]})."""

@@ -782,12 +782,11 @@ def micro_batch_size(args, world: int) -> int:
 
 def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta: dict, collate=None) -> dict:
     """VAT's layers and their matching (docs/method.md section 3): `--vat-layers` / `--vat-teacher-layers`
-    are vat.select_layers specs. "auto" measures the model's attention profile (attention.layer_profile_batches:
-    per layer, the text's attention share on the image and its entropy there) on the first
-    --vat-auto-samples training samples that have an image, before any step, and takes vat.auto_layers (under
-    group matching the teacher's window grows to at least the student's layer count, around its measured
-    peak: Eq. 2 needs m >= k, and the two windows are measured independently); a resumed run takes the layers its checkpoint recorded (the trained model would measure differently).
-    Every rank measures the same samples with the same weights, so every rank picks the same layers.
+    are vat.select_layers specs. "auto" measures each model's attention profile on the first
+    --vat-auto-samples training samples that have an image, before any step (attention.auto_vat_layers: under
+    group matching the teacher's window grows to the student's layer count, Eq. 2 needs m >= k); a resumed run
+    takes the layers its checkpoint recorded (the trained model would measure differently). Every rank
+    measures the same samples with the same weights, so every rank picks the same layers.
     Returns {"s_layers", "t_layers" (the teacher layers of the windows), "matching"[, "auto"]}."""
     s_spec, t_spec = args.vat_layers, args.vat_teacher_layers or args.vat_layers
     n_s = student.language_model.config.num_hidden_layers
@@ -800,26 +799,11 @@ def vat_layers(args, student, teacher, dataset, pad_id, micro: int, resumed_meta
             idx = [i for i, x in enumerate(dataset.samples) if x.get("image")][:args.vat_auto_samples]
             if not idx:
                 raise ValueError(f"--vat-layers auto: {args.data} has no sample with an image to measure on")
-            device = next(student.parameters()).device
-
-            def batches(who):  # the teacher reads its own tokens under --cross-vocab
-                for j in range(0, len(idx), micro):
-                    b = (collate or functools.partial(data.collate, pad_token_id=pad_id))(
-                        [dataset[i] for i in idx[j:j + micro]])
-                    ids, mask = ((b["teacher_input_ids"], b["teacher_attention_mask"]) if "pairs" in b and
-                                 who == "teacher" else (b["input_ids"], b["attention_mask"]))
-                    pix = teacher_pixels(b) if who == "teacher" else b["pixel_values"]
-                    yield ids, mask, pix.to(device), None
-            auto = {"samples": len(idx)}
-            if s_spec == "auto":
-                auto["student"] = attention.layer_profile_batches(student, batches("student"))["auto"]
-            if t_spec == "auto":  # group matching needs m >= k: the teacher's window grows to the student's k
-                k = len(auto["student"] if s_spec == "auto" else vat.select_layers(n_s, s_spec))
-                if args.vat_matching == "group" and k > n_t:
-                    raise ValueError(f"--vat-layers auto: the student's window has {k} layers, more than the "
-                                     f"teacher's {n_t}; give --vat-layers fewer layers or --vat-matching uniform")
-                profile = attention.layer_profile_batches(teacher, batches("teacher"))["layers"]
-                auto["teacher"] = vat.auto_layers(profile, n_t, min_layers=k if args.vat_matching == "group" else 1)
+            k = None if s_spec == "auto" else len(vat.select_layers(n_s, s_spec))
+            collate = collate or functools.partial(data.collate, pad_token_id=pad_id)
+            auto = attention.auto_vat_layers(student if s_spec == "auto" else None,
+                                             teacher if t_spec == "auto" else None, dataset, idx, micro, collate, k,
+                                             group=args.vat_matching == "group")
     s_layers = auto["student"] if s_spec == "auto" else vat.select_layers(n_s, s_spec)
     t_layers = auto["teacher"] if t_spec == "auto" else vat.select_layers(n_t, t_spec, teacher=True)
     matching = vat.group_layer_matching(s_layers, t_layers, args.vat_matching)
