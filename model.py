@@ -186,7 +186,8 @@ class MultimodalLM(nn.Module):
                  eos_token_id=None) -> list[list[int]]:
         """Greedy decoding with the LM's KV cache. Rows may be left- or right-padded: they are
         re-packed to the left so every row's next token is at the end. Returns the new token ids of
-        each row, stopping at (and excluding) eos."""
+        each row, stopping at (and excluding) eos. The prompt's forward applies the LM head to the last
+        position only (transformers' `logits_to_keep=1`): (B, V) logits per step, never (B, T, V)."""
         B, T = input_ids.shape
         lengths = attention_mask.sum(1)
         ids = torch.zeros_like(input_ids)
@@ -199,7 +200,7 @@ class MultimodalLM(nn.Module):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                  use_cache=True, return_dict=True)
+                                  use_cache=True, return_dict=True, logits_to_keep=1)
         new = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)
         positions = lengths.unsqueeze(1) - 1
@@ -491,7 +492,7 @@ def load_pretrained(path: str, device="cpu", dtype=None, attn_implementation: st
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{path}: no model.safetensors")
-    with empty_weights():
+    with empty_weights(), torch.random.fork_rng(devices=[]):  # no weight is drawn: the caller's RNG stays as it was
         model = model_from_config(cfg, attn_implementation)
     model.language_model.tie_weights()  # inside empty_weights the tie made a second meta tensor: one again
     if dtype is not None:  # buffers (inv_freq, ...) in the weights' dtype, as model.to(dtype) leaves them
@@ -503,8 +504,9 @@ def load_pretrained(path: str, device="cpu", dtype=None, attn_implementation: st
     left = [k for k, p in model.named_parameters() if p.is_meta and (parts is None or k.split(".", 1)[0] in parts)]
     if left:
         raise ValueError(f"{weights}: {len(left)} parameters were not filled: {left[:8]}")
-    if prepare is None:
-        model.to(device)  # the buffers (fully_shard has placed a prepared model's)
+    if prepare is None:  # the buffers (fully_shard has placed a prepared model's)
+        for part in [model] if parts is None else [getattr(model, p) for p in parts]:
+            part.to(device)
     if model.num_visual_tokens != cfg["num_visual_tokens"]:
         raise ValueError(f"{path}: config says {cfg['num_visual_tokens']} visual tokens, the rebuilt encoder "
                          f"gives {model.num_visual_tokens}")
@@ -630,7 +632,7 @@ def is_checkpoint_dir(path: str) -> bool:
 
 def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = False,
              attn_implementation: str = "sdpa", tokenizer: str | None = None, seed: int = 0,
-             vision_feature_layer=None, vision_feature_select_strategy=None):
+             vision_feature_layer=None, vision_feature_select_strategy=None, prepare=None, parts=None):
     """Any model source -> (model, tokenizer, image_processor), the one spelling used everywhere:
       DIR                        a compodistill model directory (a stage's --out)
       RUN/checkpoint             a run's stage checkpoint: the run's init + the checkpoint's trainable
@@ -639,7 +641,10 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
       parts:VISION,LLM,TOKENIZER a vision + an LLM checkpoint and a tokenizer, fresh adapter
                                  (vision_feature_layer default -2; the strategy defaults to the encoder's kind)
       preset:NAME                a tiny preset; `tokenizer` is the tokenizer directory, `seed` its seed
-    The image processor is the checkpoint's own (preprocessor_config.json) where there is one."""
+    The image processor is the checkpoint's own (preprocessor_config.json) where there is one.
+    `prepare` (train.py --fsdp: FSDP2 sharding) and `parts` (only these top-level parts' weights): a model
+    directory applies them to the empty model before reading (load_pretrained), so a sharded rank reads only
+    its shards; any other source is loaded whole, then prepared (`parts` does not apply)."""
     if source.startswith("preset:"):
         if not tokenizer:
             raise ValueError(f"{source}: a preset needs a tokenizer directory (--tokenizer)")
@@ -662,20 +667,25 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
         tok = _tokenizer_with_chat_template(path, trust_remote_code)
         proc = load_image_processor(path, model.vision_tower.config)
     elif is_checkpoint_dir(source):
-        return load_checkpoint_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                     attn_implementation=attn_implementation)
+        model, tok, proc = load_checkpoint_model(source, device=device, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
+        return (prepare(model) or model) if prepare else model, tok, proc
     elif os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")) and \
             is_checkpoint_dir(os.path.join(source, "checkpoint")):
         raise ValueError(f"{source}: a run without its final model (the stage has not finished); evaluate its "
                          f"last checkpoint with {os.path.join(source, 'checkpoint')}")
     elif os.path.isdir(source):
         return load_pretrained(source, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, prepare=prepare, parts=parts)
     else:
         raise ValueError(f"model source {source!r} is none of: " + "; ".join(SOURCES))
     if dtype is not None:
         model.to(dtype)
-    return model.to(device), tok, image_processor_for(model, proc)
+    model.to(device)
+    if prepare is not None:
+        model = prepare(model) or model
+    return model, tok, image_processor_for(model, proc)
 
 
 def load_checkpoint_model(path: str, device="cpu", dtype=None, trust_remote_code: bool = False,

@@ -86,11 +86,12 @@ def test_fsdp_equals_ddp_training_the_whole_llm(setup):
 
 @pytest.mark.slow
 def test_fsdp_lora_resume_and_validation_equal_ddp_and_checkpoints_cross_over(setup):
-    """LoRA (the stage's default) with in-loop validation: an FSDP2 run stopped after step 2 and resumed
-    equals the uninterrupted DDP run; the FSDP2 checkpoint resumed by DDP does too (one format)."""
+    """LoRA (the stage's default) with in-loop validation and TAF: an FSDP2 run (its teacher sharded while it
+    loads) stopped after step 2 and resumed equals the uninterrupted DDP run (its validation split over the
+    ranks); the FSDP2 checkpoint resumed by DDP does too (one format)."""
     world, teacher, root = setup
     common = ["--max-steps", "4", "--save-every", "2", "--eval-sugarcrepe", os.path.join(world, "val", "sugarcrepe"),
-              "--eval-every", "2"]
+              "--eval-every", "2", "--taf"]  # TAF: under --fsdp its checks read the teacher's encoder whole
     ddp, fsdp, cross = str(root / "lora_ddp"), str(root / "lora_fsdp"), str(root / "lora_cross")
     _torchrun(_args(world, teacher, ddp, *common), 29643)
     _torchrun(_args(world, teacher, fsdp, *common, "--fsdp"), 29644, fault="stop_after=2")
@@ -102,3 +103,45 @@ def test_fsdp_lora_resume_and_validation_equal_ddp_and_checkpoints_cross_over(se
     _torchrun(_args(world, teacher, cross, *common, "--resume"), 29646)
     _same_run(ddp, fsdp)
     _same_run(ddp, cross)
+
+
+def _all_gather_worker(rank, tokenizer_dir, port, out):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import data
+    import distributed
+    import model as M
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    tok = data.load_tokenizer(tokenizer_dir)
+    mesh = init_device_mesh("cpu", (2,))
+    seen, real = [], dist.all_gather_single  # what FSDP2 (torch 2.13) all-gathers the parameters with
+    dist.all_gather_single = lambda o, i, *a, **k: (seen.append((str(i.dtype), i.numel() * i.element_size())),
+                                                    real(o, i, *a, **k))[1]
+    result = {}
+    for name, policy in (("none", None), ("cuda", distributed.mixed_precision(torch.device("cuda")))):
+        m = distributed.fsdp_shard(M.from_preset("student", tok), mesh, policy)
+        seen.clear()
+        ids = torch.randint(0, 100, (1, 8))
+        m(ids, torch.ones_like(ids))["logits"].float().sum().backward()
+        result[name] = {"dtypes": sorted({d for d, _ in seen}), "bytes": sum(b for _, b in seen),
+                        "master": sorted({str(p.dtype) for p in m.parameters()}),
+                        "grads": sorted({str(p.grad.dtype) for p in m.parameters() if p.grad is not None})}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_cuda_policy_all_gathers_bf16_half_the_bytes(tokenizer_dir, tmp_path):
+    """distributed.mixed_precision: on CUDA, FSDP2 gathers the fp32 master weights in bf16 (half the bytes of
+    the fp32 all-gather) while the shards, and the gradients they receive, stay fp32; on the CPU no policy (the
+    DDP-vs-FSDP equality above is fp32). Shown with gloo on 2 CPU processes and the CUDA policy applied."""
+    import torch.multiprocessing as mp
+    assert train.mixed_precision(torch.device("cpu")) is None
+    mp.spawn(_all_gather_worker, args=(tokenizer_dir, 29651, str(tmp_path / "r.json")), nprocs=2)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["none"]["dtypes"] == ["torch.float32"] and r["cuda"]["dtypes"] == ["torch.bfloat16"]
+    assert r["cuda"]["bytes"] * 2 == r["none"]["bytes"] > 0
+    assert r["cuda"]["master"] == r["cuda"]["grads"] == ["torch.float32"]
