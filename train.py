@@ -127,28 +127,60 @@ def _chunk_pass(h_s, w_s, targets, h_t, w_t, temperature, divergence, beta, chun
         if grad_h else None
     dw = [torch.zeros(V, w_s.shape[1], dtype=torch.float32, device=h_s.device) for _ in range(1 + teacher)] \
         if grad_w else None
-    for i in range(0, N, chunk_size):
-        hs = h_s[i:i + chunk_size].detach()
-        with torch.no_grad():
-            logits_t = head_logits(h_t[i:i + chunk_size], w_t[:V]) if teacher else None
-        with torch.enable_grad(), torch.autocast(h_s.device.type, enabled=False):
-            z = head_logits(hs, ws32).requires_grad_(grad_h or grad_w)
-            ce = F.cross_entropy(z, targets[i:i + chunk_size], reduction="sum")
-            kd = divergence_rows(z, logits_t, temperature, divergence, beta) if teacher else None
-            if grad_h or grad_w:  # d/dlogits of each loss, then through the head by hand
-                gz = [torch.autograd.grad(ce, z, retain_graph=teacher)[0]]
-                if teacher:
-                    gz.append(torch.autograd.grad(kd, z)[0])
+    with torch.autocast(h_s.device.type, enabled=False):  # fp32 throughout, whatever the loop's autocast
+        for i in range(0, N, chunk_size):
+            hs = h_s[i:i + chunk_size].detach()
+            with torch.no_grad():
+                logits_t = head_logits(h_t[i:i + chunk_size], w_t[:V]) if teacher else None
+            z = head_logits(hs, ws32)
+            if divergence == "forward" or not teacher:
+                ce, kd, gz = _forward_kl_rows(z, targets[i:i + chunk_size], logits_t, temperature, grad_h or grad_w)
+            else:  # reverse KL, JSD: their gradients by autograd, on the chunk's logits only
+                with torch.enable_grad():
+                    z.requires_grad_(grad_h or grad_w)
+                    ce = F.cross_entropy(z, targets[i:i + chunk_size], reduction="sum")
+                    kd = divergence_rows(z, logits_t, temperature, divergence, beta)
+                    gz = ([torch.autograd.grad(ce, z, retain_graph=True)[0], torch.autograd.grad(kd, z)[0]]
+                          if grad_h or grad_w else None)
+            del z, logits_t
+            if gz is not None:  # through the head by hand
                 hs32 = hs.float()
                 for k, g in enumerate(gz):
                     if grad_h:
                         dh[k][i:i + chunk_size] = g @ ws32
                     if grad_w:
                         dw[k].addmm_(g.t(), hs32)
-        ce_sum += ce.detach()
-        if teacher:
-            kd_sum += kd.detach()
+                del gz
+            ce_sum += ce.detach()
+            if teacher:
+                kd_sum += kd.detach()
     return ce_sum, kd_sum, dh, dw
+
+
+@torch.no_grad()
+def _forward_kl_rows(z, targets, logits_t, temperature: float, want_grad: bool):
+    """One chunk's summed cross-entropy and forward KL (divergence_rows's "forward", the paper's L_KL) from fp32
+    logits, with their gradients with respect to the student's logits in closed form, in place where the
+    chunk allows (5 (chunk, V) tensors at most):
+        d CE / dz = softmax(z) - onehot(y),   d [T^2 KL(p_t || p_s)] / dz = T (softmax(z / T) - p_t).
+    logits_t None (no teacher): the divergence is 0. -> (ce, kd, [d CE/dz, d KL/dz] or None)."""
+    rows = torch.arange(z.shape[0], device=z.device)
+    logp_s = F.log_softmax(z, dim=-1)
+    ce = -logp_s[rows, targets].sum()
+    gz = None
+    if want_grad:
+        gz = [logp_s.exp()]
+        gz[0][rows, targets] -= 1
+    if logits_t is None:
+        return ce, None, gz
+    logp_sT = logp_s if temperature == 1 else F.log_softmax(z / temperature, dim=-1)
+    logp_t = F.log_softmax(logits_t / temperature, dim=-1)
+    p_t = logp_t.exp()
+    kd = logp_t.sub_(logp_sT).mul_(p_t).sum() * temperature ** 2  # sum p_t (log p_t - log p_s)
+    del logp_t
+    if want_grad:
+        gz.append(logp_sT.exp_().sub_(p_t).mul_(temperature))
+    return ce, kd, gz
 
 
 class _HeadLosses(torch.autograd.Function):
