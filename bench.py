@@ -9,7 +9,7 @@ Per micro-batch (--batches): peak memory, step time, tokens/s, MFU on CUDA (mode
 over the device's bf16 peak; the formula is printed), each path's time over the plain step, and the
 arithmetic VAT adds as a share of the step's FLOPs (its floor, and today's capture). The RESULT line:
 vat_mem_ratio and vat_step_speedup (authors' extra memory / ours, authors' step time / ours) at the first
-batch, kl_mem_ratio and kl_max_diff, vat_overhead (ours / plain step time at the first batch) and
+batch, kl_mem_ratio and kl_max_diff, kl_step_speedup (the L_KL step before issue 38 / now), vat_overhead (ours / plain step time at the first batch) and
 vat_overhead_bK for every batch K.
 
 VAT: one DFT-like step on the same inputs, three ways:
@@ -22,7 +22,9 @@ reports its peak RSS (resource.getrusage ru_maxrss), with glibc told to mmap eve
 (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS at once and the RSS peak tracks the peak of
 live memory. CUDA: torch.cuda.max_memory_allocated in-process.
 L_KL: train.kd_loss (chunk by chunk from hidden states) against train.kd_loss_reference on full
-(T, V) logits at a 151k vocabulary: extra peak memory and the largest difference in loss and gradient.
+(T, V) logits at a 151k vocabulary: extra peak memory and the largest difference in loss and gradient; and
+the fwd+bwd time of the chunked L_KL before issue 38 (lm_and_kd_loss_before_issue38, kept here: a checkpoint
+per chunk that recomputed the teacher's logits in the backward) and now (gradients formed in the forward).
 
   python bench.py --data                # the data path at 665K LLaVA-shaped samples (bench_data)
 
@@ -142,18 +144,51 @@ def _kl_inputs(a):
     return hs, ht, ws, wt, labels
 
 
+def _chunk_losses_before_issue38(h_s, w_s, targets, h_t, w_t, temperature):
+    """THE OLD L_KL CHUNK (train._chunk_losses before issue 38), kept as the "before" of the L_KL timing: both
+    heads cast to fp32 in every chunk (and again in the backward's recompute), the teacher's logits inside
+    the checkpoint, so recomputed in the backward although they need no gradient."""
+    with torch.autocast(h_s.device.type, enabled=False):
+        logits_s = h_s.float() @ w_s.float().t()
+        logits_t = h_t.float() @ w_t.float().t()
+    ce = F.cross_entropy(logits_s, targets, reduction="sum")
+    logits_t = logits_t[:, :logits_s.shape[-1]]
+    return ce, train.divergence_rows(logits_s, logits_t, temperature, "forward")
+
+
+def lm_and_kd_loss_before_issue38(student_hidden, student_head_weight, labels, num_tokens, teacher_hidden,
+                                  teacher_head_weight, temperature=1.0, chunk_size=512):
+    """THE OLD chunked L_LM + L_KL (train.lm_and_kd_loss before issue 38): each chunk in a
+    torch.utils.checkpoint of _chunk_losses_before_issue38."""
+    h_s, targets, keep = train._shifted(student_hidden, labels)
+    h_t = teacher_hidden[:, :-1][keep]
+    lm = kd = student_hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h_s.shape[0], chunk_size):
+        ce, kl = torch.utils.checkpoint.checkpoint(_chunk_losses_before_issue38, h_s[i:i + chunk_size],
+                                                   student_head_weight, targets[i:i + chunk_size],
+                                                   h_t[i:i + chunk_size], teacher_head_weight, temperature,
+                                                   use_reentrant=False)
+        lm, kd = lm + ce, kd + kl
+    return lm / num_tokens, kd / num_tokens
+
+
 def _kl_worker(a):
     """L_KL fwd+bwd (student hidden states get the gradient; the heads are frozen, as under LoRA), chunked
-    (train.kd_loss) or unchunked (train.kd_loss_reference on full logits); saves loss and grad."""
+    (train.kd_loss), chunked the old way (lm_and_kd_loss_before_issue38) or unchunked (train.kd_loss_reference
+    on full logits); saves loss and grad, prints the step's seconds (TIME)."""
 
     hs, ht, ws, wt, labels = _kl_inputs(a)
     print(f"BASE {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")  # peak RSS with the inputs alone
     n = int((labels[:, 1:] != -100).sum())
+    t0 = time.perf_counter()
     if a["path"] == "kl_chunked":
         loss = train.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.0, chunk_size=a["kl_chunk"])
+    elif a["path"] == "kl_chunked_before":
+        loss = lm_and_kd_loss_before_issue38(hs, ws, labels, n, ht, wt, 1.0, a["kl_chunk"])[1]
     else:
         loss = train.kd_loss_reference(hs @ ws.t(), ht @ wt.t(), labels, n, temperature=1.0)
     loss.backward()
+    print(f"TIME {time.perf_counter() - t0}")
     torch.save({"loss": loss.detach(), "grad": hs.grad}, a["out"])
 
 
@@ -165,8 +200,9 @@ def _run_worker(a, path, **extra):
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"bench worker {path} failed:\n{r.stderr[-3000:]}")
-    found = dict(l.split() for l in r.stdout.splitlines() if l.startswith(("PEAK ", "BASE ")))
-    return int(found["PEAK"]) - int(found.get("BASE", 0))
+    found = dict(l.split() for l in r.stdout.splitlines() if l.startswith(("PEAK ", "BASE ", "TIME ")))
+    peak = int(found["PEAK"]) - int(found.get("BASE", 0))
+    return (peak, float(found["TIME"])) if "TIME" in found else peak
 
 
 # bf16 dense peak of the GPUs people train on (TFLOP/s, no sparsity), for the MFU column; --peak-tflops overrides
@@ -221,9 +257,9 @@ def _cpu_peaks(a) -> dict:
     kl = {}
     if not a["skip_kl"]:
         tmp = tempfile.mkdtemp()
-        for path in ("kl_chunked", "kl_reference"):
+        for path in ("kl_chunked", "kl_chunked_before", "kl_reference"):
             out = os.path.join(tmp, path + ".pt")
-            kl[path] = (_run_worker(a, path, out=out), out)  # peak RSS minus the peak right after the inputs
+            kl[path] = (*_run_worker(a, path, out=out), out)  # (peak RSS minus the peak after the inputs, s, file)
     return {"vat": peaks, "kl": kl}
 
 
@@ -293,17 +329,24 @@ def _bench_vat(a, cpu_peaks=None):
 
 
 def _bench_kl(a, measured):
-    """measured: {path: (extra peak bytes, the worker's saved loss and gradient)} from _cpu_peaks."""
+    """measured: {path: (extra peak bytes, fwd+bwd seconds, the worker's saved loss and gradient)} from _cpu_peaks.
+    -> (memory ratio unchunked / chunked, max |diff| chunked vs unchunked, step time before / after issue 38)."""
     mib = 2 ** 20
     peaks = {p: v[0] for p, v in measured.items()}
-    results = {p: torch.load(v[1], weights_only=True) for p, v in measured.items()}
-    c, r = results["kl_chunked"], results["kl_reference"]
+    secs = {p: v[1] for p, v in measured.items()}
+    results = {p: torch.load(v[2], weights_only=True) for p, v in measured.items()}
+    c, b, r = results["kl_chunked"], results["kl_chunked_before"], results["kl_reference"]
     max_diff = max((c["loss"] - r["loss"]).abs().item(), (c["grad"] - r["grad"]).abs().max().item())
+    diff_before = max((c["loss"] - b["loss"]).abs().item(), (c["grad"] - b["grad"]).abs().max().item())
     print(f"\nL_KL fwd+bwd: V={a['kl_vocab']}, T={a['kl_seq']} ({a['kl_seq'] // 2} supervised), hidden "
           f"{a['kl_student_hidden']}/{a['kl_teacher_hidden']}, chunk {a['kl_chunk']}; extra peak RSS over the inputs")
     print(f"chunked {peaks['kl_chunked'] / mib:.0f} MiB, unchunked {peaks['kl_reference'] / mib:.0f} MiB, "
           f"loss {c['loss'].item():.6f} vs {r['loss'].item():.6f}, max |diff| (loss, d/dhidden) {max_diff:.2e}")
-    return peaks["kl_reference"] / max(peaks["kl_chunked"], 1), max_diff
+    print(f"L_KL step (fwd+bwd): before issue 38 (lm_and_kd_loss_before_issue38: teacher logits recomputed in the "
+          f"backward) {secs['kl_chunked_before']:.2f} s ({peaks['kl_chunked_before'] / mib:.0f} MiB), now "
+          f"{secs['kl_chunked']:.2f} s: {secs['kl_chunked_before'] / secs['kl_chunked']:.2f}x; max |diff| "
+          f"before vs now {diff_before:.2e}; unchunked {secs['kl_reference']:.2f} s")
+    return peaks["kl_reference"] / max(peaks["kl_chunked"], 1), max_diff, secs["kl_chunked_before"] / secs["kl_chunked"]
 
 
 def _bench_args(argv=None):
@@ -842,14 +885,14 @@ def bench(argv=None):
     cpu = _cpu_peaks(a) if a["device"] == "cpu" else None  # before anything large runs in this process
     mem_ratio, speedup, overhead = _bench_vat(a, cpu and cpu["vat"])
     if a["skip_kl"]:
-        kl_ratio, kl_diff = float("nan"), float("nan")
+        kl_ratio, kl_diff, kl_speedup = float("nan"), float("nan"), float("nan")
     elif cpu:
-        kl_ratio, kl_diff = _bench_kl(a, cpu["kl"])
+        kl_ratio, kl_diff, kl_speedup = _bench_kl(a, cpu["kl"])
     else:  # CUDA: the L_KL part measures CPU memory in workers; run it without --device cuda
-        kl_ratio, kl_diff = _bench_kl(a, _cpu_peaks(dict(a, device="cpu", batches=[]))["kl"])
+        kl_ratio, kl_diff, kl_speedup = _bench_kl(a, _cpu_peaks(dict(a, device="cpu", batches=[]))["kl"])
     per_batch = " ".join(f"vat_overhead_b{b}={x:.3f}" for b, x in overhead.items())
     print(f"RESULT vat_mem_ratio={mem_ratio:.2f} vat_step_speedup={speedup:.2f} kl_mem_ratio={kl_ratio:.2f} "
-          f"kl_max_diff={kl_diff:.3g} vat_overhead={overhead[a['batches'][0]]:.3f} {per_batch}")
+          f"kl_max_diff={kl_diff:.3g} kl_step_speedup={kl_speedup:.2f} vat_overhead={overhead[a['batches'][0]]:.3f} {per_batch}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ train.py` is one process and touches nothing here but `setup`.
 
   setup              rank, world size and device of this process (joins the job under torchrun)
   fsdp_shard         shard a model in place, one unit per decoder / encoder layer
+  mixed_precision    its precision policy: bf16 all-gathers, fp32 gradient reduction on CUDA
   gathered           the root unit gathered while a model generates (in-loop validation)
   full_tensor, shard_like, gather_state_dict, meta_copy
                      whole tensors from shards and back (the saved model is whole)
@@ -83,22 +84,37 @@ def gather_objects(obj) -> list:
 # -----------------------------------------------------------------------------
 # --fsdp: sharding, and whole tensors from shards
 
-def fsdp_shard(mllm: torch.nn.Module, mesh) -> torch.nn.Module:
+def mixed_precision(device: torch.device):
+    """The FSDP2 precision policy for `device`: on CUDA, weights all-gathered and used in bf16 (half the traffic
+    and memory of the fp32 master weights, the frozen base under LoRA included) and gradients reduce-scattered
+    in fp32 (`MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)`); the sharded
+    master weights and AdamW stay fp32. Elsewhere (CPU, gloo) None: fp32 throughout, as the DDP run computes."""
+    if device.type != "cuda":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def fsdp_shard(mllm: torch.nn.Module, mesh, mp_policy=None) -> torch.nn.Module:
     """Shard a model in place with FSDP2: every decoder layer of the LLM and every encoder layer of the vision
     tower is one unit, the root unit holds the rest (embeddings and LM head, tied or not, the final norms, the
     projector). Parameters move to the mesh's device as they are split. The root's weights stay gathered
     from its forward to its backward, so the chunked loss may read the LM head's weight after the forward
-    (and the teacher's, which has no backward, stay gathered). Every rank then runs the vision tower in every
-    forward, one blank image where its micro-batch has none (MultimodalLM.encode_on_every_rank): a unit's
-    all-gather is a collective, and a rank that skipped the tower would leave the others waiting in it."""
-    from torch.distributed.fsdp import fully_shard
+    (and the teacher's, which has no backward, stay gathered). `mp_policy`: FSDP2's MixedPrecisionPolicy
+    (`mixed_precision`), None: parameters gathered and gradients reduced in their own dtype. A model built on
+    the meta device (model.load_pretrained's `prepare`) is sharded before its weights exist. Every rank then
+    runs the vision tower in every forward, one blank image where its micro-batch has none
+    (MultimodalLM.encode_on_every_rank): a unit's all-gather is a collective, and a rank that skipped the tower
+    would leave the others waiting in it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     blocks = [m for m in mllm.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer"))]
     if not blocks:
         raise ValueError(f"--fsdp: no *DecoderLayer / *EncoderLayer module in {type(mllm.language_model).__name__}"
                          " to shard")
+    policy = mp_policy or MixedPrecisionPolicy()
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(mllm, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(mllm, mesh=mesh, mp_policy=policy)
     if hasattr(mllm, "encode_on_every_rank"):  # a text-only micro-batch still runs the tower (model.embed)
         mllm.encode_on_every_rank = True
     return mllm

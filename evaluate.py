@@ -1005,13 +1005,33 @@ def model_fns(mllm, tokenizer, image_processor, device="cpu", batch_size=8, max_
     return batched(generate_batch, "generate"), batched(score_batch, "score")
 
 
-def validate_cr(student, tokenizer, image_processor, items: dict, device) -> dict:
+def split_over_ranks(fn):
+    """`fn` (requests -> one answer each) with the requests shared out over the ranks of the torch.distributed
+    job: each rank answers a contiguous slice, the answers are gathered on every rank (all_gather_object) in
+    the requests' order. Every rank must call it with the same requests."""
+    import torch.distributed as dist
+
+    def run(requests):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        per = -(-len(requests) // world)
+        mine = fn(requests[rank * per:(rank + 1) * per])
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+        return [answer for part in parts for answer in part]
+    return run
+
+
+def validate_cr(student, tokenizer, image_processor, items: dict, device, split: bool = False,
+                batch_size: int = 64) -> dict:
     """In-loop validation: CR accuracy of the model being trained on a SugarCrepe-layout set, by the
     paper's protocol (docs/method.md section 6; evaluate.eval_sugarcrepe: 2-choice, both orders, greedy). The
-    learning curve."""
-    generate, _ = model_fns(student, tokenizer, image_processor, device, batch_size=64, max_new_tokens=4,
+    learning curve. `split` (train.py under DDP: every rank calls this): each rank answers its share of the
+    requests and every rank gets every answer (split_over_ranks), so no rank waits while another validates
+    and the result is the one-process result. Under --fsdp every rank answers every request instead (the
+    sharded model's forwards are collectives that every rank must join)."""
+    generate, _ = model_fns(student, tokenizer, image_processor, device, batch_size=batch_size, max_new_tokens=4,
                             progress=False)
-    metrics, _ = eval_sugarcrepe(generate, items)
+    metrics, _ = eval_sugarcrepe(split_over_ranks(generate) if split else generate, items)
     student.train()
     return {"val_cr": metrics["average"], "val_cr_subsets": {k: v["average"] for k, v in metrics["subsets"].items()}}
 

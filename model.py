@@ -33,7 +33,7 @@ import os
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 FORMAT = "compodistill-mllm-1"
@@ -199,7 +199,8 @@ class MultimodalLM(nn.Module):
                  eos_token_id=None) -> list[list[int]]:
         """Greedy decoding with the LM's KV cache. Rows may be left- or right-padded: they are
         re-packed to the left so every row's next token is at the end. Returns the new token ids of
-        each row, stopping at (and excluding) eos."""
+        each row, stopping at (and excluding) eos. The prompt's forward applies the LM head to the last
+        position only (transformers' `logits_to_keep=1`): (B, V) logits per step, never (B, T, V)."""
         B, T = input_ids.shape
         lengths = attention_mask.sum(1)
         ids = torch.zeros_like(input_ids)
@@ -212,7 +213,7 @@ class MultimodalLM(nn.Module):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                  use_cache=True, return_dict=True)
+                                  use_cache=True, return_dict=True, logits_to_keep=1)
         new = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)
         positions = lengths.unsqueeze(1) - 1
@@ -339,16 +340,17 @@ def from_llava(path: str, dtype=torch.float32, attn_implementation="sdpa") -> Mu
     cfg = hf.config
     if cfg.projector_hidden_act != "gelu":
         raise ValueError(f"{path}: projector_hidden_act={cfg.projector_hidden_act!r}; mlp2x_gelu needs 'gelu'")
-    lm = AutoModelForCausalLM.from_config(cfg.text_config, attn_implementation=attn_implementation)
-    lm.to(hf.dtype)
-    lm.model.load_state_dict(hf.model.language_model.state_dict())
-    lm.lm_head.load_state_dict(hf.lm_head.state_dict())
-    lm.tie_weights()
     hp = hf.model.multi_modal_projector
     bias = hp.linear_1.bias is not None
-    proj = mlp2x_gelu(hp.linear_1.in_features, hp.linear_1.out_features, bias).to(hf.dtype)
-    proj[0].load_state_dict(hp.linear_1.state_dict())
-    proj[2].load_state_dict(hp.linear_2.state_dict())
+    with empty_weights():  # no random init: HF's tensors are moved in (assign), not copied
+        lm = AutoModelForCausalLM.from_config(cfg.text_config, attn_implementation=attn_implementation)
+        proj = mlp2x_gelu(hp.linear_1.in_features, hp.linear_1.out_features, bias)
+    lm.to(hf.dtype)
+    lm.model.load_state_dict(hf.model.language_model.state_dict(), assign=True)
+    lm.lm_head.load_state_dict(hf.lm_head.state_dict(), assign=True)
+    lm.tie_weights()
+    proj[0].load_state_dict(hp.linear_1.state_dict(), assign=True)
+    proj[2].load_state_dict(hp.linear_2.state_dict(), assign=True)
     layer = cfg.vision_feature_layer
     layer = layer if isinstance(layer, int) else list(layer)
     extra = {"llm_dtype": _checkpoint_dtype(path), "vision_dtype": _checkpoint_dtype(path),
@@ -426,8 +428,18 @@ def read_config(path: str) -> dict:
     return cfg
 
 
+def empty_weights():
+    """A context in which modules are built with their parameters on the meta device (no storage, no random
+    initialisation) and their buffers real: accelerate's `init_empty_weights(include_buffers=False)`. Buffers
+    that no checkpoint holds (rotary `inv_freq`, SigLIP's `position_ids`) are so computed by the modules'
+    own constructors, exactly as in a normally built model."""
+    from accelerate import init_empty_weights
+    return init_empty_weights(include_buffers=False)
+
+
 def model_from_config(cfg: dict, attn_implementation: str = "sdpa") -> MultimodalLM:
-    """An uninitialised-weights model with the architecture a config describes."""
+    """A model with the architecture a config describes, randomly initialised; inside `empty_weights()`, with
+    its parameters on the meta device instead (what load_pretrained fills)."""
     vcfg = AutoConfig.for_model(**cfg["vision_config"])
     tcfg = AutoConfig.for_model(**cfg["text_config"])
     vision = AutoModel.from_config(vcfg)
@@ -442,41 +454,95 @@ def model_from_config(cfg: dict, attn_implementation: str = "sdpa") -> Multimoda
                         cfg["vision_feature_select_strategy"], extra).freeze_vision()
 
 
-def load_state_strict(model: nn.Module, state: dict, source: str):
-    """load_state_dict that names every missing / unexpected / mis-shaped key in one clear error.
-    Keys of tied weights that were stored once are allowed to be missing."""
-    own = model.state_dict()
-    tied = {k for k in own if k not in state and any(own[k].data_ptr() == own[j].data_ptr() for j in state if j in own)}
-    missing = sorted(set(own) - set(state) - tied)
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
+def check_state_keys(model: nn.Module, shapes: dict, source: str):
+    """Raise one clear error naming every missing / unexpected / mis-shaped key of a state (`shapes`: key ->
+    shape) against `model`. A tied weight stored once (under either name) may be missing."""
+    own = model.state_dict(keep_vars=True)  # the parameters themselves: a tied pair is one object
+    stored = {id(own[k]) for k in shapes if k in own}
+    missing = sorted(k for k in set(own) - set(shapes) if id(own[k]) not in stored)
+    unexpected = sorted(set(shapes) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(own[k].shape)}"
+                  for k in shapes if k in own and tuple(shapes[k]) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
         raise ValueError(f"{source} does not match this model:\n"
                          f"  missing keys ({len(missing)}): {missing[:8]}\n"
                          f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}\n"
-                         f"  shape mismatches ({len(shapes)}): {shapes[:8]}")
+                         f"  shape mismatches ({len(mismatched)}): {mismatched[:8]}")
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str):
+    """load_state_dict that names every missing / unexpected / mis-shaped key in one clear error.
+    Keys of tied weights that were stored once are allowed to be missing."""
+    check_state_keys(model, {k: v.shape for k, v in state.items()}, source)
     model.load_state_dict(state, strict=False)
 
 
+def read_weights(model: nn.Module, weights: str, dtype: torch.dtype, device="cpu", parts=None):
+    """Fill a model built in `empty_weights()` from a safetensors file, tensor by tensor, straight in `dtype`
+    (floating-point tensors) on `device`: each tensor is read with pread (safetensors' `safe_open(...,
+    backend="pread")`: no mapping of the file stays in this process), converted, and the model's meta
+    parameter replaced by it (`load_state_dict(assign=True)`; requires_grad is kept). Host memory: the
+    weights once, plus one tensor. A parameter that FSDP2 has already sharded (a DTensor: `fully_shard` ran
+    on the empty model) keeps only this rank's shard of it (`distribute_tensor(..., src_data_rank=None)`:
+    no communication, every rank reads the file). `parts`: top-level module names (e.g. ("vision_tower",
+    "projector")) whose weights alone are read; the rest stays on the meta device."""
+    from safetensors import safe_open
+    try:
+        f = safe_open(weights, framework="pt", backend="pread")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, without the path
+        raise ValueError(f"{weights}: cannot be read, the file is truncated or corrupt ({e})") from None
+    with f:
+        keys = list(f.keys())
+        check_state_keys(model, {k: f.get_slice(k).get_shape() for k in keys}, weights)
+        if parts is not None:
+            keys = [k for k in keys if k.split(".", 1)[0] in parts]
+        own = dict(model.state_dict(keep_vars=True))
+        for k in keys:
+            try:
+                t = f.get_tensor(k)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{weights}: cannot read {k!r}, the file is truncated or corrupt ({e})") from None
+            like = own[k]
+            t = t.to(dtype) if t.is_floating_point() else t
+            if hasattr(like, "device_mesh"):  # FSDP2-sharded: keep this rank's shard only
+                from torch.distributed.tensor import distribute_tensor
+                t = distribute_tensor(t.to(like.device_mesh.device_type), like.device_mesh, like.placements,
+                                      src_data_rank=None)
+            else:
+                t = t.to(device)
+            model.load_state_dict({k: t}, strict=False, assign=True)
+            del t
+
+
 def load_pretrained(path: str, device="cpu", dtype=None, attn_implementation: str = "sdpa",
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, prepare=None, parts=None):
     """Read a model directory -> (model, tokenizer, image_processor). Weights come from safetensors
-    only (no pickle); remote code never runs unless the caller passes trust_remote_code=True."""
+    only (no pickle); remote code never runs unless the caller passes trust_remote_code=True.
+    The model is built with its parameters on the meta device (`empty_weights`), then each weight is read
+    once, in `dtype` (default float32, the trained parts' master weights) on `device` (`read_weights`): no
+    random initialisation, and host memory peaks at about the weights in `dtype`, not a random model plus a
+    second copy. `prepare`: a function applied to the empty model before the weights are read (train.py
+    --fsdp: FSDP2's fully_shard, so each rank holds only its shards); `parts`: read only these top-level
+    parts (see read_weights)."""
     cfg = read_config(path)
-    model = model_from_config(cfg, attn_implementation)
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{path}: no model.safetensors")
-    try:
-        state = load_file(weights)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, without the path
-        raise ValueError(f"{weights}: cannot be read, the file is truncated or corrupt ({e})") from None
-    load_state_strict(model, state, weights)
-    model.language_model.tie_weights()
-    if dtype is not None:
+    with empty_weights(), torch.random.fork_rng(devices=[]):  # no weight is drawn: the caller's RNG stays as it was
+        model = model_from_config(cfg, attn_implementation)
+    model.language_model.tie_weights()  # inside empty_weights the tie made a second meta tensor: one again
+    if dtype is not None:  # buffers (inv_freq, ...) in the weights' dtype, as model.to(dtype) leaves them
         model.to(dtype)
-    model.to(device)
+    if prepare is not None:
+        model = prepare(model) or model
+    read_weights(model, weights, dtype or torch.float32, device, parts)
+    model.language_model.tie_weights()  # the tied head was stored once: point it at the loaded embeddings
+    left = [k for k, p in model.named_parameters() if p.is_meta and (parts is None or k.split(".", 1)[0] in parts)]
+    if left:
+        raise ValueError(f"{weights}: {len(left)} parameters were not filled: {left[:8]}")
+    if prepare is None:  # the buffers (fully_shard has placed a prepared model's)
+        for part in [model] if parts is None else [getattr(model, p) for p in parts]:
+            part.to(device)
     if model.num_visual_tokens != cfg["num_visual_tokens"]:
         raise ValueError(f"{path}: config says {cfg['num_visual_tokens']} visual tokens, the rebuilt encoder "
                          f"gives {model.num_visual_tokens}")
@@ -747,7 +813,7 @@ def is_checkpoint_dir(path: str) -> bool:
 
 def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = False,
              attn_implementation: str = "sdpa", tokenizer: str | None = None, seed: int = 0,
-             vision_feature_layer=None, vision_feature_select_strategy=None):
+             vision_feature_layer=None, vision_feature_select_strategy=None, prepare=None, parts=None):
     """Any model source -> (model, tokenizer, image_processor), the one spelling used everywhere:
       DIR                        a compodistill model directory (a stage's --out)
       RUN/checkpoint             a run's stage checkpoint: the run's init + the checkpoint's trainable
@@ -758,7 +824,10 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
                                  (vision_feature_layer default -2; the strategy defaults to the encoder's kind);
                                  a release directory as TOKENIZER gives its tokenizer and conversation format
       preset:NAME                a tiny preset; `tokenizer` is the tokenizer directory, `seed` its seed
-    The image processor is the checkpoint's own (preprocessor_config.json) where there is one."""
+    The image processor is the checkpoint's own (preprocessor_config.json) where there is one.
+    `prepare` (train.py --fsdp: FSDP2 sharding) and `parts` (only these top-level parts' weights): a model
+    directory applies them to the empty model before reading (load_pretrained), so a sharded rank reads only
+    its shards; any other source is loaded whole, then prepared (`parts` does not apply)."""
     if source.startswith("preset:"):
         if not tokenizer:
             raise ValueError(f"{source}: a preset needs a tokenizer directory (--tokenizer)")
@@ -785,20 +854,25 @@ def load_any(source: str, device="cpu", dtype=None, trust_remote_code: bool = Fa
         model, tok, proc = from_release(source, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
                                         trust_remote_code=trust_remote_code)
     elif is_checkpoint_dir(source):
-        return load_checkpoint_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                     attn_implementation=attn_implementation)
+        model, tok, proc = load_checkpoint_model(source, device=device, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
+        return (prepare(model) or model) if prepare else model, tok, proc
     elif os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")) and \
             is_checkpoint_dir(os.path.join(source, "checkpoint")):
         raise ValueError(f"{source}: a run without its final model (the stage has not finished); evaluate its "
                          f"last checkpoint with {os.path.join(source, 'checkpoint')}")
     elif os.path.isdir(source):
         return load_pretrained(source, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, prepare=prepare, parts=parts)
     else:
         raise ValueError(f"model source {source!r} is none of: " + "; ".join(SOURCES))
     if dtype is not None:
         model.to(dtype)
-    return model.to(device), tok, image_processor_for(model, proc)
+    model.to(device)
+    if prepare is not None:
+        model = prepare(model) or model
+    return model, tok, image_processor_for(model, proc)
 
 
 def _from_run(source, run_args: dict, run_dir: str):

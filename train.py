@@ -57,7 +57,8 @@ import evaluate as E
 import model as M
 import runs
 import vat
-from distributed import fsdp_shard, full_tensor, gather_objects, gather_state_dict, gathered, meta_copy
+from distributed import (fsdp_shard, full_tensor, gather_objects, gather_state_dict, gathered, meta_copy,
+                         mixed_precision)
 from distributed import setup as dist_setup
 
 # -----------------------------------------------------------------------------
@@ -101,16 +102,113 @@ def divergence_rows(logits_s, logits_t, temperature: float, divergence: str = "f
     return beta * (logp_t.exp() * (logp_t - log_m)).sum() + (1 - beta) * (logp_s.exp() * (logp_s - log_m)).sum()
 
 
-def _chunk_losses(h_s, w_s, targets, h_t, w_t, temperature: float, divergence: str = "forward", beta: float = 0.5):
-    """Sum over the rows of one chunk: (cross-entropy, divergence). fp32 throughout (docs/method.md section 4)."""
-    with torch.autocast(h_s.device.type, enabled=False):  # bf16 autocast would recast these matmuls
-        logits_s = h_s.float() @ w_s.float().t()
-        logits_t = None if h_t is None else h_t.float() @ w_t.float().t()
-    ce = F.cross_entropy(logits_s, targets, reduction="sum")
-    if h_t is None:
-        return ce, ce.new_zeros(())
-    logits_t = logits_t[:, :logits_s.shape[-1]]  # tokenizers checked equal: cut padded vocab rows
-    return ce, divergence_rows(logits_s, logits_t, temperature, divergence, beta)
+def head_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 logits h @ w^T of one chunk of rows, outside autocast (bf16 autocast would round them). A bf16 /
+    fp16 head on CUDA (the teacher's) runs on tensor cores with an fp32 output (`torch.mm(..., out_dtype=
+    torch.float32)`: products of two bf16 numbers are exact in fp32, so this is the fp32 product of the upcast
+    operands up to the order of summation) and is never copied to fp32; an fp32 head (the student's master
+    weights, everything on the CPU) is multiplied in fp32 with the chunk upcast."""
+    with torch.autocast(h.device.type, enabled=False):
+        if h.is_cuda and w.dtype in (torch.bfloat16, torch.float16):
+            return torch.mm(h.to(w.dtype), w.t(), out_dtype=torch.float32)
+        return h.float() @ w.float().t()
+
+
+def _chunk_pass(h_s, w_s, targets, h_t, w_t, temperature, divergence, beta, chunk_size, grad_h, grad_w):
+    """One pass over the rows, `chunk_size` at a time: the summed cross-entropy and divergence, and (where
+    asked) their gradients, each kept apart (the caller weights them later): d/dh (rows, D) and d/dW (V, D).
+    The teacher's logits are computed once per chunk, under no_grad, sliced to the student's vocabulary (a
+    padded teacher head's extra rows are never multiplied); only (chunk, V) logits exist at a time."""
+    N, V = h_s.shape[0], w_s.shape[0]
+    ce_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
+    kd_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
+    teacher = h_t is not None
+    ws32 = w_s.detach().float()  # a no-op for fp32 master weights; otherwise ONE copy per call, not per chunk
+    dh = [torch.zeros(N, w_s.shape[1], dtype=torch.float32, device=h_s.device) for _ in range(1 + teacher)] \
+        if grad_h else None
+    dw = [torch.zeros(V, w_s.shape[1], dtype=torch.float32, device=h_s.device) for _ in range(1 + teacher)] \
+        if grad_w else None
+    with torch.autocast(h_s.device.type, enabled=False):  # fp32 throughout, whatever the loop's autocast
+        for i in range(0, N, chunk_size):
+            hs = h_s[i:i + chunk_size].detach()
+            with torch.no_grad():
+                logits_t = head_logits(h_t[i:i + chunk_size], w_t[:V]) if teacher else None
+            z = head_logits(hs, ws32)
+            if divergence == "forward" or not teacher:
+                ce, kd, gz = _forward_kl_rows(z, targets[i:i + chunk_size], logits_t, temperature, grad_h or grad_w)
+            else:  # reverse KL, JSD: their gradients by autograd, on the chunk's logits only
+                with torch.enable_grad():
+                    z.requires_grad_(grad_h or grad_w)
+                    ce = F.cross_entropy(z, targets[i:i + chunk_size], reduction="sum")
+                    kd = divergence_rows(z, logits_t, temperature, divergence, beta)
+                    gz = ([torch.autograd.grad(ce, z, retain_graph=True)[0], torch.autograd.grad(kd, z)[0]]
+                          if grad_h or grad_w else None)
+            del z, logits_t
+            if gz is not None:  # through the head by hand
+                hs32 = hs.float()
+                for k, g in enumerate(gz):
+                    if grad_h:
+                        dh[k][i:i + chunk_size] = g @ ws32
+                    if grad_w:
+                        dw[k].addmm_(g.t(), hs32)
+                del gz
+            ce_sum += ce.detach()
+            if teacher:
+                kd_sum += kd.detach()
+    return ce_sum, kd_sum, dh, dw
+
+
+@torch.no_grad()
+def _forward_kl_rows(z, targets, logits_t, temperature: float, want_grad: bool):
+    """One chunk's summed cross-entropy and forward KL (divergence_rows's "forward", the paper's L_KL) from fp32
+    logits, with their gradients with respect to the student's logits in closed form, in place where the
+    chunk allows (5 (chunk, V) tensors at most):
+        d CE / dz = softmax(z) - onehot(y),   d [T^2 KL(p_t || p_s)] / dz = T (softmax(z / T) - p_t).
+    logits_t None (no teacher): the divergence is 0. -> (ce, kd, [d CE/dz, d KL/dz] or None)."""
+    rows = torch.arange(z.shape[0], device=z.device)
+    logp_s = F.log_softmax(z, dim=-1)
+    ce = -logp_s[rows, targets].sum()
+    gz = None
+    if want_grad:
+        gz = [logp_s.exp()]
+        gz[0][rows, targets] -= 1
+    if logits_t is None:
+        return ce, None, gz
+    logp_sT = logp_s if temperature == 1 else F.log_softmax(z / temperature, dim=-1)
+    logp_t = F.log_softmax(logits_t / temperature, dim=-1)
+    p_t = logp_t.exp()
+    kd = logp_t.sub_(logp_sT).mul_(p_t).sum() * temperature ** 2  # sum p_t (log p_t - log p_s)
+    del logp_t
+    if want_grad:
+        gz.append(logp_sT.exp_().sub_(p_t).mul_(temperature))
+    return ce, kd, gz
+
+
+class _HeadLosses(torch.autograd.Function):
+    """(sum CE, sum divergence) over the rows with their gradients computed in the forward pass, chunk by chunk
+    (_chunk_pass), so the backward only scales them: nothing is recomputed, the teacher's logits least of all.
+    Saved for the backward: d/dh (rows, D) per loss, and d/dW (V, D) per loss when the head trains."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, targets, h_t, w_t, temperature, divergence, beta, chunk_size):
+        grad_h, grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ce, kd, dh, dw = _chunk_pass(h_s, w_s, targets, h_t, w_t, temperature, divergence, beta, chunk_size,
+                                     grad_h, grad_w)
+        ctx.dh, ctx.dw, ctx.dtypes = dh, dw, (h_s.dtype, w_s.dtype)
+        return ce, kd
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kd):
+        def combine(parts, dtype):
+            if parts is None:
+                return None
+            out = parts[0].mul_(g_ce)
+            if len(parts) > 1:
+                out.add_(parts[1].mul_(g_kd))
+            return out.to(dtype)
+        gh, gw = combine(ctx.dh, ctx.dtypes[0]), combine(ctx.dw, ctx.dtypes[1])
+        ctx.dh = ctx.dw = None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def lm_and_kd_loss(student_hidden, student_head_weight, labels, num_tokens, teacher_hidden=None,
@@ -122,8 +220,10 @@ def lm_and_kd_loss(student_hidden, student_head_weight, labels, num_tokens, teac
     L_KL = (T^2/N) sum_t sum_v p_t(v) (log p_t(v) - log p_s(v)),  p = softmax(logits / T)
     over the supervised shifted positions t (labels[:, 1:] != -100), N = `num_tokens`, the count over
     the whole global batch. `divergence` "reverse" / "jsd" (with `beta`) replace the forward KL by another
-    divergence on the same chunked path (`divergence_rows`: reverse KL, TRL's generalized JSD). Each chunk's logits are rebuilt from the hidden states inside a
-    checkpoint, so only (chunk, V) logits exist at a time, forward or backward.
+    divergence on the same chunked path (`divergence_rows`: reverse KL, TRL's generalized JSD). Logits and
+    both losses are fp32 (head_logits). Only (chunk, V) logits exist at a time: each chunk's student and
+    teacher logits are computed once, in the forward pass, with the losses' gradients with respect to the
+    student's hidden states (and head, when it trains), which the backward pass only scales (_HeadLosses).
     Returns (lm_loss, kd_loss) as 0-dim tensors (kd is 0 without a teacher)."""
     if divergence not in KD_DIVERGENCES:
         raise ValueError(f"divergence must be one of {KD_DIVERGENCES}, got {divergence!r}")
@@ -131,20 +231,12 @@ def lm_and_kd_loss(student_hidden, student_head_weight, labels, num_tokens, teac
         raise ValueError(f"the JSD beta must be in [0, 1], got {beta}")
     h_s, targets, keep = _shifted(student_hidden, labels)
     h_t = None if teacher_hidden is None else teacher_hidden[:, :-1][keep]
-    lm = student_hidden.new_zeros((), dtype=torch.float32)
-    kd = student_hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, h_s.shape[0], chunk_size):
-        hs = h_s[i:i + chunk_size]
-        ht = None if h_t is None else h_t[i:i + chunk_size]
-        if torch.is_grad_enabled() and hs.requires_grad:
-            ce, kl = torch.utils.checkpoint.checkpoint(_chunk_losses, hs, student_head_weight, targets[i:i + chunk_size],
-                                                       ht, teacher_head_weight, temperature, divergence, beta,
-                                                       use_reentrant=False)
-        else:
-            ce, kl = _chunk_losses(hs, student_head_weight, targets[i:i + chunk_size], ht, teacher_head_weight,
-                                   temperature, divergence, beta)
-        lm = lm + ce
-        kd = kd + kl
+    if torch.is_grad_enabled() and (h_s.requires_grad or student_head_weight.requires_grad):
+        lm, kd = _HeadLosses.apply(h_s, student_head_weight, targets, h_t, teacher_head_weight, temperature,
+                                   divergence, beta, chunk_size)
+    else:
+        lm, kd = _chunk_pass(h_s, student_head_weight, targets, h_t, teacher_head_weight, temperature, divergence,
+                             beta, chunk_size, False, False)[:2]
     return lm / num_tokens, kd / num_tokens
 
 
@@ -277,10 +369,11 @@ def set_trainable(model: M.MultimodalLM, args):
     return what
 
 
-def load_teacher(args, device, student_tok, student: M.MultimodalLM, dtype=None):
+def load_teacher(args, device, student_tok, student: M.MultimodalLM, dtype=None, prepare=None, parts=None):
     """The teacher: frozen, eval mode, bf16 on CUDA (`dtype`, default: bf16 when `device` is CUDA), never
-    wrapped in DDP (sharded like the student under --fsdp). -> (teacher, its tokenizer, its image processor:
-    its own preprocessor config and recorded --image-aspect-ratio, which build_data gives the teacher).
+    wrapped in DDP (sharded like the student under --fsdp: `prepare`, see model.load_any; `parts`: only those
+    parts' weights, for TAF's checks). -> (teacher, its tokenizer, its image processor: its own preprocessor
+    config and recorded --image-aspect-ratio, which build_data gives the teacher).
     The teacher reads each sample as it was trained to: a system prompt it recorded that differs from the
     student's is an error (the ids, hence L_KL's positions, would differ), unless --cross-vocab, where the
     teacher renders every sample itself with its own prompt (data.CrossVocabDataset).
@@ -291,7 +384,8 @@ def load_teacher(args, device, student_tok, student: M.MultimodalLM, dtype=None)
     teacher, teacher_tok, teacher_proc = M.load_any(args.teacher, device=device, dtype=dtype,
                                          trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer,
                                          vision_feature_layer=getattr(args, "vision_feature_layer", None),
-                                         vision_feature_select_strategy=getattr(args, "vision_feature_select_strategy", None))
+                                         vision_feature_select_strategy=getattr(args, "vision_feature_select_strategy", None),
+                                         prepare=prepare, parts=parts)
     teacher.eval().requires_grad_(False)
     if getattr(args, "cross_vocab", False):
         if teacher.num_visual_tokens != student.num_visual_tokens:
@@ -397,32 +491,35 @@ def set_up(args) -> SimpleNamespace:
 def build_models(args, stage):
     """Student and teacher (docs/method.md sections 1-2, 5): the student from --init, TAF applied in stage 1
     (the teacher's frozen adapter + a trainable linear), the stage's trainable set; the frozen teacher in
-    stages 1-2. Under --fsdp both are sharded (the teacher is read into CPU memory first); else on the device,
-    the student wrapped in DDP under torchrun."""
+    stages 1-2. Under --fsdp both are sharded: the teacher while it loads (built on the meta device, sharded,
+    then each rank reads only its shards; TAF's checks read the teacher's encoder and adapter whole), the
+    student after its trainable set is chosen; else on the device, the student wrapped in DDP under torchrun."""
     device, fsdp = stage.device, stage.fsdp
     stage.sources = runs.sources_trained_on(args, stage.distill)  # before loading: a re-made --init is refused here
+    mesh = None
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh, policy = init_device_mesh(device.type, (stage.world,)), mixed_precision(device)
     student, tokenizer, base_processor = build_student(args)
     record_run_choices(student, args)
     teacher = teacher_tok = None
     if stage.distill:
         if not args.teacher:
             raise ValueError(f"--stage {args.stage} needs --teacher DIR")
+        dtype = torch.bfloat16 if device.type == "cuda" else None
         teacher, teacher_tok, stage.teacher_processor = load_teacher(
-            args, torch.device("cpu") if fsdp else device, tokenizer, student,
-            dtype=torch.bfloat16 if device.type == "cuda" else None)
+            args, torch.device("cpu") if fsdp else device, tokenizer, student, dtype=dtype,
+            prepare=(lambda m: fsdp_shard(m, mesh, policy)) if fsdp else None)
         if args.taf and student.extra_config.get("projector") != "taf":
-            apply_taf(student, teacher)
+            apply_taf(student, load_teacher(args, torch.device("cpu"), tokenizer, student, dtype=dtype,
+                                            parts=("vision_tower", "projector"))[0] if fsdp else teacher)
     stage.trainable_kind = set_trainable(student, args)
     if args.grad_checkpointing:
         student.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stage.skeleton = None
     if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (stage.world,))
         stage.skeleton = meta_copy(student) if stage.master else None  # what the gathered weights are saved through
-        fsdp_shard(student, mesh)
-        if teacher is not None:
-            fsdp_shard(teacher, mesh)
+        fsdp_shard(student, mesh, policy)  # CUDA: gathered in bf16, gradients reduced in fp32
     else:
         student.to(device)
     for mllm in (student, teacher):
@@ -641,7 +738,7 @@ def train_loop(args, stage):
              if distributed and not fsdp else student)  # FSDP2's sharded student is called as it is
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     val_items = None
-    if args.eval_sugarcrepe and args.eval_every and (master or fsdp):  # --fsdp: every rank runs it
+    if args.eval_sugarcrepe and args.eval_every:  # every rank: its share under DDP, all of it under --fsdp
         val_items = E.read_sugarcrepe(args.eval_sugarcrepe, args.eval_coco_images, limit=args.eval_limit)
     log_path = os.path.join(args.out, "log.jsonl")
     step, total_steps = stage.step, stage.total_steps
@@ -721,7 +818,7 @@ def train_loop(args, stage):
                 if val_items is not None:
                     with gathered(student) if fsdp else contextlib.nullcontext():  # --fsdp: every rank runs it
                         rec = {"step": step, **E.validate_cr(student, stage.tokenizer, stage.image_processor,
-                                                              val_items, device)}
+                                                              val_items, device, split=distributed and not fsdp)}
                 peaks = runs.peak_memory(distributed, device)
                 if master:
                     runs.write_record(log_path, {**rec, "peak_gib": peaks}, sinks)

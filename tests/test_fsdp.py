@@ -239,13 +239,14 @@ def test_fsdp_equals_ddp_training_the_whole_llm(setup):
 
 @pytest.mark.slow
 def test_fsdp_lora_resume_and_validation_equal_ddp_and_checkpoints_cross_over(setup):
-    """LoRA (the stage's default) with in-loop validation: an FSDP2 run stopped after step 2 and resumed
-    equals the uninterrupted DDP run; so does its checkpoint resumed by DDP. The checkpoint is each rank's shards: both ranks wrote a file, each with about half of
-    the Adam moments, and trainer_state.pt holds none; read whole in one process (evaluate.py RUN/checkpoint),
-    it gives the DDP run's step-2 model (LoRA merged)."""
+    """LoRA (the stage's default) with in-loop validation and TAF: an FSDP2 run (its teacher sharded while it
+    loads) stopped after step 2 and resumed equals the uninterrupted DDP run (its validation split over the
+    ranks); so does its checkpoint resumed by DDP. The checkpoint is each rank's shards: both ranks wrote a file,
+    each with about half of the Adam moments, and trainer_state.pt holds none; read whole in one process
+    (evaluate.py RUN/checkpoint), it gives the DDP run's step-2 model (LoRA merged)."""
     world, teacher, root = setup
     common = ["--max-steps", "4", "--save-every", "2", "--eval-sugarcrepe", os.path.join(world, "val", "sugarcrepe"),
-              "--eval-every", "2"]
+              "--eval-every", "2", "--taf"]  # TAF: under --fsdp its checks read the teacher's encoder whole
     ddp, fsdp, cross = str(root / "lora_ddp"), str(root / "lora_fsdp"), str(root / "lora_cross")
     _torchrun(_args(world, teacher, ddp, *common), 29643)
     _torchrun(_args(world, teacher, fsdp, *common, "--fsdp"), 29644, fault="stop_after=2")
@@ -263,3 +264,107 @@ def test_fsdp_lora_resume_and_validation_equal_ddp_and_checkpoints_cross_over(se
     a = M.load_any(os.path.join(fsdp, "checkpoint"))[0].state_dict()
     b = M.load_any(os.path.join(ddp, "checkpoint"))[0].state_dict()
     assert set(a) == set(b) and max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-5
+
+
+def _all_gather_worker(rank, tokenizer_dir, port, out):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import data
+    import distributed
+    import model as M
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    tok = data.load_tokenizer(tokenizer_dir)
+    mesh = init_device_mesh("cpu", (2,))
+    seen, real = [], dist.all_gather_single  # what FSDP2 (torch 2.13) all-gathers the parameters with
+    dist.all_gather_single = lambda o, i, *a, **k: (seen.append((str(i.dtype), i.numel() * i.element_size())),
+                                                    real(o, i, *a, **k))[1]
+    result = {}
+    for name, policy in (("none", None), ("cuda", distributed.mixed_precision(torch.device("cuda")))):
+        m = distributed.fsdp_shard(M.from_preset("student", tok), mesh, policy)
+        seen.clear()
+        ids = torch.randint(0, 100, (1, 8))
+        m(ids, torch.ones_like(ids))["logits"].float().sum().backward()
+        result[name] = {"dtypes": sorted({d for d, _ in seen}), "bytes": sum(b for _, b in seen),
+                        "master": sorted({str(p.dtype) for p in m.parameters()}),
+                        "grads": sorted({str(p.grad.dtype) for p in m.parameters() if p.grad is not None})}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_cuda_policy_all_gathers_bf16_half_the_bytes(tokenizer_dir, tmp_path):
+    """distributed.mixed_precision: on CUDA, FSDP2 gathers the fp32 master weights in bf16 (half the bytes of
+    the fp32 all-gather) while the shards, and the gradients they receive, stay fp32; on the CPU no policy (the
+    DDP-vs-FSDP equality above is fp32). Shown with gloo on 2 CPU processes and the CUDA policy applied."""
+    import torch.multiprocessing as mp
+    assert train.mixed_precision(torch.device("cpu")) is None
+    mp.spawn(_all_gather_worker, args=(tokenizer_dir, 29651, str(tmp_path / "r.json")), nprocs=2)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["none"]["dtypes"] == ["torch.float32"] and r["cuda"]["dtypes"] == ["torch.bfloat16"]
+    assert r["cuda"]["bytes"] * 2 == r["none"]["bytes"] > 0
+    assert r["cuda"]["master"] == r["cuda"]["grads"] == ["torch.float32"]
+
+
+def _sharded_load_worker(rank, big, tiny, port, out):
+    import ctypes
+    import gc
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import distributed
+    import model as M
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    shard = lambda m: distributed.fsdp_shard(m, mesh)  # noqa: E731
+    M.load_pretrained(tiny, dtype=torch.bfloat16, prepare=shard)  # every import done
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    kib = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024  # noqa
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    before = kib("VmRSS:")
+    m = M.load_pretrained(big, dtype=torch.bfloat16, prepare=shard)[0]
+    peak = kib("VmHWM:") - before
+    weights = sum(p.numel() * p.element_size() for p in m.parameters())  # global sizes (DTensor)
+    local = sum(p.to_local().numel() * p.element_size() for p in m.parameters())
+    ids = torch.arange(5, 37).view(2, 16)
+    with torch.no_grad():
+        logits = m(ids, torch.ones_like(ids))["logits"]
+    tied = m.language_model.lm_head.weight is m.language_model.model.embed_tokens.weight
+    if rank == 0:
+        ref = M.load_pretrained(big, dtype=torch.bfloat16)[0]
+        with torch.no_grad():
+            same = torch.equal(ref(ids, torch.ones_like(ids))["logits"], logits)
+        with open(out, "w") as f:
+            json.dump({"peak": peak, "weights": weights, "local": local, "same": same, "tied": tied}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_sharded_load_reads_only_the_ranks_shards(tokenizer, tmp_path):
+    """model.load_pretrained(prepare=fsdp_shard), train.py's teacher under --fsdp: built on the meta device,
+    sharded, then filled shard by shard. On each of 2 gloo ranks the load's peak host memory is about its half
+    of a 134 MB bf16 model plus one tensor (8 MB), not the whole model; the sharded model computes the logits
+    of the whole one, bit for bit, with its embedding and head still tied. (Before, every rank read the whole
+    teacher, in fp32, beside a random model.)"""
+    import torch.multiprocessing as mp
+
+    import model as M
+    big, tiny = str(tmp_path / "big"), str(tmp_path / "tiny")
+    torch.manual_seed(0)
+    m = M.from_preset("student", tokenizer, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                      num_attention_heads=16, num_key_value_heads=16)
+    M.save_pretrained(m.to(torch.bfloat16), big, tokenizer)
+    del m
+    M.save_pretrained(M.from_preset("student", tokenizer).to(torch.bfloat16), tiny, tokenizer)
+    mp.spawn(_sharded_load_worker, args=(big, tiny, 29671, str(tmp_path / "r.json")), nprocs=2)
+    r = json.loads((tmp_path / "r.json").read_text())
+    print(f"sharded load on rank 0: peak {r['peak'] / 2**20:.0f} MiB, shard {r['local'] / 2**20:.0f} MiB, "
+          f"whole model {r['weights'] / 2**20:.0f} MiB")
+    assert r["same"] and r["tied"]
+    assert abs(r["local"] - r["weights"] / 2) <= 0.01 * r["weights"]
+    assert r["peak"] <= r["local"] + 0.2 * r["weights"], r  # its shard + one 8 MB tensor + slack, not 1.0x

@@ -138,3 +138,48 @@ def test_in_loop_validation_matches_evaluate_and_leaves_training_alone(world, tm
     generate, _ = E.make_model_fns(val, batch_size=5, max_new_tokens=4)
     metrics, _ = E.eval_sugarcrepe(generate, E.read_sugarcrepe(bench))
     assert curve[-1]["val_cr"] == metrics["average"]
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_the_chunked_loss_never_touches_the_teacher_in_the_backward(head_trains):
+    """The teacher's logits need no gradient: lm_and_kd_loss computes them once per chunk in the forward pass
+    and the backward pass reads neither the teacher's head nor its hidden states (before issue 38 each chunk's
+    checkpoint recomputed them there). Every op of the backward is watched (a TorchDispatchMode) for an
+    argument sharing the teacher's storage. The values and gradients still equal full logits in float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    torch.manual_seed(0)
+    B, T, D, Dt, V = 2, 21, 8, 12, 50
+    hs = torch.randn(B, T, D, requires_grad=True)
+    ws = torch.randn(V, D).requires_grad_(head_trains)
+    ht, wt = torch.randn(B, T, Dt), torch.randn(V + 3, Dt)
+    labels = torch.randint(0, V, (B, T))
+    labels[:, :3] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    teacher = {ht.untyped_storage().data_ptr(), wt.untyped_storage().data_ptr()}
+
+    class Watch(TorchDispatchMode):
+        touched = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in teacher:
+                    Watch.touched.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    lm, kd = train.lm_and_kd_loss(hs, ws, labels, n, ht, wt, 1.3, chunk_size=5)
+    with Watch():
+        (0.7 * lm + 0.4 * kd).backward()
+    assert Watch.touched == []
+    hs64, ws64 = hs.detach().double().requires_grad_(), ws.detach().double().requires_grad_(head_trains)
+    logits = hs64 @ ws64.t()
+    keep = labels[:, 1:] != -100
+    ref_lm = torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep], reduction="sum") / n
+    ref_kd = train.kd_loss_reference(logits, ht.double() @ wt.double().t(), labels, n, 1.3)
+    (0.7 * ref_lm + 0.4 * ref_kd).backward()
+    assert abs(lm.item() - ref_lm.item()) <= 1e-5 * ref_lm.item() and abs(kd.item() - ref_kd.item()) <= 1e-5 * ref_kd.item()
+    torch.testing.assert_close(hs.grad.double(), hs64.grad, rtol=1e-4, atol=1e-6)
+    if head_trains:
+        torch.testing.assert_close(ws.grad.double(), ws64.grad, rtol=1e-4, atol=1e-6)
+    else:
+        assert ws.grad is None
