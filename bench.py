@@ -21,7 +21,7 @@ Extra peak memory of a path = its peak - plain's peak. CPU: each path runs in a 
 reports its peak RSS (resource.getrusage ru_maxrss), with glibc told to mmap every allocation >= 64 KiB
 (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS at once and the RSS peak tracks the peak of
 live memory. CUDA: torch.cuda.max_memory_allocated in-process.
-L_KL: train.kd_loss (chunk by chunk from hidden states) against train.kd_loss_reference on full
+L_KL: losses.kd_loss (chunk by chunk from hidden states) against losses.kd_loss_reference on full
 (T, V) logits at a 151k vocabulary: extra peak memory and the largest difference in loss and gradient; and
 the fwd+bwd time of the chunked L_KL before issue 38 (lm_and_kd_loss_before_issue38, kept here: a checkpoint
 per chunk that recomputed the teacher's logits in the backward) and now (gradients formed in the forward).
@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import losses
 import train
 import vat
 
@@ -145,7 +146,7 @@ def _kl_inputs(a):
 
 
 def _chunk_losses_before_issue38(h_s, w_s, targets, h_t, w_t, temperature):
-    """THE OLD L_KL CHUNK (train._chunk_losses before issue 38), kept as the "before" of the L_KL timing: both
+    """THE OLD L_KL CHUNK (losses before issue 38: train._chunk_losses), kept as the "before" of the L_KL timing: both
     heads cast to fp32 in every chunk (and again in the backward's recompute), the teacher's logits inside
     the checkpoint, so recomputed in the backward although they need no gradient."""
     with torch.autocast(h_s.device.type, enabled=False):
@@ -153,14 +154,14 @@ def _chunk_losses_before_issue38(h_s, w_s, targets, h_t, w_t, temperature):
         logits_t = h_t.float() @ w_t.float().t()
     ce = F.cross_entropy(logits_s, targets, reduction="sum")
     logits_t = logits_t[:, :logits_s.shape[-1]]
-    return ce, train.divergence_rows(logits_s, logits_t, temperature, "forward")
+    return ce, losses.divergence_rows(logits_s, logits_t, temperature, "forward")
 
 
 def lm_and_kd_loss_before_issue38(student_hidden, student_head_weight, labels, num_tokens, teacher_hidden,
                                   teacher_head_weight, temperature=1.0, chunk_size=512):
-    """THE OLD chunked L_LM + L_KL (train.lm_and_kd_loss before issue 38): each chunk in a
+    """THE OLD chunked L_LM + L_KL (losses.lm_and_kd_loss before issue 38): each chunk in a
     torch.utils.checkpoint of _chunk_losses_before_issue38."""
-    h_s, targets, keep = train._shifted(student_hidden, labels)
+    h_s, targets, keep = losses._shifted(student_hidden, labels)
     h_t = teacher_hidden[:, :-1][keep]
     lm = kd = student_hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, h_s.shape[0], chunk_size):
@@ -174,7 +175,7 @@ def lm_and_kd_loss_before_issue38(student_hidden, student_head_weight, labels, n
 
 def _kl_worker(a):
     """L_KL fwd+bwd (student hidden states get the gradient; the heads are frozen, as under LoRA), chunked
-    (train.kd_loss), chunked the old way (lm_and_kd_loss_before_issue38) or unchunked (train.kd_loss_reference
+    (losses.kd_loss), chunked the old way (lm_and_kd_loss_before_issue38) or unchunked (losses.kd_loss_reference
     on full logits); saves loss and grad, prints the step's seconds (TIME)."""
 
     hs, ht, ws, wt, labels = _kl_inputs(a)
@@ -182,11 +183,11 @@ def _kl_worker(a):
     n = int((labels[:, 1:] != -100).sum())
     t0 = time.perf_counter()
     if a["path"] == "kl_chunked":
-        loss = train.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.0, chunk_size=a["kl_chunk"])
+        loss = losses.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.0, chunk_size=a["kl_chunk"])
     elif a["path"] == "kl_chunked_before":
         loss = lm_and_kd_loss_before_issue38(hs, ws, labels, n, ht, wt, 1.0, a["kl_chunk"])[1]
     else:
-        loss = train.kd_loss_reference(hs @ ws.t(), ht @ wt.t(), labels, n, temperature=1.0)
+        loss = losses.kd_loss_reference(hs @ ws.t(), ht @ wt.t(), labels, n, temperature=1.0)
     loss.backward()
     print(f"TIME {time.perf_counter() - t0}")
     torch.save({"loss": loss.detach(), "grad": hs.grad}, a["out"])

@@ -384,9 +384,9 @@ def check_args(args) -> list:
     div = getattr(args, "kd_divergence", "forward")
     if getattr(args, "cross_vocab", False) and div != "forward" and args.stage in ("1", "2", "all"):
         # ULD compares the two distributions sorted, with no token map between the vocabularies: there is no
-        # forward / reverse / JSD choice to make there (train.uld_loss), and the checkpoint would record one
+        # forward / reverse / JSD choice to make there (losses.uld_loss), and the checkpoint would record one
         problems.append(f"--kd-divergence {div} does not apply with --cross-vocab: L_KL across vocabularies is ULD "
-                        "(train.uld_loss), which has no divergence to choose; drop --kd-divergence, or --cross-vocab")
+                        "(losses.uld_loss), which has no divergence to choose; drop --kd-divergence, or --cross-vocab")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         problems.append("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if args.out:

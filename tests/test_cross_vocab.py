@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import losses
 import shapes
 import runs
 import train
@@ -17,7 +18,7 @@ def test_uld_equals_a_float64_recomputation_values_and_gradients():
         hs = torch.randn(P, D_s, requires_grad=True)
         ht = torch.randn(P, D_t)
         ws, wt = torch.randn(V_s, D_s, requires_grad=True), torch.randn(V_t, D_t)
-        got = train.uld_loss(hs, ht, ws, wt, num_pairs=7, temperature=T, chunk_size=4)  # 3 chunks
+        got = losses.uld_loss(hs, ht, ws, wt, num_pairs=7, temperature=T, chunk_size=4)  # 3 chunks
         g = torch.autograd.grad(got, (hs, ws))
         hs64, ws64 = hs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()
         total = 0.0
@@ -40,7 +41,7 @@ def test_uld_is_zero_for_a_relabelled_vocabulary():
     torch.manual_seed(1)
     h, w = torch.randn(5, 6), torch.randn(30, 6)
     perm = torch.randperm(30)
-    assert train.uld_loss(h, h, w, w[perm], num_pairs=5).item() < 1e-6
+    assert losses.uld_loss(h, h, w, w[perm], num_pairs=5).item() < 1e-6
 
 
 def _messages(answer="a red circle"):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import data
 import shapes
+import losses
 import model as M
 import train
 from conftest import world_and_teacher, killed_after
@@ -23,12 +24,12 @@ def test_kd_loss_equals_f_kl_div_hand_built():
     t_logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [9.0, 9.0, 9.0]]])
     labels = torch.tensor([[-100, 2, 0]])  # positions 0 and 1 predict labels 1 and 2
     eye = torch.eye(3)
-    got = train.kd_loss(s_logits, t_logits, eye, eye, labels, num_tokens=2)
+    got = losses.kd_loss(s_logits, t_logits, eye, eye, labels, num_tokens=2)
     # independent reference: F.kl_div(input=log q, target=p) = sum p (log p - log q), batchmean over 2 rows
     ref = F.kl_div(F.log_softmax(s_logits[0, :2], -1), F.softmax(t_logits[0, :2], -1), reduction="batchmean")
     assert torch.allclose(got, ref, atol=1e-7)
     # temperature 2: softmax(z/2), times 2^2
-    got2 = train.kd_loss(s_logits, t_logits, eye, eye, labels, num_tokens=2, temperature=2.0)
+    got2 = losses.kd_loss(s_logits, t_logits, eye, eye, labels, num_tokens=2, temperature=2.0)
     ref2 = 4 * F.kl_div(F.log_softmax(s_logits[0, :2] / 2, -1), F.softmax(t_logits[0, :2] / 2, -1),
                         reduction="batchmean")
     assert torch.allclose(got2, ref2, atol=1e-7)
@@ -38,7 +39,7 @@ def test_lm_loss_is_shifted_cross_entropy():
     h = torch.randn(2, 5, 4)
     w = torch.randn(7, 4)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 5]])
-    lm, kd = train.lm_and_kd_loss(h, w, labels, num_tokens=6)
+    lm, kd = losses.lm_and_kd_loss(h, w, labels, num_tokens=6)
     logits = (h @ w.t()).double()
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100,
                           reduction="sum") / 6
@@ -56,11 +57,11 @@ def test_chunked_equals_unchunked_values_and_grads():
     labels[:, :5] = -100
     labels[1, 20:] = -100
     n = int((labels[:, 1:] != -100).sum())
-    chunked = train.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.5, chunk_size=7)
+    chunked = losses.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.5, chunk_size=7)
     g_chunk = torch.autograd.grad(chunked, (hs, ws))
-    ref = train.kd_loss_reference(hs @ ws.t(), ht @ wt.t(), labels, n, temperature=1.5)
+    ref = losses.kd_loss_reference(hs @ ws.t(), ht @ wt.t(), labels, n, temperature=1.5)
     g_ref = torch.autograd.grad(ref, (hs, ws))
-    ref64 = train.kd_loss_reference((hs @ ws.t()).double(), (ht @ wt.t()).double(), labels, n, temperature=1.5)
+    ref64 = losses.kd_loss_reference((hs @ ws.t()).double(), (ht @ wt.t()).double(), labels, n, temperature=1.5)
     assert abs(chunked.item() - ref64.item()) <= 1e-6 * abs(ref64.item())  # fp32 rounding only
     assert abs(chunked.item() - ref.item()) <= 1e-6 * abs(ref64.item())
     for a, b in zip(g_chunk, g_ref):
@@ -104,7 +105,7 @@ def test_kd_divergences_equal_a_float64_reference_in_value_and_gradient(divergen
     labels[0, 22:] = -100
     n = int((labels[:, 1:] != -100).sum())
     assert n > 7  # several chunks
-    got = train.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.7, chunk_size=7, divergence=divergence, beta=beta)
+    got = losses.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.7, chunk_size=7, divergence=divergence, beta=beta)
     g_got = torch.autograd.grad(got, (hs, ws))
     hs64, ws64 = hs.detach().double().requires_grad_(True), ws.detach().double().requires_grad_(True)
     ref = _divergence_reference64(hs64 @ ws64.t(), ht.double() @ wt.double().t(), labels, n, 1.7, divergence, beta)
@@ -114,7 +115,7 @@ def test_kd_divergences_equal_a_float64_reference_in_value_and_gradient(divergen
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * b.abs().max().item())  # fp32 rounding
     if divergence == "forward":  # the default: the same numbers as before the option existed
-        assert torch.equal(got, train.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.7, chunk_size=7))
+        assert torch.equal(got, losses.kd_loss(hs, ht, ws, wt, labels, n, temperature=1.7, chunk_size=7))
 
 
 def test_kd_divergence_is_recorded_and_a_resume_with_another_is_refused(setup):
@@ -145,10 +146,10 @@ def test_token_losses_stay_fp32_under_bf16_autocast():
     ws = torch.randn(V, D) / 4
     labels = torch.randint(0, V, (B, T))
     n = int((labels[:, 1:] != -100).sum())
-    ref = train.lm_and_kd_loss(hs, ws, labels, n, ht, ws, 1.0, 7)
+    ref = losses.lm_and_kd_loss(hs, ws, labels, n, ht, ws, 1.0, 7)
     g_ref = torch.autograd.grad(ref[0] + ref[1], hs)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = train.lm_and_kd_loss(hs, ws, labels, n, ht, ws, 1.0, 7)
+        got = losses.lm_and_kd_loss(hs, ws, labels, n, ht, ws, 1.0, 7)
     g_got = torch.autograd.grad(got[0] + got[1], hs)[0]  # backward outside autocast, as the loop does
     for a, b in zip(got, ref):
         assert a.dtype == torch.float32 and abs(a.item() - b.item()) <= 1e-6 * max(1.0, abs(b.item()))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import losses
 import shapes
 import train
 from conftest import killed_after
@@ -167,7 +168,7 @@ def test_the_chunked_loss_never_touches_the_teacher_in_the_backward(head_trains)
                     Watch.touched.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    lm, kd = train.lm_and_kd_loss(hs, ws, labels, n, ht, wt, 1.3, chunk_size=5)
+    lm, kd = losses.lm_and_kd_loss(hs, ws, labels, n, ht, wt, 1.3, chunk_size=5)
     with Watch():
         (0.7 * lm + 0.4 * kd).backward()
     assert Watch.touched == []
@@ -175,7 +176,7 @@ def test_the_chunked_loss_never_touches_the_teacher_in_the_backward(head_trains)
     logits = hs64 @ ws64.t()
     keep = labels[:, 1:] != -100
     ref_lm = torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep], reduction="sum") / n
-    ref_kd = train.kd_loss_reference(logits, ht.double() @ wt.double().t(), labels, n, 1.3)
+    ref_kd = losses.kd_loss_reference(logits, ht.double() @ wt.double().t(), labels, n, 1.3)
     (0.7 * ref_lm + 0.4 * ref_kd).backward()
     assert abs(lm.item() - ref_lm.item()) <= 1e-5 * ref_lm.item() and abs(kd.item() - ref_kd.item()) <= 1e-5 * ref_kd.item()
     torch.testing.assert_close(hs.grad.double(), hs64.grad, rtol=1e-4, atol=1e-6)
