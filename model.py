@@ -528,7 +528,7 @@ def load_pretrained(path: str, device="cpu", dtype=None, attn_implementation: st
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{path}: no model.safetensors")
-    with empty_weights(), torch.random.fork_rng(devices=[]):  # no weight is drawn: the caller's RNG stays as it was
+    with empty_weights():
         model = model_from_config(cfg, attn_implementation)
     model.language_model.tie_weights()  # inside empty_weights the tie made a second meta tensor: one again
     if dtype is not None:  # buffers (inv_freq, ...) in the weights' dtype, as model.to(dtype) leaves them

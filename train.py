@@ -265,8 +265,10 @@ def build_models(args, stage):
             args, torch.device("cpu") if fsdp else device, tokenizer, student, dtype=dtype,
             prepare=(lambda m: fsdp_shard(m, mesh, policy)) if fsdp else None)
         if args.taf and student.extra_config.get("projector") != "taf":
-            apply_taf(student, load_teacher(args, torch.device("cpu"), tokenizer, student, dtype=dtype,
-                                            parts=("vision_tower", "projector"))[0] if fsdp else teacher)
+            with torch.random.fork_rng(devices=[]):  # a second load must not move the RNG that TAF's linear uses
+                parts = load_teacher(args, torch.device("cpu"), tokenizer, student, dtype=dtype,
+                                     parts=("vision_tower", "projector"))[0] if fsdp else teacher
+            apply_taf(student, parts)
     stage.trainable_kind = set_trainable(student, args)
     if args.grad_checkpointing:
         student.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
