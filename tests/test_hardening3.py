@@ -125,28 +125,30 @@ def _stage2(world, teacher, out, *extra):
             "--lora-alpha", "8", "--model-seed", "4", "--device", "cpu", "--quiet", *extra]
 
 
-def test_vat_layers_auto_with_the_stock_presets_trains_with_a_valid_matching(world, teacher_dir, tmp_path, capsys):
-    """The stock presets (teacher 6 layers, student 4): the teacher's measured window is narrower than the
-    student's, which stopped every auto run after measuring (k=2, m=1). The teacher's window now grows to the
-    student's layer count around its own measured peak; the measured window stays inside it."""
+def test_vat_layers_auto_with_the_stock_presets_trains_with_a_valid_matching(world, teacher_dir, tmp_path,
+                                                                                 monkeypatch):
+    """The stock presets (teacher 6 layers, student 4) where the teacher's measured window is narrower than the
+    student's (k=2, m=1), which stopped every such auto run after measuring. Whether a random init gives that
+    case depends on the RNG stream, so the measured profiles are shaped here (the real measurement runs, then
+    the shares are set: the student's high on layers 1-2, the teacher's on layer 3 alone). The teacher's window
+    now grows to the student's layer count around its own measured peak, and the run trains with L_ADL."""
     import attention
+    real = attention.layer_profile_batches
+    shaped = {4: [0.1, 0.9, 0.9, 0.1], 6: [0.1, 0.1, 0.3, 0.9, 0.2, 0.1]}  # by depth: student, teacher
+    seen = {}
+
+    def profile(mllm, batches):
+        got = real(mllm, batches)
+        depth = len(got["layers"])
+        layers = {l: dict(got["layers"][l], share=shaped[depth][l], entropy=0.0) for l in range(depth)}
+        seen[depth] = layers
+        return dict(got, layers=layers, auto=vat.auto_layers(layers, depth))
+    monkeypatch.setattr(attention, "layer_profile_batches", profile)
     out = str(tmp_path / "auto")
     train.main(_stage2(world, teacher_dir, out, "--max-steps", "1", "--vat-layers", "auto", "--vat-auto-samples", "8"))
-    summary = json.load(open(os.path.join(out, "trainer_summary.json")))
-    auto = summary["vat_auto"]
-    assert len(auto["teacher"]) >= len(auto["student"]) >= 1
-    assert auto["teacher"] == list(range(auto["teacher"][0], auto["teacher"][-1] + 1))  # one window
-    # the teacher's own measured window (no growth), measured here again on the same 8 samples
-    tok = data.load_tokenizer(os.path.join(world, "tokenizer"))
-    te, _, proc = M.load_pretrained(teacher_dir)
-    samples = [s for s in data.load_llava_json(os.path.join(world, "instruct.json")) if s.get("image")][:8]
-    ds = data.SupervisedDataset(samples, tok, proc, world, te.num_visual_tokens, te.image_token_id, 256)
-    b = data.collate([ds[i] for i in range(8)], data.pad_token_id(tok))
-    batches = [(b["input_ids"][j:j + 4], b["attention_mask"][j:j + 4], b["pixel_values"][j:j + 4], None) for j in (0, 4)]
-    measured = attention.layer_profile_batches(te, batches)
-    assert len(measured["auto"]) < len(auto["student"])  # the case: today's rule would stop here (k=2, m=1)
-    assert set(measured["auto"]) <= set(auto["teacher"])
-    assert auto["teacher"] == vat.auto_layers(measured["layers"], 6, min_layers=len(auto["student"]))
+    auto = json.load(open(os.path.join(out, "trainer_summary.json")))["vat_auto"]
+    assert auto["student"] == [1, 2] and vat.auto_layers(seen[6], 6) == [3]  # the case: k=2, m=1
+    assert auto["teacher"] == [2, 3]  # grown by the better neighbour of its peak (0.3 at layer 2 > 0.2 at 4)
     assert all(r["vat"] > 0 for r in _log(out))
 
 
