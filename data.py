@@ -859,10 +859,11 @@ def _concat_renders(parts):
     return arrays, errors
 
 
-def _cached_render(path, n):
+def _cached_render(path, n, remove=True):
     """("hit", (arrays, errors)) for a usable entry of `n` samples at `path`; ("miss", None) where there is
     none; a bad one (_load_render) is removed with a warning naming it -> ("miss", None), or, if it cannot be
-    removed, ("stuck", None): the cache is bypassed for this rendering."""
+    removed, ("stuck", None): the cache is bypassed for this rendering. `remove=False` (every rank but 0:
+    one rank removes, two would race in the same rmtree) leaves a bad or vanishing entry alone -> ("miss", None)."""
     if not os.path.lexists(path):
         return "miss", None
     try:
@@ -870,7 +871,11 @@ def _cached_render(path, n):
         if len(arrays["full_len"]) != n:
             raise ValueError(f"render cache entry {path}: {len(arrays['full_len'])} samples, the data has {n}")
         return "hit", (arrays, errors)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
+        if not remove:
+            return "miss", None
+        if isinstance(e, OSError) and not os.path.lexists(path):
+            return "miss", None  # removed meanwhile
         if _remove_entry(path):
             _cache_warning(path, f"unusable, removed and rendered again: {e}")
             return "miss", None
@@ -920,7 +925,7 @@ def rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir=No
     except OSError as e:  # read-only parent, a file where the folder should be, ...
         usable = False
         _cache_warning(cache_dir, "cannot be created, rendering without the cache", e)
-    state, entry = _cached_render(path, n) if usable else ("off", None)
+    state, entry = _cached_render(path, n, remove=rank == 0) if usable else ("off", None)
     usable = usable and state != "stuck"
     mine = whole = None
     if entry is None:
@@ -943,7 +948,7 @@ def rendered(samples, tokenizer, num_visual_tokens, image_token_id, cache_dir=No
     if world_size == 1 and entry is not None:
         return entry
     if usable:
-        entry = _cached_render(path, n)[1]  # memory-mapped: the pages are shared by the ranks and workers
+        entry = _cached_render(path, n, remove=rank == 0)[1]  # memory-mapped: shared by ranks and workers
         if entry is not None:
             return entry
     if world_size == 1 and mine is not None:

@@ -190,7 +190,8 @@ def _json(path):
 
 
 @pytest.mark.slow
-def test_paired_runner_shares_stage1_resumes_and_tabulates(tmp_path, capsys):
+def test_paired_runner_shares_stage1_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs below say --threads 1; the suite may run at any count
     root = str(tmp_path / "verdict")
     q = verdict.quick_setup()
     paths = demo.demo_data(root, seed=0, sizes=q["world_sizes"], text_sizes=q["text_sizes"])
