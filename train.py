@@ -215,10 +215,12 @@ def run_stage(args) -> str:
     it builds, the loop reads it. Returns the stage's output directory (args.out)."""
     stage = set_up(args)                # processes, device, seeds; --out prepared
     build_models(args, stage)           # student (+ TAF, trainable set, LoRA), teacher, sharded or on device
+    runs.release_freed_host_memory()    # what loading read and dropped goes back to the OS
     stage.peak_gib = {"load": runs.peak_memory(stage.distributed, stage.device)}  # the phase's peak, every rank
     build_data(args, stage)             # checked samples, the rendered dataset, VAT's layers, the sampler
     stage.peak_gib["data"] = runs.peak_memory(stage.distributed, stage.device)
     build_optimizer(args, stage)        # AdamW + cosine schedule; resumes a checkpoint, or starts the log
+    runs.release_freed_host_memory()
     stage.peak_gib["optimizer"] = runs.peak_memory(stage.distributed, stage.device)  # with a resumed checkpoint
     train_loop(args, stage)             # the one loop
     finish(args, stage)                 # the full model, LoRA merged, + trainer_summary.json
@@ -676,7 +678,10 @@ def kd_meta(args, distill: bool) -> dict:
 def vat_rows(args) -> str:
     """Query rows the VAT variant needs: all rows (paper) or the visual rows (the authors' code). Across
     vocabularies (--cross-vocab) the visual rows only, whatever the variant: the text rows of the two
-    tokenizations do not correspond one to one, the visual ones do."""
+    tokenizations do not correspond one to one, the visual ones do. --vat-text-rows (a diagnostic, not the
+    paper's): only the text rows after the image, the question and the answer (vat._row_plan)."""
+    if getattr(args, "vat_text_rows", False):
+        return "text"
     return "all" if args.vat_variant == "paper" and not getattr(args, "cross_vocab", False) else "visual"
 
 
@@ -754,6 +759,8 @@ def get_parser():
     p.add_argument("--vat-distance", default="cosine", choices=["cosine", "mse", "kl"])
     p.add_argument("--vat-variant", default="paper", choices=["paper", "official"])
     p.add_argument("--vat-headwise", action="store_true")
+    p.add_argument("--vat-text-rows", action="store_true", help="a diagnostic, not Eq. 3: align only the text rows "
+                   "after the image (the question and the answer), not every row (docs/verdict.md, probe P3c)")
     p.add_argument("--lr", type=per_stage(float), default=2e-4, help="one value, or three for --stage all (1,2,3)")
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.03)

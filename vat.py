@@ -47,6 +47,8 @@ Map layout (what the capture yields and the loss reads), B = batch, T = sequence
     Sample b's visual positions, in order, are gathered into slots 0..N_b-1; slots >= N_b are padding.
     rows="all":    map (B, T, N)  [or (B, H, T, N) headwise]: row i = query position i
     rows="visual": map (B, N, N)  [or (B, H, N, N)]:          row r = the r-th visual position
+    rows="text":   map (B, T, N), only the text rows after the sample's last visual token kept (its
+                   question and answer; a diagnostic that aligns what the answer reads, not Eq. 3)
     Padding slots, padded query rows (attention_mask == 0) and text-only samples hold zeros.
 
 Typical DFT step (docs/method.md section 5, stage 2):
@@ -310,7 +312,11 @@ def _row_plan(visual_mask, attention_mask, rows: str):
         return torch.arange(T, device=visual_mask.device).expand(B, T), not_pad
     if rows == "visual":
         return key_index, key_valid & not_pad.gather(1, key_index)
-    raise ValueError(f"rows must be 'all' or 'visual', got {rows!r}")
+    if rows == "text":  # a diagnostic, not the paper's: the text rows after the sample's last visual token
+        pos = torch.arange(T, device=visual_mask.device)
+        last_visual = torch.where(visual_mask.bool(), pos, -1).max(1).values
+        return pos.expand(B, T), not_pad & ~visual_mask.bool() & (pos[None, :] > last_visual[:, None])
+    raise ValueError(f"rows must be 'all', 'visual' or 'text', got {rows!r}")
 
 
 _OUT_DTYPE_BMM = {}  # (device, dtype) -> whether this torch has bmm(..., out_dtype=float32) there (probed once)
@@ -497,7 +503,7 @@ def capture_visual_attention(language_model, layers, visual_mask, attention_mask
     language_model: a HF decoder (Qwen2, Llama, ...) loaded with attn_implementation "sdpa" or
         "flash_attention_*", whose attention modules call
         ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...) and carry `layer_idx`.
-    visual_mask (B, T) bool; attention_mask (B, T) 0/1 or None (no padding); rows "all" | "visual";
+    visual_mask (B, T) bool; attention_mask (B, T) 0/1 or None (no padding); rows "all" | "visual" | "text";
     headwise keeps the heads: (B, H, R, N); query_chunk: query rows per chunk.
 
     How: for the duration, every config of the model points `_attn_implementation` at a freshly
@@ -690,6 +696,8 @@ def _layer_distances(student_maps, teacher_maps, matching, student_layers, visua
     the index of those samples."""
     if variant not in ("paper", "official"):
         raise ValueError(f"unknown VAT variant {variant!r}: use paper or official")
+    if variant == "official" and rows == "text":
+        raise ValueError("the official variant compares the visual query rows; rows='text' is for the paper variant")
     device = student_maps[student_layers[0]].device if student_layers and student_layers[0] in student_maps else visual_mask.device
     visual_mask = visual_mask.to(device).bool()
     attention_mask = None if attention_mask is None else attention_mask.to(device)

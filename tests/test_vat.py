@@ -675,3 +675,39 @@ def test_a_missing_fp32_output_overload_selects_the_upcast_path(monkeypatch):
             s = vat._scores(q, k, bias, 0.5)
             assert s.dtype == torch.float32 and torch.allclose(s.double(), _scores_float64(q, k, bias, 0.5), atol=1e-5)
         assert fast == [] and list(vat._OUT_DTYPE_BMM.values()) == [False]
+
+
+def test_text_rows_capture_and_loss_match_eager_and_float64():
+    """rows="text" (probe P3c's diagnostic): the capture holds HF eager attention's rows after each sample's last
+    visual token, zeros elsewhere; the loss is Eq. 3's 1 - cos over those rows only, worked in float64."""
+    model = tiny_lm(seed=0)
+    vm, am = ragged_batch()
+    inputs = model_inputs(model, "qwen2")
+    with torch.no_grad():
+        ref_s, _ = reference_maps(eager_copy(model), inputs, vm, am, [1, 2])
+        with vat.capture_visual_attention(model, [1, 2], vm, am, rows="text", query_chunk=16) as maps:
+            model(**inputs, attention_mask=am)
+    text_rows = {0: range(19, 48), 1: range(26, 40), 3: range(32, 43)}  # after the image, not padded (by hand)
+    for l in (1, 2):
+        for b in range(4):
+            keep = torch.zeros(T, dtype=torch.bool)
+            keep[list(text_rows.get(b, []))] = True
+            torch.testing.assert_close(maps[l][b], ref_s[l][b] * keep[:, None], atol=1e-5, rtol=0)
+    # the loss on random maps that fill every row: only the text rows after the image may count
+    s_maps, t_maps = random_maps([1, 2], vm, am, seed=1), random_maps([1, 2, 3], vm, am, seed=2)
+    matching = vat.group_layer_matching([1, 2], [1, 2, 3])
+    loss = vat.vat_loss(s_maps, t_maps, matching, [1, 2], vm, am, rows="text")
+    cos = []
+    for j, s_l in enumerate((1, 2)):
+        per_b = []
+        for b, r in text_rows.items():
+            nv = int(vm[b].sum())
+            s = s_maps[s_l][b, list(r), :nv].double().flatten()
+            t = (sum(t_maps[t_l][b, list(r), :nv].double() for t_l in matching[j]) / len(matching[j])).flatten()
+            per_b.append((s @ t) / (s.norm() * t.norm()))
+        cos.append(sum(per_b) / len(per_b))
+    assert abs(loss.item() - (1 - sum(cos) / len(cos)).item()) < 1e-6
+    full = vat.vat_loss(s_maps, t_maps, matching, [1, 2], vm, am)  # every row: another number
+    assert abs(full.item() - loss.item()) > 1e-3
+    with pytest.raises(ValueError, match="paper variant"):
+        vat.vat_loss(s_maps, t_maps, matching, [1, 2], vm, am, variant="official", rows="text")
