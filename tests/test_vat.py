@@ -711,3 +711,15 @@ def test_text_rows_capture_and_loss_match_eager_and_float64():
     assert abs(full.item() - loss.item()) > 1e-3
     with pytest.raises(ValueError, match="paper variant"):
         vat.vat_loss(s_maps, t_maps, matching, [1, 2], vm, am, variant="official", rows="text")
+
+
+def test_vat_text_rows_flag_reaches_the_loss_and_refuses_what_it_cannot_mean():
+    import runs
+    import train
+    base = ["--stage", "2", "--init", "a", "--teacher", "t", "--data", "d.json", "--out", "o"]
+    args = train.get_parser().parse_args([*base, "--vat-text-rows"])
+    assert train.vat_rows(args) == "text" and runs.check_args(args) == []
+    assert train.vat_rows(train.get_parser().parse_args(base)) == "all"
+    for extra in (["--vat-variant", "official"], ["--cross-vocab"]):
+        problems = runs.check_args(train.get_parser().parse_args([*base, "--vat-text-rows", *extra]))
+        assert any("--vat-text-rows" in p for p in problems), problems
