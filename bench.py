@@ -814,9 +814,12 @@ def rehearsal_budget(fsdp: bool, world: int = 2) -> dict:
     act = 2 * activation_bytes(s_cfg, 1024, grad_ckpt=True)
     logits = 4 * 4 * 128 * s_cfg.vocab_size  # --kd-chunk 128
     step = resident + 4 * 3 * trainable + act + logits
+    # DDP is built at the loop's start (the first step's phase): it broadcasts every parameter, frozen ones too,
+    # from rank 0 in 250 MiB buckets (DDP's broadcast bucket size), two in flight
+    ddp_init = 0 if fsdp else 2 * 250 * 2 ** 20
     base = 0.5 * GIB  # the interpreter, torch, transformers, the tokenizer
     return {k: (base + v) / GIB for k, v in {
-        "load": 1.3 * resident, "first step": step, "validation": resident + 1 * GIB, "save": step,
+        "load": 1.3 * resident, "first step": step + ddp_init, "validation": resident + 1 * GIB, "save": step,
         "resume": 1.3 * resident + 4 * 3 * trainable}.items()}
 
 
