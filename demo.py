@@ -1,6 +1,6 @@
 """The demo: the paper's table in miniature, on a CPU (`python demo.py`).
 
-The paper's premise (issue 16, RESULTS.md sections 12-19): teacher and student are *pretrained* LMs that
+The paper's premise (issue 16, docs/design-log.md sections 12-19): teacher and student are *pretrained* LMs that
 already reason about a scene in language; what distillation has to transfer is where to look in the image.
 From an empty `--out` (default runs/demo): the shapes world (shapes.py); the teacher, the teacher preset's
 image model (shipped as assets/demo_teacher); the student's pretrained LLM, the student preset's text LM
@@ -49,7 +49,7 @@ import train
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEMO_TEACHER = os.path.join(ASSETS, "demo_teacher")        # the teacher preset's image model (demo_lms)
 DEMO_STUDENT_LM = os.path.join(ASSETS, "demo_student_lm")  # the student preset's text LM (demo_lms)
-# The text world in words (`--text-world` without --scene-tokens, RESULTS.md section 10): its LMs' budget.
+# The text world in words (`--text-world` without --scene-tokens, docs/design-log.md section 10): its LMs' budget.
 DEMO = dict(batch=16, lr=2e-3, max_len=256, text_batch=32, text_lr=3e-3, text_max_len=320, student_text_steps=2000,
             teacher_text_steps=2500)
 
@@ -165,7 +165,7 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
     encoder; a random one hands the LLM raw pixels and makes grounding far slower to learn.)
     cells=True: the read-out also names every patch's own cell (16-way), so that where each object is stays
     readable from its feature, as position is from SigLIP's; without it a linear probe reads an object's cell
-    from the last layer 68% of the time (RESULTS.md section 13)."""
+    from the last layer 68% of the time (docs/design-log.md section 13)."""
     n_held_out = 500
     if n_scenes <= n_held_out:
         raise ValueError(f"pretrain_vision_encoder: n_scenes={n_scenes} leaves no training scenes after the "
@@ -305,7 +305,7 @@ def text_world_evaluate(model_dir: str, val_json: str, limit: int | None = None,
             "vqa": vqa["accuracy"], "vqa_by_question_type": vqa["by_question_type"]}
 
 
-# The scene-token text world (issue 16, RESULTS.md sections 11-12): the scene in SCENE_TOKENS, and a curriculum
+# The scene-token text world (issue 16, docs/design-log.md sections 11-12): the scene in SCENE_TOKENS, and a curriculum
 # of train.py phases, each run from the last. Every training sample is ONE question about its own new scene
 # (shapes.text_questions; steps x batch samples a phase, so nothing is seen twice), batches drawn at random and
 # the lr constant after warmup. The one-hop lookups, positions and relations open it; the noun-phrase checks and
@@ -450,7 +450,7 @@ def pretrain_text_lm_phases(paths: dict, recipe: dict, files: list, init: str, o
     return curve
 
 
-# An image model from a scene-token text LM (issue 16, RESULTS.md section 13): the LLaVA recipe on an LM that
+# An image model from a scene-token text LM (issue 16, docs/design-log.md section 13): the LLaVA recipe on an LM that
 # already answers every question about a scene from its text, so that what is left to learn is reading the scene
 # from the visual tokens. The questions are the text world's (shapes.image_questions) on the image world's
 # training images; the adapter is trained alone first, then with the LM, each at a constant lr after warmup.
@@ -511,7 +511,7 @@ def image_from_text_lm(paths: dict, text_lm: str, out: str, recipe: dict | None 
     return out
 
 
-# The teacher's two last image phases (RESULTS.md section 18), on top of image_from_text_lm: the image model
+# The teacher's two last image phases (docs/design-log.md section 18), on top of image_from_text_lm: the image model
 # answers attribute questions and not relations (section 17: rows / columns at 40%, "yes" to every relation
 # question), so, as in its text recipe (TEACHER_TOKEN_TEXT), rows / columns and relation questions alone on the
 # training images first, then IMAGE_FROM_TEXT's tasks on freshly drawn scenes (no image-world scene; the 4,000
@@ -574,16 +574,16 @@ def teacher_relations(paths: dict, image_model: str, out: str, recipe: dict | No
     return out
 
 
-# The students (issue 16's design, RESULTS.md section 14): one budget for every student, the same data (the
+# The students (issue 16's design, docs/design-log.md section 14): one budget for every student, the same data (the
 # teacher's own image questions, image_question_data), steps and seed, each from the student preset's text LM
 # with the teacher's vision encoder (image_init). Stage 1 trains sft's and kd's own adapter or CompoDistill's TAF
 # linear at s1_lr; stage 2 (sft: its fine-tuning's first s2_steps) at lr, stage 3 (sft: the rest) at s3_lr;
 # constant after warmup. Micro-batch = global batch.
 # s3_lr 2e-4 (the paper's stage-3 lr, docs/method.md section 5): chosen on the validation split over 1e-3 (= lr)
-# and 2e-4 by section 14's rule, seeds 0-2 (RESULTS.md section 19): CompoDistill's validation CR 75.0 / 74.4 tie
+# and 2e-4 by section 14's rule, seeds 0-2 (docs/design-log.md section 19): CompoDistill's validation CR 75.0 / 74.4 tie
 # within 2 points, and the validation attention distance, 0.275 / 0.215, decides (stage 3 has no L_ADL; at 1e-3
 # it undid a third of stage 2's alignment).
-# s1_steps 600: chosen on the validation split over 300 and 600, seeds 0-2 (RESULTS.md section 20; 600 only if
+# s1_steps 600: chosen on the validation split over 300 and 600, seeds 0-2 (docs/design-log.md section 20; 600 only if
 # CompoDistill's mean validation CR gains more than 2 points): 74.4 -> 78.3. At 300, TAF's linear map was left
 # unconverged in some seeds (seed 0's L_LM 0.85 at the end of stage 1, seeds 1-2 0.43 / 0.48).
 # w_vat: the L_ADL weight of the CompoDistill students, 10: chosen on the validation split over 1 / 3 / 10, seed 0,
@@ -795,7 +795,7 @@ def demo_text_world(args):
     its recipe (TEXT_RECIPES; pretrain_text_lm_phases), validation after each phase, then its accuracy on the
     held-out text world (text_world_evaluate), printed and written to --out/text_world_tokens.json. The demo's
     LMs are made so (demo_lms).
-    Without --scene-tokens: the text world in words (RESULTS.md section 10, where neither LM learnt to bind),
+    Without --scene-tokens: the text world in words (docs/design-log.md section 10, where neither LM learnt to bind),
     both presets with DEMO's budget, --out/text_world.json."""
     b = dict(DEMO)
     root = args.out
@@ -1061,7 +1061,7 @@ def get_parser():
     p.add_argument("--student-lm", help="a student text LM instead of the shipped assets/demo_student_lm")
     p.add_argument("--train-teacher", action="store_true", help="remake what assets/ ships (demo_lms: both text "
                    "LMs, the vision encoder, the teacher) under --out instead of loading it (about three and a half "
-                   "hours on 2 cores, RESULTS.md sections 14, 16 and 18)")
+                   "hours on 2 cores, docs/design-log.md sections 14, 16 and 18)")
     p.add_argument("--rows", help="with --full: only these comma-separated rows (plus sft, kd, compodistill), "
                    "e.g. taf_no_vat,vat_no_taf")
     p.add_argument("--text-world", action="store_true", help="only pre-train both LM presets on the text world "

@@ -635,7 +635,7 @@ def position_token(o):
 
 
 # Every object and position token: added to a tokenizer (train_tokenizer's extra_tokens) they are single
-# tokens, so nothing has to be bound across tokens (RESULTS.md section 10: binding across neighbouring tokens
+# tokens, so nothing has to be bound across tokens (docs/design-log.md section 10: binding across neighbouring tokens
 # is what the tiny LMs do not learn in their budget).
 SCENE_TOKENS = [object_token({"size": si, "color": c, "shape": sh}) for sh in SHAPES for c in COLORS for si in SIZES] + \
     [position_token({"shape": sh, "row": r, "col": k}) for sh in SHAPES for r in range(GRID) for k in range(GRID)]
@@ -829,10 +829,10 @@ def _check_question_tasks(tasks):
 
 def text_questions(n, seed=0, tasks=QUESTION_TASKS, exclude=(), tokens=True, subsets=SUGARCREPE_SUBSETS):
     """n training samples of the text world, each ONE question (text_question_sample, its task drawn uniformly
-    from `tasks`) about its own newly drawn scene, none of them a scene in `exclude`. RESULTS.md section 12:
+    from `tasks`) about its own newly drawn scene, none of them a scene in `exclude`. docs/design-log.md section 12:
     with a new scene per question (nothing to memorise) and enough steps, both presets learn the 2-choice
     comparisons of attributes and objects that they never learnt from a few passes over one conversation per
-    scene. Relations: the yes / no relation questions are learnt (RESULTS.md section 13), the captions that need
+    scene. Relations: the yes / no relation questions are learnt (docs/design-log.md section 13), the captions that need
     a relation (swap_obj, replace_rel) not yet. `subsets`: the hard-negative kinds of "verify" and "choice"."""
     return [s for _, s in itertools.islice(text_question_stream(seed, tasks, exclude, tokens, subsets), n)]
 
@@ -892,7 +892,7 @@ def fresh_image_questions(images, n, seed, tasks=QUESTION_TASKS, relation_captio
     """n training samples, each ONE question about an image drawn uniformly from `images` (a list of (path,
     scene), e.g. newly drawn scenes): with probability `relation_captions` a caption verification or 2-choice
     question whose hard negative is a relation one (RELATION_SUBSETS), else a task drawn uniformly from
-    `tasks` (text_question_sample). RESULTS.md section 18: the image teacher, which answered the relation
+    `tasks` (text_question_sample). docs/design-log.md section 18: the image teacher, which answered the relation
     questions, learnt the relation captions at 0.3 (36% of samples with the tasks' own draws) in 4,000 steps,
     and not at the tasks' own share (about 8%) in 3,000 (section 17); which of the two changes mattered was not
     separated. `seed`: any random.Random seed (int or str)."""

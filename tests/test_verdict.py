@@ -42,7 +42,7 @@ def test_t_table_is_the_975_quantile():
 
 
 def test_paired_interval_hand_worked():
-    # three seeds of section 20's CR: CompoDistill 78.4 / 75.4 / 82.4, KD + TAF 73.8 / 77.0 / 83.1. By hand:
+    # three seeds of docs/design-log.md section 20's CR: CompoDistill 78.4 / 75.4 / 82.4, KD + TAF 73.8 / 77.0 / 83.1. By hand:
     # d = 4.6, -1.6, -0.7; mean 0.76667; squared deviations 14.69444 + 5.60111 + 2.15111 = 22.44667, / 2 = 11.22333,
     # sd 3.35012; se = sd / sqrt 3 = 1.93419; half = 4.3027 x 1.93419 = 8.32229; [-7.55562, 9.08896]
     iv = verdict.paired_interval({0: 78.4, 1: 75.4, 2: 82.4}, {0: 73.8, 1: 77.0, 2: 83.1})
