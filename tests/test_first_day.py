@@ -17,22 +17,17 @@ import model as M
 import shapes
 import runs
 import train
-from conftest import killed_after
+from conftest import killed_after, llava_args, small_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("firstday") / "world")
-    shapes.synthesize(out, seed=3, n_pretrain=16, n_instruct=32, n_images=16, n_sugarcrepe=1, n_vqa=2,
-                      n_val_sugarcrepe=1, n_val_vqa=1, progress=False)
-    return out
+    return small_world(tmp_path_factory, "firstday", seed=3, n_images=16, n_sugarcrepe=1, n_val=1)
 
 
 def _args(world, out, *extra, init="preset:student"):
-    return ["--stage", "llava", "--init", init, "--tokenizer", os.path.join(world, "tokenizer"),
-            "--data", os.path.join(world, "instruct.json"), "--image-folder", world, "--out", out,
-            "--trainable", "adapter+lora", "--lora-r", "4", "--lora-alpha", "8", "--global-batch", "8",
-            "--micro-batch", "4", "--max-len", "256", "--lr", "1e-3", "--quiet", *extra]
+    return llava_args(world, out, "--lora-r", "4", "--lora-alpha", "8", *extra, init=init, trainable="adapter+lora",
+                      lr="1e-3")
 
 
 def _log(out):

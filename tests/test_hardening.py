@@ -20,7 +20,7 @@ import shapes
 import model as M
 import runs
 import train
-from conftest import killed_after
+from conftest import killed_after, llava_args, logged_steps, small_world
 import vat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,22 +28,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("hard") / "world")
-    shapes.synthesize(out, seed=2, n_pretrain=48, n_instruct=96, n_images=48, n_sugarcrepe=2, n_vqa=4,
-                    n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
-    return out
+    return small_world(tmp_path_factory, "hard", seed=2, n_images=48, n_vqa=4)
 
 
-def _args(world, out, *extra, data_file="instruct.json"):
-    return ["--stage", "llava", "--init", "preset:student", "--tokenizer", os.path.join(world, "tokenizer"),
-            "--data", os.path.join(world, data_file), "--image-folder", world, "--out", out,
-            "--trainable", "adapter+llm", "--global-batch", "8", "--micro-batch", "4", "--max-len", "256",
-            "--lr", "3e-3", "--quiet", *extra]
-
-
-def _log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "step" in r]
+_args = llava_args
+_log = logged_steps
 
 
 def test_bad_images_stop_before_training_or_are_skipped_and_counted(world, tmp_path, monkeypatch):

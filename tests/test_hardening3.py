@@ -15,31 +15,23 @@ import torch
 import data
 import model as M
 import runs
-import shapes
 import train
 import vat
+from conftest import llava_args, logged_steps, small_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("hard3") / "world")
-    shapes.synthesize(out, seed=3, n_pretrain=32, n_instruct=64, n_images=32, n_sugarcrepe=2, n_vqa=4,
-                      n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
-    return out
+    return small_world(tmp_path_factory, "hard3", seed=3, n_images=32, n_vqa=4)
 
 
 def _args(world, out, *extra, data_file="instruct.json"):
-    return ["--stage", "llava", "--init", "preset:student", "--tokenizer", os.path.join(world, "tokenizer"),
-            "--data", os.path.join(world, data_file), "--image-folder", world, "--out", out,
-            "--trainable", "adapter+llm", "--global-batch", "8", "--micro-batch", "4", "--max-len", "256",
-            "--lr", "3e-3", "--device", "cpu", "--quiet", *extra]
+    return llava_args(world, out, "--device", "cpu", *extra, data_file=data_file)
 
 
-def _log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "step" in r]
+_log = logged_steps
 
 
 def _wait_for_a_logged_step(proc, out, timeout=180):
@@ -274,7 +266,6 @@ def test_fsdp_on_a_mix_with_text_only_micro_batches_equals_ddp_and_resumes(tmp_p
     rank has no image and the other has one. The vision towers' FSDP units all-gather on every rank whatever
     its micro-batch holds (the tower runs on one blank image, contributing 0), so the run equals the DDP run
     step by step; stopped after step 2 and resumed under --fsdp, it still does."""
-    import shutil
     from conftest import world_and_teacher
     from test_fsdp import _args as fsdp_args, _records, _same_run, _torchrun
     from test_hardening import _free_port

@@ -19,22 +19,16 @@ import model as M
 import runs
 import shapes
 import train
-from conftest import killed_after
+from conftest import killed_after, llava_args, small_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("h3b") / "world")
-    shapes.synthesize(out, seed=5, n_pretrain=16, n_instruct=32, n_images=16, n_sugarcrepe=2, n_vqa=2,
-                      n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
-    return out
+    return small_world(tmp_path_factory, "h3b", seed=5, n_images=16)
 
 
 def _args(world, out, *extra, init="preset:student"):
-    tok = ["--tokenizer", os.path.join(world, "tokenizer")] if init.startswith("preset:") else []
-    return ["--stage", "llava", "--init", init, *tok, "--data", os.path.join(world, "instruct.json"),
-            "--image-folder", world, "--out", out, "--trainable", "adapter", "--global-batch", "8",
-            "--micro-batch", "4", "--max-len", "256", "--lr", "3e-3", "--quiet", *extra]
+    return llava_args(world, out, *extra, init=init, tokenizer=init.startswith("preset:"), trainable="adapter")
 
 
 # --- 8. --kd-divergence under --cross-vocab ---------------------------------------------------------------

@@ -12,25 +12,17 @@ import types
 
 import pytest
 
-import shapes
 import runs
 import train
-from conftest import killed_after
+from conftest import killed_after, llava_args, small_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("report") / "world")
-    shapes.synthesize(out, seed=3, n_pretrain=16, n_instruct=32, n_images=16, n_sugarcrepe=2, n_vqa=2,
-                      n_val_sugarcrepe=2, n_val_vqa=2, progress=False)
-    return out
+    return small_world(tmp_path_factory, "report", seed=3, n_images=16)
 
 
-def _args(world, out, *extra):
-    return ["--stage", "llava", "--init", "preset:student", "--tokenizer", os.path.join(world, "tokenizer"),
-            "--data", os.path.join(world, "instruct.json"), "--image-folder", world, "--out", out,
-            "--trainable", "adapter+llm", "--global-batch", "8", "--micro-batch", "4", "--max-len", "256",
-            "--lr", "3e-3", "--quiet", *extra]
+_args = llava_args
 
 
 def _records(out):
