@@ -52,17 +52,25 @@ ROWS = {
     "vat_no_taf": ("compodistill", ("--no-taf",), {}),   # KD + VAT without TAF
     "compodistill": ("compodistill", (), {}),
     "compodistill_w1": ("compodistill", (), {"w_vat": 1.0}),  # secondary: the paper's L_ADL weight (rule 3)
+    # part 2, probe P3 (docs/verdict.md): CompoDistill with VAT aligning what matters, stage 2 only
+    "p3a_teacher_layer1": ("compodistill", (), {"s2_extra": ("--vat-teacher-layers", "1-3")}),
+    "p3b_headwise": ("compodistill", (), {"s2_extra": ("--vat-headwise",)}),
+    "p3c_text_rows": ("compodistill", (), {"s2_extra": ("--vat-text-rows",)}),
 }
 PRIMARY_ROWS = ("sft", "kd", "taf_no_vat", "vat_no_taf", "compodistill")
 LABELS = {"sft": "SFT", "kd": "KD", "taf_no_vat": "KD + TAF", "vat_no_taf": "KD + VAT (no TAF)",
           "compodistill": "CompoDistill (VAT + TAF)", "compodistill_w1": "CompoDistill, L_ADL weight 1",
-          "teacher": "teacher"}
-# (a, b, claim): the paired difference a - b over seeds
+          "p3a_teacher_layer1": "P3a: teacher layers 1-3", "p3b_headwise": "P3b: head-wise VAT",
+          "p3c_text_rows": "P3c: text rows only", "teacher": "teacher"}
+P3_ROWS = ("p3a_teacher_layer1", "p3b_headwise", "p3c_text_rows")
+# (a, b, claim): the paired difference a - b over seeds, at 95%; P3's variants at the Bonferroni level for three
 CLAIMS = (("compodistill", "kd", "CompoDistill - KD"),
           ("compodistill", "taf_no_vat", "VAT given TAF: CompoDistill - (KD + TAF)"),
           ("vat_no_taf", "kd", "VAT alone: (KD + VAT) - KD"),
           ("taf_no_vat", "kd", "TAF alone: (KD + TAF) - KD"),
-          ("compodistill_w1", "compodistill", "L_ADL weight 1 - weight 10 (secondary)"))
+          ("compodistill_w1", "compodistill", "L_ADL weight 1 - weight 10 (secondary)"),
+          *((p, b, f"{LABELS[p][:3]} - {n} (98.33%)") for p in P3_ROWS
+            for b, n in (("taf_no_vat", "(KD + TAF)"), ("compodistill", "CompoDistill"))))
 # metric: (where in result.json, label); CR is the primary metric of every claim
 METRICS = {"cr": (("heldout", "cr"), "CR (2-choice)"), "cr_match": (("heldout", "cr_match"), "CR (match)"),
            "vqa": (("heldout", "vqa"), "VQA"), "attn_dist": (("analysis", "attn_dist"), "attn dist (whole map)"),
@@ -75,22 +83,29 @@ T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.
         10: 2.2281, 11: 2.2010, 12: 2.1788, 13: 2.1604, 14: 2.1448, 15: 2.1314, 16: 2.1199, 17: 2.1098,
         18: 2.1009, 19: 2.0930, 20: 2.0860, 21: 2.0796, 22: 2.0739, 23: 2.0687, 24: 2.0639, 25: 2.0595,
         26: 2.0555, 27: 2.0518, 28: 2.0484, 29: 2.0452, 30: 2.0423}
+# P3's three variants, each at 1 - 0.05 / 3 (Bonferroni, docs/verdict.md part 2): the 0.99167 quantile
+# (computed once with scipy.stats.t.ppf(1 - 0.05 / 6, df), 4 decimals; tests/test_verdict.py checks every entry)
+T99167 = {1: 38.1885, 2: 7.6488, 3: 4.8567, 4: 3.9608, 5: 3.5341, 6: 3.2875, 7: 3.1276, 8: 3.0158, 9: 2.9333,
+          10: 2.8701, 11: 2.8200, 12: 2.7795, 13: 2.7459, 14: 2.7178, 15: 2.6937, 16: 2.6730, 17: 2.6550,
+          18: 2.6391, 19: 2.6251, 20: 2.6126, 21: 2.6013, 22: 2.5912, 23: 2.5820, 24: 2.5736, 25: 2.5660,
+          26: 2.5589, 27: 2.5525, 28: 2.5465, 29: 2.5409, 30: 2.5357}
 
 
-def paired_interval(a: dict, b: dict) -> dict:
+def paired_interval(a: dict, b: dict, table: dict = T975) -> dict:
     """The paired difference a - b over seeds ({seed: value} each, the same seeds) with its 95% t-interval:
-    mean +- t_{0.975, n-1} * sd / sqrt(n), sd the sample standard deviation of the n per-seed differences.
+    mean +- t_{0.975, n-1} * sd / sqrt(n), sd the sample standard deviation of the n per-seed differences
+    (`table` T99167: the 98.33% interval of a Bonferroni correction for three).
     -> {"n", "seeds", "diffs", "mean", "sd", "t", "half", "lo", "hi"}."""
     if set(a) != set(b):
         raise ValueError(f"paired_interval: unpaired seeds {sorted(set(a) ^ set(b))}")
     seeds = sorted(a)
     n = len(seeds)
-    if n - 1 not in T975:
-        raise ValueError(f"paired_interval: {n} seeds; the t table covers 2 to {max(T975) + 1}")
+    if n - 1 not in table:
+        raise ValueError(f"paired_interval: {n} seeds; the t table covers 2 to {max(table) + 1}")
     d = [a[s] - b[s] for s in seeds]
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    t = T975[n - 1]
+    t = table[n - 1]
     half = t * sd / math.sqrt(n)
     return {"n": n, "seeds": seeds, "diffs": d, "mean": mean, "sd": sd, "t": t, "half": half,
             "lo": mean - half, "hi": mean + half}
@@ -447,12 +462,13 @@ def _mean_sd(xs):
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
 
 
-def make_table(root: str, rows=None, seeds=None) -> dict:
+def make_table(root: str, rows=None, seeds=None, tag: str | None = None) -> dict:
     """The verdict's tables from the result files only: per row the mean +- sd over seeds of every METRICS
     entry and the per-subset CR; per claim (CLAIMS whose two rows are present) the paired difference with its
     95% interval on every metric (reading() on each); per row the misalignment split (wrong - right, paired over
     seeds). Refuses results of mixed thread counts, teachers or held-out sets, and a table with a missing
-    (row, seed). -> {"markdown", "rows", "claims", ...}, written to OUT/verdict.json and OUT/verdict.md."""
+    (row, seed). -> {"markdown", "rows", "claims", ...}, written to OUT/verdict.json and OUT/verdict.md
+    (OUT/verdict_{tag}.json / .md with a tag: a probe's table beside part 1's)."""
     setup = load_setup(root)
     rows = list(rows or PRIMARY_ROWS)
     results, missing = collect(root, rows, seeds)
@@ -489,15 +505,18 @@ def make_table(root: str, rows=None, seeds=None) -> dict:
             f"{sum(r['heldout']['cr_subsets'][k] for r in results[row].values()) / len(seeds):.1f}" for k in subsets) + " |")
     claims = {}
     lines += ["", "Paired differences over seeds, mean [95% t-interval]; CR is each claim's primary metric, each "
-              "claim at 95% on its own, not corrected for multiplicity (docs/verdict.md rule 5):", "",
+              "claim at 95% on its own, not corrected for multiplicity (docs/verdict.md rule 5); probe P3's three "
+              "variants at 98.33% each (Bonferroni for three, docs/verdict.md part 2):", "",
               "| claim | " + " | ".join(METRICS[m][1] for m in shown) + " | CR reading | CR per seed |",
               "|---" * (len(shown) + 3) + "|"]
     for a, b, name in CLAIMS:
         if a not in rows or b not in rows:
             continue
+        table = T99167 if a in P3_ROWS else T975
         ivs = {m: paired_interval({s: _get(r, m) for s, r in results[a].items()},
-                                  {s: _get(r, m) for s, r in results[b].items()}) for m in METRICS}
-        claims[name] = {"a": a, "b": b, "intervals": ivs, "readings": {m: reading(iv) for m, iv in ivs.items()}}
+                                  {s: _get(r, m) for s, r in results[b].items()}, table) for m in METRICS}
+        claims[name] = {"a": a, "b": b, "level": 0.95 if table is T975 else 1 - 0.05 / 3, "intervals": ivs,
+                        "readings": {m: reading(iv) for m, iv in ivs.items()}}
         fmt = lambda m: ".3f" if m in ("attn_dist", "answer_dist", "object_share") else ".1f"  # noqa: E731
         lines.append(f"| {name} | " + " | ".join(
             f"{ivs[m]['mean']:+{fmt(m)}} [{ivs[m]['lo']:{fmt(m)}}, {ivs[m]['hi']:{fmt(m)}}]" for m in shown) +
@@ -538,9 +557,10 @@ def make_table(root: str, rows=None, seeds=None) -> dict:
     out = {"seeds": seeds, "threads": threads, "rows": {r: summary[r] for r in rows}, "claims": claims,
            "premise": premise, "object_share_per_layer": shares, "teacher": teacher, "markdown": markdown,
            "benchmark": setup["manifest"]}
-    with open(os.path.join(root, "verdict.json"), "w", encoding="utf-8") as f:
+    name = f"verdict_{tag}" if tag else "verdict"
+    with open(os.path.join(root, name + ".json"), "w", encoding="utf-8") as f:
         json.dump(attention._json_safe(out), f, indent=2)
-    with open(os.path.join(root, "verdict.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(root, name + ".md"), "w", encoding="utf-8") as f:
         f.write(markdown + "\n")
     return out
 
@@ -579,13 +599,15 @@ def get_parser():
     t.add_argument("--out", default=os.path.join("runs", "verdict"))
     t.add_argument("--seeds", help=f"comma-separated (default {','.join(map(str, SEEDS))}); split them between "
                    "processes, never share one")
-    t.add_argument("--rows", help=f"comma-separated (default {','.join(PRIMARY_ROWS)}); also: compodistill_w1")
+    t.add_argument("--rows", help=f"comma-separated (default {','.join(PRIMARY_ROWS)}); also: compodistill_w1, "
+                   f"probe P3's {','.join(P3_ROWS)}")
     t.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS}; one count for "
                    "every row of a table)")
     b = sub.add_parser("table", help="the paired table, from the result files only")
     b.add_argument("--out", default=os.path.join("runs", "verdict"))
     b.add_argument("--seeds", help="comma-separated (default: every seed with results)")
     b.add_argument("--rows", help=f"comma-separated (default {','.join(PRIMARY_ROWS)})")
+    b.add_argument("--tag", help="write OUT/verdict_TAG.md / .json (a probe's table), not OUT/verdict.md")
     a = sub.add_parser("analyse", help="the misalignment analysis of any student on the verdict's held-out set")
     a.add_argument("--out", default=os.path.join("runs", "verdict"))
     a.add_argument("--model", action="append", required=True)
@@ -602,7 +624,7 @@ def main(argv=None):
     if args.command == "analyse":
         return analyse(args)
     res = make_table(args.out, args.rows.split(",") if args.rows else None,
-                     [int(x) for x in args.seeds.split(",")] if args.seeds else None)
+                     [int(x) for x in args.seeds.split(",")] if args.seeds else None, args.tag)
     print(res["markdown"])
     return res
 

@@ -41,6 +41,15 @@ def test_t_table_is_the_975_quantile():
         assert t_cdf(t, df) == pytest.approx(0.975, abs=2e-5), df
 
 
+def test_bonferroni_table_is_the_99167_quantile():
+    # probe P3's three variants, each at 1 - 0.05 / 3: docs/verdict.md gives t(0.99167, 5) = 3.534 by hand
+    assert verdict.T99167[5] == pytest.approx(3.534, abs=5e-4)
+    for df, t in verdict.T99167.items():
+        assert t_cdf(t, df, n=20000) == pytest.approx(1 - 0.05 / 6, abs=2e-5), df
+    iv = verdict.paired_interval({s: 10.0 + s for s in range(1, 7)}, {s: 10.0 for s in range(1, 7)}, verdict.T99167)
+    assert iv["half"] == pytest.approx(3.5341 * 0.763763, abs=1e-5)  # se of d = 1..6 as below
+
+
 def test_paired_interval_hand_worked():
     # three seeds of docs/design-log.md section 20's CR: CompoDistill 78.4 / 75.4 / 82.4, KD + TAF 73.8 / 77.0 / 83.1. By hand:
     # d = 4.6, -1.6, -0.7; mean 0.76667; squared deviations 14.69444 + 5.60111 + 2.15111 = 22.44667, / 2 = 11.22333,
@@ -239,3 +248,25 @@ def test_paired_runner_shares_stage1_resumes_and_tabulates(tmp_path, capsys, mon
     assert os.path.exists(os.path.join(root, "verdict.md"))
     with pytest.raises(SystemExit, match="missing"):
         verdict.main(["table", "--out", root, "--seeds", "3,4,5"])
+    # probe P3: the three variants share the seed's TAF stage 1 and differ from CompoDistill in one stage-2 flag
+    part1 = open(os.path.join(root, "verdict.md")).read()
+    verdict.main(["train", "--out", root, "--seeds", "3,4", "--rows", ",".join(verdict.P3_ROWS)])
+    flags = {"p3a_teacher_layer1": {"vat_teacher_layers": "1-3"}, "p3b_headwise": {"vat_headwise": True},
+             "p3c_text_rows": {"vat_text_rows": True}}
+    for seed in (3, 4):
+        sd = os.path.join(root, f"seed{seed}")
+        assert sorted(n for n in os.listdir(sd) if n.startswith("stage1")) == ["stage1_own", "stage1_taf"]
+        cd = _json(os.path.join(sd, "compodistill", "stage2", "args.json"))
+        for row, flag in flags.items():
+            s2 = _json(os.path.join(sd, row, "stage2", "args.json"))
+            assert s2["init"] == os.path.join(sd, "stage1_taf")
+            assert {k: v for k, v in s2.items() if k not in ("out", "run_id") and cd.get(k) != v} == flag
+            s3 = _json(os.path.join(sd, row, "stage3", "args.json"))
+            assert not any(s3[k] for k in ("vat_headwise", "vat_text_rows")) and s3["vat_teacher_layers"] is None
+    p3 = verdict.main(["table", "--out", root, "--tag", "p3", "--rows", "taf_no_vat,compodistill," + ",".join(verdict.P3_ROWS)])
+    assert open(os.path.join(root, "verdict.md")).read() == part1  # part 1's table is not overwritten
+    assert os.path.exists(os.path.join(root, "verdict_p3.md"))
+    iv = p3["claims"]["P3b - (KD + TAF) (98.33%)"]["intervals"]["cr"]
+    assert iv["t"] == verdict.T99167[1] and p3["claims"]["P3b - (KD + TAF) (98.33%)"]["level"] == pytest.approx(1 - 0.05 / 3)
+    r3 = {s: _json(os.path.join(root, f"seed{s}", "p3b_headwise", "result.json"))["heldout"]["cr"] for s in (3, 4)}
+    assert iv["diffs"] == pytest.approx([r3[s] - r["taf_no_vat", s]["heldout"]["cr"] for s in (3, 4)])
