@@ -11,12 +11,13 @@ benchmarks:
   sft           the LLaVA recipe on the student, no teacher (`train.py --stage llava`);
   kd            stages 1-3 with L_LM + L_KL (no VAT, no TAF, like LLaVA-KD);
   compodistill  stages 1-3 with VAT (L_ADL, Eq. 3 of arXiv 2510.12184) and TAF.
+One seed shows the method run; what holds across seeds is verdict.py's paired table (RESULTS.md section 21).
 Prints the table and ends with the RESULT line; writes results.json / results.md / results.png,
 learning_curve.png and attention heat maps under --out. `--full` runs 3 seeds and the paper's ablations.
 Every stage is a `train.main([...])` call with the command-line arguments a user would type: the demo
 adds no training code of its own. The same command on the same --out resumes.
 
-  python demo.py                     # about 10 minutes on 2 CPU cores
+  python demo.py                     # about 20 minutes on 2 CPU cores
   python demo.py --full --out runs/full
   python demo.py --text-world --scene-tokens   # only both LMs' text-world pre-training and their accuracy
 """
@@ -211,7 +212,8 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
     sft's adapter phase reads the first, its fine-tuning the second.
     After stage 1 every student logs its validation CR every b["eval_every"] steps (the learning curve).
     `stage1`: where kd's / compodistill's stage 1 is (default out/stage1); students whose stage 1 is the same run
-    (the same arguments: KD and KD + VAT without TAF, KD + TAF and CompoDistill) can share one (verdict.py)."""
+    (the same arguments: KD and KD + VAT without TAF, KD + TAF and CompoDistill) can share one (verdict.py).
+    b["s2_extra"]: train.py arguments for stage 2 only (VAT's variants, which a shared stage 1 must not see)."""
     s1_data, s23_data = data_files or (paths["pretrain"], paths["instruct"])
     val = _val_args(paths, b["eval_every"], b["eval_limit"]) if b["eval_every"] else []
     # b["s1_lr"]: stage 1's (the adapter's) lr, default b["lr"]; b["constant_lr"]: constant after warmup
@@ -235,7 +237,8 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
     _demo_stage(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", s1_data,
                  *_common(b, paths, s1, b["s1_steps"], seed, lr=lr1), *const(lr1), *extra])
     _demo_stage(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", s23_data, "--full-llm",
-                 *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *const(lr), *val, *extra])
+                 *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *const(lr), *val, *extra,
+                 *b.get("s2_extra", ())])
     _demo_stage(["--stage", "3", "--init", s2, "--data", s23_data, "--trainable", "adapter+llm",
                  *_common(b, paths, s3, b["s3_steps"], seed, lr=lr3), *const(lr3), *val, *extra])
     return s3
