@@ -203,6 +203,18 @@ def pretrain_vision_encoder(vision: nn.Module, processor, scenes_json: str, step
             for i, (k, lg) in enumerate(zip(names, logits))}
 
 
+def student_stage1(b: dict, paths, teacher: str, lm_init: str, out: str, seed: int, extra=(),
+                   s1_data: str | None = None) -> str:
+    """Stage 1 of a kd / compodistill student (train.py --stage 1: L_LM + L_KL on the adapter, TAF's linear map
+    unless extra has --no-taf), b["s1_steps"] at b["s1_lr"]; demo_student's first stage, and on its own the
+    stage 1 that verdict.py's probe P1 lengthens. A finished run in `out` is reused. Returns `out`."""
+    lr1 = b.get("s1_lr", b["lr"])
+    const = ["--min-lr", str(lr1)] if b.get("constant_lr") else []
+    _demo_stage(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", s1_data or paths["pretrain"],
+                 *_common(b, paths, out, b["s1_steps"], seed, lr=lr1), *const, *extra])
+    return out
+
+
 def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str, seed: int, extra=(),
                  data_files: tuple[str, str] | None = None, stage1: str | None = None) -> str:
     """One student. `sft`: the LLaVA recipe without a teacher (adapter pre-training, then fine-tuning in two runs,
@@ -232,10 +244,8 @@ def demo_student(b: dict, kind: str, paths, teacher: str, lm_init: str, out: str
         _demo_stage(["--stage", "llava", "--init", s2, "--data", s23_data, "--trainable", "adapter+llm",
                      *_common(b, paths, s3, b["s3_steps"], seed, lr=lr3), *const(lr3), *val])
         return s3
-    s1 = stage1 or s1
+    s1 = student_stage1(b, paths, teacher, lm_init, stage1 or s1, seed, extra, s1_data)
     w_vat = ["--w-vat", "0" if kind == "kd" else str(b["w_vat"])]
-    _demo_stage(["--stage", "1", "--init", lm_init, "--teacher", teacher, "--data", s1_data,
-                 *_common(b, paths, s1, b["s1_steps"], seed, lr=lr1), *const(lr1), *extra])
     _demo_stage(["--stage", "2", "--init", s1, "--teacher", teacher, "--data", s23_data, "--full-llm",
                  *w_vat, *_common(b, paths, s2, b["s2_steps"], seed), *const(lr), *val, *extra,
                  *b.get("s2_extra", ())])

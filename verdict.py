@@ -7,6 +7,7 @@ validation) are docs/verdict.md, written in the repository before any run that a
   OMP_NUM_THREADS=1 python verdict.py train --out runs/verdict --seeds 23,24,25    # two processes split the seeds
   python verdict.py table --out runs/verdict      # reads results only: each row's mean, each claim's interval
   python verdict.py analyse --out runs/verdict --model DIR   # the misalignment analysis of any student
+  OMP_NUM_THREADS=1 python verdict.py gate --out runs/verdict --seeds 20,21,22   # probe P1's gate (and 23,24,25)
 
 Every student is demo.demo_student with demo.STUDENTS, unchanged. Rows that differ in one thing share the rest:
 per seed one stage 1 with TAF (KD + TAF and CompoDistill: OUT/seed{S}/stage1_taf) and one with the student's own
@@ -56,19 +57,30 @@ ROWS = {
     "p3a_teacher_layer1": ("compodistill", (), {"s2_extra": ("--vat-teacher-layers", "1-3")}),
     "p3b_headwise": ("compodistill", (), {"s2_extra": ("--vat-headwise",)}),
     "p3c_text_rows": ("compodistill", (), {"s2_extra": ("--vat-text-rows",)}),
+    # part 2, probe P1: KD and KD + VAT without TAF from the own adapter's stage 1 at the gate's length (p1_length)
+    "p1_kd": ("kd", ("--no-taf",), {}),
+    "p1_vat_no_taf": ("compodistill", ("--no-taf",), {}),
 }
 PRIMARY_ROWS = ("sft", "kd", "taf_no_vat", "vat_no_taf", "compodistill")
 LABELS = {"sft": "SFT", "kd": "KD", "taf_no_vat": "KD + TAF", "vat_no_taf": "KD + VAT (no TAF)",
           "compodistill": "CompoDistill (VAT + TAF)", "compodistill_w1": "CompoDistill, L_ADL weight 1",
           "p3a_teacher_layer1": "P3a: teacher layers 1-3", "p3b_headwise": "P3b: head-wise VAT",
-          "p3c_text_rows": "P3c: text rows only", "teacher": "teacher"}
+          "p3c_text_rows": "P3c: text rows only", "p1_kd": "P1: KD, gated stage 1",
+          "p1_vat_no_taf": "P1: KD + VAT (no TAF), gated stage 1", "teacher": "teacher"}
 P3_ROWS = ("p3a_teacher_layer1", "p3b_headwise", "p3c_text_rows")
+P1_ROWS = ("p1_kd", "p1_vat_no_taf")
+# probe P1's gate (docs/verdict.md part 2): the own adapter's stage 1 at these lengths, in this order, until the
+# mean over SEEDS of its validation accuracy on the colour questions (this VQA question type) is at least P1_GATE
+P1_LENGTHS = (600, 1200, 2400, 4800)
+P1_GATE = 90.0
+P1_QUESTION_TYPE = "what color is the"
 # (a, b, claim): the paired difference a - b over seeds, at 95%; P3's variants at the Bonferroni level for three
 CLAIMS = (("compodistill", "kd", "CompoDistill - KD"),
           ("compodistill", "taf_no_vat", "VAT given TAF: CompoDistill - (KD + TAF)"),
           ("vat_no_taf", "kd", "VAT alone: (KD + VAT) - KD"),
           ("taf_no_vat", "kd", "TAF alone: (KD + TAF) - KD"),
           ("compodistill_w1", "compodistill", "L_ADL weight 1 - weight 10 (secondary)"),
+          ("p1_vat_no_taf", "p1_kd", "P1, VAT alone after the gated stage 1: (KD + VAT) - KD"),
           *((p, b, f"{LABELS[p][:3]} - {n} (98.33%)") for p in P3_ROWS
             for b, n in (("taf_no_vat", "(KD + TAF)"), ("compodistill", "CompoDistill"))))
 # metric: (where in result.json, label); CR is the primary metric of every claim
@@ -416,16 +428,115 @@ def train(args) -> dict:
         for row in rows:
             kind, extra, change = ROWS[row]
             group = stage1_group(row)
+            stage1 = os.path.join(seed_dir, f"stage1_{group}") if group else None
+            if row in P1_ROWS:  # from the gate's stage 1 (its length, its directory)
+                change = dict(change, s1_steps=p1_length(root, setup))
+                if change["s1_steps"] == setup["budget"]["s1_steps"]:
+                    raise SystemExit("probe P1: the gate passed at the shipped length, so P1's rows are part 1's kd "
+                                     "and vat_no_taf and its claim is C3 (`table`)")
+                stage1 = gate_dir(seed_dir, change["s1_steps"], setup["budget"]["s1_steps"])
             t = time.time()
             model_dir = demo.demo_student(dict(setup["budget"], **change), kind, paths, setup["teacher"],
                                           setup["lm_init"], os.path.join(seed_dir, row), seed, extra,
-                                          data_files=(setup["qa"], setup["qa"]),
-                                          stage1=os.path.join(seed_dir, f"stage1_{group}") if group else None)
+                                          data_files=(setup["qa"], setup["qa"]), stage1=stage1)
             res = evaluate_row(setup, row, seed, model_dir, threads, time.time() - t)
             out[(row, seed)] = res
             print(f"seed {seed} {row}: validation CR {res['validation']['cr']:.1f}, VQA {res['validation']['vqa']:.1f} "
                   f"({res['train_seconds']:.0f} s)", flush=True)
     return out
+
+
+# -----------------------------------------------------------------------------
+# gate: probe P1's stage 1, lengthened until the own adapter reads colours
+
+
+def gate_dir(seed_dir: str, steps: int, shipped: int) -> str:
+    """Where a seed's own-adapter stage 1 of `steps` steps is: part 1's stage1_own at the shipped length."""
+    return os.path.join(seed_dir, "stage1_own" if steps == shipped else f"stage1_own_s{steps}")
+
+
+def gate_status(root: str, setup: dict) -> dict:
+    """Probe P1's gate from the files: per length in P1_LENGTHS order, each seed's validation colour accuracy
+    (OUT/seed{S}/<gate_dir>/gate.json); the first length whose mean over SEEDS is at least P1_GATE is chosen;
+    if none passes, the last is chosen and the gate is 'not reached'. Until every seed of the length in turn
+    has its figure, -> "next" is that length and nothing is chosen."""
+    shipped = setup["budget"]["s1_steps"]
+    out = {"gate": P1_GATE, "question_type": P1_QUESTION_TYPE, "seeds": list(SEEDS), "lengths": {}, "chosen": None,
+           "reached": None, "next": None}
+    for steps in P1_LENGTHS:
+        accs = {}
+        for seed in SEEDS:
+            path = os.path.join(gate_dir(os.path.join(root, f"seed{seed}"), steps, shipped), "gate.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    accs[seed] = json.load(f)["colour"]
+        mean = sum(accs.values()) / len(accs) if len(accs) == len(SEEDS) else None
+        out["lengths"][steps] = {"colour": accs, "mean": mean}
+        if mean is None:
+            out["next"] = steps
+            return out
+        if mean >= P1_GATE or steps == P1_LENGTHS[-1]:
+            out.update(chosen=steps, reached=mean >= P1_GATE)
+            return out
+    return out
+
+
+def gate(args) -> dict:
+    """`python verdict.py gate --seeds ...`: probe P1's gate, one length at a time. Trains these seeds' own-
+    adapter stage 1 (demo.student_stage1, --no-taf, the shipped lr) at the length in turn (gate_status) and
+    records its validation colour accuracy; when every seed of that length has one, the gate decides: chosen
+    (written to OUT/p1_gate.json, which `train --rows p1_kd,p1_vat_no_taf` reads) or the next length, which the
+    same command trains when run again."""
+    import torch
+    root = args.out
+    setup = load_setup(root)
+    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env is not None and env != str(threads):
+        raise SystemExit(f"OMP_NUM_THREADS={env} but --threads {threads}: give one thread count")
+    status = gate_status(root, setup)
+    if status["next"] is not None:
+        steps = status["next"]
+        for seed in [int(x) for x in args.seeds.split(",")] if args.seeds else list(SEEDS):
+            if seed not in SEEDS:
+                raise SystemExit(f"--seeds: {seed} is not one of the verdict's seeds {list(SEEDS)}")
+            seed_dir = os.path.join(root, f"seed{seed}")
+            os.makedirs(seed_dir, exist_ok=True)
+            _same_threads(seed_dir, threads)
+            s1 = demo.student_stage1(dict(setup["budget"], s1_steps=steps), setup["paths"], setup["teacher"],
+                                     setup["lm_init"], gate_dir(seed_dir, steps, setup["budget"]["s1_steps"]), seed,
+                                     ROWS["kd"][1], setup["qa"])
+            path = os.path.join(s1, "gate.json")
+            if not os.path.exists(path):
+                r = demo.demo_evaluate(s1, os.path.join(setup["paths"]["dir"], "val"))
+                if P1_QUESTION_TYPE not in r["vqa_by_question_type"]:
+                    raise SystemExit(f"probe P1: the validation set {setup['paths']['dir']}/val has no "
+                                     f"{P1_QUESTION_TYPE!r} question; its types: {list(r['vqa_by_question_type'])}")
+                demo._demo_json({"steps": steps, "seed": seed, "threads": threads,
+                                 "colour": r["vqa_by_question_type"][P1_QUESTION_TYPE], "validation": r}, path)
+            with open(path, encoding="utf-8") as f:
+                print(f"P1 gate: seed {seed}, stage 1 of {steps} steps: validation colour accuracy "
+                      f"{json.load(f)['colour']:.1f}", flush=True)
+        status = gate_status(root, setup)
+    if status["chosen"] is not None:
+        demo._demo_json(status, os.path.join(root, "p1_gate.json"))
+        m = status["lengths"][status["chosen"]]["mean"]
+        print(f"P1 gate: {status['chosen']} steps, mean colour accuracy {m:.1f} "
+              f"({'passed' if status['reached'] else 'gate not reached'}; the gate is {P1_GATE:.0f})")
+    else:
+        print(f"P1 gate: waiting for the other seeds at {status['next']} steps; run the command again when they are "
+              f"done")
+    return status
+
+
+def p1_length(root: str, setup: dict) -> int:
+    """The gate's chosen stage-1 length (OUT/p1_gate.json, checked against the files)."""
+    status = gate_status(root, setup)
+    if status["chosen"] is None:
+        raise SystemExit(f"probe P1: the gate is not decided (next: {status['next']} steps); run "
+                         f"`python verdict.py gate --out {root}` first")
+    return status["chosen"]
 
 
 # -----------------------------------------------------------------------------
@@ -600,9 +711,14 @@ def get_parser():
     t.add_argument("--seeds", help=f"comma-separated (default {','.join(map(str, SEEDS))}); split them between "
                    "processes, never share one")
     t.add_argument("--rows", help=f"comma-separated (default {','.join(PRIMARY_ROWS)}); also: compodistill_w1, "
-                   f"probe P3's {','.join(P3_ROWS)}")
+                   f"probe P3's {','.join(P3_ROWS)}, probe P1's {','.join(P1_ROWS)} (after `gate`)")
     t.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS}; one count for "
                    "every row of a table)")
+    g = sub.add_parser("gate", help="probe P1's gate: the own adapter's stage 1, one length at a time (resumable)")
+    g.add_argument("--out", default=os.path.join("runs", "verdict"))
+    g.add_argument("--seeds", help=f"comma-separated (default {','.join(map(str, SEEDS))}); split them between "
+                   "processes, never share one")
+    g.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
     b = sub.add_parser("table", help="the paired table, from the result files only")
     b.add_argument("--out", default=os.path.join("runs", "verdict"))
     b.add_argument("--seeds", help="comma-separated (default: every seed with results)")
@@ -623,6 +739,8 @@ def main(argv=None):
         return train(args)
     if args.command == "analyse":
         return analyse(args)
+    if args.command == "gate":
+        return gate(args)
     res = make_table(args.out, args.rows.split(",") if args.rows else None,
                      [int(x) for x in args.seeds.split(",")] if args.seeds else None, args.tag)
     print(res["markdown"])

@@ -270,3 +270,43 @@ def test_paired_runner_shares_stage1_resumes_and_tabulates(tmp_path, capsys, mon
     assert iv["t"] == verdict.T99167[1] and p3["claims"]["P3b - (KD + TAF) (98.33%)"]["level"] == pytest.approx(1 - 0.05 / 3)
     r3 = {s: _json(os.path.join(root, f"seed{s}", "p3b_headwise", "result.json"))["heldout"]["cr"] for s in (3, 4)}
     assert iv["diffs"] == pytest.approx([r3[s] - r["taf_no_vat", s]["heldout"]["cr"] for s in (3, 4)])
+    # probe P1: the gate lengthens the own adapter's stage 1 in its order, reusing part 1's at the shipped length
+    monkeypatch.setattr(verdict, "SEEDS", (3, 4))
+    monkeypatch.setattr(verdict, "P1_LENGTHS", (2, 4))  # the quick budget's s1_steps is 2
+    monkeypatch.setattr(verdict, "P1_GATE", 101.0)       # unreachable: both lengths run, the last is chosen
+    qtype = next(iter(r["kd", 3]["validation"]["vqa_by_question_type"]))  # the tiny validation set's 2 questions
+    monkeypatch.setattr(verdict, "P1_QUESTION_TYPE", qtype)
+    with pytest.raises(SystemExit, match="gate is not decided"):
+        verdict.main(["train", "--out", root, "--seeds", "3", "--rows", "p1_kd"])
+    own = os.path.join(root, "seed3", "stage1_own", "model.safetensors")
+    stamp = os.stat(own).st_mtime_ns
+    st = verdict.main(["gate", "--out", root, "--seeds", "3"])
+    assert st["next"] == 2 and st["chosen"] is None and "waiting" in capsys.readouterr().out
+    assert os.stat(own).st_mtime_ns == stamp  # the shipped length's stage 1 is part 1's, reused
+    g3 = _json(os.path.join(root, "seed3", "stage1_own", "gate.json"))
+    assert g3["colour"] == g3["validation"]["vqa_by_question_type"][qtype]
+    st = verdict.main(["gate", "--out", root, "--seeds", "4"])
+    assert st["lengths"][2]["mean"] == pytest.approx((g3["colour"] + _json(os.path.join(
+        root, "seed4", "stage1_own", "gate.json"))["colour"]) / 2) and st["next"] == 4
+    for seed in (3, 4):  # the next length in turn
+        verdict.main(["gate", "--out", root, "--seeds", str(seed)])
+    st = _json(os.path.join(root, "p1_gate.json"))
+    assert st["chosen"] == 4 and st["reached"] is False and "gate not reached" in capsys.readouterr().out
+    for seed in (3, 4):
+        a = _json(os.path.join(root, f"seed{seed}", "stage1_own_s4", "args.json"))
+        assert a["max_steps"] == 4 and a["taf"] is False and a["seed"] == seed
+        assert {k: v for k, v in a.items() if k not in ("out", "run_id", "max_steps")} == {
+            k: v for k, v in _json(os.path.join(root, f"seed{seed}", "stage1_own", "args.json")).items()
+            if k not in ("out", "run_id", "max_steps")}
+    verdict.main(["train", "--out", root, "--seeds", "3,4", "--rows", ",".join(verdict.P1_ROWS)])
+    for seed in (3, 4):
+        sd = os.path.join(root, f"seed{seed}")
+        kd, vat = (_json(os.path.join(sd, r, "stage2", "args.json")) for r in verdict.P1_ROWS)
+        assert kd["init"] == vat["init"] == os.path.join(sd, "stage1_own_s4")
+        assert kd["w_vat"] == 0.0 and vat["w_vat"] == demo.STUDENTS["w_vat"]
+    p1 = verdict.main(["table", "--out", root, "--tag", "p1", "--rows", ",".join(verdict.P1_ROWS)])
+    iv = p1["claims"]["P1, VAT alone after the gated stage 1: (KD + VAT) - KD"]["intervals"]["cr"]
+    r1 = {(row, s): _json(os.path.join(root, f"seed{s}", row, "result.json"))["heldout"]["cr"]
+          for row in verdict.P1_ROWS for s in (3, 4)}
+    assert iv["t"] == verdict.T975[1] and iv["diffs"] == pytest.approx(
+        [r1["p1_vat_no_taf", s] - r1["p1_kd", s] for s in (3, 4)])
