@@ -496,6 +496,7 @@ def gate(args) -> dict:
     if env is not None and env != str(threads):
         raise SystemExit(f"OMP_NUM_THREADS={env} but --threads {threads}: give one thread count")
     status = gate_status(root, setup)
+    steps_run = status["next"]
     if status["next"] is not None:
         steps = status["next"]
         for seed in [int(x) for x in args.seeds.split(",")] if args.seeds else list(SEEDS):
@@ -524,6 +525,10 @@ def gate(args) -> dict:
         m = status["lengths"][status["chosen"]]["mean"]
         print(f"P1 gate: {status['chosen']} steps, mean colour accuracy {m:.1f} "
               f"({'passed' if status['reached'] else 'gate not reached'}; the gate is {P1_GATE:.0f})")
+    elif status["next"] != steps_run:
+        m = status["lengths"][steps_run]["mean"]
+        print(f"P1 gate: {steps_run} steps, mean colour accuracy {m:.1f}: below the gate ({P1_GATE:.0f}); next "
+              f"{status['next']} steps: run the command again")
     else:
         print(f"P1 gate: waiting for the other seeds at {status['next']} steps; run the command again when they are "
               f"done")

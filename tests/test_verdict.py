@@ -288,6 +288,7 @@ def test_paired_runner_shares_stage1_resumes_and_tabulates(tmp_path, capsys, mon
     st = verdict.main(["gate", "--out", root, "--seeds", "4"])
     assert st["lengths"][2]["mean"] == pytest.approx((g3["colour"] + _json(os.path.join(
         root, "seed4", "stage1_own", "gate.json"))["colour"]) / 2) and st["next"] == 4
+    assert "below the gate (101); next 4 steps" in capsys.readouterr().out
     for seed in (3, 4):  # the next length in turn
         verdict.main(["gate", "--out", root, "--seeds", str(seed)])
     st = _json(os.path.join(root, "p1_gate.json"))
