@@ -367,6 +367,17 @@ def load_setup(root: str) -> dict:
 # train: the paired students of some seeds, each evaluated once
 
 
+def _set_threads(n: int) -> int:
+    """torch's thread count for this process, which must agree with OMP_NUM_THREADS where that is set."""
+    import torch
+    torch.set_num_threads(n)
+    threads = torch.get_num_threads()
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env is not None and env != str(threads):
+        raise SystemExit(f"OMP_NUM_THREADS={env} but --threads {threads}: give one thread count")
+    return threads
+
+
 def _same_threads(seed_dir: str, threads: int):
     """One thread count for every row of a seed (and, by `table`'s check, of the table): the first process to
     train in seed_dir records it; another count is refused."""
@@ -406,7 +417,6 @@ def train(args) -> dict:
     """`python verdict.py train --seeds ...`: per seed, every row's student (demo.demo_student: finished stages
     reused, an interrupted one resumed), rows sharing their stage 1 (stage1_group), then evaluate_row. Two
     processes on one --out must take different seeds (each seed's shared stage 1 belongs to one process)."""
-    import torch
     root = args.out
     setup = load_setup(root)
     rows = args.rows.split(",") if args.rows else list(PRIMARY_ROWS)
@@ -414,11 +424,7 @@ def train(args) -> dict:
     if unknown:
         raise SystemExit(f"--rows: unknown rows {sorted(unknown)}; known: {list(ROWS)}")
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(SEEDS)
-    torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    env = os.environ.get("OMP_NUM_THREADS")
-    if env is not None and env != str(threads):
-        raise SystemExit(f"OMP_NUM_THREADS={env} but --threads {threads}: give one thread count")
+    threads = _set_threads(args.threads)
     paths = setup["paths"]
     out = {}
     for seed in seeds:
@@ -487,14 +493,9 @@ def gate(args) -> dict:
     records its validation colour accuracy; when every seed of that length has one, the gate decides: chosen
     (written to OUT/p1_gate.json, which `train --rows p1_kd,p1_vat_no_taf` reads) or the next length, which the
     same command trains when run again."""
-    import torch
     root = args.out
     setup = load_setup(root)
-    torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    env = os.environ.get("OMP_NUM_THREADS")
-    if env is not None and env != str(threads):
-        raise SystemExit(f"OMP_NUM_THREADS={env} but --threads {threads}: give one thread count")
+    threads = _set_threads(args.threads)
     status = gate_status(root, setup)
     steps_run = status["next"]
     if status["next"] is not None:
